@@ -1,0 +1,2 @@
+//! Code shared by the server and the load-test client: the line codec and the protocol types.
+pub mod codec;
