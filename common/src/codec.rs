@@ -1,1 +1,384 @@
-//! placeholder
+//! The byte-level codecs: uppercasing a byte stream (the echo service) and splitting a byte
+//! stream into bounded lines (the bank service). No I/O here: bytes in, bytes or frames out.
+//!
+//! Uppercasing follows Python's `str.upper()` on valid UTF-8 (`straße` → `STRASSE`,
+//! `ǆ` → `Ǆ`, scripts without case unchanged). Bytes that are not part of a valid UTF-8
+//! sequence are copied unchanged (ASCII is always valid, so ASCII letters are uppercased
+//! whatever surrounds them). Uppercasing is context-free, so a stream can be uppercased in
+//! pieces: [`Uppercaser`] only holds back the 1 to 3 bytes of a UTF-8 sequence that a read
+//! boundary cut in half, and its output never depends on where the reads were split.
+
+/// Appends the uppercase of `bytes` to `out`.
+///
+/// Valid UTF-8 sequences are uppercased the Unicode way; every byte that is not part of a
+/// valid sequence is copied unchanged. The output may be longer than the input (`ß` → `SS`),
+/// at most three times as long.
+pub fn uppercase_line(bytes: &[u8], out: &mut Vec<u8>) {
+    if bytes.is_ascii() {
+        let start = out.len();
+        out.extend_from_slice(bytes);
+        out[start..].make_ascii_uppercase();
+        return;
+    }
+    for chunk in bytes.utf8_chunks() {
+        uppercase_str(chunk.valid(), out);
+        out.extend_from_slice(chunk.invalid());
+    }
+}
+
+fn uppercase_str(text: &str, out: &mut Vec<u8>) {
+    let mut utf8 = [0u8; 4];
+    for c in text.chars() {
+        if c.is_ascii() {
+            out.push(c.to_ascii_uppercase() as u8);
+        } else {
+            for upper in c.to_uppercase() {
+                out.extend_from_slice(upper.encode_utf8(&mut utf8).as_bytes());
+            }
+        }
+    }
+}
+
+/// Uppercases a byte stream that arrives in arbitrary pieces.
+///
+/// Feeding a stream in any split gives exactly the output of [`uppercase_line`] on the whole
+/// stream: the only state is the unfinished tail of a UTF-8 sequence (at most 3 bytes), so
+/// memory stays constant however long a line is.
+#[derive(Debug, Default, Clone)]
+pub struct Uppercaser {
+    /// The start of a multi-byte sequence cut by the end of the previous piece.
+    held: [u8; 3],
+    held_len: u8,
+}
+
+impl Uppercaser {
+    /// Appends the uppercase of everything in `input` that can be decided now to `out`.
+    pub fn feed(&mut self, input: &[u8], out: &mut Vec<u8>) {
+        if self.held_len == 0 {
+            let cut = complete_prefix_len(input);
+            uppercase_line(&input[..cut], out);
+            self.hold(&input[cut..]);
+            return;
+        }
+        // Join the held bytes with just enough input to finish (or refute) that sequence.
+        let held = usize::from(self.held_len);
+        let take = input.len().min(4 - held);
+        let mut buf = [0u8; 4];
+        buf[..held].copy_from_slice(&self.held[..held]);
+        buf[held..held + take].copy_from_slice(&input[..take]);
+        let joined = &buf[..held + take];
+        if is_unfinished_sequence(joined) {
+            self.hold(joined);
+            return;
+        }
+        self.held_len = 0;
+        let needed = utf8_sequence_len(joined[0]);
+        if joined.len() >= needed && std::str::from_utf8(&joined[..needed]).is_ok() {
+            uppercase_line(&joined[..needed], out);
+            self.feed(&input[needed - held..], out);
+        } else {
+            // A lead byte and continuation bytes that the input did not complete: none of
+            // them belongs to a valid sequence, so they go back unchanged.
+            out.extend_from_slice(&self.held[..held]);
+            self.feed(input, out);
+        }
+    }
+
+    /// Flushes the held bytes at the end of the stream (an unfinished sequence is invalid
+    /// UTF-8, so it goes back unchanged).
+    pub fn finish(&mut self, out: &mut Vec<u8>) {
+        out.extend_from_slice(&self.held[..usize::from(self.held_len)]);
+        self.held_len = 0;
+    }
+
+    fn hold(&mut self, tail: &[u8]) {
+        self.held[..tail.len()].copy_from_slice(tail);
+        self.held_len = tail.len() as u8;
+    }
+}
+
+/// The length of the prefix of `bytes` that does not end inside an unfinished (but so far
+/// valid) UTF-8 sequence: holding back the rest cannot change the output.
+fn complete_prefix_len(bytes: &[u8]) -> usize {
+    let from = bytes.len().saturating_sub(3);
+    for start in (from..bytes.len()).rev() {
+        if bytes[start] < 0x80 {
+            break;
+        }
+        if utf8_sequence_len(bytes[start]) > 1 {
+            if is_unfinished_sequence(&bytes[start..]) {
+                return start;
+            }
+            break;
+        }
+    }
+    bytes.len()
+}
+
+/// True if `bytes` is the start of a valid multi-byte sequence that needs more bytes.
+fn is_unfinished_sequence(bytes: &[u8]) -> bool {
+    matches!(std::str::from_utf8(bytes), Err(e) if e.valid_up_to() == 0 && e.error_len().is_none())
+}
+
+/// The length of the sequence a byte starts: 1 for ASCII, 2 to 4 for a lead byte, 0 for a
+/// continuation byte or a byte that never starts a sequence.
+fn utf8_sequence_len(byte: u8) -> usize {
+    match byte {
+        0x00..=0x7F => 1,
+        0xC2..=0xDF => 2,
+        0xE0..=0xEF => 3,
+        0xF0..=0xF4 => 4,
+        _ => 0,
+    }
+}
+
+/// One item cut from a byte stream by [`LineFramer`].
+#[derive(Debug, PartialEq, Eq)]
+pub enum Frame<'a> {
+    /// A complete line, without its `\n` (a `\r` before it is left in place).
+    Line(&'a [u8]),
+    /// The current line grew past the limit before its `\n` arrived. The framer has
+    /// discarded it; the caller decides what to reply and whether to go on.
+    TooLong,
+}
+
+/// What the frame handler wants the framer to do next.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Flow {
+    Continue,
+    /// Stop delivering frames: the rest of the input is dropped (the caller is closing).
+    Stop,
+}
+
+/// Splits a byte stream into `\n`-terminated lines of at most `max_line` bytes.
+///
+/// Complete lines are handed out straight from the input when possible; only the unfinished
+/// last line of a piece is copied, and never more than `max_line` bytes of it.
+#[derive(Debug)]
+pub struct LineFramer {
+    max_line: usize,
+    /// The start of a line whose `\n` has not arrived yet.
+    partial: Vec<u8>,
+    /// The current line already overflowed: drop bytes until its end.
+    discarding: bool,
+}
+
+impl LineFramer {
+    /// A framer for lines of at most `max_line` bytes, not counting the `\n`.
+    pub fn new(max_line: usize) -> Self {
+        LineFramer {
+            max_line,
+            partial: Vec::new(),
+            discarding: false,
+        }
+    }
+
+    /// Feeds the next piece of the stream, calling `on_frame` for every line it completes.
+    /// Returns [`Flow::Stop`] if the handler stopped; the framer must not be fed again then.
+    pub fn feed(&mut self, mut input: &[u8], mut on_frame: impl FnMut(Frame<'_>) -> Flow) -> Flow {
+        while let Some(end) = input.iter().position(|&b| b == b'\n') {
+            let (line, rest) = (&input[..end], &input[end + 1..]);
+            input = rest;
+            let flow = if self.discarding {
+                self.discarding = false;
+                Flow::Continue
+            } else if self.partial.len() + line.len() > self.max_line {
+                self.partial.clear();
+                on_frame(Frame::TooLong)
+            } else if self.partial.is_empty() {
+                on_frame(Frame::Line(line))
+            } else {
+                self.partial.extend_from_slice(line);
+                let whole = std::mem::take(&mut self.partial);
+                let flow = on_frame(Frame::Line(&whole));
+                self.partial = whole;
+                self.partial.clear();
+                flow
+            };
+            if flow == Flow::Stop {
+                return Flow::Stop;
+            }
+        }
+        self.keep_partial(input, on_frame)
+    }
+
+    fn keep_partial(&mut self, tail: &[u8], mut on_frame: impl FnMut(Frame<'_>) -> Flow) -> Flow {
+        if self.discarding || tail.is_empty() {
+            return Flow::Continue;
+        }
+        if self.partial.len() + tail.len() > self.max_line {
+            self.partial = Vec::new();
+            self.discarding = true;
+            return on_frame(Frame::TooLong);
+        }
+        self.partial.extend_from_slice(tail);
+        Flow::Continue
+    }
+
+    /// The unterminated last line at the end of the stream, if any (it is answered too).
+    pub fn finish(&mut self) -> Option<Vec<u8>> {
+        let last = std::mem::take(&mut self.partial);
+        (!last.is_empty() && !self.discarding).then_some(last)
+    }
+
+    /// Bytes held for an unfinished line (for memory accounting and idle-buffer release).
+    pub fn buffered(&self) -> usize {
+        self.partial.len()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    fn upper(s: &str) -> String {
+        let mut out = Vec::new();
+        uppercase_line(s.as_bytes(), &mut out);
+        String::from_utf8(out).expect("uppercase of valid UTF-8 is valid UTF-8")
+    }
+
+    #[test]
+    fn uppercases_the_unicode_way() {
+        assert_eq!(upper("hello, world\n"), "HELLO, WORLD\n");
+        assert_eq!(upper("straße"), "STRASSE");
+        assert_eq!(upper("ǆ"), "Ǆ");
+        assert_eq!(upper("ﬃ"), "FFI");
+        assert_eq!(upper("ΐ"), "\u{399}\u{308}\u{301}");
+        assert_eq!(upper("你好，世界"), "你好，世界");
+        assert_eq!(upper("crlf\r\n"), "CRLF\r\n");
+    }
+
+    #[test]
+    fn invalid_utf8_bytes_go_back_unchanged_around_uppercased_text() {
+        let mut out = Vec::new();
+        uppercase_line(b"ab\xffcd\xc3(\xe9t\xc3\xa9", &mut out);
+        assert_eq!(out, b"AB\xffCD\xc3(\xe9T\xc3\x89");
+    }
+
+    #[test]
+    fn uppercaser_holds_a_sequence_cut_by_a_read() {
+        let mut up = Uppercaser::default();
+        let mut out = Vec::new();
+        let text = "aß€😀".as_bytes();
+        for byte in text {
+            up.feed(std::slice::from_ref(byte), &mut out);
+        }
+        up.finish(&mut out);
+        assert_eq!(out, "ASS€😀".as_bytes());
+    }
+
+    #[test]
+    fn uppercaser_flushes_an_unfinished_sequence_at_the_end() {
+        let mut up = Uppercaser::default();
+        let mut out = Vec::new();
+        up.feed(b"ok\xe2\x82", &mut out);
+        assert_eq!(out, b"OK");
+        up.finish(&mut out);
+        assert_eq!(out, b"OK\xe2\x82");
+    }
+
+    fn frames(framer: &mut LineFramer, input: &[u8]) -> Vec<Option<Vec<u8>>> {
+        let mut seen = Vec::new();
+        framer.feed(input, |frame| {
+            seen.push(match frame {
+                Frame::Line(line) => Some(line.to_vec()),
+                Frame::TooLong => None,
+            });
+            Flow::Continue
+        });
+        seen
+    }
+
+    #[test]
+    fn framer_joins_lines_split_across_pieces() {
+        let mut framer = LineFramer::new(16);
+        assert_eq!(frames(&mut framer, b"one\ntw"), vec![Some(b"one".to_vec())]);
+        assert_eq!(frames(&mut framer, b"o\r\nthr"), vec![Some(b"two\r".to_vec())]);
+        assert_eq!(framer.finish(), Some(b"thr".to_vec()));
+        assert_eq!(framer.finish(), None);
+    }
+
+    #[test]
+    fn framer_reports_an_overlong_line_once_and_resumes_after_it() {
+        let mut framer = LineFramer::new(4);
+        assert_eq!(frames(&mut framer, b"abcd\nabc"), vec![Some(b"abcd".to_vec())]);
+        assert_eq!(frames(&mut framer, b"de"), vec![None]);
+        assert_eq!(framer.buffered(), 0);
+        assert_eq!(frames(&mut framer, b"fgh\nok\n"), vec![Some(b"ok".to_vec())]);
+        assert_eq!(frames(&mut framer, b"toolong\n"), vec![None]);
+    }
+
+    #[test]
+    fn framer_stops_when_asked() {
+        let mut framer = LineFramer::new(8);
+        let mut seen = 0;
+        let flow = framer.feed(b"a\nb\nc\n", |_| {
+            seen += 1;
+            Flow::Stop
+        });
+        assert_eq!((flow, seen), (Flow::Stop, 1));
+    }
+
+    /// Bytes biased towards the interesting cases: newlines, multi-byte UTF-8, invalid bytes.
+    fn stream() -> impl Strategy<Value = Vec<u8>> {
+        let piece = prop_oneof![
+            Just(b"\n".to_vec()),
+            Just("ß".as_bytes().to_vec()),
+            Just("€".as_bytes().to_vec()),
+            Just("😀".as_bytes().to_vec()),
+            Just(b"\r\n".to_vec()),
+            any::<u8>().prop_map(|b| vec![b]),
+            "[a-z ]{1,6}".prop_map(String::into_bytes),
+        ];
+        proptest::collection::vec(piece, 0..60).prop_map(|pieces| pieces.concat())
+    }
+
+    fn split(bytes: &[u8], cuts: &[usize]) -> Vec<Vec<u8>> {
+        let mut points: Vec<usize> = cuts.iter().map(|c| c % (bytes.len() + 1)).collect();
+        points.sort_unstable();
+        let mut pieces = Vec::new();
+        let mut from = 0;
+        for point in points.into_iter().chain([bytes.len()]) {
+            pieces.push(bytes[from..point].to_vec());
+            from = point;
+        }
+        pieces
+    }
+
+    proptest! {
+        #[test]
+        fn uppercaser_output_does_not_depend_on_read_splits(
+            bytes in stream(),
+            cuts in proptest::collection::vec(any::<usize>(), 0..12),
+        ) {
+            let mut whole = Vec::new();
+            uppercase_line(&bytes, &mut whole);
+            let mut up = Uppercaser::default();
+            let mut pieces = Vec::new();
+            for piece in split(&bytes, &cuts) {
+                up.feed(&piece, &mut pieces);
+            }
+            up.finish(&mut pieces);
+            prop_assert_eq!(pieces, whole);
+        }
+
+        #[test]
+        fn framer_output_does_not_depend_on_read_splits(
+            bytes in stream(),
+            cuts in proptest::collection::vec(any::<usize>(), 0..12),
+            max_line in 1usize..24,
+        ) {
+            let mut one = LineFramer::new(max_line);
+            let mut expected = frames(&mut one, &bytes);
+            expected.extend(one.finish().map(Some));
+            let mut many = LineFramer::new(max_line);
+            let mut got = Vec::new();
+            for piece in split(&bytes, &cuts) {
+                got.extend(frames(&mut many, &piece));
+            }
+            got.extend(many.finish().map(Some));
+            prop_assert_eq!(got, expected);
+        }
+    }
+}
