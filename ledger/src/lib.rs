@@ -1,1 +1,234 @@
-//! placeholder
+//! forkpool's bank ledger: account balances in one shared-memory, file-backed region that
+//! every worker process maps and mutates concurrently, crash-safe and persistent.
+//!
+//! * [`Ledger::open`] (the master, before forking: cold start) creates or validates the file,
+//!   takes its exclusive flock for the Ledger's lifetime, re-initialises every lock word and
+//!   runs recovery. The forked workers use the master's `Ledger` as they inherited it.
+//! * [`Ledger::adopt`] (a new master after a binary upgrade: warm attach) maps an inherited,
+//!   already locked descriptor without touching locks or running recovery.
+//! * Operations ([`Ledger::deposit`], [`Ledger::withdraw`], [`Ledger::transfer`],
+//!   [`Ledger::balance`], [`Ledger::audit`]) are atomic and linearizable across processes. A
+//!   process may die at any instruction: the next one to take the lock it held repairs the
+//!   state from an undo record, so the interrupted operation is fully applied or not at all.
+//!
+//! The design (layout, lock order, crash points, durability) is argued in `docs/LEDGER.md`.
+//! This crate does no I/O besides its file, and knows nothing of sockets or the protocol
+//! beyond [`OpError::kind`].
+
+mod error;
+mod file;
+mod layout;
+mod lock;
+mod name;
+mod options;
+mod ops;
+mod recovery;
+mod region;
+
+#[cfg(test)]
+mod crash_tests;
+
+use std::fmt;
+use std::fs::File;
+use std::os::fd::{AsRawFd, OwnedFd, RawFd};
+use std::path::{Path, PathBuf};
+
+pub use error::{BadAccount, LedgerError, OpError};
+pub use lock::{set_wait_hook, LOCK_WAIT_SLICE};
+pub use name::{AccountName, MAX_NAME_LEN};
+pub use options::{
+    FsyncPolicy, LedgerOptions, ParseFsyncPolicyError, DEFAULT_INTENT_RECORDS,
+    DEFAULT_MAX_ACCOUNTS, DEFAULT_STRIPES, MAX_MAX_ACCOUNTS,
+};
+
+use region::Region;
+
+/// Largest amount and largest balance: 2^63-1.
+pub const MAX_AMOUNT: u64 = i64::MAX as u64;
+/// Most lock stripes a file may have.
+pub const MAX_STRIPES: u32 = 1024;
+/// Most intent records a file may have.
+pub const MAX_INTENTS: u32 = 65_536;
+
+/// One consistent snapshot of the whole ledger.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Audit {
+    /// Exact sum of all balances (can exceed 2^63-1).
+    pub total: u128,
+    /// Number of open accounts (an emptied account stays open).
+    pub accounts: u64,
+}
+
+/// Names one of the ledger's locks.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LockId {
+    /// A stripe lock: protects the accounts whose hash maps to it.
+    Stripe(u32),
+    /// The allocation lock: serialises account creation (always taken after stripes).
+    Alloc,
+}
+
+impl fmt::Display for LockId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            LockId::Stripe(i) => write!(f, "stripe {i}"),
+            LockId::Alloc => f.write_str("alloc"),
+        }
+    }
+}
+
+/// A lock and the pid recorded as holding it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct LockHolder {
+    pub lock: LockId,
+    pub pid: i32,
+}
+
+/// A mapped, flocked ledger file. Usable in forked children (no threads, no thread-locals);
+/// `Send + Sync`.
+pub struct Ledger {
+    /// The shared mapping; everything the processes share lives in it.
+    region: Region,
+    /// The open file: its open file description holds the exclusive flock, released when the
+    /// last descriptor sharing it (inherited by children too) is closed.
+    file: File,
+    /// For error messages and logs.
+    path: PathBuf,
+    /// Whether operations msync before returning.
+    fsync: FsyncPolicy,
+}
+
+impl fmt::Debug for Ledger {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Ledger")
+            .field("path", &self.path)
+            .field("capacity", &self.capacity())
+            .field("fsync", &self.fsync)
+            .finish()
+    }
+}
+
+impl Ledger {
+    /// Cold start, in the master before it forks: opens the file at `path` (creating it and
+    /// its parent directory if missing), takes an exclusive non-blocking flock held for the
+    /// Ledger's lifetime, validates the header (`max_accounts` must equal the file's
+    /// capacity, see [`LedgerError::CapacityMismatch`]; `stripes` and `intent_records` only
+    /// shape a new file), re-initialises every lock word and repairs every operation that a
+    /// dead process left half done. A file that fails validation is left untouched.
+    ///
+    /// Only safe while no other live process maps the file; the flock guarantees that for
+    /// everyone who opens the file through this function.
+    pub fn open(path: &Path, opts: &LedgerOptions) -> Result<Ledger, LedgerError> {
+        file::check_options(path, opts)?;
+        lock::register_atfork();
+        let file = file::open_locked(path, opts)?;
+        let geometry = file::validate(&file, path, Some(opts.max_accounts))?;
+        let region = Region::map(&file, geometry).map_err(|source| LedgerError::Io {
+            path: path.to_path_buf(),
+            action: "mmap",
+            source,
+        })?;
+        let ledger = Ledger {
+            region,
+            file,
+            path: path.to_path_buf(),
+            fsync: opts.fsync,
+        };
+        ledger.cold_start()?;
+        Ok(ledger)
+    }
+
+    /// Warm attach, for a new master after a binary upgrade: maps the ledger open on `fd`
+    /// (inherited from the old master, whose open file description already holds the flock),
+    /// checking its header, WITHOUT re-initialising locks or running recovery, because live
+    /// workers of the old master may be using it. `path` is for messages only. The capacity
+    /// is the file's; `fsync` is this process's policy.
+    pub fn adopt(fd: OwnedFd, path: &Path, fsync: FsyncPolicy) -> Result<Ledger, LedgerError> {
+        lock::register_atfork();
+        let file = File::from(fd);
+        file::lock_exclusive(&file, path)?;
+        let geometry = file::validate(&file, path, None)?;
+        let region = Region::map(&file, geometry).map_err(|source| LedgerError::Io {
+            path: path.to_path_buf(),
+            action: "mmap",
+            source,
+        })?;
+        Ok(Ledger {
+            region,
+            file,
+            path: path.to_path_buf(),
+            fsync,
+        })
+    }
+
+    /// The path the ledger was opened with.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// Most accounts this ledger holds.
+    pub fn capacity(&self) -> u64 {
+        self.region.geometry().capacity
+    }
+
+    /// The durability policy in force.
+    pub fn fsync_policy(&self) -> FsyncPolicy {
+        self.fsync
+    }
+
+    /// Every lock currently recorded as held, with the holder's pid, so a supervisor can find
+    /// (and kill) a stopped or hung holder. A racy snapshot: a holder may just have released.
+    pub fn lock_holders(&self) -> Vec<LockHolder> {
+        let geometry = self.region.geometry();
+        let stripes = (0..geometry.stripes).map(|i| (LockId::Stripe(i), &self.region.stripe(i).lock));
+        let alloc = std::iter::once((LockId::Alloc, &self.region.header().alloc));
+        stripes
+            .chain(alloc)
+            .filter_map(|(lock, word)| {
+                let pid = word.holder();
+                (pid != 0).then_some(LockHolder { lock, pid })
+            })
+            .collect()
+    }
+}
+
+impl AsRawFd for Ledger {
+    /// The descriptor holding the flock, to hand to a new binary for [`Ledger::adopt`] (the
+    /// caller clears `FD_CLOEXEC` on it).
+    fn as_raw_fd(&self) -> RawFd {
+        self.file.as_raw_fd()
+    }
+}
+
+/// Test-only crash points: `point()` counts steps and `_exit`s at the armed one.
+#[cfg(test)]
+pub(crate) mod crash {
+    use std::sync::atomic::{AtomicU32, Ordering};
+
+    static TARGET: AtomicU32 = AtomicU32::new(0);
+    static COUNT: AtomicU32 = AtomicU32::new(0);
+    /// Exit status of a child that died at its crash point.
+    pub(crate) const CRASH_STATUS: i32 = 77;
+
+    /// Arms step `k` (1-based) in this (child) process; 0 disarms.
+    pub(crate) fn arm(k: u32) {
+        COUNT.store(0, Ordering::Relaxed);
+        TARGET.store(k, Ordering::Relaxed);
+    }
+
+    pub(crate) fn point() {
+        let target = TARGET.load(Ordering::Relaxed);
+        if target != 0 && COUNT.fetch_add(1, Ordering::Relaxed) + 1 == target {
+            // SAFETY: _exit is async-signal-safe and ends the process at once, as a simulated
+            // SIGKILL should (no destructors, no unlocking).
+            unsafe { libc::_exit(CRASH_STATUS) }
+        }
+    }
+}
+
+/// A step where a test may kill the process (compiled to nothing outside tests).
+#[inline(always)]
+pub(crate) fn crash_point() {
+    #[cfg(test)]
+    crash::point();
+}

@@ -1,0 +1,209 @@
+//! The robust, process-shared pthread mutex that lives inside the mapped ledger file, the pid
+//! of its holder next to it, the wait hook called while blocked, and this process's pid.
+//!
+//! This module and `region.rs` are the only places with `unsafe`. It does not know what the
+//! locks protect: repairing the state after `EOWNERDEAD` is the caller's job, and the caller
+//! must call [`LockWord::consistent`] before unlocking such a lock (unlocking without it makes
+//! the mutex `ENOTRECOVERABLE` for good).
+
+use std::cell::UnsafeCell;
+use std::io;
+use std::sync::atomic::{AtomicI32, AtomicUsize, Ordering};
+use std::sync::Once;
+use std::time::Duration;
+
+/// How long one `pthread_mutex_timedlock` call waits before the wait hook runs again.
+pub const LOCK_WAIT_SLICE: Duration = Duration::from_millis(100);
+
+/// The hook called every [`LOCK_WAIT_SLICE`] while a lock is contended (0 = none).
+static WAIT_HOOK: AtomicUsize = AtomicUsize::new(0);
+
+/// This process's pid, cached; reset to 0 in a forked child by an atfork handler.
+static MY_PID: AtomicI32 = AtomicI32::new(0);
+static ATFORK: Once = Once::new();
+
+/// Sets (or clears) the function called every [`LOCK_WAIT_SLICE`] while this process waits
+/// for a ledger lock or a free intent record, e.g. to keep heartbeating to the master while a
+/// SIGSTOPped worker holds the lock. Process-wide; a forked child inherits it. The hook must
+/// not call into the ledger.
+pub fn set_wait_hook(hook: Option<fn()>) {
+    WAIT_HOOK.store(hook.map_or(0, |f| f as usize), Ordering::Release);
+}
+
+pub(crate) fn run_wait_hook() {
+    let raw = WAIT_HOOK.load(Ordering::Acquire);
+    if raw != 0 {
+        // SAFETY: the only non-zero values ever stored in WAIT_HOOK are `fn()` pointers cast
+        // to usize by set_wait_hook, and fn pointers and usize have the same size on every
+        // platform Rust supports for this crate (Linux).
+        let hook: fn() = unsafe { std::mem::transmute::<usize, fn()>(raw) };
+        hook();
+    }
+}
+
+extern "C" fn forget_pid_in_child() {
+    MY_PID.store(0, Ordering::Relaxed);
+}
+
+/// Registers the atfork handler that keeps [`my_pid`] right in forked children. Idempotent.
+pub(crate) fn register_atfork() {
+    ATFORK.call_once(|| {
+        // SAFETY: the handler only stores to an atomic, which is async-signal-safe, as a
+        // child handler of a multi-threaded parent must be; the other two are null.
+        let rc = unsafe { libc::pthread_atfork(None, None, Some(forget_pid_in_child)) };
+        if rc != 0 {
+            log::warn!("ledger: pthread_atfork failed ({rc}); pids are not cached");
+        }
+    });
+}
+
+/// This process's pid (cached; the atfork handler resets the cache in children; without the
+/// handler registered the cache is never filled).
+pub(crate) fn my_pid() -> i32 {
+    let cached = MY_PID.load(Ordering::Relaxed);
+    if cached != 0 {
+        return cached;
+    }
+    // Pids fit in i32 (pid_max is at most 2^22).
+    let pid = std::process::id() as i32;
+    if ATFORK.is_completed() {
+        MY_PID.store(pid, Ordering::Relaxed);
+    }
+    pid
+}
+
+/// Whether a process with this pid exists (a zombie counts as existing until reaped).
+pub(crate) fn pid_alive(pid: i32) -> bool {
+    use nix::errno::Errno;
+    use nix::sys::signal::kill;
+    use nix::unistd::Pid;
+    !matches!(kill(Pid::from_raw(pid), None), Err(Errno::ESRCH))
+}
+
+/// How a lock was obtained.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Acquired {
+    /// The previous holder unlocked normally.
+    Clean,
+    /// The previous holder died holding it: repair, then [`LockWord::consistent`].
+    OwnerDied,
+}
+
+/// The mutex is `ENOTRECOVERABLE` (or otherwise unusable).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct NotRecoverable;
+
+/// A robust process-shared mutex and the pid of its current holder, in the shared mapping.
+#[repr(C, align(64))]
+pub(crate) struct LockWord {
+    mutex: UnsafeCell<libc::pthread_mutex_t>,
+    /// Pid of the process holding the mutex (0 = none), for supervisors: set right after
+    /// acquiring, cleared right before releasing, so it may briefly read 0 while held or name
+    /// a holder that just died.
+    holder: AtomicI32,
+}
+
+/// Size of a pthread mutex on this platform, recorded in the file header.
+pub(crate) const MUTEX_BYTES: u32 = std::mem::size_of::<libc::pthread_mutex_t>() as u32;
+const _: () = assert!(std::mem::size_of::<LockWord>() == 64);
+
+impl LockWord {
+    /// Initialises the mutex as process-shared and robust and clears the holder, discarding
+    /// whatever the bytes held (e.g. a dead owner's id after a crash).
+    ///
+    /// # Safety
+    /// No thread of any process may use this lock concurrently, and none may hold it: the
+    /// caller has the ledger's exclusive flock and runs the cold start before any fork.
+    pub(crate) unsafe fn init(&self) -> io::Result<()> {
+        let mut attr = std::mem::MaybeUninit::<libc::pthread_mutexattr_t>::uninit();
+        // SAFETY: attr is a valid place for a mutexattr; it is initialised by the first call
+        // and destroyed on every path; the mutex pointer is valid (it is inside the mapping
+        // that `self` borrows) and unused by anyone, per this function's contract.
+        unsafe {
+            check(libc::pthread_mutexattr_init(attr.as_mut_ptr()))?;
+            let result = (|| {
+                check(libc::pthread_mutexattr_setpshared(
+                    attr.as_mut_ptr(),
+                    libc::PTHREAD_PROCESS_SHARED,
+                ))?;
+                check(libc::pthread_mutexattr_setrobust(
+                    attr.as_mut_ptr(),
+                    libc::PTHREAD_MUTEX_ROBUST,
+                ))?;
+                check(libc::pthread_mutex_init(self.mutex.get(), attr.as_ptr()))
+            })();
+            libc::pthread_mutexattr_destroy(attr.as_mut_ptr());
+            result?;
+        }
+        self.holder.store(0, Ordering::Release);
+        Ok(())
+    }
+
+    /// Acquires the mutex, waiting in [`LOCK_WAIT_SLICE`] slices and running the wait hook
+    /// between them. Records this process as the holder.
+    pub(crate) fn lock(&self) -> Result<Acquired, NotRecoverable> {
+        let mutex = self.mutex.get();
+        // SAFETY: `mutex` points into the live shared mapping and was initialised by `init`
+        // during the cold start of this file (the only way a Ledger is created), so it is a
+        // valid process-shared robust mutex.
+        let mut rc = unsafe { libc::pthread_mutex_trylock(mutex) };
+        while rc == libc::EBUSY || rc == libc::ETIMEDOUT {
+            if rc == libc::ETIMEDOUT {
+                run_wait_hook();
+            }
+            let deadline = realtime_after(LOCK_WAIT_SLICE);
+            // SAFETY: as above; `deadline` is a valid timespec for the call's duration.
+            rc = unsafe { libc::pthread_mutex_timedlock(mutex, &deadline) };
+        }
+        let acquired = match rc {
+            0 => Acquired::Clean,
+            libc::EOWNERDEAD => Acquired::OwnerDied,
+            _ => return Err(NotRecoverable),
+        };
+        self.holder.store(my_pid(), Ordering::Relaxed);
+        Ok(acquired)
+    }
+
+    /// Marks a mutex obtained with [`Acquired::OwnerDied`] as consistent again. Call only
+    /// after the state it protects has been repaired.
+    pub(crate) fn consistent(&self) {
+        // SAFETY: valid initialised mutex (see `lock`), held by this thread in the
+        // owner-died state, which is the precondition of pthread_mutex_consistent.
+        let rc = unsafe { libc::pthread_mutex_consistent(self.mutex.get()) };
+        debug_assert_eq!(rc, 0, "pthread_mutex_consistent");
+    }
+
+    /// Clears the holder and releases the mutex, which this thread holds.
+    pub(crate) fn unlock(&self) {
+        self.holder.store(0, Ordering::Relaxed);
+        // SAFETY: valid initialised mutex (see `lock`), held by this thread.
+        let rc = unsafe { libc::pthread_mutex_unlock(self.mutex.get()) };
+        debug_assert_eq!(rc, 0, "pthread_mutex_unlock");
+    }
+
+    /// Pid of the recorded holder, 0 if none.
+    pub(crate) fn holder(&self) -> i32 {
+        self.holder.load(Ordering::Relaxed)
+    }
+}
+
+fn check(rc: libc::c_int) -> io::Result<()> {
+    if rc == 0 {
+        Ok(())
+    } else {
+        Err(io::Error::from_raw_os_error(rc))
+    }
+}
+
+/// CLOCK_REALTIME now + `d`, the clock pthread_mutex_timedlock measures its deadline on
+/// (`SystemTime` reads CLOCK_REALTIME).
+fn realtime_after(d: Duration) -> libc::timespec {
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap_or_default();
+    let then = now + d;
+    libc::timespec {
+        tv_sec: then.as_secs() as libc::time_t,
+        tv_nsec: then.subsec_nanos() as libc::c_long,
+    }
+}

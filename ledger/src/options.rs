@@ -1,0 +1,96 @@
+//! Ledger options: capacity, durability policy, and the sizes of the lock and intent-record
+//! pools used when a new file is created.
+
+use std::fmt;
+use std::str::FromStr;
+
+/// When a completed operation is forced to stable storage.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum FsyncPolicy {
+    /// Never `msync`: every completed operation is in the page cache, so it survives the death
+    /// of any or all processes, but a power loss or kernel crash may lose recent operations
+    /// and, since page writeback has no order, may leave a torn state (see docs/LEDGER.md).
+    #[default]
+    Never,
+    /// `msync(MS_SYNC)` the undo record before touching balances, the balances before
+    /// committing, and the commit before replying: a replied operation survives power loss
+    /// and an interrupted one is rolled back on the next cold start.
+    Always,
+}
+
+/// A config string that is neither "never" nor "always".
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("fsync policy must be \"never\" or \"always\", not {0:?}")]
+pub struct ParseFsyncPolicyError(pub String);
+
+impl FromStr for FsyncPolicy {
+    type Err = ParseFsyncPolicyError;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        if s.eq_ignore_ascii_case("never") {
+            Ok(FsyncPolicy::Never)
+        } else if s.eq_ignore_ascii_case("always") {
+            Ok(FsyncPolicy::Always)
+        } else {
+            Err(ParseFsyncPolicyError(s.to_owned()))
+        }
+    }
+}
+
+impl fmt::Display for FsyncPolicy {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            FsyncPolicy::Never => "never",
+            FsyncPolicy::Always => "always",
+        })
+    }
+}
+
+/// Default `max_accounts` (the bank issue's default).
+pub const DEFAULT_MAX_ACCOUNTS: u64 = 65_536;
+/// Largest accepted `max_accounts` (the file would be about 3 GiB).
+pub const MAX_MAX_ACCOUNTS: u64 = 1 << 24;
+/// Default number of lock stripes for a new file.
+pub const DEFAULT_STRIPES: u32 = 64;
+/// Default number of intent records for a new file: how many operations may be in flight at
+/// once across all processes (more simply wait for a free record).
+pub const DEFAULT_INTENT_RECORDS: u32 = 256;
+
+/// How to open or create a ledger.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LedgerOptions {
+    /// Most accounts the ledger holds; DEPOSIT/TRANSFER to a new account beyond it fail with
+    /// `ledger-full`. Must match an existing file's capacity (see `LedgerError::CapacityMismatch`).
+    pub max_accounts: u64,
+    /// Durability of each completed operation.
+    pub fsync: FsyncPolicy,
+    /// Lock stripes of a new file (a power of two, 1..=1024). An existing file keeps its own.
+    pub stripes: u32,
+    /// Intent records of a new file (1..=65536). An existing file keeps its own.
+    pub intent_records: u32,
+}
+
+impl Default for LedgerOptions {
+    fn default() -> Self {
+        LedgerOptions {
+            max_accounts: DEFAULT_MAX_ACCOUNTS,
+            fsync: FsyncPolicy::Never,
+            stripes: DEFAULT_STRIPES,
+            intent_records: DEFAULT_INTENT_RECORDS,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn fsync_policy_parses_and_prints() {
+        assert_eq!("never".parse(), Ok(FsyncPolicy::Never));
+        assert_eq!("Always".parse(), Ok(FsyncPolicy::Always));
+        assert!("sometimes".parse::<FsyncPolicy>().is_err());
+        assert_eq!(FsyncPolicy::Always.to_string(), "always");
+        assert_eq!(FsyncPolicy::default().to_string(), "never");
+    }
+}
