@@ -1,1 +1,39 @@
-fn main() {}
+//! forkpool-server: parse the settings, start the master, and turn a start-up failure into
+//! one clear line on stderr and a non-zero exit status.
+
+mod config;
+mod conn;
+mod listener;
+mod logging;
+mod master;
+mod master_link;
+mod process;
+mod service;
+mod worker;
+
+use std::process::ExitCode;
+
+use anyhow::Context;
+use clap::Parser;
+
+fn main() -> ExitCode {
+    logging::init();
+    match run() {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("forkpool-server: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn run() -> anyhow::Result<()> {
+    let cli = config::Cli::parse();
+    let config = config::Config::load(&cli)?;
+    match process::raise_nofile_limit() {
+        Ok(limit) => log::info!("open file limit: {limit}"),
+        Err(e) => log::warn!("cannot raise the open file limit: {e}"),
+    }
+    let mut master = master::Master::new(config)?;
+    master.run().context("master event loop failed")
+}

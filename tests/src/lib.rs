@@ -1,1 +1,402 @@
-//! harness
+//! The integration-test harness: builds the real binaries, starts `forkpool-server` on
+//! ephemeral loopback ports, waits for its ready line, and inspects its processes in `/proc`.
+//!
+//! A [`Server`] owns its process group: dropping it (also when a test panics) SIGKILLs the
+//! master and every worker and reaps the master, so no test leaks a process. Waiting is
+//! always [`wait_until`] a condition with a deadline, never a sleep.
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::{SocketAddr, TcpStream};
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::mpsc;
+use std::sync::{Arc, Mutex, OnceLock};
+use std::time::{Duration, Instant};
+
+pub use nix::sys::signal::Signal;
+use nix::sys::signal::{kill, killpg};
+use nix::unistd::Pid;
+
+/// How long a server may take to print its ready line.
+pub const START_TIMEOUT: Duration = Duration::from_secs(20);
+
+/// Polls `check` every few milliseconds until it returns `Some`, or panics after `timeout`
+/// saying what was awaited (and what `check` last saw, via `describe`).
+pub fn wait_until<T>(what: &str, timeout: Duration, mut check: impl FnMut() -> Option<T>) -> T {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if let Some(value) = check() {
+            return value;
+        }
+        assert!(Instant::now() < deadline, "timed out after {timeout:?} waiting for {what}");
+        std::thread::sleep(Duration::from_millis(5));
+    }
+}
+
+/// The path of a workspace binary, built on first use (a fresh `cargo test --workspace`
+/// does not build other packages' binaries for this crate's tests).
+pub fn binary(name: &str) -> PathBuf {
+    static BUILT: OnceLock<PathBuf> = OnceLock::new();
+    let dir = BUILT.get_or_init(build_binaries);
+    dir.join(name)
+}
+
+fn build_binaries() -> PathBuf {
+    if let Some(dir) = std::env::var_os("FORKPOOL_BIN_DIR") {
+        return PathBuf::from(dir);
+    }
+    // This test executable lives in <target>/<profile>/deps/.
+    let exe = std::env::current_exe().expect("the test knows its own path");
+    let profile_dir = exe
+        .parent()
+        .and_then(Path::parent)
+        .expect("test executables live in <target>/<profile>/deps")
+        .to_path_buf();
+    let manifest = Path::new(env!("CARGO_MANIFEST_DIR")).join("../Cargo.toml");
+    let mut build = Command::new(env!("CARGO"));
+    build
+        .args(["build", "--quiet", "-p", "forkpool-server", "-p", "forkpool-bench"])
+        .arg("--manifest-path")
+        .arg(&manifest);
+    if profile_dir.file_name().is_some_and(|name| name == "release") {
+        build.arg("--release");
+    }
+    if let Some(target) = profile_dir.parent() {
+        build.env("CARGO_TARGET_DIR", target);
+    }
+    let output = build.output().expect("cargo can be run to build the binaries");
+    assert!(
+        output.status.success(),
+        "building the binaries failed:\n{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    profile_dir
+}
+
+/// Options for starting a server; every test gets its own ledger and short timeouts.
+pub struct ServerBuilder {
+    args: Vec<String>,
+    env: Vec<(String, String)>,
+    dir: Option<Arc<tempfile::TempDir>>,
+}
+
+impl ServerBuilder {
+    /// Adds command-line arguments (they win over the harness's defaults).
+    pub fn args<I: IntoIterator<Item = S>, S: Into<String>>(mut self, args: I) -> Self {
+        self.args.extend(args.into_iter().map(Into::into));
+        self
+    }
+
+    pub fn env(mut self, key: &str, value: &str) -> Self {
+        self.env.push((key.into(), value.into()));
+        self
+    }
+
+    /// Uses (and shares) this data directory, e.g. to restart on the same ledger.
+    pub fn data_dir(mut self, dir: Arc<tempfile::TempDir>) -> Self {
+        self.dir = Some(dir);
+        self
+    }
+
+    /// Starts the server and waits for its ready line.
+    pub fn start(self) -> Server {
+        let mut server = self.spawn();
+        server.wait_ready();
+        server
+    }
+
+    /// Starts the server without waiting for it to be ready (for start-up failures).
+    pub fn spawn(self) -> Server {
+        let dir = self
+            .dir
+            .unwrap_or_else(|| Arc::new(tempfile::tempdir().expect("a temporary directory")));
+        let mut args: Vec<String> = Vec::new();
+        let given = |flag: &str| self.args.iter().any(|a| a == flag || a.starts_with(&format!("{flag}=")));
+        let defaults = [
+            ("--echo-addr", "127.0.0.1:0".to_string()),
+            ("--bank-addr", "127.0.0.1:0".to_string()),
+            ("--workers", "2".to_string()),
+            ("--graceful-timeout", "5".to_string()),
+            ("--ledger", dir.path().join("ledger.bin").display().to_string()),
+        ];
+        for (flag, value) in defaults {
+            if !given(flag) && server_accepts(flag) {
+                args.push(flag.to_string());
+                args.push(value);
+            }
+        }
+        args.extend(self.args.iter().cloned());
+        let mut command = Command::new(binary("forkpool-server"));
+        command
+            .args(&args)
+            .current_dir(dir.path())
+            .env("RUST_LOG", "debug")
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .process_group(0);
+        for (key, value) in &self.env {
+            command.env(key, value);
+        }
+        let mut child = command.spawn().expect("forkpool-server starts");
+        let pid = Pid::from_raw(child.id() as i32);
+        let stdout = child.stdout.take().expect("stdout is piped");
+        let stderr = child.stderr.take().expect("stderr is piped");
+        let log = Arc::new(Mutex::new(Vec::new()));
+        let (ready_tx, ready_rx) = mpsc::channel();
+        let stdout_lines = Arc::clone(&log);
+        std::thread::spawn(move || collect_lines(stdout, &stdout_lines, Some(ready_tx)));
+        let stderr_lines = Arc::clone(&log);
+        std::thread::spawn(move || collect_lines(stderr, &stderr_lines, None));
+        Server {
+            child: Some(child),
+            pid,
+            echo: None,
+            bank: None,
+            log,
+            ready_rx,
+            dir,
+            exit: None,
+        }
+    }
+}
+
+/// Reads a child's output line by line (so the child never blocks on a full pipe); stdout
+/// lines that start with `forkpool ready` go to `ready` too.
+fn collect_lines(stream: impl Read, log: &Mutex<Vec<String>>, ready: Option<mpsc::Sender<String>>) {
+    for line in BufReader::new(stream).lines() {
+        let Ok(line) = line else { break };
+        if let Some(ready) = &ready {
+            if line.starts_with("forkpool ready") {
+                let _ = ready.send(line.clone());
+            }
+        }
+        if let Ok(mut log) = log.lock() {
+            log.push(line);
+        }
+    }
+}
+
+/// The harness passes `--bank-addr` and `--ledger` only to a server that has them.
+fn server_accepts(flag: &str) -> bool {
+    static HELP: OnceLock<String> = OnceLock::new();
+    let help = HELP.get_or_init(|| {
+        let output = Command::new(binary("forkpool-server"))
+            .arg("--help")
+            .output()
+            .expect("forkpool-server --help runs");
+        String::from_utf8_lossy(&output.stdout).into_owned()
+    });
+    help.contains(flag)
+}
+
+/// A running `forkpool-server`, killed with its whole process group on drop.
+pub struct Server {
+    child: Option<Child>,
+    /// The master's pid.
+    pub pid: Pid,
+    pub echo: Option<SocketAddr>,
+    pub bank: Option<SocketAddr>,
+    log: Arc<Mutex<Vec<String>>>,
+    ready_rx: mpsc::Receiver<String>,
+    dir: Arc<tempfile::TempDir>,
+    exit: Option<ExitStatus>,
+}
+
+impl Server {
+    pub fn builder() -> ServerBuilder {
+        ServerBuilder {
+            args: Vec::new(),
+            env: Vec::new(),
+            dir: None,
+        }
+    }
+
+    /// A server with the harness defaults (2 workers, ephemeral ports, its own ledger).
+    pub fn start() -> Server {
+        Server::builder().start()
+    }
+
+    fn wait_ready(&mut self) {
+        let line = match self.ready_rx.recv_timeout(START_TIMEOUT) {
+            Ok(line) => line,
+            Err(_) => panic!("no ready line within {START_TIMEOUT:?}; output:\n{}", self.output()),
+        };
+        for field in line.split_whitespace() {
+            if let Some((key, value)) = field.split_once('=') {
+                match key {
+                    "echo" => self.echo = value.parse().ok(),
+                    "bank" => self.bank = value.parse().ok(),
+                    "pid" => assert_eq!(value, self.pid.to_string(), "ready line names the master"),
+                    _ => {}
+                }
+            }
+        }
+    }
+
+    pub fn echo_addr(&self) -> SocketAddr {
+        self.echo.expect("the ready line names the echo address")
+    }
+
+    pub fn bank_addr(&self) -> SocketAddr {
+        self.bank.expect("the ready line names the bank address")
+    }
+
+    /// The data directory (holds the ledger unless the test chose another path).
+    pub fn data_dir(&self) -> Arc<tempfile::TempDir> {
+        Arc::clone(&self.dir)
+    }
+
+    /// Everything the server printed so far (stdout and stderr, interleaved by arrival).
+    pub fn output(&self) -> String {
+        self.log.lock().map(|lines| lines.join("\n")).unwrap_or_default()
+    }
+
+    pub fn output_lines(&self) -> Vec<String> {
+        self.log.lock().map(|lines| lines.clone()).unwrap_or_default()
+    }
+
+    pub fn signal(&self, signal: Signal) {
+        kill(self.pid, signal).expect("the master can be signalled");
+    }
+
+    /// The master's live (non-zombie) children.
+    pub fn workers(&self) -> Vec<Pid> {
+        children_of(self.pid)
+            .into_iter()
+            .filter(|pid| process_state(*pid).is_some_and(|state| state != 'Z'))
+            .collect()
+    }
+
+    /// Waits until the master has exactly `count` live workers and returns them.
+    pub fn wait_workers(&self, count: usize, timeout: Duration) -> Vec<Pid> {
+        wait_until(&format!("{count} live workers"), timeout, || {
+            let workers = self.workers();
+            (workers.len() == count).then_some(workers)
+        })
+    }
+
+    /// Waits for the master to exit and returns its status (reaped).
+    pub fn wait_exit(&mut self, timeout: Duration) -> ExitStatus {
+        if let Some(status) = self.exit {
+            return status;
+        }
+        let child = self.child.as_mut().expect("the master was started");
+        let status = wait_until("the master to exit", timeout, || child.try_wait().ok().flatten());
+        self.exit = Some(status);
+        status
+    }
+
+    /// Connects to the echo service.
+    pub fn connect_echo(&self) -> TcpStream {
+        connect(self.echo_addr())
+    }
+
+    /// Connects to the bank service.
+    pub fn connect_bank(&self) -> TcpStream {
+        connect(self.bank_addr())
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        // The master leads its own process group, which its workers inherit.
+        let _ = killpg(self.pid, Signal::SIGKILL);
+        if let Some(child) = self.child.as_mut() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+        // Workers orphaned by the master's death are reaped by init (or by this process if
+        // it is a subreaper); wait until none is left in the group.
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while Instant::now() < deadline && killpg(self.pid, None).is_ok() {
+            let _ = killpg(self.pid, Signal::SIGKILL);
+            std::thread::sleep(Duration::from_millis(5));
+        }
+    }
+}
+
+/// Connects with a read timeout, so a test fails instead of hanging.
+pub fn connect(addr: SocketAddr) -> TcpStream {
+    let stream = TcpStream::connect_timeout(&addr, Duration::from_secs(5))
+        .unwrap_or_else(|e| panic!("cannot connect to {addr}: {e}"));
+    stream
+        .set_read_timeout(Some(Duration::from_secs(20)))
+        .expect("set a read timeout");
+    stream.set_nodelay(true).expect("set TCP_NODELAY");
+    stream
+}
+
+/// Sends `request` while reading replies on another thread (a client that only writes
+/// would deadlock on backpressure), half-closes, and returns everything until EOF.
+pub fn exchange(stream: TcpStream, request: &[u8]) -> Vec<u8> {
+    let mut reader = stream.try_clone().expect("clone the stream");
+    let replies = std::thread::spawn(move || {
+        let mut replies = Vec::new();
+        let _ = reader.read_to_end(&mut replies);
+        replies
+    });
+    let mut writer = stream;
+    writer.write_all(request).expect("send the request");
+    writer
+        .shutdown(std::net::Shutdown::Write)
+        .expect("half-close");
+    replies.join().expect("the reader thread does not panic")
+}
+
+/// Sends one line and reads one line back.
+pub fn request_line(stream: &mut TcpStream, line: &str) -> String {
+    stream
+        .write_all(format!("{line}\n").as_bytes())
+        .expect("send a line");
+    read_line(stream)
+}
+
+/// Reads one `\n`-terminated line (without the `\n`), byte by byte (no read-ahead lost).
+pub fn read_line(stream: &mut TcpStream) -> String {
+    let mut line = Vec::new();
+    let mut byte = [0u8; 1];
+    loop {
+        match stream.read(&mut byte) {
+            Ok(0) => break,
+            Ok(_) if byte[0] == b'\n' => break,
+            Ok(_) => line.push(byte[0]),
+            Err(e) => panic!("reading a reply line: {e} (got so far: {:?})", String::from_utf8_lossy(&line)),
+        }
+    }
+    String::from_utf8_lossy(&line).into_owned()
+}
+
+/// Pids whose parent is `parent`, from `/proc/<pid>/stat`.
+pub fn children_of(parent: Pid) -> Vec<Pid> {
+    let Ok(entries) = std::fs::read_dir("/proc") else {
+        return Vec::new();
+    };
+    entries
+        .filter_map(|entry| entry.ok()?.file_name().to_str()?.parse::<i32>().ok())
+        .map(Pid::from_raw)
+        .filter(|pid| stat_fields(*pid).is_some_and(|(_, ppid)| ppid == parent.as_raw()))
+        .collect()
+}
+
+/// The state letter of a process (`R`, `S`, `Z`, ...), or `None` if it does not exist.
+pub fn process_state(pid: Pid) -> Option<char> {
+    stat_fields(pid).map(|(state, _)| state)
+}
+
+/// (state, ppid) from `/proc/<pid>/stat`; the command name may contain spaces and parens,
+/// so fields are counted from the last `)`.
+fn stat_fields(pid: Pid) -> Option<(char, i32)> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    let rest = &stat[stat.rfind(')')? + 1..];
+    let mut fields = rest.split_whitespace();
+    let state = fields.next()?.chars().next()?;
+    let ppid = fields.next()?.parse().ok()?;
+    Some((state, ppid))
+}
+
+/// True while the process exists and is not a zombie.
+pub fn is_alive(pid: Pid) -> bool {
+    process_state(pid).is_some_and(|state| state != 'Z')
+}

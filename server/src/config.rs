@@ -1,0 +1,307 @@
+//! Settings: command-line flags and an optional TOML file merged into one validated
+//! [`Config`]. Flags win over the file, the file wins over the defaults, and the defaults live
+//! here only (`deploy/forkpool.toml` documents the same values; a test keeps them in step).
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use clap::Parser;
+use serde::Deserialize;
+
+pub const DEFAULT_ECHO_ADDR: &str = "127.0.0.1:7878";
+pub const DEFAULT_BANK_ADDR: &str = "127.0.0.1:7879";
+pub const DEFAULT_BACKLOG: u32 = 1024;
+pub const DEFAULT_GRACEFUL_TIMEOUT_SECS: f64 = 30.0;
+pub const DEFAULT_IDLE_TIMEOUT_SECS: f64 = 300.0;
+pub const DEFAULT_MAX_CONNECTIONS: usize = 16_384;
+pub const DEFAULT_MAX_LINE_BYTES: usize = 64 * 1024;
+pub const DEFAULT_OUTPUT_LIMIT_BYTES: usize = 1024 * 1024;
+pub const DEFAULT_LEDGER_PATH: &str = "./data/ledger.bin";
+pub const DEFAULT_MAX_ACCOUNTS: u64 = 65_536;
+/// The most worker processes one master will run (a bound on everything sized per worker).
+pub const MAX_WORKERS: usize = 1024;
+
+/// Pre-forking TCP server: an uppercase echo service and a shared-memory bank ledger.
+///
+/// Settings come from these flags, then from the TOML file given with --config, then from
+/// the built-in defaults. Signals to the master: TERM/INT drain gracefully (a second one stops
+/// at once), QUIT stops at once.
+#[derive(Debug, Parser, Default)]
+#[command(name = "forkpool-server", version, about, long_about = None)]
+pub struct Cli {
+    /// TOML file with settings (same names as the flags, with `_` for `-`).
+    #[arg(long, value_name = "FILE")]
+    pub config: Option<PathBuf>,
+    /// Address of the echo service (IPv4 or [IPv6]:port; port 0 picks a free port).
+    /// [default: 127.0.0.1:7878]
+    #[arg(long, value_name = "ADDR")]
+    pub echo_addr: Option<SocketAddr>,
+    /// Address of the bank service. [default: 127.0.0.1:7879]
+    #[arg(long, value_name = "ADDR")]
+    pub bank_addr: Option<SocketAddr>,
+    /// Number of worker processes. [default: number of CPUs]
+    #[arg(long, value_name = "N")]
+    pub workers: Option<usize>,
+    /// Listen backlog of each listening socket. [default: 1024]
+    #[arg(long, value_name = "N")]
+    pub backlog: Option<u32>,
+    /// Seconds a graceful shutdown waits for workers before killing them. [default: 30]
+    #[arg(long, value_name = "SECS")]
+    pub graceful_timeout: Option<f64>,
+    /// Seconds without traffic after which a connection is closed. [default: 300]
+    #[arg(long, value_name = "SECS")]
+    pub idle_timeout: Option<f64>,
+    /// Connections one worker serves at once; past it, it stops accepting. [default: 16384]
+    #[arg(long, value_name = "N")]
+    pub max_connections: Option<usize>,
+    /// Longest bank request line in bytes; longer gets `ERR line-too-long` and a close.
+    /// Echo streams lines of any length. [default: 65536]
+    #[arg(long, value_name = "BYTES")]
+    pub max_line: Option<usize>,
+    /// Unsent reply bytes per connection above which the server stops reading from it.
+    /// [default: 1048576]
+    #[arg(long, value_name = "BYTES")]
+    pub output_limit: Option<usize>,
+    /// File holding the bank ledger (created if missing). [default: ./data/ledger.bin]
+    #[arg(long, value_name = "PATH")]
+    pub ledger: Option<PathBuf>,
+    /// Capacity of a newly created ledger, in accounts. [default: 65536]
+    #[arg(long, value_name = "N")]
+    pub max_accounts: Option<u64>,
+}
+
+/// The settings file: every field optional, unknown names rejected (a typo is an error,
+/// not a silently ignored setting).
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FileConfig {
+    pub echo_addr: Option<String>,
+    pub bank_addr: Option<String>,
+    pub workers: Option<usize>,
+    pub backlog: Option<u32>,
+    pub graceful_timeout: Option<f64>,
+    pub idle_timeout: Option<f64>,
+    pub max_connections: Option<usize>,
+    pub max_line: Option<usize>,
+    pub output_limit: Option<usize>,
+    pub ledger: Option<PathBuf>,
+    pub max_accounts: Option<u64>,
+}
+
+/// Every setting, validated.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Config {
+    pub echo_addr: SocketAddr,
+    pub bank_addr: SocketAddr,
+    pub workers: usize,
+    pub backlog: u32,
+    pub graceful_timeout: Duration,
+    pub idle_timeout: Duration,
+    pub max_connections: usize,
+    pub max_line: usize,
+    pub output_limit: usize,
+    pub ledger: PathBuf,
+    pub max_accounts: u64,
+}
+
+/// Why the settings could not be loaded; each names the file or setting and the cause.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read config file {path}: {source}")]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("invalid config file {path}: {message}")]
+    Parse { path: PathBuf, message: String },
+    #[error("invalid setting {name} = {value}: {reason}")]
+    Invalid {
+        name: &'static str,
+        value: String,
+        reason: &'static str,
+    },
+}
+
+impl Config {
+    /// Merges flags over the file named by `--config` (if any) over the defaults.
+    pub fn load(cli: &Cli) -> Result<Config, ConfigError> {
+        let file = match &cli.config {
+            Some(path) => read_file(path)?,
+            None => FileConfig::default(),
+        };
+        Config::merge(cli, file)
+    }
+
+    fn merge(cli: &Cli, file: FileConfig) -> Result<Config, ConfigError> {
+        let config = Config {
+            echo_addr: pick_addr("echo_addr", cli.echo_addr, file.echo_addr, DEFAULT_ECHO_ADDR)?,
+            bank_addr: pick_addr("bank_addr", cli.bank_addr, file.bank_addr, DEFAULT_BANK_ADDR)?,
+            workers: cli.workers.or(file.workers).unwrap_or_else(default_workers),
+            backlog: cli.backlog.or(file.backlog).unwrap_or(DEFAULT_BACKLOG),
+            graceful_timeout: seconds(
+                "graceful_timeout",
+                cli.graceful_timeout.or(file.graceful_timeout),
+                DEFAULT_GRACEFUL_TIMEOUT_SECS,
+            )?,
+            idle_timeout: seconds(
+                "idle_timeout",
+                cli.idle_timeout.or(file.idle_timeout),
+                DEFAULT_IDLE_TIMEOUT_SECS,
+            )?,
+            max_connections: cli
+                .max_connections
+                .or(file.max_connections)
+                .unwrap_or(DEFAULT_MAX_CONNECTIONS),
+            max_line: cli.max_line.or(file.max_line).unwrap_or(DEFAULT_MAX_LINE_BYTES),
+            output_limit: cli
+                .output_limit
+                .or(file.output_limit)
+                .unwrap_or(DEFAULT_OUTPUT_LIMIT_BYTES),
+            ledger: cli
+                .ledger
+                .clone()
+                .or(file.ledger)
+                .unwrap_or_else(|| PathBuf::from(DEFAULT_LEDGER_PATH)),
+            max_accounts: cli
+                .max_accounts
+                .or(file.max_accounts)
+                .unwrap_or(DEFAULT_MAX_ACCOUNTS),
+        };
+        config.validate()?;
+        Ok(config)
+    }
+
+    fn validate(&self) -> Result<(), ConfigError> {
+        check("workers", self.workers, (1..=MAX_WORKERS).contains(&self.workers), "must be 1 to 1024")?;
+        check("backlog", self.backlog, (1..=65_535).contains(&self.backlog), "must be 1 to 65535")?;
+        check("max_connections", self.max_connections, self.max_connections >= 1, "must be at least 1")?;
+        check("max_line", self.max_line, self.max_line >= 1, "must be at least 1")?;
+        check("output_limit", self.output_limit, self.output_limit >= 1, "must be at least 1")?;
+        check("max_accounts", self.max_accounts, (1..=1 << 28).contains(&self.max_accounts), "must be 1 to 268435456")?;
+        check(
+            "ledger",
+            self.ledger.display(),
+            !self.ledger.as_os_str().is_empty(),
+            "must not be empty",
+        )?;
+        if self.echo_addr == self.bank_addr && self.echo_addr.port() != 0 {
+            return Err(ConfigError::Invalid {
+                name: "bank_addr",
+                value: self.bank_addr.to_string(),
+                reason: "must differ from echo_addr",
+            });
+        }
+        Ok(())
+    }
+}
+
+fn read_file(path: &Path) -> Result<FileConfig, ConfigError> {
+    let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+        path: path.to_path_buf(),
+        source,
+    })?;
+    parse_file(path, &text)
+}
+
+/// Parses the text of a settings file (public so that tests can check the example file).
+pub fn parse_file(path: &Path, text: &str) -> Result<FileConfig, ConfigError> {
+    toml::from_str(text).map_err(|e| ConfigError::Parse {
+        path: path.to_path_buf(),
+        message: e.message().to_string(),
+    })
+}
+
+fn default_workers() -> usize {
+    std::thread::available_parallelism().map_or(1, usize::from)
+}
+
+fn pick_addr(
+    name: &'static str,
+    flag: Option<SocketAddr>,
+    file: Option<String>,
+    default: &str,
+) -> Result<SocketAddr, ConfigError> {
+    if let Some(addr) = flag {
+        return Ok(addr);
+    }
+    let text = file.as_deref().unwrap_or(default);
+    text.parse().map_err(|_| ConfigError::Invalid {
+        name,
+        value: text.to_string(),
+        reason: "expected IP:PORT, e.g. 127.0.0.1:7878 or [::1]:7878",
+    })
+}
+
+fn seconds(name: &'static str, value: Option<f64>, default: f64) -> Result<Duration, ConfigError> {
+    let secs = value.unwrap_or(default);
+    Duration::try_from_secs_f64(secs)
+        .ok()
+        .filter(|d| *d <= Duration::from_secs(86_400 * 365))
+        .ok_or_else(|| ConfigError::Invalid {
+            name,
+            value: secs.to_string(),
+            reason: "must be a number of seconds from 0 to one year",
+        })
+}
+
+fn check(
+    name: &'static str,
+    value: impl std::fmt::Display,
+    ok: bool,
+    reason: &'static str,
+) -> Result<(), ConfigError> {
+    if ok {
+        Ok(())
+    } else {
+        Err(ConfigError::Invalid {
+            name,
+            value: value.to_string(),
+            reason,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn defaults_need_no_file() {
+        let config = Config::load(&Cli::default()).expect("defaults are valid");
+        assert_eq!(config.echo_addr, DEFAULT_ECHO_ADDR.parse().unwrap());
+        assert_eq!(config.backlog, 1024);
+        assert_eq!(config.graceful_timeout, Duration::from_secs(30));
+        assert!(config.workers >= 1);
+    }
+
+    #[test]
+    fn flags_win_over_the_file() {
+        let file = parse_file(Path::new("t.toml"), "workers = 3\nbacklog = 7\n").unwrap();
+        let cli = Cli {
+            workers: Some(5),
+            ..Cli::default()
+        };
+        let config = Config::merge(&cli, file).unwrap();
+        assert_eq!((config.workers, config.backlog), (5, 7));
+    }
+
+    #[test]
+    fn unknown_and_bad_settings_are_errors_naming_them() {
+        let err = parse_file(Path::new("t.toml"), "wrokers = 3\n").unwrap_err();
+        assert!(err.to_string().contains("wrokers"), "{err}");
+        let file = parse_file(Path::new("t.toml"), "echo_addr = \"nowhere\"\n").unwrap();
+        let err = Config::merge(&Cli::default(), file).unwrap_err();
+        assert!(err.to_string().contains("echo_addr = nowhere"), "{err}");
+        let cli = Cli {
+            workers: Some(0),
+            ..Cli::default()
+        };
+        assert!(Config::load(&cli).unwrap_err().to_string().contains("workers"));
+        let cli = Cli {
+            graceful_timeout: Some(-1.0),
+            ..Cli::default()
+        };
+        assert!(Config::load(&cli).unwrap_err().to_string().contains("graceful_timeout"));
+    }
+}

@@ -1,0 +1,82 @@
+//! The pipe on which workers tell the master about themselves (for now: "ready to serve").
+//! Each message is one fixed-size write, smaller than PIPE_BUF, so messages from many
+//! workers never interleave and a read returns whole messages.
+
+use std::io::{self, Read, Write};
+use std::os::fd::{AsRawFd, RawFd};
+
+use nix::fcntl::{fcntl, FcntlArg, OFlag};
+use nix::unistd::Pid;
+
+const MESSAGE_BYTES: usize = 8;
+const READY: u32 = 1;
+
+/// Creates the pipe: the master keeps the receiver and hands the sender to every worker.
+pub fn status_pipe() -> io::Result<(StatusReceiver, StatusSender)> {
+    let (read, write) = nix::unistd::pipe2(OFlag::O_CLOEXEC)?;
+    fcntl(read.as_raw_fd(), FcntlArg::F_SETFL(OFlag::O_NONBLOCK))?;
+    Ok((
+        StatusReceiver {
+            pipe: std::fs::File::from(read),
+        },
+        StatusSender {
+            pipe: std::fs::File::from(write),
+        },
+    ))
+}
+
+/// A worker's end.
+#[derive(Debug)]
+pub struct StatusSender {
+    pipe: std::fs::File,
+}
+
+impl StatusSender {
+    /// Tells the master this worker has registered its listeners and is serving.
+    pub fn send_ready(&self) -> io::Result<()> {
+        let mut message = [0u8; MESSAGE_BYTES];
+        message[..4].copy_from_slice(&READY.to_le_bytes());
+        message[4..].copy_from_slice(&std::process::id().to_le_bytes());
+        (&self.pipe).write_all(&message)
+    }
+}
+
+/// The master's end (non-blocking).
+#[derive(Debug)]
+pub struct StatusReceiver {
+    pipe: std::fs::File,
+}
+
+impl StatusReceiver {
+    pub fn raw_fd(&self) -> RawFd {
+        self.pipe.as_raw_fd()
+    }
+
+    /// Reads every message waiting; returns the pids of the workers that reported ready.
+    pub fn ready_workers(&mut self) -> Vec<Pid> {
+        let mut ready = Vec::new();
+        let mut buf = [0u8; MESSAGE_BYTES * 64];
+        loop {
+            match self.pipe.read(&mut buf) {
+                Ok(0) => return ready,
+                Ok(n) => {
+                    for message in buf[..n].chunks_exact(MESSAGE_BYTES) {
+                        let kind = u32::from_le_bytes([message[0], message[1], message[2], message[3]]);
+                        let pid = u32::from_le_bytes([message[4], message[5], message[6], message[7]]);
+                        match (kind, i32::try_from(pid)) {
+                            (READY, Ok(pid)) => ready.push(Pid::from_raw(pid)),
+                            _ => log::warn!("ignoring a malformed worker message"),
+                        }
+                    }
+                }
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) => {
+                    if e.kind() != io::ErrorKind::WouldBlock {
+                        log::error!("reading the worker status pipe: {e}");
+                    }
+                    return ready;
+                }
+            }
+        }
+    }
+}

@@ -1,0 +1,366 @@
+//! The worker process: one `mio` event loop over its slot's listeners, its connections and
+//! its signals. It accepts until the listener is drained (or its connection cap is reached),
+//! lets each connection do its I/O, closes idle connections, and on SIGTERM drains: it takes
+//! what is already queued on its listeners, closes them, answers what its clients have sent,
+//! closes every connection gracefully and exits 0.
+
+use std::io;
+use std::net::TcpListener as StdListener;
+use std::time::{Duration, Instant};
+
+use mio::net::TcpListener;
+use mio::{Events, Interest, Poll, Token};
+use nix::unistd::Pid;
+use signal_hook::consts::{SIGINT, SIGQUIT, SIGTERM};
+use signal_hook_mio::v1_0::Signals;
+use slab::Slab;
+
+use crate::conn::{Conn, Limits, Readiness, Scratch, Verdict};
+use crate::master_link::StatusSender;
+use crate::process;
+use crate::service::{ServiceKind, Session};
+
+/// Everything a worker takes from the master at fork.
+pub struct WorkerSetup {
+    pub slot: usize,
+    pub master: Pid,
+    pub listeners: Vec<(ServiceKind, StdListener)>,
+    pub status: StatusSender,
+    pub settings: WorkerSettings,
+}
+
+/// The settings a worker needs (a subset of the master's config).
+#[derive(Debug, Clone, Copy)]
+pub struct WorkerSettings {
+    pub max_connections: usize,
+    pub idle_timeout: Duration,
+    pub graceful_timeout: Duration,
+    pub output_limit: usize,
+}
+
+const SIGNAL_TOKEN: Token = Token(usize::MAX - 1);
+/// Connection tokens start here; lower tokens are listeners.
+const FIRST_CONN_TOKEN: usize = 64;
+/// Bytes read from a socket at once.
+const READ_BUFFER_BYTES: usize = 64 * 1024;
+const EVENTS_CAPACITY: usize = 1024;
+/// How often idle connections and lingering closes are checked.
+const SWEEP_INTERVAL: Duration = Duration::from_secs(1);
+/// While draining: how often connections are checked, and how long a connection must have
+/// been silent before it is closed (input still on its way is answered first).
+const DRAIN_TICK: Duration = Duration::from_millis(50);
+const DRAIN_QUIET: Duration = Duration::from_millis(250);
+/// After too many open files, accepting pauses this long instead of spinning.
+const ACCEPT_PAUSE: Duration = Duration::from_millis(100);
+
+/// Runs a worker until it has drained or is told to quit; returns its exit status.
+pub fn run(setup: WorkerSetup) -> i32 {
+    crate::logging::set_role(format!("worker {}", setup.slot));
+    match Worker::start(setup) {
+        Ok(Some(mut worker)) => match worker.serve() {
+            Ok(()) => 0,
+            Err(e) => {
+                log::error!("worker failed: {e}");
+                1
+            }
+        },
+        // The master died before we finished starting: nobody to serve for.
+        Ok(None) => 0,
+        Err(e) => {
+            log::error!("worker failed to start: {e}");
+            1
+        }
+    }
+}
+
+struct Listening {
+    kind: ServiceKind,
+    listener: TcpListener,
+    registered: bool,
+}
+
+enum State {
+    Serving,
+    /// SIGTERM arrived: listeners are closed; connections close once quiet, and all of
+    /// them by `deadline`.
+    Draining { deadline: Instant },
+}
+
+struct Worker {
+    poll: Poll,
+    signals: Signals,
+    listeners: Vec<Listening>,
+    conns: Slab<Conn>,
+    scratch: Scratch,
+    settings: WorkerSettings,
+    state: State,
+    /// Accepting paused after EMFILE/ENFILE until then.
+    accept_paused_until: Option<Instant>,
+    next_sweep: Instant,
+}
+
+impl Worker {
+    /// Finishes the child's start-up (signals, parent-death link) and reports ready.
+    /// Returns `None` if the master is already gone.
+    fn start(setup: WorkerSetup) -> io::Result<Option<Worker>> {
+        let mut signals = Signals::new([SIGTERM, SIGINT, SIGQUIT])?;
+        process::ignore_master_only_signals()?;
+        if process::die_with_parent(setup.master).is_err() {
+            return Ok(None);
+        }
+        process::unblock_signals()?;
+        let poll = Poll::new()?;
+        poll.registry()
+            .register(&mut signals, SIGNAL_TOKEN, Interest::READABLE)?;
+        let mut listeners = Vec::new();
+        for (index, (kind, listener)) in setup.listeners.into_iter().enumerate() {
+            let mut listener = TcpListener::from_std(listener);
+            poll.registry()
+                .register(&mut listener, Token(index), Interest::READABLE)?;
+            listeners.push(Listening {
+                kind,
+                listener,
+                registered: true,
+            });
+        }
+        setup.status.send_ready()?;
+        log::debug!("serving");
+        let now = Instant::now();
+        Ok(Some(Worker {
+            poll,
+            signals,
+            listeners,
+            conns: Slab::new(),
+            scratch: Scratch::new(READ_BUFFER_BYTES),
+            settings: setup.settings,
+            state: State::Serving,
+            accept_paused_until: None,
+            next_sweep: now + SWEEP_INTERVAL,
+        }))
+    }
+
+    fn serve(&mut self) -> io::Result<()> {
+        let mut events = Events::with_capacity(EVENTS_CAPACITY);
+        loop {
+            let timeout = self.next_timeout(Instant::now());
+            if let Err(e) = self.poll.poll(&mut events, Some(timeout)) {
+                if e.kind() == io::ErrorKind::Interrupted {
+                    continue;
+                }
+                return Err(e);
+            }
+            let now = Instant::now();
+            for event in events.iter() {
+                match event.token() {
+                    SIGNAL_TOKEN => {
+                        if self.on_signals(now) == Quit::Now {
+                            return Ok(());
+                        }
+                    }
+                    Token(index) if index < FIRST_CONN_TOKEN => self.accept_all(index, now),
+                    Token(token) => {
+                        let readiness = Readiness {
+                            readable: event.is_readable(),
+                            read_closed: event.is_read_closed() || event.is_error(),
+                            writable: event.is_writable(),
+                        };
+                        self.on_conn_event(token - FIRST_CONN_TOKEN, readiness, now);
+                    }
+                }
+            }
+            self.on_timers(now);
+            if matches!(self.state, State::Draining { .. }) && self.conns.is_empty() {
+                log::info!("drained, exiting");
+                return Ok(());
+            }
+        }
+    }
+
+    fn next_timeout(&self, now: Instant) -> Duration {
+        let mut wake = self.next_sweep;
+        if let Some(until) = self.accept_paused_until {
+            wake = wake.min(until);
+        }
+        wake.saturating_duration_since(now)
+    }
+
+    fn on_signals(&mut self, now: Instant) -> Quit {
+        let mut quit = Quit::Later;
+        for signal in self.signals.pending() {
+            match signal {
+                // Repeated TERM/INT (Ctrl-C reaches every process of the group, and the
+                // master forwards it too) are one drain; only the master escalates.
+                SIGTERM | SIGINT => self.start_drain(now),
+                SIGQUIT => {
+                    log::info!("quitting at once");
+                    quit = Quit::Now;
+                }
+                _ => {}
+            }
+        }
+        quit
+    }
+
+    fn start_drain(&mut self, now: Instant) {
+        if matches!(self.state, State::Draining { .. }) {
+            return;
+        }
+        log::info!("draining {} connections", self.conns.len());
+        // Connections already in the accept queues were promised service: take them all.
+        for index in 0..self.listeners.len() {
+            self.accept_until_blocked(index, now, usize::MAX);
+        }
+        for mut listening in self.listeners.drain(..) {
+            if listening.registered {
+                let _ = self.poll.registry().deregister(&mut listening.listener);
+            }
+        }
+        // Leave time for the lingering closes before the master's deadline.
+        let budget = self.settings.graceful_timeout.mul_f64(0.8);
+        self.state = State::Draining {
+            deadline: now + budget,
+        };
+        self.next_sweep = now;
+    }
+
+    fn accept_all(&mut self, index: usize, now: Instant) {
+        let room = self.settings.max_connections.saturating_sub(self.conns.len());
+        self.accept_until_blocked(index, now, room);
+        self.pause_or_resume_accepting(now);
+    }
+
+    /// Accepts until the queue is empty or `room` connections were taken.
+    fn accept_until_blocked(&mut self, index: usize, now: Instant, mut room: usize) {
+        let Some(listening) = self.listeners.get(index) else {
+            return;
+        };
+        let kind = listening.kind;
+        while room > 0 {
+            match self.listeners[index].listener.accept() {
+                Ok((stream, peer)) => {
+                    room -= 1;
+                    log::debug!("accepted {} connection from {peer}", kind.name());
+                    self.add_conn(stream, kind, now);
+                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) if is_out_of_descriptors(&e) => {
+                    log::warn!("accept: {e}; pausing accepts for {ACCEPT_PAUSE:?}");
+                    self.accept_paused_until = Some(now + ACCEPT_PAUSE);
+                    return;
+                }
+                // The client gave up while queued (ECONNABORTED and the like): next one.
+                Err(e) => log::debug!("accept: {e}"),
+            }
+        }
+    }
+
+    fn add_conn(&mut self, stream: mio::net::TcpStream, kind: ServiceKind, now: Instant) {
+        let entry = self.conns.vacant_entry();
+        let token = Token(entry.key() + FIRST_CONN_TOKEN);
+        let mut conn = Conn::new(stream, token, Session::new(kind), now);
+        if let Err(e) = conn.register(self.poll.registry()) {
+            log::warn!("cannot register a connection: {e}");
+            return;
+        }
+        entry.insert(conn);
+    }
+
+    /// Deregisters the listeners while at the connection cap or after EMFILE (so that the
+    /// queue waits instead of waking us in a loop), and registers them again when a slot
+    /// frees: registering reports a non-empty queue at once.
+    fn pause_or_resume_accepting(&mut self, now: Instant) {
+        if self.accept_paused_until.is_some_and(|until| now >= until) {
+            self.accept_paused_until = None;
+        }
+        let accept = self.conns.len() < self.settings.max_connections && self.accept_paused_until.is_none();
+        for (index, listening) in self.listeners.iter_mut().enumerate() {
+            if listening.registered == accept {
+                continue;
+            }
+            let registry = self.poll.registry();
+            let result = if accept {
+                registry.register(&mut listening.listener, Token(index), Interest::READABLE)
+            } else {
+                registry.deregister(&mut listening.listener)
+            };
+            match result {
+                Ok(()) => listening.registered = accept,
+                Err(e) => log::error!("cannot change accepting on {} listener: {e}", listening.kind.name()),
+            }
+        }
+    }
+
+    fn on_conn_event(&mut self, key: usize, readiness: Readiness, now: Instant) {
+        let Some(conn) = self.conns.get_mut(key) else {
+            return;
+        };
+        let limits = Limits {
+            output_limit: self.settings.output_limit,
+        };
+        let verdict = conn.on_ready(readiness, &mut self.scratch, limits, self.poll.registry(), now);
+        if verdict == Verdict::Close {
+            self.close(key, now);
+        }
+    }
+
+    fn close(&mut self, key: usize, now: Instant) {
+        if self.conns.try_remove(key).is_some() {
+            self.pause_or_resume_accepting(now);
+        }
+    }
+
+    fn on_timers(&mut self, now: Instant) {
+        if self.accept_paused_until.is_some_and(|until| now >= until) {
+            self.pause_or_resume_accepting(now);
+        }
+        if now < self.next_sweep {
+            return;
+        }
+        let (closing, tick) = match self.state {
+            State::Serving => (self.settings.idle_timeout, SWEEP_INTERVAL),
+            State::Draining { deadline } if now >= deadline => (Duration::ZERO, DRAIN_TICK),
+            State::Draining { .. } => (DRAIN_QUIET, DRAIN_TICK),
+        };
+        self.next_sweep = now + tick;
+        self.sweep(now, closing);
+    }
+
+    /// Closes connections silent for `quiet_for` and ends overdue lingering closes. A silent
+    /// connection with replies its client will not take is dropped: nothing can be saved.
+    fn sweep(&mut self, now: Instant, quiet_for: Duration) {
+        let overdue: Vec<usize> = self
+            .conns
+            .iter()
+            .filter(|(_, conn)| match conn.linger_deadline() {
+                Some(until) => now >= until,
+                None => now.saturating_duration_since(conn.last_active) >= quiet_for,
+            })
+            .map(|(key, _)| key)
+            .collect();
+        let draining = matches!(self.state, State::Draining { .. });
+        for key in overdue {
+            let Some(conn) = self.conns.get_mut(key) else {
+                continue;
+            };
+            let verdict = if conn.linger_deadline().is_some() || (!draining && !conn.is_quiet()) {
+                Verdict::Close
+            } else {
+                conn.close_gracefully(&mut self.scratch, self.poll.registry(), now)
+            };
+            if verdict == Verdict::Close {
+                self.close(key, now);
+            }
+        }
+    }
+}
+
+#[derive(PartialEq, Eq)]
+enum Quit {
+    Now,
+    Later,
+}
+
+fn is_out_of_descriptors(e: &io::Error) -> bool {
+    matches!(e.raw_os_error(), Some(libc::EMFILE | libc::ENFILE | libc::ENOBUFS | libc::ENOMEM))
+}
