@@ -1,0 +1,122 @@
+//! Bad ledger files: truncated, garbage, wrong version, damaged header or contents. Each
+//! gives an error naming the file, and the file is left byte-for-byte untouched.
+
+use std::fs;
+use std::path::{Path, PathBuf};
+
+use forkpool_ledger::{AccountName, Ledger, LedgerError, LedgerOptions};
+
+fn options() -> LedgerOptions {
+    LedgerOptions {
+        max_accounts: 100,
+        stripes: 4,
+        intent_records: 4,
+        ..LedgerOptions::default()
+    }
+}
+
+/// A valid ledger file with one account, closed.
+fn valid_file(dir: &Path) -> PathBuf {
+    let path = dir.join("ledger.bin");
+    let ledger = Ledger::open(&path, &options()).expect("create");
+    ledger
+        .deposit(&AccountName::new(b"alice").expect("name"), 42)
+        .expect("deposit");
+    path
+}
+
+/// Opens `path` expecting an error; checks the message names the file and the bytes are
+/// unchanged.
+fn refused(path: &Path) -> LedgerError {
+    let before = fs::read(path).expect("read file");
+    let err = Ledger::open(path, &options()).expect_err("a bad file is refused");
+    assert!(
+        err.to_string().contains(&path.display().to_string()),
+        "message names the file: {err}"
+    );
+    assert!(fs::read(path).expect("read file") == before, "file untouched: {err}");
+    err
+}
+
+#[test]
+fn truncated_file_is_refused_untouched() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = valid_file(dir.path());
+    let len = fs::metadata(&path).expect("stat").len();
+    let file = fs::OpenOptions::new().write(true).open(&path).expect("open");
+    file.set_len(len - 4096).expect("truncate");
+    assert!(matches!(refused(&path), LedgerError::Truncated { .. }));
+    file.set_len(40).expect("truncate into the header");
+    assert!(matches!(refused(&path), LedgerError::Truncated { .. }));
+    file.set_len(0).expect("truncate to nothing");
+    assert!(matches!(refused(&path), LedgerError::Truncated { actual: 0, .. }));
+}
+
+#[test]
+fn garbage_file_is_refused_untouched() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir.path().join("ledger.bin");
+    fs::write(&path, b"this is not a ledger, just some text\n".repeat(300)).expect("write");
+    assert!(matches!(refused(&path), LedgerError::BadMagic { .. }));
+}
+
+#[test]
+fn other_layout_version_is_refused_untouched() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = valid_file(dir.path());
+    let mut bytes = fs::read(&path).expect("read");
+    bytes[8..12].copy_from_slice(&2u32.to_le_bytes());
+    fs::write(&path, &bytes).expect("write");
+    assert!(matches!(
+        refused(&path),
+        LedgerError::WrongVersion {
+            found: 2,
+            expected: 1,
+            ..
+        }
+    ));
+}
+
+#[test]
+fn damaged_header_is_refused_untouched() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = valid_file(dir.path());
+    let mut bytes = fs::read(&path).expect("read");
+    bytes[20] ^= 0x10; // inside the capacity field
+    fs::write(&path, &bytes).expect("write");
+    assert!(matches!(refused(&path), LedgerError::Corrupt { .. }));
+}
+
+#[test]
+fn extra_bytes_are_refused_untouched() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = valid_file(dir.path());
+    let mut bytes = fs::read(&path).expect("read");
+    bytes.extend_from_slice(&[0; 100]);
+    fs::write(&path, &bytes).expect("write");
+    assert!(matches!(refused(&path), LedgerError::Corrupt { .. }));
+}
+
+#[test]
+fn garbage_in_the_account_table_is_refused_untouched() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = valid_file(dir.path());
+    let mut bytes = fs::read(&path).expect("read");
+    // Find alice's name in the table and damage one byte of it.
+    let at = bytes
+        .windows(5)
+        .position(|w| w == b"alice")
+        .expect("the name is stored in the file");
+    bytes[at] = b'!';
+    fs::write(&path, &bytes).expect("write");
+    assert!(matches!(refused(&path), LedgerError::Corrupt { .. }));
+}
+
+#[test]
+fn a_directory_in_place_of_the_file_is_an_io_error_naming_it() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir.path().join("ledger.bin");
+    fs::create_dir(&path).expect("mkdir");
+    let err = Ledger::open(&path, &options()).expect_err("a directory is not a ledger");
+    assert!(err.to_string().contains("ledger.bin"), "{err}");
+}
