@@ -96,13 +96,23 @@ fn reference(dir: &Path, s: &Scenario<'_>) -> (State, State) {
     let ledger = open(&dir.join("reference.bin"));
     (s.setup)(&ledger);
     let before = state(&ledger, &s.accounts);
-    assert!((s.op)(&ledger), "{}: the operation succeeds when not killed", s.name);
+    assert!(
+        (s.op)(&ledger),
+        "{}: the operation succeeds when not killed",
+        s.name
+    );
     (before, state(&ledger, &s.accounts))
 }
 
 /// Checks that the state is all-before or all-after and that the ledger still works,
 /// including a fresh cold start of the same file.
-fn check_repaired(ledger: Ledger, path: &Path, s: &Scenario<'_>, expected: &(State, State), what: &str) {
+fn check_repaired(
+    ledger: Ledger,
+    path: &Path,
+    s: &Scenario<'_>,
+    expected: &(State, State),
+    what: &str,
+) {
     let seen = state(&ledger, &s.accounts);
     assert!(
         seen == expected.0 || seen == expected.1,
@@ -111,12 +121,21 @@ fn check_repaired(ledger: Ledger, path: &Path, s: &Scenario<'_>, expected: &(Sta
         expected.0,
         expected.1
     );
-    assert!(ledger.lock_holders().is_empty(), "{what}: a lock is still held");
-    ledger.deposit(&acct("probe"), 1).expect("the ledger still takes operations");
+    assert!(
+        ledger.lock_holders().is_empty(),
+        "{what}: a lock is still held"
+    );
+    ledger
+        .deposit(&acct("probe"), 1)
+        .expect("the ledger still takes operations");
     let after_probe = state(&ledger, &s.accounts);
     drop(ledger);
     let reopened = open(path);
-    assert_eq!(state(&reopened, &s.accounts), after_probe, "{what}: a cold start changes nothing");
+    assert_eq!(
+        state(&reopened, &s.accounts),
+        after_probe,
+        "{what}: a cold start changes nothing"
+    );
 }
 
 /// Kills the operation at every crash point in turn.
@@ -130,10 +149,17 @@ fn sweep(s: &Scenario<'_>) {
         match run_in_child(&ledger, k, s.op) {
             0 => {
                 assert!(k > 3, "{}: the operation has crash points", s.name);
-                assert_eq!(state(&ledger, &s.accounts), expected.1, "{}: clean run", s.name);
+                assert_eq!(
+                    state(&ledger, &s.accounts),
+                    expected.1,
+                    "{}: clean run",
+                    s.name
+                );
                 return;
             }
-            CRASH_STATUS => check_repaired(ledger, &path, s, &expected, &format!("killed at step {k}")),
+            CRASH_STATUS => {
+                check_repaired(ledger, &path, s, &expected, &format!("killed at step {k}"))
+            }
             code => panic!("{}: child exited {code} at step {k}", s.name),
         }
     }

@@ -120,6 +120,8 @@ pub enum BadAccount {
     Empty,
     #[error("account name is {0} bytes long, at most 64 are allowed")]
     TooLong(usize),
-    #[error("account name has byte 0x{byte:02x} at offset {offset}; only [A-Za-z0-9_.-] are allowed")]
+    #[error(
+        "account name has byte 0x{byte:02x} at offset {offset}; only [A-Za-z0-9_.-] are allowed"
+    )]
     BadByte { byte: u8, offset: usize },
 }

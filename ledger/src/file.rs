@@ -12,10 +12,7 @@ use crate::layout::{Geometry, HeaderProblem, FIXED_BYTES};
 use crate::options::{LedgerOptions, MAX_MAX_ACCOUNTS};
 use crate::{MAX_INTENTS, MAX_STRIPES};
 
-fn io_err<'a>(
-    path: &'a Path,
-    action: &'static str,
-) -> impl FnOnce(io::Error) -> LedgerError + 'a {
+fn io_err<'a>(path: &'a Path, action: &'static str) -> impl FnOnce(io::Error) -> LedgerError + 'a {
     move |source| LedgerError::Io {
         path: path.to_path_buf(),
         action,
@@ -155,10 +152,12 @@ fn create(path: &Path, opts: &LedgerOptions) -> Result<(), LedgerError> {
         _ => PathBuf::from("."),
     };
     fs::create_dir_all(&dir).map_err(io_err(&dir, "create directory"))?;
-    let name = path.file_name().ok_or_else(|| LedgerError::InvalidOptions {
-        path: path.to_path_buf(),
-        detail: "the ledger path has no file name".into(),
-    })?;
+    let name = path
+        .file_name()
+        .ok_or_else(|| LedgerError::InvalidOptions {
+            path: path.to_path_buf(),
+            detail: "the ledger path has no file name".into(),
+        })?;
     let mut tmp_name = std::ffi::OsString::from(".");
     tmp_name.push(name);
     tmp_name.push(format!(".tmp.{}", std::process::id()));

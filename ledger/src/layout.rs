@@ -275,6 +275,9 @@ mod tests {
         assert_eq!(Geometry::decode(&bad), Err(HeaderProblem::WrongVersion(9)));
         let mut bad = bytes;
         bad[17] ^= 1;
-        assert!(matches!(Geometry::decode(&bad), Err(HeaderProblem::Corrupt(_))));
+        assert!(matches!(
+            Geometry::decode(&bad),
+            Err(HeaderProblem::Corrupt(_))
+        ));
     }
 }

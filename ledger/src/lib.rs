@@ -20,13 +20,10 @@ mod file;
 mod layout;
 mod lock;
 mod name;
-mod options;
 mod ops;
+mod options;
 mod recovery;
 mod region;
-
-#[cfg(test)]
-mod crash_tests;
 
 use std::fmt;
 use std::fs::File;
@@ -180,7 +177,8 @@ impl Ledger {
     /// (and kill) a stopped or hung holder. A racy snapshot: a holder may just have released.
     pub fn lock_holders(&self) -> Vec<LockHolder> {
         let geometry = self.region.geometry();
-        let stripes = (0..geometry.stripes).map(|i| (LockId::Stripe(i), &self.region.stripe(i).lock));
+        let stripes =
+            (0..geometry.stripes).map(|i| (LockId::Stripe(i), &self.region.stripe(i).lock));
         let alloc = std::iter::once((LockId::Alloc, &self.region.header().alloc));
         stripes
             .chain(alloc)
@@ -232,3 +230,6 @@ pub(crate) fn crash_point() {
     #[cfg(test)]
     crash::point();
 }
+
+#[cfg(test)]
+mod crash_tests;

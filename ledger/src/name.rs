@@ -141,7 +141,10 @@ mod tests {
         let n = AccountName::new(&[b'q'; 64]).expect("valid name");
         assert_eq!(AccountName::from_words(n.len(), &n.words()), Some(n));
         let short = AccountName::new(b"ab").expect("valid name");
-        assert_eq!(AccountName::from_words(short.len(), &short.words()), Some(short));
+        assert_eq!(
+            AccountName::from_words(short.len(), &short.words()),
+            Some(short)
+        );
         assert_eq!(AccountName::from_words(1, &short.words()), None);
         assert_eq!(AccountName::from_words(0, &[0; 8]), None);
     }

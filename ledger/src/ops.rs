@@ -87,7 +87,11 @@ impl Slot {
     fn holds(&self, tag: u64, name: &AccountName, words: &[u64; 8]) -> bool {
         self.tag.load(Acquire) == tag
             && self.name_len.load(Relaxed) == name.len()
-            && self.name.iter().zip(words).all(|(w, n)| w.load(Relaxed) == *n)
+            && self
+                .name
+                .iter()
+                .zip(words)
+                .all(|(w, n)| w.load(Relaxed) == *n)
     }
 }
 
@@ -125,7 +129,10 @@ impl Ledger {
                 Err(e) => {
                     // Unlocking without `consistent` marks the stripe unrecoverable: every
                     // later user gets the error instead of an unrepaired state.
-                    log::error!("ledger {}: repair of stripe {s} failed: {e}", self.path.display());
+                    log::error!(
+                        "ledger {}: repair of stripe {s} failed: {e}",
+                        self.path.display()
+                    );
                     lock.unlock();
                     Err(e)
                 }
@@ -429,7 +436,7 @@ impl Ledger {
         let (ti, to_before) = match self.find(tag_to, to) {
             Some(ti) => {
                 let to_before = self.slot(ti).balance.load(Relaxed);
-                if to_before.checked_add(amount).map_or(true, |b| b > MAX_AMOUNT) {
+                if to_before > MAX_AMOUNT - amount {
                     return Err(OpError::Overflow);
                 }
                 record.entries[1].set(st, ti, to_before, 0);

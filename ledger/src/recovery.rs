@@ -121,7 +121,10 @@ impl Ledger {
                 self.persist(record);
                 crash_point();
             }
-            let all_clear = record.entries.iter().all(|e| e.state.load(Acquire) != ACTIVE);
+            let all_clear = record
+                .entries
+                .iter()
+                .all(|e| e.state.load(Acquire) != ACTIVE);
             if touched && all_clear {
                 // The owner died holding stripe `s`; free its record (ABA-safe: generation).
                 let _ = record
@@ -191,7 +194,9 @@ impl Ledger {
         let mut totals = vec![0u128; geometry.stripes as usize];
         let mut count = 0u64;
         for i in 0..geometry.table_slots {
-            let Some(slot) = self.region.slot(i) else { continue };
+            let Some(slot) = self.region.slot(i) else {
+                continue;
+            };
             let tag = slot.tag.load(Relaxed);
             if is_live(tag) {
                 count += 1;
@@ -203,7 +208,10 @@ impl Ledger {
             self.store_total(s as u32, total);
         }
         if let Err(e) = self.region.sync(header) {
-            log::warn!("ledger {}: msync of header failed: {e}", self.path.display());
+            log::warn!(
+                "ledger {}: msync of header failed: {e}",
+                self.path.display()
+            );
         }
         log::info!(
             "ledger {}: opened, {count} of {} accounts",
@@ -226,7 +234,9 @@ impl Ledger {
         };
         let mut live = 0u64;
         for i in 0..geometry.table_slots {
-            let Some(slot) = self.region.slot(i) else { continue };
+            let Some(slot) = self.region.slot(i) else {
+                continue;
+            };
             let tag = slot.tag.load(Relaxed);
             if !is_live(tag) {
                 if tag > TOMB {

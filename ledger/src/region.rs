@@ -123,10 +123,7 @@ impl Drop for Region {
         // SAFETY: `base`/`file_size` are exactly the mapping made in `map`; no reference into
         // it can outlive `self` (they all borrow `self`).
         unsafe {
-            libc::munmap(
-                self.base.as_ptr().cast(),
-                self.geometry.file_size as usize,
-            );
+            libc::munmap(self.base.as_ptr().cast(), self.geometry.file_size as usize);
         }
     }
 }

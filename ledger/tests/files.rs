@@ -34,7 +34,10 @@ fn refused(path: &Path) -> LedgerError {
         err.to_string().contains(&path.display().to_string()),
         "message names the file: {err}"
     );
-    assert!(fs::read(path).expect("read file") == before, "file untouched: {err}");
+    assert!(
+        fs::read(path).expect("read file") == before,
+        "file untouched: {err}"
+    );
     err
 }
 
@@ -43,13 +46,19 @@ fn truncated_file_is_refused_untouched() {
     let dir = tempfile::tempdir().expect("tempdir");
     let path = valid_file(dir.path());
     let len = fs::metadata(&path).expect("stat").len();
-    let file = fs::OpenOptions::new().write(true).open(&path).expect("open");
+    let file = fs::OpenOptions::new()
+        .write(true)
+        .open(&path)
+        .expect("open");
     file.set_len(len - 4096).expect("truncate");
     assert!(matches!(refused(&path), LedgerError::Truncated { .. }));
     file.set_len(40).expect("truncate into the header");
     assert!(matches!(refused(&path), LedgerError::Truncated { .. }));
     file.set_len(0).expect("truncate to nothing");
-    assert!(matches!(refused(&path), LedgerError::Truncated { actual: 0, .. }));
+    assert!(matches!(
+        refused(&path),
+        LedgerError::Truncated { actual: 0, .. }
+    ));
 }
 
 #[test]

@@ -32,8 +32,18 @@ fn deposit_opens_accounts_and_returns_new_balance() {
     assert_eq!(l.deposit(&acct("alice"), 100), Ok(100));
     assert_eq!(l.deposit(&acct("alice"), 23), Ok(123));
     assert_eq!(l.balance(&acct("alice")), Ok(123));
-    assert_eq!(l.balance(&acct("Alice")), Err(OpError::NoSuchAccount), "case-sensitive");
-    assert_eq!(l.audit(), Ok(Audit { total: 123, accounts: 1 }));
+    assert_eq!(
+        l.balance(&acct("Alice")),
+        Err(OpError::NoSuchAccount),
+        "case-sensitive"
+    );
+    assert_eq!(
+        l.audit(),
+        Ok(Audit {
+            total: 123,
+            accounts: 1
+        })
+    );
 }
 
 #[test]
@@ -46,7 +56,14 @@ fn amounts_outside_one_to_i64_max_are_bad() {
         assert_eq!(l.withdraw(&a, amount), Err(OpError::BadAmount));
         assert_eq!(l.transfer(&a, &b, amount), Err(OpError::BadAmount));
     }
-    assert_eq!(l.audit(), Ok(Audit { total: 0, accounts: 0 }), "bad deposits open nothing");
+    assert_eq!(
+        l.audit(),
+        Ok(Audit {
+            total: 0,
+            accounts: 0
+        }),
+        "bad deposits open nothing"
+    );
     assert_eq!(l.deposit(&a, MAX_AMOUNT), Ok(MAX_AMOUNT));
 }
 
@@ -92,7 +109,13 @@ fn withdraw_errors_and_emptied_account_stays_open() {
     assert_eq!(l.withdraw(&a, 6), Ok(0));
     assert_eq!(l.balance(&a), Ok(0));
     assert_eq!(l.withdraw(&a, 1), Err(OpError::InsufficientFunds));
-    assert_eq!(l.audit(), Ok(Audit { total: 0, accounts: 1 }));
+    assert_eq!(
+        l.audit(),
+        Ok(Audit {
+            total: 0,
+            accounts: 1
+        })
+    );
 }
 
 #[test]
@@ -108,24 +131,51 @@ fn transfer_moves_money_opens_destination_and_checks_in_order() {
     assert_eq!(l.transfer(&a, &b, 51), Err(OpError::InsufficientFunds));
     assert_eq!(l.transfer(&a, &b, 20), Ok((30, 20)), "opens b");
     assert_eq!(l.transfer(&b, &a, 5), Ok((15, 35)));
-    assert_eq!(l.transfer(&a, &c, 35), Ok((0, 35)), "opens c; a emptied stays open");
+    assert_eq!(
+        l.transfer(&a, &c, 35),
+        Ok((0, 35)),
+        "opens c; a emptied stays open"
+    );
     // Three accounts exist: the ledger is full.
     assert_eq!(l.transfer(&c, &d, 1), Err(OpError::LedgerFull));
     assert_eq!(l.transfer(&ghost, &d, 1), Err(OpError::NoSuchAccount));
     assert_eq!(l.transfer(&c, &d, 36), Err(OpError::InsufficientFunds));
     assert_eq!(l.balance(&d), Err(OpError::NoSuchAccount));
-    assert_eq!(l.audit(), Ok(Audit { total: 50, accounts: 3 }));
+    assert_eq!(
+        l.audit(),
+        Ok(Audit {
+            total: 50,
+            accounts: 3
+        })
+    );
 }
 
 #[test]
 fn ledger_full_is_exact() {
     let (_dir, l) = fresh(37);
     for i in 0..37 {
-        assert_eq!(l.deposit(&acct(&format!("acct{i}")), 1), Ok(1), "account {i}");
+        assert_eq!(
+            l.deposit(&acct(&format!("acct{i}")), 1),
+            Ok(1),
+            "account {i}"
+        );
     }
-    assert_eq!(l.deposit(&acct("one-too-many"), 1), Err(OpError::LedgerFull));
-    assert_eq!(l.deposit(&acct("acct3"), 1), Ok(2), "existing accounts still take deposits");
-    assert_eq!(l.audit(), Ok(Audit { total: 38, accounts: 37 }));
+    assert_eq!(
+        l.deposit(&acct("one-too-many"), 1),
+        Err(OpError::LedgerFull)
+    );
+    assert_eq!(
+        l.deposit(&acct("acct3"), 1),
+        Ok(2),
+        "existing accounts still take deposits"
+    );
+    assert_eq!(
+        l.audit(),
+        Ok(Audit {
+            total: 38,
+            accounts: 37
+        })
+    );
 }
 
 #[test]
@@ -162,7 +212,13 @@ fn fsync_always_gives_the_same_results() {
     assert_eq!(l.deposit(&acct("a"), 10), Ok(10));
     assert_eq!(l.transfer(&acct("a"), &acct("b"), 4), Ok((6, 4)));
     assert_eq!(l.withdraw(&acct("b"), 4), Ok(0));
-    assert_eq!(l.audit(), Ok(Audit { total: 6, accounts: 2 }));
+    assert_eq!(
+        l.audit(),
+        Ok(Audit {
+            total: 6,
+            accounts: 2
+        })
+    );
 }
 
 #[test]
@@ -191,7 +247,10 @@ fn capacity_mismatch_is_an_error_naming_both_numbers() {
         }
     ));
     let message = err.to_string();
-    assert!(message.contains("ledger.bin") && message.contains("10"), "{message}");
+    assert!(
+        message.contains("ledger.bin") && message.contains("10"),
+        "{message}"
+    );
 }
 
 #[test]

@@ -38,7 +38,7 @@ fn spawn_transferrer(ledger: &Ledger, names: &[AccountName], seed: u64) -> Pid {
                 let amount = next(&mut rng) % 50 + 1;
                 // Errors (insufficient funds, same account) are part of the load.
                 let _ = ledger.transfer(&names[from], &names[to], amount);
-                if next(&mut rng) % 16 == 0 {
+                if next(&mut rng) & 15 == 0 {
                     let _ = ledger.deposit(&names[from], 0); // bad-amount: touches nothing
                 }
             }
@@ -101,7 +101,11 @@ fn money_is_conserved_while_workers_are_killed_at_random() {
         kills += 1;
         children[victim] = spawn_transferrer(ledger, &names, next(&mut rng));
         if kills % 10 == 0 {
-            assert_eq!(audit_within(ledger, Duration::from_secs(5)), expected, "audit during chaos");
+            assert_eq!(
+                audit_within(ledger, Duration::from_secs(5)),
+                expected,
+                "audit during chaos"
+            );
             audits += 1;
         }
     }
@@ -110,7 +114,11 @@ fn money_is_conserved_while_workers_are_killed_at_random() {
         waitpid(child, None).expect("reap");
     }
     assert!(kills >= 50, "only {kills} kills");
-    assert_eq!(audit_within(ledger, Duration::from_secs(5)), expected, "final audit");
+    assert_eq!(
+        audit_within(ledger, Duration::from_secs(5)),
+        expected,
+        "final audit"
+    );
     let sum: u128 = names
         .iter()
         .map(|n| u128::from(ledger.balance(n).expect("every account still exists")))
