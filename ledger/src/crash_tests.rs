@@ -281,3 +281,63 @@ fn a_repairer_killed_during_recovery_is_repaired_in_turn() {
         l.withdraw(&nobody, 1) == Err(OpError::NoSuchAccount)
     });
 }
+
+/// Pid of the stopped holder for the wait hook of the test below.
+static STUCK_HOLDER: std::sync::atomic::AtomicI32 = std::sync::atomic::AtomicI32::new(0);
+static HOOK_CALLS: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+
+/// The supervisor's part, as a wait hook: after two slices, kill the recorded holder.
+fn kill_holder_after_two_slices() {
+    use std::sync::atomic::Ordering::Relaxed;
+    if HOOK_CALLS.fetch_add(1, Relaxed) + 1 == 2 {
+        let pid = nix::unistd::Pid::from_raw(STUCK_HOLDER.load(Relaxed));
+        let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGKILL);
+    }
+}
+
+#[test]
+fn a_waiter_runs_the_wait_hook_and_the_recorded_holder_can_be_killed() {
+    use std::sync::atomic::Ordering::Relaxed;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let ledger = open(&dir.path().join("stuck.bin"));
+    let a = acct("a");
+    ledger.deposit(&a, 10).expect("deposit");
+    let stripe = ledger.region.geometry().stripe_of(ledger.tag_of(&a));
+    // SAFETY: the child takes one ledger lock and sleeps in pause() until killed.
+    let child = match unsafe { fork() }.expect("fork") {
+        ForkResult::Child => {
+            let guard = ExitOnUnwind;
+            let held = ledger.lock_stripe(stripe);
+            std::mem::forget(held);
+            loop {
+                // SAFETY: pause is async-signal-safe; the child waits here to be killed.
+                unsafe { libc::pause() };
+            }
+            #[allow(unreachable_code)] // keeps `guard` alive for the whole child
+            drop(guard);
+        }
+        ForkResult::Parent { child } => child,
+    };
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while !ledger.lock_holders().contains(&crate::LockHolder {
+        lock: crate::LockId::Stripe(stripe),
+        pid: child.as_raw(),
+    }) {
+        assert!(
+            Instant::now() < deadline,
+            "the child never showed up as the holder"
+        );
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    STUCK_HOLDER.store(child.as_raw(), Relaxed);
+    crate::set_wait_hook(Some(kill_holder_after_two_slices));
+    assert_eq!(
+        ledger.balance(&a),
+        Ok(10),
+        "served once the holder is killed"
+    );
+    crate::set_wait_hook(None);
+    assert!(HOOK_CALLS.load(Relaxed) >= 2, "the hook ran while blocked");
+    waitpid(child, None).expect("reap");
+    assert!(ledger.lock_holders().is_empty());
+}
