@@ -306,15 +306,14 @@ fn a_waiter_runs_the_wait_hook_and_the_recorded_holder_can_be_killed() {
     // SAFETY: the child takes one ledger lock and sleeps in pause() until killed.
     let child = match unsafe { fork() }.expect("fork") {
         ForkResult::Child => {
-            let guard = ExitOnUnwind;
+            // Lives until the process ends: an unwind would _exit.
+            let _guard = ExitOnUnwind;
             let held = ledger.lock_stripe(stripe);
             std::mem::forget(held);
             loop {
                 // SAFETY: pause is async-signal-safe; the child waits here to be killed.
                 unsafe { libc::pause() };
             }
-            #[allow(unreachable_code)] // keeps `guard` alive for the whole child
-            drop(guard);
         }
         ForkResult::Parent { child } => child,
     };
