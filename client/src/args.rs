@@ -1,0 +1,325 @@
+//! Command-line arguments: what to load, how hard, for how long. Parsing and validation only;
+//! nothing here touches the network.
+
+use std::net::{SocketAddr, ToSocketAddrs};
+use std::time::Duration;
+
+use anyhow::{bail, Context};
+use clap::{Args, Parser, Subcommand};
+
+use crate::load::Mix;
+
+/// Default address of forkpool's echo service.
+pub const DEFAULT_ECHO_ADDR: &str = "127.0.0.1:7878";
+/// Default address of forkpool's bank service.
+pub const DEFAULT_BANK_ADDR: &str = "127.0.0.1:7879";
+/// Run length when neither `--duration` nor `--requests` is given.
+const DEFAULT_DURATION_S: f64 = 10.0;
+/// Hard cap on the measured window of a `--requests` run without `--duration`.
+const DEFAULT_REQUESTS_CAP_S: f64 = 60.0;
+
+const EXIT_CODES: &str = "\
+Exit status:
+  0  clean run: every reply checked and correct, no network error
+  1  verification failure: an echo reply differed from the uppercase of the request, a bank
+     reply was malformed or an unexpected error, or the final AUDIT differs from the expected
+     total by more than the operations with unknown outcome can explain
+  2  usage error, or the run could not start (address, bank setup)
+  3  no verification failure, but the run was degraded: connect errors, resets, closed
+     connections or timeouts were counted, no request completed in the measured window, or the
+     final AUDIT could not be taken";
+
+/// Load-test client for forkpool-server: drives many connections over non-blocking sockets,
+/// checks every reply, and reports latency, throughput and (with --server-pid) the server's
+/// CPU time per request. `echo` is the default mode: `forkpool-bench -c 10` is
+/// `forkpool-bench echo -c 10`.
+#[derive(Parser, Debug)]
+#[command(version, about, long_about = None, after_help = EXIT_CODES)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub mode: Mode,
+}
+
+/// The two services.
+#[derive(Subcommand, Debug)]
+pub enum Mode {
+    /// Uppercase echo: random lines (with multi-byte UTF-8), each reply checked byte for byte.
+    #[command(after_help = EXIT_CODES)]
+    Echo(EchoArgs),
+    /// Bank: opens accounts, runs a mix of transfers, deposits and withdrawals, then checks
+    /// AUDIT against the acknowledged operations. Assumes nobody else writes to the ledger
+    /// during the run.
+    #[command(after_help = EXIT_CODES)]
+    Bank(BankArgs),
+}
+
+/// Load shape shared by both modes.
+#[derive(Args, Debug, Clone)]
+pub struct LoadArgs {
+    /// Server address (host:port) [default: 127.0.0.1:7878 for echo, 127.0.0.1:7879 for bank]
+    #[arg(long)]
+    pub addr: Option<String>,
+    /// Number of connections kept open.
+    #[arg(short = 'c', long, default_value_t = 50, value_parser = clap::value_parser!(u32).range(1..))]
+    pub connections: u32,
+    /// Requests in flight per connection (pipelining depth).
+    #[arg(short = 'P', long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=4096))]
+    pub pipeline: u32,
+    /// Seconds to measure (after the warm-up). With --requests: a cap on the measured window
+    /// [default: 10, or 60 with --requests]
+    #[arg(short = 'd', long)]
+    pub duration: Option<f64>,
+    /// Stop after this many measured requests (or at --duration, whichever comes first).
+    #[arg(short = 'n', long, value_parser = clap::value_parser!(u64).range(1..))]
+    pub requests: Option<u64>,
+    /// Seconds of load before the measured window (not counted).
+    #[arg(long, default_value_t = 0.0)]
+    pub warmup: f64,
+    /// Client threads, each polling its share of the connections [default: number of CPUs]
+    #[arg(long, value_parser = clap::value_parser!(u32).range(1..))]
+    pub threads: Option<u32>,
+    /// Open loop at this many requests per second overall; latency is measured from when each
+    /// request was due, so a stalled server shows in the percentiles. Without it: closed loop,
+    /// as fast as replies come back.
+    #[arg(long)]
+    pub rate: Option<f64>,
+    /// Seconds to wait for a connection or for a reply before the connection is counted as
+    /// timed out, dropped and reconnected; also the longest wait for replies still in flight
+    /// when the window ends.
+    #[arg(long, default_value_t = 2.0)]
+    pub timeout: f64,
+    /// Sample utime+stime of this process and all its descendants at the start and end of the
+    /// measured window and report the server's CPU microseconds per request.
+    #[arg(long)]
+    pub server_pid: Option<u32>,
+    /// Print one JSON object with every figure instead of the text report.
+    #[arg(long)]
+    pub json: bool,
+    /// Seed of the payload and operation generator (the same seed gives the same requests).
+    #[arg(long)]
+    pub seed: Option<u64>,
+}
+
+/// `forkpool-bench echo`.
+#[derive(Args, Debug, Clone)]
+pub struct EchoArgs {
+    #[command(flatten)]
+    pub load: LoadArgs,
+    /// Bytes per request line on the wire, the final newline included.
+    #[arg(long, default_value_t = 16, value_parser = clap::value_parser!(u32).range(1..=16 * 1024 * 1024))]
+    pub size: u32,
+}
+
+/// `forkpool-bench bank`.
+#[derive(Args, Debug, Clone)]
+pub struct BankArgs {
+    #[command(flatten)]
+    pub load: LoadArgs,
+    /// Number of accounts the run opens (or reuses) and spreads its operations over.
+    #[arg(long, default_value_t = 100, value_parser = clap::value_parser!(u32).range(2..=1_000_000))]
+    pub accounts: u32,
+    /// Amount deposited into each account before the run.
+    #[arg(long, default_value_t = 1_000_000, value_parser = clap::value_parser!(u64).range(1..=1_000_000_000_000))]
+    pub opening_balance: u64,
+    /// Operation mix as relative weights, e.g. `transfer=80,deposit=10,withdraw=10`; `balance`
+    /// may be given too. Amounts are 1 to 100.
+    #[arg(long, default_value = "transfer=80,deposit=10,withdraw=10")]
+    pub mix: Mix,
+    /// Account names are PREFIX-0 .. PREFIX-(N-1).
+    #[arg(long, default_value = "bench")]
+    pub prefix: String,
+}
+
+/// The validated settings of one run.
+#[derive(Debug, Clone)]
+pub struct Settings {
+    pub addr: SocketAddr,
+    pub connections: usize,
+    pub pipeline: usize,
+    pub threads: usize,
+    pub warmup: Duration,
+    pub end: End,
+    pub rate: Option<f64>,
+    pub timeout: Duration,
+    pub server_pid: Option<u32>,
+    pub seed: u64,
+}
+
+/// When the measured window ends.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum End {
+    /// After this long.
+    After(Duration),
+    /// After this many measured requests, or at the cap, whichever first.
+    Requests { count: u64, cap: Duration },
+}
+
+impl End {
+    /// The longest the measured window can last.
+    pub fn max_window(self) -> Duration {
+        match self {
+            End::After(d) => d,
+            End::Requests { cap, .. } => cap,
+        }
+    }
+}
+
+fn seconds(name: &str, value: f64) -> anyhow::Result<Duration> {
+    Duration::try_from_secs_f64(value)
+        .with_context(|| format!("--{name} {value}: not a number of seconds"))
+}
+
+impl LoadArgs {
+    /// Checks the combination of flags and resolves the address.
+    pub fn settings(&self, default_addr: &str) -> anyhow::Result<Settings> {
+        let addr_text = self.addr.as_deref().unwrap_or(default_addr);
+        let addr = addr_text
+            .to_socket_addrs()
+            .with_context(|| format!("--addr {addr_text}: cannot resolve"))?
+            .next()
+            .with_context(|| format!("--addr {addr_text}: resolves to no address"))?;
+        let end = match (self.requests, self.duration) {
+            (Some(count), cap) => End::Requests {
+                count,
+                cap: seconds("duration", cap.unwrap_or(DEFAULT_REQUESTS_CAP_S))?,
+            },
+            (None, d) => End::After(seconds("duration", d.unwrap_or(DEFAULT_DURATION_S))?),
+        };
+        if end.max_window().is_zero() {
+            bail!("--duration must be positive");
+        }
+        let timeout = seconds("timeout", self.timeout)?;
+        if timeout < Duration::from_millis(10) {
+            bail!("--timeout must be at least 0.01 s");
+        }
+        if let Some(rate) = self.rate {
+            if !(rate.is_finite() && rate > 0.0) {
+                bail!("--rate {rate}: must be a positive number of requests per second");
+            }
+        }
+        let connections = self.connections as usize;
+        let cpus = std::thread::available_parallelism().map_or(1, usize::from);
+        let threads = self.threads.map_or(cpus, |t| t as usize).min(connections);
+        let seed = self.seed.unwrap_or_else(|| {
+            let t = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .unwrap_or_default();
+            t.as_nanos() as u64 ^ u64::from(std::process::id()).rotate_left(32)
+        });
+        Ok(Settings {
+            addr,
+            connections,
+            pipeline: self.pipeline as usize,
+            threads,
+            warmup: seconds("warmup", self.warmup)?,
+            end,
+            rate: self.rate,
+            timeout,
+            server_pid: self.server_pid,
+            seed,
+        })
+    }
+}
+
+/// Parses the command line; `echo` is implied when the first argument is not a subcommand.
+pub fn parse() -> Cli {
+    Cli::parse_from(with_default_mode(std::env::args_os().collect()))
+}
+
+/// Inserts `echo` after the program name unless a subcommand (or top-level help/version) comes
+/// first.
+fn with_default_mode(mut argv: Vec<std::ffi::OsString>) -> Vec<std::ffi::OsString> {
+    let explicit = argv.get(1).and_then(|a| a.to_str()).is_some_and(|a| {
+        matches!(
+            a,
+            "echo" | "bank" | "help" | "-h" | "--help" | "-V" | "--version"
+        )
+    });
+    if !explicit {
+        argv.insert(1.min(argv.len()), "echo".into());
+    }
+    argv
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(args: &[&str]) -> Cli {
+        let argv = std::iter::once("forkpool-bench")
+            .chain(args.iter().copied())
+            .map(Into::into);
+        Cli::try_parse_from(with_default_mode(argv.collect())).expect("valid command line")
+    }
+
+    #[test]
+    fn echo_is_the_default_mode() {
+        for args in [&[][..], &["-c", "3"], &["echo", "-c", "3"]] {
+            assert!(matches!(parse(args).mode, Mode::Echo(_)), "{args:?}");
+        }
+        let Mode::Echo(echo) = parse(&["-c", "3", "-P", "16", "--size", "100"]).mode else {
+            panic!("echo expected");
+        };
+        assert_eq!(
+            (echo.load.connections, echo.load.pipeline, echo.size),
+            (3, 16, 100)
+        );
+    }
+
+    #[test]
+    fn defaults_resolve_to_a_ten_second_closed_loop() {
+        let Mode::Echo(echo) = parse(&[]).mode else {
+            panic!("echo expected")
+        };
+        let s = echo.load.settings(DEFAULT_ECHO_ADDR).expect("valid");
+        assert_eq!(s.addr, "127.0.0.1:7878".parse().expect("addr"));
+        assert_eq!((s.connections, s.pipeline), (50, 1));
+        assert_eq!(s.end, End::After(Duration::from_secs(10)));
+        assert_eq!(s.rate, None);
+    }
+
+    #[test]
+    fn requests_mode_has_a_cap() {
+        let Mode::Bank(bank) = parse(&["bank", "-n", "500"]).mode else {
+            panic!("bank expected")
+        };
+        let s = bank.load.settings(DEFAULT_BANK_ADDR).expect("valid");
+        assert_eq!(
+            s.end,
+            End::Requests {
+                count: 500,
+                cap: Duration::from_secs(60)
+            }
+        );
+        assert_eq!(s.addr.port(), 7879);
+        assert_eq!(bank.accounts, 100);
+    }
+
+    #[test]
+    fn nonsense_is_refused() {
+        let Mode::Echo(echo) = parse(&["--rate=-5"]).mode else {
+            panic!("echo expected")
+        };
+        assert!(echo.load.settings(DEFAULT_ECHO_ADDR).is_err());
+        let Mode::Echo(echo) = parse(&["-d", "0"]).mode else {
+            panic!("echo expected")
+        };
+        assert!(echo.load.settings(DEFAULT_ECHO_ADDR).is_err());
+        assert!(Cli::try_parse_from(["x", "echo", "-c", "0"]).is_err());
+        assert!(Cli::try_parse_from(["x", "bank", "--mix", "transfer=x"]).is_err());
+    }
+
+    #[test]
+    fn threads_never_outnumber_connections() {
+        let Mode::Echo(echo) = parse(&["-c", "1", "--threads", "8"]).mode else {
+            panic!()
+        };
+        assert_eq!(
+            echo.load
+                .settings(DEFAULT_ECHO_ADDR)
+                .expect("valid")
+                .threads,
+            1
+        );
+    }
+}

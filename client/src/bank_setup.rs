@@ -1,0 +1,167 @@
+//! The bank run's bracket, over one plain blocking connection: the opening AUDIT, opening the
+//! accounts, and the closing AUDIT. Every read and write has a deadline, so a dead server
+//! makes these fail on time instead of hanging.
+
+use std::io::{BufRead, BufReader, Write};
+use std::net::{SocketAddr, TcpStream};
+use std::time::{Duration, Instant};
+
+use anyhow::{anyhow, bail, Context};
+use forkpool_common::bank::{parse_reply, AccountName, Reply, Request};
+
+/// Requests written before their replies are read while opening accounts (small enough that
+/// neither side's socket buffer fills, so writing never blocks on unread replies).
+const SETUP_BATCH: usize = 128;
+
+/// A blocking request/reply connection with a deadline.
+struct LineClient {
+    reader: BufReader<TcpStream>,
+    deadline: Instant,
+    line: Vec<u8>,
+}
+
+impl LineClient {
+    fn connect(addr: SocketAddr, deadline: Instant) -> anyhow::Result<Self> {
+        let left = deadline
+            .saturating_duration_since(Instant::now())
+            .max(Duration::from_millis(1));
+        let stream = TcpStream::connect_timeout(&addr, left)
+            .with_context(|| format!("cannot connect to the bank at {addr}"))?;
+        stream.set_nodelay(true)?;
+        Ok(LineClient {
+            reader: BufReader::new(stream),
+            deadline,
+            line: Vec::new(),
+        })
+    }
+
+    fn time_left(&self) -> anyhow::Result<Duration> {
+        let left = self.deadline.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            bail!("the bank did not answer in time");
+        }
+        Ok(left)
+    }
+
+    fn send(&mut self, reqs: &[Request]) -> anyhow::Result<()> {
+        let mut out = Vec::new();
+        for r in reqs {
+            r.write_to(&mut out);
+        }
+        let left = self.time_left()?;
+        let stream = self.reader.get_mut();
+        stream.set_write_timeout(Some(left))?;
+        stream.write_all(&out).context("writing to the bank")?;
+        Ok(())
+    }
+
+    fn receive(&mut self, req: &Request) -> anyhow::Result<Reply> {
+        let left = self.time_left()?;
+        self.reader.get_ref().set_read_timeout(Some(left))?;
+        self.line.clear();
+        let n = self
+            .reader
+            .read_until(b'\n', &mut self.line)
+            .context("reading from the bank")?;
+        if n == 0 || self.line.pop() != Some(b'\n') {
+            bail!("the bank closed the connection");
+        }
+        parse_reply(req, &self.line).map_err(|e| anyhow!(e))
+    }
+
+    fn audit(&mut self) -> anyhow::Result<(u128, u64)> {
+        self.send(&[Request::Audit])?;
+        match self.receive(&Request::Audit)? {
+            Reply::Audit { total, accounts } => Ok((total, accounts)),
+            other => bail!("AUDIT answered {other:?}"),
+        }
+    }
+}
+
+/// The ledger as the run found it and left it after opening the accounts.
+#[derive(Debug, Clone, Copy)]
+pub struct Opening {
+    /// AUDIT before the run touched anything.
+    pub before_total: u128,
+    pub before_accounts: u64,
+    /// AUDIT after the opening deposits: the total the run's bookkeeping starts from.
+    pub total: u128,
+}
+
+/// Account names `PREFIX-0 .. PREFIX-(n-1)`.
+pub fn account_names(prefix: &str, n: usize) -> anyhow::Result<Vec<AccountName>> {
+    (0..n)
+        .map(|i| {
+            let name = format!("{prefix}-{i}");
+            name.parse()
+                .with_context(|| format!("--prefix {prefix}: '{name}' is not a valid account name"))
+        })
+        .collect()
+}
+
+/// Takes the opening AUDIT, deposits `opening_balance` into every account (opening it if
+/// new), and audits again: the second total must be the first plus the deposits, or someone
+/// else is writing to the ledger and the run's check would be meaningless.
+pub fn open_accounts(
+    addr: SocketAddr,
+    accounts: &[AccountName],
+    opening_balance: u64,
+    timeout: Duration,
+) -> anyhow::Result<Opening> {
+    let per_batch = timeout.max(Duration::from_secs(1));
+    let batches = accounts.len().div_ceil(SETUP_BATCH) as u32 + 2;
+    let mut c = LineClient::connect(addr, Instant::now() + per_batch * batches)?;
+    let (before_total, before_accounts) = c.audit().context("opening AUDIT")?;
+    for chunk in accounts.chunks(SETUP_BATCH) {
+        let reqs: Vec<Request> = chunk
+            .iter()
+            .map(|&acct| Request::Deposit {
+                acct,
+                amount: opening_balance,
+            })
+            .collect();
+        c.send(&reqs)?;
+        for req in &reqs {
+            match c.receive(req)? {
+                Reply::Ok(_) => {}
+                other => bail!("opening deposit {req:?} answered {other:?}"),
+            }
+        }
+    }
+    let (total, _) = c.audit().context("AUDIT after opening the accounts")?;
+    let expected = before_total + u128::from(opening_balance) * accounts.len() as u128;
+    if total != expected {
+        bail!(
+            "the ledger total moved by itself during setup: {before_total} + opening deposits = \
+             {expected}, AUDIT says {total} (is another client writing to it?)"
+        );
+    }
+    Ok(Opening {
+        before_total,
+        before_accounts,
+        total,
+    })
+}
+
+/// The closing AUDIT, on a fresh connection, within `timeout`.
+pub fn final_audit(addr: SocketAddr, timeout: Duration) -> anyhow::Result<(u128, u64)> {
+    LineClient::connect(addr, Instant::now() + timeout)?
+        .audit()
+        .context("closing AUDIT")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn account_names_are_numbered_and_validated() {
+        let names = account_names("acct", 3).expect("valid");
+        assert_eq!(
+            names.iter().map(|n| n.to_string()).collect::<Vec<_>>(),
+            ["acct-0", "acct-1", "acct-2"]
+        );
+        assert!(account_names("bad name", 1).is_err());
+        assert!(account_names(&"x".repeat(64), 1).is_err());
+    }
+}

@@ -1,0 +1,585 @@
+//! The connection driver: one client thread's event loop over its share of the connections.
+//!
+//! Each thread owns a mio `Poll`, its connections, one read buffer and its own statistics, so
+//! threads share nothing on the hot path but an optional request budget. Connections are
+//! registered once for both readable and writable readiness (edge-triggered): reads drain until
+//! `WouldBlock`, writes go out in one batch per loop turn and wait for the next writable edge
+//! only when the socket is full.
+//!
+//! Load shape: in the closed loop a connection refills its pipeline as soon as replies come
+//! back; in the open loop a [`Schedule`] hands out due requests to connections with room, and a
+//! request's latency counts from its due time (so a stall shows up as latency, not as fewer
+//! requests). A dropped connection loses its requests in flight (reported to the workload as
+//! lost) and is reconnected after a back-off. The loop ends at the hard deadline whatever the
+//! server does.
+
+use std::collections::VecDeque;
+use std::io::{self, Read, Write};
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use mio::net::TcpStream;
+use mio::{Events, Interest, Poll, Token};
+
+use crate::load::Schedule;
+use crate::stats::{Counters, Latencies};
+use crate::workload::{ReplyProgress, Verdict, Workload};
+
+/// Bytes read per `read` call (one buffer per thread).
+const READ_BUF_BYTES: usize = 64 * 1024;
+/// How often timeouts, reconnects and the live counters are looked at.
+const SWEEP_INTERVAL: Duration = Duration::from_millis(10);
+/// First and longest wait before reconnecting a dropped connection.
+const MIN_BACKOFF: Duration = Duration::from_millis(10);
+const MAX_BACKOFF: Duration = Duration::from_secs(1);
+
+/// The run's timeline, shared by every thread.
+#[derive(Debug, Clone, Copy)]
+pub struct Clock {
+    /// When load starts (warm-up begins).
+    pub start: Instant,
+    /// Start of the measured window.
+    pub window_start: Instant,
+    /// No request is sent from here on.
+    pub window_end: Instant,
+    /// Hard end: whatever is still in flight is abandoned.
+    pub deadline: Instant,
+}
+
+/// Which replies count toward the figures.
+#[derive(Debug, Clone)]
+pub enum Counting {
+    /// Replies received inside the window.
+    Window,
+    /// Requests that claimed one unit of this shared budget (sent after the window started).
+    Budget(Arc<AtomicI64>),
+}
+
+/// Figures a thread publishes for the progress display.
+#[derive(Debug, Default)]
+pub struct Live {
+    pub completed: AtomicU64,
+    pub mismatches: AtomicU64,
+    pub errors: AtomicU64,
+}
+
+/// One thread's share of the work.
+pub struct Plan {
+    pub addr: SocketAddr,
+    pub connections: usize,
+    pub pipeline: usize,
+    /// Open loop at this many requests per second (this thread's share); closed loop if None.
+    pub rate: Option<f64>,
+    pub timeout: Duration,
+    pub clock: Clock,
+    pub counting: Counting,
+    pub live: Arc<Live>,
+}
+
+/// What a thread hands back.
+pub struct Outcome<W> {
+    pub counters: Counters,
+    pub latencies: Latencies,
+    /// When the last counted reply arrived.
+    pub last_counted: Option<Instant>,
+    pub workload: W,
+}
+
+/// A request waiting for its reply.
+struct Pending<S> {
+    /// Latency origin: when the request was due (open loop) or sent (closed loop).
+    origin: Instant,
+    /// When it was queued for sending; the reply timeout counts from here.
+    sent_at: Instant,
+    /// It claimed a unit of the budget (Counting::Budget).
+    claimed: bool,
+    sent: S,
+}
+
+enum State {
+    /// Not connected; (re)connect at this time.
+    Waiting {
+        retry_at: Instant,
+    },
+    Connecting {
+        since: Instant,
+    },
+    Open,
+}
+
+struct Conn<S> {
+    stream: Option<TcpStream>,
+    state: State,
+    /// Requests not yet written, from `out_pos` on.
+    out: Vec<u8>,
+    out_pos: usize,
+    inflight: VecDeque<Pending<S>>,
+    progress: ReplyProgress,
+    backoff: Duration,
+    /// Listed in `Driver::to_fill` (closed loop) or `Driver::ready` (open loop).
+    listed: bool,
+    /// Listed in `Driver::to_flush`.
+    dirty: bool,
+}
+
+/// Why a connection was dropped.
+#[derive(Clone, Copy)]
+enum Drop {
+    ConnectFailed,
+    Reset,
+    Closed,
+    Timeout,
+    Protocol,
+}
+
+struct Driver<W: Workload> {
+    plan: Plan,
+    work: W,
+    poll: Poll,
+    conns: Vec<Conn<W::Sent>>,
+    read_buf: Vec<u8>,
+    counters: Counters,
+    latencies: Latencies,
+    last_counted: Option<Instant>,
+    schedule: Option<Schedule>,
+    /// Closed loop: connections whose pipeline has room.
+    to_fill: Vec<usize>,
+    /// Open loop: connections with room, served round-robin.
+    ready: VecDeque<usize>,
+    to_flush: Vec<usize>,
+    in_flight: usize,
+    /// The budget ran out: send no more.
+    exhausted: bool,
+}
+
+/// Runs one thread's connections until the window ends and the replies in flight are in, or
+/// until the hard deadline.
+pub fn run<W: Workload>(plan: Plan, work: W) -> io::Result<Outcome<W>> {
+    let n = plan.connections;
+    let pipeline = plan.pipeline;
+    let schedule = plan.rate.map(|r| Schedule::new(plan.clock.start, r));
+    let mut d = Driver {
+        poll: Poll::new()?,
+        conns: (0..n)
+            .map(|_| Conn {
+                stream: None,
+                state: State::Waiting {
+                    retry_at: plan.clock.start,
+                },
+                out: Vec::new(),
+                out_pos: 0,
+                inflight: VecDeque::with_capacity(pipeline),
+                progress: ReplyProgress::default(),
+                backoff: MIN_BACKOFF,
+                listed: false,
+                dirty: false,
+            })
+            .collect(),
+        plan,
+        work,
+        read_buf: vec![0; READ_BUF_BYTES],
+        counters: Counters::default(),
+        latencies: Latencies::default(),
+        last_counted: None,
+        schedule,
+        to_fill: Vec::with_capacity(n),
+        ready: VecDeque::with_capacity(n),
+        to_flush: Vec::with_capacity(n),
+        in_flight: 0,
+        exhausted: false,
+    };
+    d.event_loop()?;
+    Ok(Outcome {
+        counters: d.counters,
+        latencies: d.latencies,
+        last_counted: d.last_counted,
+        workload: d.work,
+    })
+}
+
+fn would_block(e: &io::Error) -> bool {
+    e.kind() == io::ErrorKind::WouldBlock
+}
+
+fn interrupted(e: &io::Error) -> bool {
+    e.kind() == io::ErrorKind::Interrupted
+}
+
+impl<W: Workload> Driver<W> {
+    fn event_loop(&mut self) -> io::Result<()> {
+        let mut events = Events::with_capacity(1024);
+        let mut next_sweep = Instant::now();
+        loop {
+            let now = Instant::now();
+            if now >= self.plan.clock.deadline {
+                self.abandon_all();
+                return Ok(());
+            }
+            if !self.sending(now) && self.in_flight == 0 {
+                return Ok(());
+            }
+            if now >= next_sweep {
+                self.sweep(now);
+                next_sweep = now + SWEEP_INTERVAL;
+            }
+            self.send(now);
+            let mut wake = next_sweep.min(self.plan.clock.deadline);
+            if self.sending(now) {
+                wake = wake.min(self.plan.clock.window_end);
+                if let (Some(s), false) = (&self.schedule, self.ready.is_empty()) {
+                    wake = wake.min(s.next_due());
+                }
+            }
+            match self
+                .poll
+                .poll(&mut events, Some(wake.saturating_duration_since(now)))
+            {
+                Ok(()) => {}
+                Err(e) if interrupted(&e) => continue,
+                Err(e) => return Err(e),
+            }
+            let now = Instant::now();
+            for event in events.iter() {
+                let i = event.token().0;
+                if matches!(self.conns[i].state, State::Connecting { .. }) {
+                    self.finish_connect(i, now);
+                    continue;
+                }
+                if event.is_readable() || event.is_read_closed() || event.is_error() {
+                    self.read(i, now);
+                }
+                if event.is_writable() && self.conns[i].stream.is_some() {
+                    self.flush(i, now);
+                }
+            }
+        }
+    }
+
+    /// Whether new requests may still be sent.
+    fn sending(&self, now: Instant) -> bool {
+        now < self.plan.clock.window_end && !self.exhausted
+    }
+
+    /// Writes due requests into connections with room, then flushes each touched connection
+    /// once.
+    fn send(&mut self, now: Instant) {
+        if self.sending(now) {
+            if self.schedule.is_some() {
+                self.send_open_loop(now);
+            } else {
+                for k in 0..self.to_fill.len() {
+                    let i = self.to_fill[k];
+                    self.conns[i].listed = false;
+                    while self.has_room(i) && self.sending(now) {
+                        self.push_request(i, now, now);
+                    }
+                }
+                self.to_fill.clear();
+            }
+        }
+        for k in 0..self.to_flush.len() {
+            let i = self.to_flush[k];
+            self.conns[i].dirty = false;
+            if self.conns[i].stream.is_some() {
+                self.flush(i, now);
+            }
+        }
+        self.to_flush.clear();
+    }
+
+    fn send_open_loop(&mut self, now: Instant) {
+        while let Some(&i) = self.ready.front() {
+            let Some(due) = self.schedule.as_ref().map(Schedule::next_due) else {
+                return;
+            };
+            if due > now || !self.sending(now) {
+                return;
+            }
+            self.ready.pop_front();
+            if !self.has_room(i) {
+                self.conns[i].listed = false;
+                continue;
+            }
+            if let Some(s) = self.schedule.as_mut() {
+                s.take_due(now);
+            }
+            self.push_request(i, due, now);
+            if self.has_room(i) {
+                self.ready.push_back(i);
+            } else {
+                self.conns[i].listed = false;
+            }
+        }
+    }
+
+    fn has_room(&self, i: usize) -> bool {
+        let c = &self.conns[i];
+        matches!(c.state, State::Open) && c.inflight.len() < self.plan.pipeline
+    }
+
+    /// Queues one request on connection `i`.
+    fn push_request(&mut self, i: usize, origin: Instant, now: Instant) {
+        let claimed = match &self.plan.counting {
+            Counting::Budget(budget) if now >= self.plan.clock.window_start => {
+                if budget.fetch_sub(1, Ordering::Relaxed) <= 0 {
+                    self.exhausted = true;
+                    return;
+                }
+                true
+            }
+            _ => false,
+        };
+        let c = &mut self.conns[i];
+        let sent = self.work.write_next(&mut c.out);
+        c.inflight.push_back(Pending {
+            origin,
+            sent_at: now,
+            claimed,
+            sent,
+        });
+        self.in_flight += 1;
+        if !c.dirty {
+            c.dirty = true;
+            self.to_flush.push(i);
+        }
+    }
+
+    /// Marks connection `i` as having pipeline room.
+    fn list_for_sending(&mut self, i: usize) {
+        let c = &mut self.conns[i];
+        if c.listed {
+            return;
+        }
+        c.listed = true;
+        if self.schedule.is_some() {
+            self.ready.push_back(i);
+        } else {
+            self.to_fill.push(i);
+        }
+    }
+
+    fn in_window(&self, now: Instant) -> bool {
+        now >= self.plan.clock.window_start && now < self.plan.clock.window_end
+    }
+
+    fn flush(&mut self, i: usize, now: Instant) {
+        let c = &mut self.conns[i];
+        let Some(stream) = c.stream.as_mut() else {
+            return;
+        };
+        let mut written = 0u64;
+        let mut failed = false;
+        while c.out_pos < c.out.len() {
+            match stream.write(&c.out[c.out_pos..]) {
+                Ok(n) => {
+                    c.out_pos += n;
+                    written += n as u64;
+                }
+                Err(e) if would_block(&e) => break,
+                Err(e) if interrupted(&e) => {}
+                Err(_) => {
+                    failed = true;
+                    break;
+                }
+            }
+        }
+        if c.out_pos == c.out.len() {
+            c.out.clear();
+            c.out_pos = 0;
+        }
+        if self.in_window(now) {
+            self.counters.bytes_sent += written;
+        }
+        if failed {
+            self.drop_conn(i, Drop::Reset, now);
+        }
+    }
+
+    fn read(&mut self, i: usize, now: Instant) {
+        let mut buf = std::mem::take(&mut self.read_buf);
+        while let Some(stream) = self.conns[i].stream.as_mut() {
+            match stream.read(&mut buf) {
+                Ok(0) => {
+                    self.drop_conn(i, Drop::Closed, now);
+                    break;
+                }
+                Ok(n) => {
+                    if self.in_window(now) {
+                        self.counters.bytes_received += n as u64;
+                    }
+                    if !self.consume(i, &buf[..n], now) {
+                        break;
+                    }
+                }
+                Err(e) if would_block(&e) => break,
+                Err(e) if interrupted(&e) => {}
+                Err(_) => {
+                    self.drop_conn(i, Drop::Reset, now);
+                    break;
+                }
+            }
+        }
+        self.read_buf = buf;
+    }
+
+    /// Checks received bytes against the requests in flight; false if the connection was
+    /// dropped.
+    fn consume(&mut self, i: usize, mut data: &[u8], now: Instant) -> bool {
+        while !data.is_empty() {
+            let c = &mut self.conns[i];
+            let Some(front) = c.inflight.front() else {
+                self.work.note_unsolicited(data);
+                self.counters.mismatches += 1;
+                self.drop_conn(i, Drop::Protocol, now);
+                return false;
+            };
+            let (used, verdict) = self.work.feed(&front.sent, &mut c.progress, data);
+            data = &data[used..];
+            let Some(verdict) = verdict else { continue };
+            let done = c
+                .inflight
+                .pop_front()
+                .expect("the front request was just read");
+            c.backoff = MIN_BACKOFF;
+            self.in_flight -= 1;
+            self.complete(&done, verdict, now);
+            self.list_for_sending(i);
+        }
+        true
+    }
+
+    fn complete(&mut self, done: &Pending<W::Sent>, verdict: Verdict, now: Instant) {
+        self.counters.replies += 1;
+        if verdict == Verdict::Wrong {
+            self.counters.mismatches += 1;
+        }
+        let counts = match self.plan.counting {
+            Counting::Window => self.in_window(now),
+            Counting::Budget(_) => done.claimed,
+        };
+        if counts {
+            self.counters.completed += 1;
+            let ns = now.saturating_duration_since(done.origin).as_nanos();
+            self.latencies.record(u64::try_from(ns).unwrap_or(u64::MAX));
+            self.last_counted = Some(now);
+        }
+    }
+
+    /// Closes connection `i`, reports its requests in flight as lost and schedules a reconnect.
+    fn drop_conn(&mut self, i: usize, why: Drop, now: Instant) {
+        match why {
+            Drop::ConnectFailed => self.counters.connect_errors += 1,
+            Drop::Reset => self.counters.resets += 1,
+            Drop::Closed => self.counters.closed += 1,
+            Drop::Timeout => self.counters.timeouts += 1,
+            Drop::Protocol => {}
+        }
+        let c = &mut self.conns[i];
+        if let Some(mut stream) = c.stream.take() {
+            // Deregistering can only fail if the stream was never registered; it is closed
+            // right after either way.
+            let _ = self.poll.registry().deregister(&mut stream);
+        }
+        for p in c.inflight.drain(..) {
+            self.work.lost(&p.sent);
+            self.in_flight -= 1;
+        }
+        c.progress.reset();
+        c.out.clear();
+        c.out_pos = 0;
+        c.state = State::Waiting {
+            retry_at: now + c.backoff,
+        };
+        c.backoff = (c.backoff * 2).min(MAX_BACKOFF);
+    }
+
+    fn connect(&mut self, i: usize, now: Instant) {
+        match TcpStream::connect(self.plan.addr) {
+            Ok(mut stream) => {
+                let registered = self.poll.registry().register(
+                    &mut stream,
+                    Token(i),
+                    Interest::READABLE | Interest::WRITABLE,
+                );
+                let c = &mut self.conns[i];
+                c.stream = Some(stream);
+                c.state = State::Connecting { since: now };
+                if registered.is_err() {
+                    self.drop_conn(i, Drop::ConnectFailed, now);
+                }
+            }
+            Err(_) => {
+                self.conns[i].state = State::Waiting { retry_at: now };
+                self.drop_conn(i, Drop::ConnectFailed, now);
+            }
+        }
+    }
+
+    fn finish_connect(&mut self, i: usize, now: Instant) {
+        let Some(stream) = self.conns[i].stream.as_ref() else {
+            return;
+        };
+        let outcome = match stream.take_error() {
+            Ok(Some(_)) | Err(_) => Err(()),
+            Ok(None) => match stream.peer_addr() {
+                Ok(_) => Ok(true),
+                Err(e) if e.kind() == io::ErrorKind::NotConnected => Ok(false),
+                Err(_) => Err(()),
+            },
+        };
+        match outcome {
+            Ok(true) => {
+                // Requests are written in batches already; Nagle would only delay them.
+                let _ = stream.set_nodelay(true);
+                self.conns[i].state = State::Open;
+                self.counters.connects += 1;
+                self.list_for_sending(i);
+            }
+            Ok(false) => {}
+            Err(()) => self.drop_conn(i, Drop::ConnectFailed, now),
+        }
+    }
+
+    /// Timeouts, reconnects and the live counters; runs every [`SWEEP_INTERVAL`].
+    fn sweep(&mut self, now: Instant) {
+        let timeout = self.plan.timeout;
+        let sending = self.sending(now);
+        for i in 0..self.conns.len() {
+            let c = &self.conns[i];
+            match c.state {
+                State::Waiting { retry_at } if sending && now >= retry_at => self.connect(i, now),
+                State::Connecting { since } if now - since >= timeout => {
+                    self.drop_conn(i, Drop::ConnectFailed, now)
+                }
+                State::Open => {
+                    if let Some(p) = c.inflight.front() {
+                        if now - p.sent_at >= timeout {
+                            self.drop_conn(i, Drop::Timeout, now);
+                        }
+                    }
+                }
+                _ => {}
+            }
+        }
+        let live = &self.plan.live;
+        live.completed
+            .store(self.counters.completed, Ordering::Relaxed);
+        live.mismatches
+            .store(self.counters.mismatches, Ordering::Relaxed);
+        live.errors
+            .store(self.counters.network_errors(), Ordering::Relaxed);
+    }
+
+    /// The hard deadline: every request still in flight is lost.
+    fn abandon_all(&mut self) {
+        for c in &mut self.conns {
+            for p in c.inflight.drain(..) {
+                self.work.lost(&p.sent);
+                self.counters.abandoned += 1;
+            }
+        }
+        self.in_flight = 0;
+    }
+}

@@ -1,0 +1,309 @@
+//! One run from start to report: set up (bank), start the client threads, sample CPU at the
+//! edges of the measured window, show progress, collect and judge the figures.
+
+use std::io::IsTerminal;
+use std::sync::atomic::{AtomicI64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::Context;
+use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
+
+use crate::args::{BankArgs, EchoArgs, End, Settings, DEFAULT_BANK_ADDR, DEFAULT_ECHO_ADDR};
+use crate::bank_setup::{account_names, final_audit, open_accounts};
+use crate::book::Book;
+use crate::cpu::{client_cpu, sample_tree, TreeSample};
+use crate::driver::{self, Clock, Counting, Live, Plan};
+use crate::load::{payload_pool, Rng};
+use crate::report::{judge, BankReport, Report};
+use crate::stats::{Counters, Latencies};
+use crate::workload::{BankWorkload, EchoWorkload, Workload, MAX_SAMPLES};
+
+/// How often the progress line is redrawn.
+const PROGRESS_INTERVAL: Duration = Duration::from_secs(1);
+/// How often the main thread looks whether a `--requests` run is done.
+const DONE_POLL: Duration = Duration::from_millis(2);
+
+/// What the threads measured, merged.
+struct Measured<W> {
+    counters: Counters,
+    latencies: Latencies,
+    workloads: Vec<W>,
+    window: Duration,
+    client_cpu: Duration,
+    server: Option<(TreeSample, TreeSample)>,
+}
+
+/// Runs `forkpool-bench echo`.
+pub fn echo(args: &EchoArgs) -> anyhow::Result<Report> {
+    let s = args.load.settings(DEFAULT_ECHO_ADDR)?;
+    let size = args.size as usize;
+    let m = measure(&s, |t| {
+        let mut rng = Rng::new(s.seed ^ (t as u64).wrapping_mul(0x9e37_79b9_7f4a_7c15));
+        EchoWorkload::new(payload_pool(&mut rng, size), rng)
+    })?;
+    Ok(report(&s, "echo", Some(size), m, None))
+}
+
+/// Runs `forkpool-bench bank`.
+pub fn bank(args: &BankArgs) -> anyhow::Result<Report> {
+    let s = args.load.settings(DEFAULT_BANK_ADDR)?;
+    let accounts = account_names(&args.prefix, args.accounts as usize)?;
+    let opening = open_accounts(s.addr, &accounts, args.opening_balance, s.timeout)
+        .context("bank setup failed")?;
+    let m = measure(&s, |t| {
+        let rng = Rng::new(s.seed ^ (t as u64).wrapping_mul(0x9e37_79b9_7f4a_7c15));
+        BankWorkload::new(accounts.clone(), args.mix.clone(), rng)
+    })?;
+    let mut book = Book::default();
+    for w in &m.workloads {
+        book += *w.book();
+    }
+    let audit = final_audit(s.addr, s.timeout);
+    let check = audit
+        .as_ref()
+        .ok()
+        .map(|&(total, _)| book.check(opening.total, total));
+    let bank = BankReport {
+        accounts: accounts.len(),
+        opening_balance: args.opening_balance,
+        before_total: opening.before_total,
+        before_accounts: opening.before_accounts,
+        opening_total: opening.total,
+        book,
+        unknown_ops: book.unknown_ops(),
+        expected_total: book.check(opening.total, opening.total).expected,
+        audit_total: audit.as_ref().ok().map(|a| a.0),
+        audit_accounts: audit.as_ref().ok().map(|a| a.1),
+        difference: check.map(|c| c.difference),
+        audit_ok: check.map(|c| c.explained),
+        audit_error: audit.err().map(|e| format!("{e:#}")),
+    };
+    Ok(report(&s, "bank", None, m, Some(bank)))
+}
+
+/// Starts the threads, samples CPU at the window's edges, and merges what they measured.
+fn measure<W: Workload, F: Fn(usize) -> W + Sync>(
+    s: &Settings,
+    make: F,
+) -> anyhow::Result<Measured<W>> {
+    if let Some(pid) = s.server_pid {
+        sample_tree(pid).with_context(|| format!("--server-pid {pid}"))?;
+    }
+    let start = Instant::now();
+    let window_start = start + s.warmup;
+    let window_end = window_start + s.end.max_window();
+    let clock = Clock {
+        start,
+        window_start,
+        window_end,
+        deadline: window_end + s.timeout,
+    };
+    let budget = match s.end {
+        End::Requests { count, .. } => Some(Arc::new(AtomicI64::new(
+            i64::try_from(count).unwrap_or(i64::MAX),
+        ))),
+        End::After(_) => None,
+    };
+    let lives: Vec<Arc<Live>> = (0..s.threads).map(|_| Arc::default()).collect();
+    let progress = Progress::new(&s.end);
+    std::thread::scope(|scope| {
+        let handles: Vec<_> = (0..s.threads)
+            .map(|t| {
+                let connections =
+                    s.connections / s.threads + usize::from(t < s.connections % s.threads);
+                let plan = Plan {
+                    addr: s.addr,
+                    connections,
+                    pipeline: s.pipeline,
+                    rate: s
+                        .rate
+                        .map(|r| r * connections as f64 / s.connections as f64),
+                    timeout: s.timeout,
+                    clock,
+                    counting: budget.clone().map_or(Counting::Window, Counting::Budget),
+                    live: lives[t].clone(),
+                };
+                let make = &make;
+                scope.spawn(move || driver::run(plan, make(t)))
+            })
+            .collect();
+        let all_done = || handles.iter().all(|h| h.is_finished());
+        progress.wait_until(window_start, &lives, &all_done);
+        let cpu0 = client_cpu();
+        let server0 = s.server_pid.and_then(|pid| sample_tree(pid).ok());
+        match s.end {
+            End::After(_) => progress.wait_until(window_end, &lives, &all_done),
+            End::Requests { .. } => progress.wait_for(window_end, &lives, &all_done),
+        }
+        let ended = Instant::now();
+        let cpu1 = client_cpu();
+        let server1 = s.server_pid.and_then(|pid| sample_tree(pid).ok());
+        progress.finish();
+        let mut m = Measured {
+            counters: Counters::default(),
+            latencies: Latencies::default(),
+            workloads: Vec::new(),
+            window: Duration::ZERO,
+            client_cpu: cpu1.saturating_sub(cpu0),
+            server: server0.zip(server1),
+        };
+        let mut last_counted = None;
+        for h in handles {
+            let out = h
+                .join()
+                .map_err(|_| anyhow::anyhow!("a client thread panicked"))?
+                .context("client thread")?;
+            m.counters += out.counters;
+            m.latencies.merge(&out.latencies);
+            last_counted = last_counted.max(out.last_counted);
+            m.workloads.push(out.workload);
+        }
+        m.window = match s.end {
+            End::After(d) => d,
+            End::Requests { .. } => last_counted
+                .unwrap_or(ended)
+                .min(ended)
+                .saturating_duration_since(window_start),
+        };
+        Ok(m)
+    })
+}
+
+fn report<W: Workload>(
+    s: &Settings,
+    mode: &'static str,
+    size: Option<usize>,
+    m: Measured<W>,
+    bank: Option<BankReport>,
+) -> Report {
+    let secs = m.window.as_secs_f64();
+    let per_second = |x: u64| if secs > 0.0 { x as f64 / secs } else { 0.0 };
+    let requests = m.counters.completed;
+    let per_request = |d: Duration| {
+        if requests > 0 {
+            d.as_secs_f64() * 1e6 / requests as f64
+        } else {
+            0.0
+        }
+    };
+    let (exit_code, verdict) = judge(requests, &m.counters, bank.as_ref());
+    Report {
+        mode,
+        addr: s.addr.to_string(),
+        connections: s.connections,
+        pipeline: s.pipeline,
+        threads: s.threads,
+        size,
+        rate: s.rate,
+        seed: s.seed,
+        warmup_s: s.warmup.as_secs_f64(),
+        window_s: secs,
+        requests,
+        requests_per_sec: per_second(requests),
+        mb_per_sec_sent: per_second(m.counters.bytes_sent) / 1e6,
+        mb_per_sec_received: per_second(m.counters.bytes_received) / 1e6,
+        latency: m.latencies.summary(),
+        counters: m.counters,
+        client_cpu_us: m.client_cpu.as_secs_f64() * 1e6,
+        client_cpu_us_per_request: per_request(m.client_cpu),
+        server_pid: s.server_pid,
+        server_processes: m.server.map(|(_, end)| end.processes),
+        server_cpu_us: m
+            .server
+            .map(|(a, b)| b.cpu.saturating_sub(a.cpu).as_secs_f64() * 1e6),
+        server_cpu_us_per_request: m
+            .server
+            .map(|(a, b)| per_request(b.cpu.saturating_sub(a.cpu))),
+        mismatch_samples: m
+            .workloads
+            .iter()
+            .flat_map(|w| w.samples().iter().cloned())
+            .take(MAX_SAMPLES)
+            .collect(),
+        bank,
+        verdict,
+        exit_code,
+    }
+}
+
+/// The live one-line display: drawn on stderr once a second, and only when stderr is a
+/// terminal.
+struct Progress {
+    bar: Option<ProgressBar>,
+    started: Instant,
+}
+
+impl Progress {
+    fn new(end: &End) -> Self {
+        let bar = std::io::stderr().is_terminal().then(|| {
+            let bar = ProgressBar::with_draw_target(None, ProgressDrawTarget::stderr());
+            bar.set_style(
+                ProgressStyle::with_template("{spinner} {elapsed:>4} {msg}")
+                    .unwrap_or_else(|_| ProgressStyle::default_spinner()),
+            );
+            bar.set_message(format!("starting ({end:?})"));
+            bar
+        });
+        Progress {
+            bar,
+            started: Instant::now(),
+        }
+    }
+
+    fn update(&self, lives: &[Arc<Live>], last: &mut (Instant, u64)) {
+        let Some(bar) = &self.bar else { return };
+        let now = Instant::now();
+        let sum = |f: fn(&Live) -> u64| lives.iter().map(|l| f(l)).sum::<u64>();
+        let completed = sum(|l| l.completed.load(Ordering::Relaxed));
+        let rate = (completed - last.1.min(completed)) as f64
+            / now.duration_since(last.0).as_secs_f64().max(1e-9);
+        *last = (now, completed);
+        bar.set_message(format!(
+            "{completed} requests  {rate:.0} req/s  {} wrong  {} network errors",
+            sum(|l| l.mismatches.load(Ordering::Relaxed)),
+            sum(|l| l.errors.load(Ordering::Relaxed)),
+        ));
+        bar.tick();
+    }
+
+    /// Sleeps until `t` (or until every thread is done), redrawing once a second.
+    fn wait_until(&self, t: Instant, lives: &[Arc<Live>], done: &dyn Fn() -> bool) {
+        let mut last = (self.started, 0);
+        let mut next_draw = Instant::now() + PROGRESS_INTERVAL;
+        loop {
+            let now = Instant::now();
+            if now >= t || done() {
+                return;
+            }
+            if now >= next_draw {
+                self.update(lives, &mut last);
+                next_draw += PROGRESS_INTERVAL;
+            }
+            std::thread::sleep(
+                t.min(next_draw)
+                    .saturating_duration_since(now)
+                    .min(DONE_POLL * 5),
+            );
+        }
+    }
+
+    /// Waits for every thread to finish (a `--requests` run), or until `cap`.
+    fn wait_for(&self, cap: Instant, lives: &[Arc<Live>], done: &dyn Fn() -> bool) {
+        let mut last = (self.started, 0);
+        let mut next_draw = Instant::now() + PROGRESS_INTERVAL;
+        while !done() && Instant::now() < cap {
+            if Instant::now() >= next_draw {
+                self.update(lives, &mut last);
+                next_draw += PROGRESS_INTERVAL;
+            }
+            std::thread::sleep(DONE_POLL);
+        }
+    }
+
+    fn finish(&self) {
+        if let Some(bar) = &self.bar {
+            bar.finish_and_clear();
+        }
+    }
+}
