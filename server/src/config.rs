@@ -216,21 +216,26 @@ fn default_workers() -> usize {
     std::thread::available_parallelism().map_or(1, usize::from)
 }
 
+/// The flag if given, else the file's value, else the default. A malformed file value is an
+/// error even when a flag overrides it: the file is wrong either way.
 fn pick_addr(
     name: &'static str,
     flag: Option<SocketAddr>,
     file: Option<String>,
     default: &str,
 ) -> Result<SocketAddr, ConfigError> {
-    if let Some(addr) = flag {
-        return Ok(addr);
+    let parse = |text: &str| {
+        text.parse().map_err(|_| ConfigError::Invalid {
+            name,
+            value: text.to_string(),
+            reason: "expected IP:PORT, e.g. 127.0.0.1:7878 or [::1]:7878",
+        })
+    };
+    let from_file = file.as_deref().map(parse).transpose()?;
+    match (flag, from_file) {
+        (Some(addr), _) | (None, Some(addr)) => Ok(addr),
+        (None, None) => parse(default),
     }
-    let text = file.as_deref().unwrap_or(default);
-    text.parse().map_err(|_| ConfigError::Invalid {
-        name,
-        value: text.to_string(),
-        reason: "expected IP:PORT, e.g. 127.0.0.1:7878 or [::1]:7878",
-    })
 }
 
 fn seconds(name: &'static str, value: Option<f64>, default: f64) -> Result<Duration, ConfigError> {

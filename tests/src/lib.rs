@@ -11,6 +11,7 @@ use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
 use std::sync::mpsc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
@@ -145,16 +146,24 @@ impl ServerBuilder {
         let stderr = child.stderr.take().expect("stderr is piped");
         let log = Arc::new(Mutex::new(Vec::new()));
         let (ready_tx, ready_rx) = mpsc::channel();
-        let stdout_lines = Arc::clone(&log);
-        std::thread::spawn(move || collect_lines(stdout, &stdout_lines, Some(ready_tx)));
-        let stderr_lines = Arc::clone(&log);
-        std::thread::spawn(move || collect_lines(stderr, &stderr_lines, None));
+        let closed_pipes = Arc::new(AtomicUsize::new(0));
+        let (stdout_lines, stdout_closed) = (Arc::clone(&log), Arc::clone(&closed_pipes));
+        std::thread::spawn(move || {
+            collect_lines(stdout, &stdout_lines, Some(ready_tx));
+            stdout_closed.fetch_add(1, Ordering::SeqCst);
+        });
+        let (stderr_lines, stderr_closed) = (Arc::clone(&log), Arc::clone(&closed_pipes));
+        std::thread::spawn(move || {
+            collect_lines(stderr, &stderr_lines, None);
+            stderr_closed.fetch_add(1, Ordering::SeqCst);
+        });
         Server {
             child: Some(child),
             pid,
             echo: None,
             bank: None,
             log,
+            closed_pipes,
             ready_rx,
             dir,
             exit: None,
@@ -199,6 +208,8 @@ pub struct Server {
     pub echo: Option<SocketAddr>,
     pub bank: Option<SocketAddr>,
     log: Arc<Mutex<Vec<String>>>,
+    /// How many of stdout and stderr reached EOF (all output collected).
+    closed_pipes: Arc<AtomicUsize>,
     ready_rx: mpsc::Receiver<String>,
     dir: Arc<tempfile::TempDir>,
     exit: Option<ExitStatus>,
@@ -277,7 +288,8 @@ impl Server {
         })
     }
 
-    /// Waits for the master to exit and returns its status (reaped).
+    /// Waits for the master to exit and returns its status (reaped); its output is then
+    /// complete once its workers are gone too.
     pub fn wait_exit(&mut self, timeout: Duration) -> ExitStatus {
         if let Some(status) = self.exit {
             return status;
@@ -285,6 +297,9 @@ impl Server {
         let child = self.child.as_mut().expect("the master was started");
         let status = wait_until("the master to exit", timeout, || child.try_wait().ok().flatten());
         self.exit = Some(status);
+        wait_until("the server's output to end", timeout, || {
+            (self.closed_pipes.load(Ordering::SeqCst) == 2).then_some(())
+        });
         status
     }
 

@@ -1,0 +1,147 @@
+//! Supervision: dead workers are reaped and replaced, the master's death takes the workers
+//! with it, and start-up failures are one clear line and a non-zero exit.
+
+use std::net::TcpListener;
+use std::time::{Duration, Instant};
+
+use forkpool_testkit::{is_alive, process_state, request_line, wait_until, Server, Signal};
+use nix::sys::signal::kill;
+
+#[test]
+fn a_killed_worker_is_reaped_and_replaced_by_one_that_serves() {
+    let server = Server::start();
+    let before = server.wait_workers(2, Duration::from_secs(5));
+    let victim = before[0];
+    let killed_at = Instant::now();
+    kill(victim, Signal::SIGKILL).expect("kill a worker");
+    // Reaped: the pid disappears (a zombie would still show in /proc with state Z).
+    wait_until("the killed worker to be reaped", Duration::from_secs(2), || {
+        process_state(victim).is_none().then_some(())
+    });
+    let after = wait_until("a replacement worker", Duration::from_secs(5), || {
+        let workers = server.workers();
+        (workers.len() == 2 && !workers.contains(&victim)).then_some(workers)
+    });
+    let replaced_in = killed_at.elapsed();
+    assert!(after.iter().any(|pid| !before.contains(pid)));
+    assert!(
+        server.workers().iter().all(|pid| process_state(*pid) != Some('Z')),
+        "no zombie children"
+    );
+    // Every connection is served, whichever slot it hashes to (also the replaced one's).
+    for i in 0..40 {
+        let mut stream = server.connect_echo();
+        assert_eq!(request_line(&mut stream, &format!("after {i}")), format!("AFTER {i}"));
+    }
+    eprintln!("worker replaced {replaced_in:?} after SIGKILL");
+}
+
+#[test]
+fn workers_killed_again_and_again_are_replaced_without_backoff() {
+    let server = Server::start();
+    for _ in 0..10 {
+        let workers = server.wait_workers(2, Duration::from_secs(5));
+        wait_until("every worker ready", Duration::from_secs(5), || {
+            let started = server
+                .output_lines()
+                .iter()
+                .filter(|line| line.contains("serving"))
+                .count();
+            (started >= 2).then_some(())
+        });
+        kill(workers[0], Signal::SIGKILL).expect("kill a worker");
+        wait_until("the killed worker to be reaped", Duration::from_secs(2), || {
+            process_state(workers[0]).is_none().then_some(())
+        });
+    }
+    server.wait_workers(2, Duration::from_secs(5));
+    let mut stream = server.connect_echo();
+    assert_eq!(request_line(&mut stream, "still serving"), "STILL SERVING");
+}
+
+#[test]
+fn killing_the_master_takes_every_worker_with_it() {
+    let server = Server::start();
+    let workers = server.wait_workers(2, Duration::from_secs(5));
+    server.signal(Signal::SIGKILL);
+    wait_until("every worker to exit after the master's death", Duration::from_secs(3), || {
+        workers.iter().all(|pid| !is_alive(*pid)).then_some(())
+    });
+}
+
+#[test]
+fn an_address_in_use_is_a_clear_error_with_no_child_left() {
+    let taken = TcpListener::bind("127.0.0.1:0").expect("bind a port");
+    let addr = taken.local_addr().expect("local address");
+    let mut server = Server::builder()
+        .args(["--echo-addr", &addr.to_string()])
+        .spawn();
+    let status = server.wait_exit(Duration::from_secs(10));
+    assert!(!status.success());
+    let output = server.output();
+    assert!(
+        output.contains(&format!("cannot listen on {addr}")) && output.contains("in use"),
+        "unclear error: {output}"
+    );
+    assert!(!output.contains("panicked"), "{output}");
+    assert!(!output.contains("worker 0 started"), "a worker was forked: {output}");
+}
+
+#[test]
+fn a_second_server_on_the_same_port_is_refused_not_joined() {
+    let first = Server::start();
+    let mut second = Server::builder()
+        .args(["--echo-addr", &first.echo_addr().to_string()])
+        .spawn();
+    assert!(!second.wait_exit(Duration::from_secs(10)).success());
+    assert!(second.output().contains("in use"), "{}", second.output());
+}
+
+#[test]
+fn bad_settings_are_one_clear_line_and_a_failure() {
+    let cases: &[(&[&str], &str)] = &[
+        (&["--workers", "0"], "workers"),
+        (&["--echo-addr", "localhost"], "invalid value 'localhost'"),
+        (&["--graceful-timeout=-3"], "graceful_timeout"),
+        (&["--config", "/nonexistent/forkpool.toml"], "cannot read config file /nonexistent/forkpool.toml"),
+    ];
+    for (args, expected) in cases {
+        let mut server = Server::builder().args(args.iter().copied()).spawn();
+        assert!(!server.wait_exit(Duration::from_secs(10)).success(), "{args:?} was accepted");
+        let output = server.output();
+        assert!(output.contains(expected), "{args:?}: expected {expected:?} in {output}");
+        assert!(!output.contains("panicked"), "{output}");
+    }
+}
+
+#[test]
+fn a_config_file_with_an_unknown_or_malformed_setting_is_refused() {
+    let dir = tempfile::tempdir().expect("a temporary directory");
+    for (text, expected) in [
+        ("wrokers = 2\n", "wrokers"),
+        ("workers = \"two\"\n", "invalid type"),
+        ("echo_addr = \"127.0.0.1\"\n", "echo_addr = 127.0.0.1"),
+        ("\u{0}\u{ff}garbage[[", "bad.toml"),
+    ] {
+        let path = dir.path().join("bad.toml");
+        std::fs::write(&path, text).expect("write a config file");
+        let mut server = Server::builder()
+            .args(["--config", path.to_str().expect("UTF-8 path")])
+            .spawn();
+        assert!(!server.wait_exit(Duration::from_secs(10)).success(), "{text:?} was accepted");
+        let output = server.output();
+        assert!(output.contains(expected), "{text:?}: expected {expected:?} in {output}");
+    }
+}
+
+#[test]
+fn settings_come_from_the_config_file_and_flags_win() {
+    let dir = tempfile::tempdir().expect("a temporary directory");
+    let path = dir.path().join("forkpool.toml");
+    std::fs::write(&path, "workers = 3\nidle_timeout = 0.5\n").expect("write a config file");
+    let server = Server::builder()
+        .args(["--config", path.to_str().expect("UTF-8 path"), "--workers", "1"])
+        .start();
+    server.wait_workers(1, Duration::from_secs(5));
+    assert!(server.output().contains("1 workers serving"), "{}", server.output());
+}
