@@ -25,6 +25,7 @@ use mio::{Events, Interest, Poll, Token};
 
 use crate::load::Schedule;
 use crate::stats::{Counters, Latencies};
+use crate::timer::Timer;
 use crate::workload::{ReplyProgress, Verdict, Workload};
 
 /// Bytes read per `read` call (one buffer per thread).
@@ -34,6 +35,8 @@ const SWEEP_INTERVAL: Duration = Duration::from_millis(10);
 /// First and longest wait before reconnecting a dropped connection.
 const MIN_BACKOFF: Duration = Duration::from_millis(10);
 const MAX_BACKOFF: Duration = Duration::from_secs(1);
+/// Poll token of the open loop's timer (connections use their index).
+const TIMER: Token = Token(usize::MAX);
 
 /// The run's timeline, shared by every thread.
 #[derive(Debug, Clone, Copy)]
@@ -144,6 +147,8 @@ struct Driver<W: Workload> {
     latencies: Latencies,
     last_counted: Option<Instant>,
     schedule: Option<Schedule>,
+    /// Open loop: wakes the poll when the next request is due.
+    timer: Option<Timer>,
     /// Closed loop: connections whose pipeline has room.
     to_fill: Vec<usize>,
     /// Open loop: connections with room, served round-robin.
@@ -160,8 +165,14 @@ pub fn run<W: Workload>(plan: Plan, work: W) -> io::Result<Outcome<W>> {
     let n = plan.connections;
     let pipeline = plan.pipeline;
     let schedule = plan.rate.map(|r| Schedule::new(plan.clock.start, r));
+    let poll = Poll::new()?;
+    let timer = match schedule {
+        Some(_) => Some(Timer::new(poll.registry(), TIMER)?),
+        None => None,
+    };
     let mut d = Driver {
-        poll: Poll::new()?,
+        poll,
+        timer,
         conns: (0..n)
             .map(|_| Conn {
                 stream: None,
@@ -228,8 +239,13 @@ impl<W: Workload> Driver<W> {
             let mut wake = next_sweep.min(self.plan.clock.deadline);
             if self.sending(now) {
                 wake = wake.min(self.plan.clock.window_end);
-                if let (Some(s), false) = (&self.schedule, self.ready.is_empty()) {
-                    wake = wake.min(s.next_due());
+                if let (Some(s), Some(t), false) =
+                    (&self.schedule, &self.timer, self.ready.is_empty())
+                {
+                    let due = s.next_due();
+                    if due < wake {
+                        t.arm(due.saturating_duration_since(now))?;
+                    }
                 }
             }
             match self
@@ -242,6 +258,12 @@ impl<W: Workload> Driver<W> {
             }
             let now = Instant::now();
             for event in events.iter() {
+                if event.token() == TIMER {
+                    if let Some(t) = &self.timer {
+                        t.clear();
+                    }
+                    continue;
+                }
                 let i = event.token().0;
                 if matches!(self.conns[i].state, State::Connecting { .. }) {
                     self.finish_connect(i, now);

@@ -1,6 +1,6 @@
 //! forkpool-bench: the load-test client for forkpool-server. See `--help`, and the modules:
 //! `args` (command line), `load` (payloads, mix, open-loop schedule), `workload` (requests and
-//! reply checks), `driver` (the mio event loop of one thread), `stats`, `cpu` (/proc and
+//! reply checks), `driver` (the mio event loop of one thread), `stats`, `timer` (sub-millisecond wake-ups), `cpu` (/proc and
 //! getrusage), `book` and `bank_setup` (bank bookkeeping and audit), `report`, and `run`
 //! (one run start to end).
 
@@ -13,6 +13,7 @@ mod load;
 mod report;
 mod run;
 mod stats;
+mod timer;
 mod workload;
 
 use std::process::ExitCode;
