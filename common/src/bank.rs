@@ -279,11 +279,14 @@ pub enum ErrorKind {
     Overflow,
     /// `ledger-full`: no room for a new account.
     LedgerFull,
+    /// `internal`: the server could not serve the request (a damaged ledger lock); nothing
+    /// changed, and the operator has been told.
+    Internal,
 }
 
 impl ErrorKind {
     /// Every kind, in declaration order.
-    pub const ALL: [ErrorKind; 10] = [
+    pub const ALL: [ErrorKind; 11] = [
         ErrorKind::UnknownCommand,
         ErrorKind::BadRequest,
         ErrorKind::BadAccount,
@@ -294,6 +297,7 @@ impl ErrorKind {
         ErrorKind::SameAccount,
         ErrorKind::Overflow,
         ErrorKind::LedgerFull,
+        ErrorKind::Internal,
     ];
 
     /// The protocol word, e.g. `"bad-amount"`.
@@ -309,6 +313,7 @@ impl ErrorKind {
             ErrorKind::SameAccount => "same-account",
             ErrorKind::Overflow => "overflow",
             ErrorKind::LedgerFull => "ledger-full",
+            ErrorKind::Internal => "internal",
         }
     }
 }

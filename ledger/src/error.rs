@@ -1,9 +1,10 @@
 //! Error types of the ledger: [`LedgerError`] for opening a ledger file (each variant names the
-//! file), [`OpError`] for an operation (one variant per protocol word), [`BadAccount`] for an
-//! account name that fails validation.
+//! file), [`OpError`] for an operation (one variant per protocol word).
 
 use std::io;
 use std::path::PathBuf;
+
+use forkpool_common::bank::ErrorKind;
 
 use crate::LockId;
 
@@ -99,29 +100,16 @@ pub enum OpError {
 }
 
 impl OpError {
-    /// The bank protocol's word for this error (`ERR <kind> ...`).
-    pub fn kind(&self) -> &'static str {
+    /// The bank protocol's error kind for this error (`ERR <kind> ...`).
+    pub fn kind(&self) -> ErrorKind {
         match self {
-            OpError::NoSuchAccount => "no-such-account",
-            OpError::InsufficientFunds => "insufficient-funds",
-            OpError::SameAccount => "same-account",
-            OpError::BadAmount => "bad-amount",
-            OpError::Overflow => "overflow",
-            OpError::LedgerFull => "ledger-full",
-            OpError::Unrecoverable(_) => "internal",
+            OpError::NoSuchAccount => ErrorKind::NoSuchAccount,
+            OpError::InsufficientFunds => ErrorKind::InsufficientFunds,
+            OpError::SameAccount => ErrorKind::SameAccount,
+            OpError::BadAmount => ErrorKind::BadAmount,
+            OpError::Overflow => ErrorKind::Overflow,
+            OpError::LedgerFull => ErrorKind::LedgerFull,
+            OpError::Unrecoverable(_) => ErrorKind::Internal,
         }
     }
-}
-
-/// Why a byte string is not a valid account name (1..=64 bytes of `[A-Za-z0-9_.-]`).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
-pub enum BadAccount {
-    #[error("account name is empty")]
-    Empty,
-    #[error("account name is {0} bytes long, at most 64 are allowed")]
-    TooLong(usize),
-    #[error(
-        "account name has byte 0x{byte:02x} at offset {offset}; only [A-Za-z0-9_.-] are allowed"
-    )]
-    BadByte { byte: u8, offset: usize },
 }

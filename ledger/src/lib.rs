@@ -30,9 +30,9 @@ use std::fs::File;
 use std::os::fd::{AsRawFd, OwnedFd, RawFd};
 use std::path::{Path, PathBuf};
 
-pub use error::{BadAccount, LedgerError, OpError};
+pub use error::{LedgerError, OpError};
 pub use lock::{set_wait_hook, LOCK_WAIT_SLICE};
-pub use name::{AccountName, MAX_NAME_LEN};
+pub use name::{AccountName, MAX_ACCOUNT_LEN};
 pub use options::{
     FsyncPolicy, LedgerOptions, ParseFsyncPolicyError, DEFAULT_INTENT_RECORDS,
     DEFAULT_MAX_ACCOUNTS, DEFAULT_STRIPES, MAX_MAX_ACCOUNTS,

@@ -86,7 +86,7 @@ impl Entry {
 impl Slot {
     fn holds(&self, tag: u64, name: &AccountName, words: &[u64; 8]) -> bool {
         self.tag.load(Acquire) == tag
-            && self.name_len.load(Relaxed) == name.len()
+            && self.name_len.load(Relaxed) == crate::name::stored_len(name)
             && self
                 .name
                 .iter()
@@ -235,7 +235,7 @@ impl Ledger {
     /// The slot holding `name`, if the account exists. Caller holds the name's stripe.
     fn find(&self, tag: u64, name: &AccountName) -> Option<u64> {
         let geometry = self.region.geometry();
-        let words = name.words();
+        let words = crate::name::words(name);
         let mask = geometry.table_slots - 1;
         let mut i = geometry.home_of(tag);
         for _ in 0..geometry.table_slots {
@@ -295,8 +295,8 @@ impl Ledger {
         crash_point();
         let slot = self.slot(i);
         slot.balance.store(0, Relaxed);
-        slot.name_len.store(name.len(), Relaxed);
-        for (w, n) in slot.name.iter().zip(name.words()) {
+        slot.name_len.store(crate::name::stored_len(name), Relaxed);
+        for (w, n) in slot.name.iter().zip(crate::name::words(name)) {
             w.store(n, Relaxed);
         }
         crash_point();

@@ -14,7 +14,6 @@ use std::sync::atomic::Ordering::{AcqRel, Acquire, Relaxed, Release};
 use crate::crash_point;
 use crate::error::LedgerError;
 use crate::layout::{is_live, ACTIVE, IDLE, TOMB};
-use crate::name::AccountName;
 use crate::{Ledger, OpError, MAX_AMOUNT};
 
 impl Ledger {
@@ -246,7 +245,7 @@ impl Ledger {
             }
             live += 1;
             let words: [u64; 8] = std::array::from_fn(|w| slot.name[w].load(Relaxed));
-            let Some(name) = AccountName::from_words(slot.name_len.load(Relaxed), &words) else {
+            let Some(name) = crate::name::from_words(slot.name_len.load(Relaxed), &words) else {
                 return corrupt(format!("slot {i} holds an invalid account name"));
             };
             if self.tag_of(&name) != tag {

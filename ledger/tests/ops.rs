@@ -290,7 +290,7 @@ fn lock_holders_are_empty_when_idle_and_error_kinds_are_protocol_words() {
         OpError::LedgerFull,
     ]
     .iter()
-    .map(OpError::kind)
+    .map(|e| e.kind().as_str())
     .collect();
     assert_eq!(
         words,
