@@ -7,6 +7,7 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use clap::Parser;
+use forkpool_ledger::{FsyncPolicy, DEFAULT_MAX_ACCOUNTS, MAX_MAX_ACCOUNTS};
 use serde::Deserialize;
 
 pub const DEFAULT_ECHO_ADDR: &str = "127.0.0.1:7878";
@@ -18,7 +19,6 @@ pub const DEFAULT_MAX_CONNECTIONS: usize = 16_384;
 pub const DEFAULT_MAX_LINE_BYTES: usize = 64 * 1024;
 pub const DEFAULT_OUTPUT_LIMIT_BYTES: usize = 1024 * 1024;
 pub const DEFAULT_LEDGER_PATH: &str = "./data/ledger.bin";
-pub const DEFAULT_MAX_ACCOUNTS: u64 = 65_536;
 /// The most worker processes one master will run (a bound on everything sized per worker).
 pub const MAX_WORKERS: usize = 1024;
 
@@ -66,9 +66,14 @@ pub struct Cli {
     /// File holding the bank ledger (created if missing). [default: ./data/ledger.bin]
     #[arg(long, value_name = "PATH")]
     pub ledger: Option<PathBuf>,
-    /// Capacity of a newly created ledger, in accounts. [default: 65536]
+    /// Capacity of the ledger, in accounts (must match an existing ledger file).
+    /// [default: 65536]
     #[arg(long, value_name = "N")]
     pub max_accounts: Option<u64>,
+    /// Durability of each bank operation: `never` (page cache: survives any process death,
+    /// not a power loss) or `always` (on disk before the reply). [default: never]
+    #[arg(long, value_name = "POLICY")]
+    pub fsync: Option<FsyncPolicy>,
 }
 
 /// The settings file: every field optional, unknown names rejected (a typo is an error,
@@ -87,6 +92,7 @@ pub struct FileConfig {
     pub output_limit: Option<usize>,
     pub ledger: Option<PathBuf>,
     pub max_accounts: Option<u64>,
+    pub fsync: Option<String>,
 }
 
 /// Every setting, validated.
@@ -103,6 +109,7 @@ pub struct Config {
     pub output_limit: usize,
     pub ledger: PathBuf,
     pub max_accounts: u64,
+    pub fsync: FsyncPolicy,
 }
 
 /// Why the settings could not be loaded; each names the file or setting and the cause.
@@ -135,8 +142,18 @@ impl Config {
 
     fn merge(cli: &Cli, file: FileConfig) -> Result<Config, ConfigError> {
         let config = Config {
-            echo_addr: pick_addr("echo_addr", cli.echo_addr, file.echo_addr, DEFAULT_ECHO_ADDR)?,
-            bank_addr: pick_addr("bank_addr", cli.bank_addr, file.bank_addr, DEFAULT_BANK_ADDR)?,
+            echo_addr: pick_addr(
+                "echo_addr",
+                cli.echo_addr,
+                file.echo_addr,
+                DEFAULT_ECHO_ADDR,
+            )?,
+            bank_addr: pick_addr(
+                "bank_addr",
+                cli.bank_addr,
+                file.bank_addr,
+                DEFAULT_BANK_ADDR,
+            )?,
             workers: cli.workers.or(file.workers).unwrap_or_else(default_workers),
             backlog: cli.backlog.or(file.backlog).unwrap_or(DEFAULT_BACKLOG),
             graceful_timeout: seconds(
@@ -153,7 +170,10 @@ impl Config {
                 .max_connections
                 .or(file.max_connections)
                 .unwrap_or(DEFAULT_MAX_CONNECTIONS),
-            max_line: cli.max_line.or(file.max_line).unwrap_or(DEFAULT_MAX_LINE_BYTES),
+            max_line: cli
+                .max_line
+                .or(file.max_line)
+                .unwrap_or(DEFAULT_MAX_LINE_BYTES),
             output_limit: cli
                 .output_limit
                 .or(file.output_limit)
@@ -167,18 +187,49 @@ impl Config {
                 .max_accounts
                 .or(file.max_accounts)
                 .unwrap_or(DEFAULT_MAX_ACCOUNTS),
+            fsync: pick_fsync(cli.fsync, file.fsync)?,
         };
         config.validate()?;
         Ok(config)
     }
 
     fn validate(&self) -> Result<(), ConfigError> {
-        check("workers", self.workers, (1..=MAX_WORKERS).contains(&self.workers), "must be 1 to 1024")?;
-        check("backlog", self.backlog, (1..=65_535).contains(&self.backlog), "must be 1 to 65535")?;
-        check("max_connections", self.max_connections, self.max_connections >= 1, "must be at least 1")?;
-        check("max_line", self.max_line, self.max_line >= 1, "must be at least 1")?;
-        check("output_limit", self.output_limit, self.output_limit >= 1, "must be at least 1")?;
-        check("max_accounts", self.max_accounts, (1..=1 << 28).contains(&self.max_accounts), "must be 1 to 268435456")?;
+        check(
+            "workers",
+            self.workers,
+            (1..=MAX_WORKERS).contains(&self.workers),
+            "must be 1 to 1024",
+        )?;
+        check(
+            "backlog",
+            self.backlog,
+            (1..=65_535).contains(&self.backlog),
+            "must be 1 to 65535",
+        )?;
+        check(
+            "max_connections",
+            self.max_connections,
+            self.max_connections >= 1,
+            "must be at least 1",
+        )?;
+        check(
+            "max_line",
+            self.max_line,
+            self.max_line >= 1,
+            "must be at least 1",
+        )?;
+        check(
+            "output_limit",
+            self.output_limit,
+            self.output_limit >= 1,
+            "must be at least 1",
+        )?;
+        check(
+            "max_accounts",
+            self.max_accounts,
+            (1..=MAX_MAX_ACCOUNTS).contains(&self.max_accounts),
+            "must be from 1 to the ledger's limit",
+        )?;
         check(
             "ledger",
             self.ledger.display(),
@@ -236,6 +287,19 @@ fn pick_addr(
         (Some(addr), _) | (None, Some(addr)) => Ok(addr),
         (None, None) => parse(default),
     }
+}
+
+fn pick_fsync(flag: Option<FsyncPolicy>, file: Option<String>) -> Result<FsyncPolicy, ConfigError> {
+    let from_file = file
+        .map(|text| {
+            text.parse().map_err(|_| ConfigError::Invalid {
+                name: "fsync",
+                value: text,
+                reason: "expected \"never\" or \"always\"",
+            })
+        })
+        .transpose()?;
+    Ok(flag.or(from_file).unwrap_or_default())
 }
 
 fn seconds(name: &'static str, value: Option<f64>, default: f64) -> Result<Duration, ConfigError> {
@@ -302,11 +366,17 @@ mod tests {
             workers: Some(0),
             ..Cli::default()
         };
-        assert!(Config::load(&cli).unwrap_err().to_string().contains("workers"));
+        assert!(Config::load(&cli)
+            .unwrap_err()
+            .to_string()
+            .contains("workers"));
         let cli = Cli {
             graceful_timeout: Some(-1.0),
             ..Cli::default()
         };
-        assert!(Config::load(&cli).unwrap_err().to_string().contains("graceful_timeout"));
+        assert!(Config::load(&cli)
+            .unwrap_err()
+            .to_string()
+            .contains("graceful_timeout"));
     }
 }

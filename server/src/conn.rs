@@ -53,7 +53,10 @@ enum Phase {
     /// Send the pending replies, then shut down the write side and linger.
     Closing,
     /// Write side shut down; reading and discarding until EOF or the deadline.
-    Lingering { until: Instant, discarded: usize },
+    Lingering {
+        until: Instant,
+        discarded: usize,
+    },
 }
 
 /// What an event says about a connection's socket.
@@ -143,7 +146,12 @@ impl Conn {
     }
 
     /// Starts a graceful close: pending replies go out, then the write side is shut down.
-    pub fn close_gracefully(&mut self, scratch: &mut Scratch, registry: &Registry, now: Instant) -> Verdict {
+    pub fn close_gracefully(
+        &mut self,
+        scratch: &mut Scratch,
+        registry: &Registry,
+        now: Instant,
+    ) -> Verdict {
         if self.phase == Phase::Open {
             self.phase = Phase::Closing;
         }
@@ -193,7 +201,12 @@ impl Conn {
     }
 
     /// One read and the replies to it. Reports whether the socket may hold more.
-    fn read_and_answer(&mut self, scratch: &mut Scratch, now: Instant, to_the_end: bool) -> io::Result<ReadOutcome> {
+    fn read_and_answer(
+        &mut self,
+        scratch: &mut Scratch,
+        now: Instant,
+        to_the_end: bool,
+    ) -> io::Result<ReadOutcome> {
         let n = match self.stream.read(&mut scratch.read) {
             Ok(n) => n,
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(ReadOutcome::Drained),
@@ -293,7 +306,11 @@ impl Conn {
 
     /// Lingering: read and drop input until EOF, the deadline, or the byte bound.
     fn discard_input(&mut self, scratch: &mut Scratch, now: Instant) -> io::Result<Verdict> {
-        let Phase::Lingering { until, mut discarded } = self.phase else {
+        let Phase::Lingering {
+            until,
+            mut discarded,
+        } = self.phase
+        else {
             return Ok(Verdict::Keep);
         };
         if now >= until {

@@ -15,6 +15,8 @@ use nix::unistd::Pid;
 use signal_hook::consts::{SIGCHLD, SIGINT, SIGQUIT, SIGTERM};
 use signal_hook_mio::v1_0::Signals;
 
+use forkpool_ledger::{Ledger, LedgerOptions};
+
 use crate::config::Config;
 use crate::listener::ListenerGroup;
 use crate::master_link::{self, StatusReceiver, StatusSender};
@@ -57,7 +59,9 @@ struct RunningWorker {
 enum Phase {
     Running,
     /// Graceful shutdown: no respawns; workers drain until `deadline`.
-    Draining { deadline: Instant },
+    Draining {
+        deadline: Instant,
+    },
 }
 
 /// The master's own event sources; a forked worker drops them first thing.
@@ -72,6 +76,9 @@ pub struct Master {
     io: Option<MasterIo>,
     /// The workers' end of the status pipe, handed to each new worker.
     status_sender: Option<StatusSender>,
+    /// The bank ledger, opened (and recovered) before any fork; every worker inherits the
+    /// mapping. The master itself never operates on it.
+    ledger: Option<Ledger>,
     services: Vec<Service>,
     slots: Vec<Slot>,
     phase: Phase,
@@ -84,6 +91,10 @@ pub struct Master {
 pub enum StartError {
     #[error(transparent)]
     Bind(#[from] crate::listener::BindError),
+    #[error(transparent)]
+    Ledger(#[from] forkpool_ledger::LedgerError),
+    #[error("the ledger cannot be audited: {0}")]
+    Audit(String),
     #[error("cannot set up the master's event loop: {0}")]
     Io(#[from] io::Error),
 }
@@ -92,19 +103,51 @@ impl Master {
     /// Binds every listener; nothing is forked yet.
     pub fn new(config: Config) -> Result<Master, StartError> {
         let workers = config.workers;
-        let services = vec![Service {
-            kind: ServiceKind::Echo,
-            group: ListenerGroup::bind(config.echo_addr, workers, config.backlog)?,
-        }];
+        let services = vec![
+            Service {
+                kind: ServiceKind::Echo,
+                group: ListenerGroup::bind(config.echo_addr, workers, config.backlog)?,
+            },
+            Service {
+                kind: ServiceKind::Bank,
+                group: ListenerGroup::bind(config.bank_addr, workers, config.backlog)?,
+            },
+        ];
+        let ledger = Ledger::open(
+            &config.ledger,
+            &LedgerOptions {
+                max_accounts: config.max_accounts,
+                fsync: config.fsync,
+                ..LedgerOptions::default()
+            },
+        )?;
+        let audit = ledger
+            .audit()
+            .map_err(|e| StartError::Audit(e.to_string()))?;
+        log::info!(
+            "ledger {}: {} accounts, total {}, fsync {}",
+            config.ledger.display(),
+            audit.accounts,
+            audit.total,
+            config.fsync
+        );
         let poll = Poll::new()?;
         let mut signals = Signals::new([SIGTERM, SIGINT, SIGQUIT, SIGCHLD])?;
         poll.registry()
             .register(&mut signals, SIGNAL_TOKEN, Interest::READABLE)?;
         let (status, status_sender) = master_link::status_pipe()?;
-        poll.registry()
-            .register(&mut SourceFd(&status.raw_fd()), STATUS_TOKEN, Interest::READABLE)?;
+        poll.registry().register(
+            &mut SourceFd(&status.raw_fd()),
+            STATUS_TOKEN,
+            Interest::READABLE,
+        )?;
         Ok(Master {
-            io: Some(MasterIo { poll, signals, status }),
+            io: Some(MasterIo {
+                poll,
+                signals,
+                status,
+            }),
+            ledger: Some(ledger),
             status_sender: Some(status_sender),
             services,
             slots: (0..workers).map(|_| Slot::default()).collect(),
@@ -129,7 +172,10 @@ impl Master {
                 return Ok(());
             }
             let timeout = self.next_timeout(Instant::now());
-            let io = self.io.as_mut().expect("the master keeps its event sources until it exits");
+            let io = self
+                .io
+                .as_mut()
+                .expect("the master keeps its event sources until it exits");
             if let Err(e) = io.poll.poll(&mut events, timeout) {
                 if e.kind() != io::ErrorKind::Interrupted {
                     return Err(e);
@@ -303,7 +349,8 @@ impl Master {
             log::info!("worker {index} (pid {pid}) exited: {exit}");
             return;
         }
-        let crashed = !worker.ready || (exit.is_own_failure() && worker.started.elapsed() < CRASH_WINDOW);
+        let crashed =
+            !worker.ready || (exit.is_own_failure() && worker.started.elapsed() < CRASH_WINDOW);
         slot.crashes = if crashed { slot.crashes + 1 } else { 0 };
         let delay = backoff(slot.crashes);
         slot.start_at = Some(Instant::now() + delay);
@@ -330,7 +377,7 @@ impl Master {
     fn start_worker(&mut self, index: usize, now: Instant) {
         match process::fork_with_signals_blocked() {
             Ok(Forked::Child) => {
-                let setup = self.into_worker_setup(index);
+                let setup = self.take_worker_setup(index);
                 std::process::exit(worker::run(setup));
             }
             Ok(Forked::Parent(pid)) => {
@@ -353,7 +400,7 @@ impl Master {
     /// In a freshly forked child: drops everything that is the master's business (its poll,
     /// its signal registrations, the status pipe's reading end, the other slots' listeners)
     /// and keeps what the worker of slot `index` needs.
-    fn into_worker_setup(&mut self, index: usize) -> WorkerSetup {
+    fn take_worker_setup(&mut self, index: usize) -> WorkerSetup {
         drop(self.io.take());
         let listeners = self
             .services
@@ -368,7 +415,12 @@ impl Master {
                 .status_sender
                 .take()
                 .expect("the master keeps the status sender while it runs"),
+            ledger: self
+                .ledger
+                .take()
+                .expect("the master keeps the ledger while it runs"),
             settings: WorkerSettings {
+                max_line: self.config.max_line,
                 max_connections: self.config.max_connections,
                 idle_timeout: self.config.idle_timeout,
                 graceful_timeout: self.config.graceful_timeout,

@@ -61,8 +61,10 @@ impl StatusReceiver {
                 Ok(0) => return ready,
                 Ok(n) => {
                     for message in buf[..n].chunks_exact(MESSAGE_BYTES) {
-                        let kind = u32::from_le_bytes([message[0], message[1], message[2], message[3]]);
-                        let pid = u32::from_le_bytes([message[4], message[5], message[6], message[7]]);
+                        let kind =
+                            u32::from_le_bytes([message[0], message[1], message[2], message[3]]);
+                        let pid =
+                            u32::from_le_bytes([message[4], message[5], message[6], message[7]]);
                         match (kind, i32::try_from(pid)) {
                             (READY, Ok(pid)) => ready.push(Pid::from_raw(pid)),
                             _ => log::warn!("ignoring a malformed worker message"),

@@ -22,7 +22,11 @@ pub enum Forked {
 /// consistent copy of the heap and of every lock, so it may allocate and log.
 pub fn fork_with_signals_blocked() -> nix::Result<Forked> {
     let mut previous = SigSet::empty();
-    nix::sys::signal::sigprocmask(SigmaskHow::SIG_SETMASK, Some(&SigSet::all()), Some(&mut previous))?;
+    nix::sys::signal::sigprocmask(
+        SigmaskHow::SIG_SETMASK,
+        Some(&SigSet::all()),
+        Some(&mut previous),
+    )?;
     // SAFETY: the master is single-threaded whenever it forks (it never starts a thread), so
     // the child is an exact copy with no lock held by a vanished thread; it may run ordinary
     // Rust code, including allocation.
@@ -137,7 +141,12 @@ pub fn raise_nofile_limit() -> nix::Result<u64> {
 /// whole process group.
 pub fn ignore_master_only_signals() -> nix::Result<()> {
     use nix::sys::signal::{signal, SigHandler};
-    for sig in [Signal::SIGHUP, Signal::SIGUSR2, Signal::SIGTTIN, Signal::SIGTTOU] {
+    for sig in [
+        Signal::SIGHUP,
+        Signal::SIGUSR2,
+        Signal::SIGTTIN,
+        Signal::SIGTTOU,
+    ] {
         // SAFETY: SIG_IGN installs no handler code, so no async-signal-safety question
         // arises, and nothing else in this process manages these signals.
         unsafe { signal(sig, SigHandler::SigIgn) }?;

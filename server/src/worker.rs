@@ -8,6 +8,7 @@ use std::io;
 use std::net::TcpListener as StdListener;
 use std::time::{Duration, Instant};
 
+use forkpool_ledger::Ledger;
 use mio::net::TcpListener;
 use mio::{Events, Interest, Poll, Token};
 use nix::unistd::Pid;
@@ -18,7 +19,7 @@ use slab::Slab;
 use crate::conn::{Conn, Limits, Readiness, Scratch, Verdict};
 use crate::master_link::StatusSender;
 use crate::process;
-use crate::service::{ServiceKind, Session};
+use crate::service::{ServiceKind, Session, SessionSettings};
 
 /// Everything a worker takes from the master at fork.
 pub struct WorkerSetup {
@@ -26,12 +27,14 @@ pub struct WorkerSetup {
     pub master: Pid,
     pub listeners: Vec<(ServiceKind, StdListener)>,
     pub status: StatusSender,
+    pub ledger: Ledger,
     pub settings: WorkerSettings,
 }
 
 /// The settings a worker needs (a subset of the master's config).
 #[derive(Debug, Clone, Copy)]
 pub struct WorkerSettings {
+    pub max_line: usize,
     pub max_connections: usize,
     pub idle_timeout: Duration,
     pub graceful_timeout: Duration,
@@ -83,7 +86,9 @@ enum State {
     Serving,
     /// SIGTERM arrived: listeners are closed; connections close once quiet, and all of
     /// them by `deadline`.
-    Draining { deadline: Instant },
+    Draining {
+        deadline: Instant,
+    },
 }
 
 struct Worker {
@@ -93,6 +98,7 @@ struct Worker {
     conns: Slab<Conn>,
     scratch: Scratch,
     settings: WorkerSettings,
+    sessions: SessionSettings,
     state: State,
     /// Accepting paused after EMFILE/ENFILE until then.
     accept_paused_until: Option<Instant>,
@@ -123,6 +129,8 @@ impl Worker {
                 registered: true,
             });
         }
+        // The worker maps the ledger for its whole life; connections borrow it.
+        let ledger: &'static Ledger = Box::leak(Box::new(setup.ledger));
         setup.status.send_ready()?;
         log::debug!("serving");
         let now = Instant::now();
@@ -132,6 +140,10 @@ impl Worker {
             listeners,
             conns: Slab::new(),
             scratch: Scratch::new(READ_BUFFER_BYTES),
+            sessions: SessionSettings {
+                max_line: setup.settings.max_line,
+                ledger,
+            },
             settings: setup.settings,
             state: State::Serving,
             accept_paused_until: None,
@@ -224,7 +236,10 @@ impl Worker {
     }
 
     fn accept_all(&mut self, index: usize, now: Instant) {
-        let room = self.settings.max_connections.saturating_sub(self.conns.len());
+        let room = self
+            .settings
+            .max_connections
+            .saturating_sub(self.conns.len());
         self.accept_until_blocked(index, now, room);
         self.pause_or_resume_accepting(now);
     }
@@ -258,7 +273,7 @@ impl Worker {
     fn add_conn(&mut self, stream: mio::net::TcpStream, kind: ServiceKind, now: Instant) {
         let entry = self.conns.vacant_entry();
         let token = Token(entry.key() + FIRST_CONN_TOKEN);
-        let mut conn = Conn::new(stream, token, Session::new(kind), now);
+        let mut conn = Conn::new(stream, token, Session::new(kind, self.sessions), now);
         if let Err(e) = conn.register(self.poll.registry()) {
             log::warn!("cannot register a connection: {e}");
             return;
@@ -273,7 +288,8 @@ impl Worker {
         if self.accept_paused_until.is_some_and(|until| now >= until) {
             self.accept_paused_until = None;
         }
-        let accept = self.conns.len() < self.settings.max_connections && self.accept_paused_until.is_none();
+        let accept =
+            self.conns.len() < self.settings.max_connections && self.accept_paused_until.is_none();
         for (index, listening) in self.listeners.iter_mut().enumerate() {
             if listening.registered == accept {
                 continue;
@@ -286,7 +302,10 @@ impl Worker {
             };
             match result {
                 Ok(()) => listening.registered = accept,
-                Err(e) => log::error!("cannot change accepting on {} listener: {e}", listening.kind.name()),
+                Err(e) => log::error!(
+                    "cannot change accepting on {} listener: {e}",
+                    listening.kind.name()
+                ),
             }
         }
     }
@@ -298,7 +317,13 @@ impl Worker {
         let limits = Limits {
             output_limit: self.settings.output_limit,
         };
-        let verdict = conn.on_ready(readiness, &mut self.scratch, limits, self.poll.registry(), now);
+        let verdict = conn.on_ready(
+            readiness,
+            &mut self.scratch,
+            limits,
+            self.poll.registry(),
+            now,
+        );
         if verdict == Verdict::Close {
             self.close(key, now);
         }
@@ -362,5 +387,8 @@ enum Quit {
 }
 
 fn is_out_of_descriptors(e: &io::Error) -> bool {
-    matches!(e.raw_os_error(), Some(libc::EMFILE | libc::ENFILE | libc::ENOBUFS | libc::ENOMEM))
+    matches!(
+        e.raw_os_error(),
+        Some(libc::EMFILE | libc::ENFILE | libc::ENOBUFS | libc::ENOMEM)
+    )
 }

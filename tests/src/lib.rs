@@ -10,8 +10,8 @@ use std::net::{SocketAddr, TcpStream};
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
-use std::sync::mpsc;
 use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::mpsc;
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
@@ -30,7 +30,10 @@ pub fn wait_until<T>(what: &str, timeout: Duration, mut check: impl FnMut() -> O
         if let Some(value) = check() {
             return value;
         }
-        assert!(Instant::now() < deadline, "timed out after {timeout:?} waiting for {what}");
+        assert!(
+            Instant::now() < deadline,
+            "timed out after {timeout:?} waiting for {what}"
+        );
         std::thread::sleep(Duration::from_millis(5));
     }
 }
@@ -57,16 +60,28 @@ fn build_binaries() -> PathBuf {
     let manifest = Path::new(env!("CARGO_MANIFEST_DIR")).join("../Cargo.toml");
     let mut build = Command::new(env!("CARGO"));
     build
-        .args(["build", "--quiet", "-p", "forkpool-server", "-p", "forkpool-bench"])
+        .args([
+            "build",
+            "--quiet",
+            "-p",
+            "forkpool-server",
+            "-p",
+            "forkpool-bench",
+        ])
         .arg("--manifest-path")
         .arg(&manifest);
-    if profile_dir.file_name().is_some_and(|name| name == "release") {
+    if profile_dir
+        .file_name()
+        .is_some_and(|name| name == "release")
+    {
         build.arg("--release");
     }
     if let Some(target) = profile_dir.parent() {
         build.env("CARGO_TARGET_DIR", target);
     }
-    let output = build.output().expect("cargo can be run to build the binaries");
+    let output = build
+        .output()
+        .expect("cargo can be run to build the binaries");
     assert!(
         output.status.success(),
         "building the binaries failed:\n{}",
@@ -113,13 +128,20 @@ impl ServerBuilder {
             .dir
             .unwrap_or_else(|| Arc::new(tempfile::tempdir().expect("a temporary directory")));
         let mut args: Vec<String> = Vec::new();
-        let given = |flag: &str| self.args.iter().any(|a| a == flag || a.starts_with(&format!("{flag}=")));
+        let given = |flag: &str| {
+            self.args
+                .iter()
+                .any(|a| a == flag || a.starts_with(&format!("{flag}=")))
+        };
         let defaults = [
             ("--echo-addr", "127.0.0.1:0".to_string()),
             ("--bank-addr", "127.0.0.1:0".to_string()),
             ("--workers", "2".to_string()),
             ("--graceful-timeout", "5".to_string()),
-            ("--ledger", dir.path().join("ledger.bin").display().to_string()),
+            (
+                "--ledger",
+                dir.path().join("ledger.bin").display().to_string(),
+            ),
         ];
         for (flag, value) in defaults {
             if !given(flag) && server_accepts(flag) {
@@ -232,7 +254,10 @@ impl Server {
     fn wait_ready(&mut self) {
         let line = match self.ready_rx.recv_timeout(START_TIMEOUT) {
             Ok(line) => line,
-            Err(_) => panic!("no ready line within {START_TIMEOUT:?}; output:\n{}", self.output()),
+            Err(_) => panic!(
+                "no ready line within {START_TIMEOUT:?}; output:\n{}",
+                self.output()
+            ),
         };
         for field in line.split_whitespace() {
             if let Some((key, value)) = field.split_once('=') {
@@ -261,11 +286,17 @@ impl Server {
 
     /// Everything the server printed so far (stdout and stderr, interleaved by arrival).
     pub fn output(&self) -> String {
-        self.log.lock().map(|lines| lines.join("\n")).unwrap_or_default()
+        self.log
+            .lock()
+            .map(|lines| lines.join("\n"))
+            .unwrap_or_default()
     }
 
     pub fn output_lines(&self) -> Vec<String> {
-        self.log.lock().map(|lines| lines.clone()).unwrap_or_default()
+        self.log
+            .lock()
+            .map(|lines| lines.clone())
+            .unwrap_or_default()
     }
 
     pub fn signal(&self, signal: Signal) {
@@ -295,7 +326,9 @@ impl Server {
             return status;
         }
         let child = self.child.as_mut().expect("the master was started");
-        let status = wait_until("the master to exit", timeout, || child.try_wait().ok().flatten());
+        let status = wait_until("the master to exit", timeout, || {
+            child.try_wait().ok().flatten()
+        });
         self.exit = Some(status);
         wait_until("the server's output to end", timeout, || {
             (self.closed_pipes.load(Ordering::SeqCst) == 2).then_some(())
@@ -377,7 +410,10 @@ pub fn read_line(stream: &mut TcpStream) -> String {
             Ok(0) => break,
             Ok(_) if byte[0] == b'\n' => break,
             Ok(_) => line.push(byte[0]),
-            Err(e) => panic!("reading a reply line: {e} (got so far: {:?})", String::from_utf8_lossy(&line)),
+            Err(e) => panic!(
+                "reading a reply line: {e} (got so far: {:?})",
+                String::from_utf8_lossy(&line)
+            ),
         }
     }
     String::from_utf8_lossy(&line).into_owned()

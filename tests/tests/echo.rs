@@ -18,7 +18,10 @@ fn upper(bytes: &[u8]) -> Vec<u8> {
 fn a_line_comes_back_uppercased_like_from_nc() {
     let server = Server::start();
     let mut stream = server.connect_echo();
-    assert_eq!(request_line(&mut stream, "hello, world 42"), "HELLO, WORLD 42");
+    assert_eq!(
+        request_line(&mut stream, "hello, world 42"),
+        "HELLO, WORLD 42"
+    );
     assert_eq!(request_line(&mut stream, "again"), "AGAIN");
 }
 
@@ -40,7 +43,10 @@ fn invalid_utf8_bytes_come_back_unchanged_and_ascii_is_uppercased() {
     let server = Server::start();
     let request = b"ab\xffcd\xc3(\xe9t\n\xf0\x9f\x98 x\xc3\xa9\n\x80\x00nul\n";
     let replies = exchange(server.connect_echo(), request);
-    assert_eq!(replies, b"AB\xffCD\xc3(\xe9T\n\xf0\x9f\x98 X\xc3\x89\n\x80\x00NUL\n".to_vec());
+    assert_eq!(
+        replies,
+        b"AB\xffCD\xc3(\xe9T\n\xf0\x9f\x98 X\xc3\x89\n\x80\x00NUL\n".to_vec()
+    );
 }
 
 #[test]
@@ -61,7 +67,10 @@ fn ten_thousand_pipelined_lines_are_answered_in_order() {
         .flat_map(|i| format!("LINE {i} SS\n").into_bytes())
         .collect();
     assert_eq!(replies.len(), expected.len());
-    assert!(replies == expected, "replies differ from the expected order");
+    assert!(
+        replies == expected,
+        "replies differ from the expected order"
+    );
 }
 
 #[test]
@@ -89,7 +98,10 @@ fn a_ten_mib_line_streams_through_in_bounded_memory() {
     // The worker never held the line: its peak resident memory stays far below 10 MiB
     // more than a fresh worker's.
     let peak_kib = status_kib(worker, "VmHWM:");
-    assert!(peak_kib < 12 * 1024, "worker peak RSS {peak_kib} KiB: the line was buffered");
+    assert!(
+        peak_kib < 12 * 1024,
+        "worker peak RSS {peak_kib} KiB: the line was buffered"
+    );
 }
 
 #[test]
@@ -117,9 +129,18 @@ fn two_hundred_concurrent_clients_are_served_by_more_than_one_worker() {
         (accepted.len() >= 200).then_some(accepted)
     })
     .iter()
-    .filter_map(|line| line.split("pid=").nth(1)?.split(']').next().map(str::to_string))
+    .filter_map(|line| {
+        line.split("pid=")
+            .nth(1)?
+            .split(']')
+            .next()
+            .map(str::to_string)
+    })
     .collect();
-    assert!(pids.len() >= 2, "all 200 connections landed on one worker: {pids:?}");
+    assert!(
+        pids.len() >= 2,
+        "all 200 connections landed on one worker: {pids:?}"
+    );
 }
 
 #[test]
@@ -129,7 +150,9 @@ fn an_idle_connection_is_closed_after_the_idle_timeout() {
     assert_eq!(request_line(&mut stream, "still here"), "STILL HERE");
     let mut rest = Vec::new();
     // The read ends with EOF once the server closes the idle connection.
-    stream.read_to_end(&mut rest).expect("a clean close, not a reset");
+    stream
+        .read_to_end(&mut rest)
+        .expect("a clean close, not a reset");
     assert!(rest.is_empty());
 }
 
@@ -153,11 +176,19 @@ fn a_client_that_does_not_read_cannot_make_the_worker_buffer_without_bound() {
             Err(e) => panic!("write failed: {e}"),
         }
     }
-    assert!(sent < 256 * 1024 * 1024, "the server kept reading from a client that never reads");
+    assert!(
+        sent < 256 * 1024 * 1024,
+        "the server kept reading from a client that never reads"
+    );
     let rss_kib = status_kib(worker, "VmRSS:");
-    assert!(rss_kib < 12 * 1024, "worker RSS {rss_kib} KiB after {sent} unread bytes");
+    assert!(
+        rss_kib < 12 * 1024,
+        "worker RSS {rss_kib} KiB after {sent} unread bytes"
+    );
     // Everything sent is still answered once the client reads.
-    stream.shutdown(std::net::Shutdown::Write).expect("half-close");
+    stream
+        .shutdown(std::net::Shutdown::Write)
+        .expect("half-close");
     stream
         .set_read_timeout(Some(Duration::from_secs(20)))
         .expect("set a read timeout");

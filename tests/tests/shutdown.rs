@@ -19,19 +19,30 @@ fn sigterm_answers_every_line_already_sent_then_exits_zero() {
         let result = reader.read_to_end(&mut replies);
         (replies, result.map_err(|e| e.to_string()))
     });
-    let burst: Vec<u8> = (0..20_000).flat_map(|i| format!("burst {i}\n").into_bytes()).collect();
+    let burst: Vec<u8> = (0..20_000)
+        .flat_map(|i| format!("burst {i}\n").into_bytes())
+        .collect();
     let mut writer = stream;
     writer.write_all(&burst).expect("send the burst");
     let drain_started = Instant::now();
     server.signal(Signal::SIGTERM);
     let (replies, result) = replies.join().expect("reader thread");
     result.expect("the server closes cleanly, without a reset");
-    let expected: Vec<u8> = (0..20_000).flat_map(|i| format!("BURST {i}\n").into_bytes()).collect();
-    assert_eq!(replies.len(), expected.len(), "every line already sent is answered");
+    let expected: Vec<u8> = (0..20_000)
+        .flat_map(|i| format!("BURST {i}\n").into_bytes())
+        .collect();
+    assert_eq!(
+        replies.len(),
+        expected.len(),
+        "every line already sent is answered"
+    );
     assert!(replies == expected);
     let status = server.wait_exit(Duration::from_secs(10));
     assert!(status.success(), "master exit status {status:?}");
-    eprintln!("drained and exited {:?} after SIGTERM", drain_started.elapsed());
+    eprintln!(
+        "drained and exited {:?} after SIGTERM",
+        drain_started.elapsed()
+    );
     wait_until("no worker left", Duration::from_secs(2), || {
         workers
             .iter()
@@ -52,22 +63,28 @@ fn connections_queued_when_the_drain_begins_are_served_not_reset() {
     let mut queued: Vec<_> = (0..20)
         .map(|i| {
             let mut stream = connect(server.echo_addr());
-            stream.write_all(format!("queued {i}\n").as_bytes()).expect("send");
+            stream
+                .write_all(format!("queued {i}\n").as_bytes())
+                .expect("send");
             stream
         })
         .collect();
     server.signal(Signal::SIGTERM);
     // The master must have closed its copies of the listeners before the workers go on.
-    wait_until("the master to log the drain", Duration::from_secs(5), || {
-        server.output().contains("draining").then_some(())
-    });
+    wait_until(
+        "the master to log the drain",
+        Duration::from_secs(5),
+        || server.output().contains("draining").then_some(()),
+    );
     for pid in &workers {
         kill(*pid, Signal::SIGCONT).expect("continue a worker");
     }
     for (i, stream) in queued.iter_mut().enumerate() {
         assert_eq!(read_line(stream), format!("QUEUED {i}"));
         let mut rest = Vec::new();
-        stream.read_to_end(&mut rest).expect("a clean close after the reply");
+        stream
+            .read_to_end(&mut rest)
+            .expect("a clean close after the reply");
         assert!(rest.is_empty());
     }
     assert!(server.wait_exit(Duration::from_secs(10)).success());
@@ -80,9 +97,11 @@ fn a_second_sigterm_during_the_drain_stops_at_once() {
     // A stopped worker cannot finish its drain.
     kill(workers[0], Signal::SIGSTOP).expect("stop a worker");
     server.signal(Signal::SIGTERM);
-    wait_until("the master to log the drain", Duration::from_secs(5), || {
-        server.output().contains("draining").then_some(())
-    });
+    wait_until(
+        "the master to log the drain",
+        Duration::from_secs(5),
+        || server.output().contains("draining").then_some(()),
+    );
     let second_at = Instant::now();
     server.signal(Signal::SIGTERM);
     assert!(server.wait_exit(Duration::from_secs(5)).success());
@@ -99,9 +118,18 @@ fn the_graceful_timeout_kills_workers_that_do_not_finish() {
     server.signal(Signal::SIGTERM);
     assert!(server.wait_exit(Duration::from_secs(10)).success());
     let took = started.elapsed();
-    assert!(took >= Duration::from_millis(900), "exited after {took:?}, before the timeout");
-    assert!(server.output().contains("graceful timeout"), "{}", server.output());
-    assert!(workers.iter().all(|pid| forkpool_testkit::process_state(*pid).is_none()));
+    assert!(
+        took >= Duration::from_millis(900),
+        "exited after {took:?}, before the timeout"
+    );
+    assert!(
+        server.output().contains("graceful timeout"),
+        "{}",
+        server.output()
+    );
+    assert!(workers
+        .iter()
+        .all(|pid| forkpool_testkit::process_state(*pid).is_none()));
 }
 
 #[test]
@@ -111,7 +139,9 @@ fn sigquit_stops_at_once() {
     let _busy = server.connect_echo();
     server.signal(Signal::SIGQUIT);
     assert!(server.wait_exit(Duration::from_secs(5)).success());
-    assert!(workers.iter().all(|pid| forkpool_testkit::process_state(*pid).is_none()));
+    assert!(workers
+        .iter()
+        .all(|pid| forkpool_testkit::process_state(*pid).is_none()));
 }
 
 #[test]
@@ -125,5 +155,9 @@ fn sigint_to_the_whole_process_group_drains_once() {
     assert_eq!(read_line(&mut stream), "CTRL-C");
     nix::sys::signal::killpg(server.pid, Signal::SIGINT).expect("signal the group");
     assert!(server.wait_exit(Duration::from_secs(10)).success());
-    assert!(!server.output().contains("second shutdown signal"), "{}", server.output());
+    assert!(
+        !server.output().contains("second shutdown signal"),
+        "{}",
+        server.output()
+    );
 }

@@ -15,9 +15,11 @@ fn a_killed_worker_is_reaped_and_replaced_by_one_that_serves() {
     let killed_at = Instant::now();
     kill(victim, Signal::SIGKILL).expect("kill a worker");
     // Reaped: the pid disappears (a zombie would still show in /proc with state Z).
-    wait_until("the killed worker to be reaped", Duration::from_secs(2), || {
-        process_state(victim).is_none().then_some(())
-    });
+    wait_until(
+        "the killed worker to be reaped",
+        Duration::from_secs(2),
+        || process_state(victim).is_none().then_some(()),
+    );
     let after = wait_until("a replacement worker", Duration::from_secs(5), || {
         let workers = server.workers();
         (workers.len() == 2 && !workers.contains(&victim)).then_some(workers)
@@ -25,13 +27,19 @@ fn a_killed_worker_is_reaped_and_replaced_by_one_that_serves() {
     let replaced_in = killed_at.elapsed();
     assert!(after.iter().any(|pid| !before.contains(pid)));
     assert!(
-        server.workers().iter().all(|pid| process_state(*pid) != Some('Z')),
+        server
+            .workers()
+            .iter()
+            .all(|pid| process_state(*pid) != Some('Z')),
         "no zombie children"
     );
     // Every connection is served, whichever slot it hashes to (also the replaced one's).
     for i in 0..40 {
         let mut stream = server.connect_echo();
-        assert_eq!(request_line(&mut stream, &format!("after {i}")), format!("AFTER {i}"));
+        assert_eq!(
+            request_line(&mut stream, &format!("after {i}")),
+            format!("AFTER {i}")
+        );
     }
     eprintln!("worker replaced {replaced_in:?} after SIGKILL");
 }
@@ -50,9 +58,11 @@ fn workers_killed_again_and_again_are_replaced_without_backoff() {
             (started >= 2).then_some(())
         });
         kill(workers[0], Signal::SIGKILL).expect("kill a worker");
-        wait_until("the killed worker to be reaped", Duration::from_secs(2), || {
-            process_state(workers[0]).is_none().then_some(())
-        });
+        wait_until(
+            "the killed worker to be reaped",
+            Duration::from_secs(2),
+            || process_state(workers[0]).is_none().then_some(()),
+        );
     }
     server.wait_workers(2, Duration::from_secs(5));
     let mut stream = server.connect_echo();
@@ -64,9 +74,11 @@ fn killing_the_master_takes_every_worker_with_it() {
     let server = Server::start();
     let workers = server.wait_workers(2, Duration::from_secs(5));
     server.signal(Signal::SIGKILL);
-    wait_until("every worker to exit after the master's death", Duration::from_secs(3), || {
-        workers.iter().all(|pid| !is_alive(*pid)).then_some(())
-    });
+    wait_until(
+        "every worker to exit after the master's death",
+        Duration::from_secs(3),
+        || workers.iter().all(|pid| !is_alive(*pid)).then_some(()),
+    );
 }
 
 #[test]
@@ -84,7 +96,10 @@ fn an_address_in_use_is_a_clear_error_with_no_child_left() {
         "unclear error: {output}"
     );
     assert!(!output.contains("panicked"), "{output}");
-    assert!(!output.contains("worker 0 started"), "a worker was forked: {output}");
+    assert!(
+        !output.contains("worker 0 started"),
+        "a worker was forked: {output}"
+    );
 }
 
 #[test]
@@ -103,13 +118,22 @@ fn bad_settings_are_one_clear_line_and_a_failure() {
         (&["--workers", "0"], "workers"),
         (&["--echo-addr", "localhost"], "invalid value 'localhost'"),
         (&["--graceful-timeout=-3"], "graceful_timeout"),
-        (&["--config", "/nonexistent/forkpool.toml"], "cannot read config file /nonexistent/forkpool.toml"),
+        (
+            &["--config", "/nonexistent/forkpool.toml"],
+            "cannot read config file /nonexistent/forkpool.toml",
+        ),
     ];
     for (args, expected) in cases {
         let mut server = Server::builder().args(args.iter().copied()).spawn();
-        assert!(!server.wait_exit(Duration::from_secs(10)).success(), "{args:?} was accepted");
+        assert!(
+            !server.wait_exit(Duration::from_secs(10)).success(),
+            "{args:?} was accepted"
+        );
         let output = server.output();
-        assert!(output.contains(expected), "{args:?}: expected {expected:?} in {output}");
+        assert!(
+            output.contains(expected),
+            "{args:?}: expected {expected:?} in {output}"
+        );
         assert!(!output.contains("panicked"), "{output}");
     }
 }
@@ -128,9 +152,15 @@ fn a_config_file_with_an_unknown_or_malformed_setting_is_refused() {
         let mut server = Server::builder()
             .args(["--config", path.to_str().expect("UTF-8 path")])
             .spawn();
-        assert!(!server.wait_exit(Duration::from_secs(10)).success(), "{text:?} was accepted");
+        assert!(
+            !server.wait_exit(Duration::from_secs(10)).success(),
+            "{text:?} was accepted"
+        );
         let output = server.output();
-        assert!(output.contains(expected), "{text:?}: expected {expected:?} in {output}");
+        assert!(
+            output.contains(expected),
+            "{text:?}: expected {expected:?} in {output}"
+        );
     }
 }
 
@@ -140,8 +170,17 @@ fn settings_come_from_the_config_file_and_flags_win() {
     let path = dir.path().join("forkpool.toml");
     std::fs::write(&path, "workers = 3\nidle_timeout = 0.5\n").expect("write a config file");
     let server = Server::builder()
-        .args(["--config", path.to_str().expect("UTF-8 path"), "--workers", "1"])
+        .args([
+            "--config",
+            path.to_str().expect("UTF-8 path"),
+            "--workers",
+            "1",
+        ])
         .start();
     server.wait_workers(1, Duration::from_secs(5));
-    assert!(server.output().contains("1 workers serving"), "{}", server.output());
+    assert!(
+        server.output().contains("1 workers serving"),
+        "{}",
+        server.output()
+    );
 }
