@@ -18,7 +18,9 @@ const DEFAULT_DURATION_S: f64 = 10.0;
 /// Hard cap on the measured window of a `--requests` run without `--duration`.
 const DEFAULT_REQUESTS_CAP_S: f64 = 60.0;
 
-const EXIT_CODES: &str = "\
+macro_rules! exit_codes {
+    () => {
+        "\
 Exit status:
   0  clean run: every reply checked and correct, no network error
   1  verification failure: an echo reply differed from the uppercase of the request, a bank
@@ -27,14 +29,20 @@ Exit status:
   2  usage error, or the run could not start (address, bank setup)
   3  no verification failure, but the run was degraded: connect errors, resets, closed
      connections or timeouts were counted, no request completed in the measured window, or the
-     final AUDIT could not be taken";
+     final AUDIT could not be taken"
+    };
+}
+const EXIT_CODES: &str = exit_codes!();
 
 /// Load-test client for forkpool-server: drives many connections over non-blocking sockets,
 /// checks every reply, and reports latency, throughput and (with --server-pid) the server's
 /// CPU time per request. `echo` is the default mode: `forkpool-bench -c 10` is
 /// `forkpool-bench echo -c 10`.
 #[derive(Parser, Debug)]
-#[command(version, about, long_about = None, after_help = EXIT_CODES)]
+#[command(version, about, long_about = None, after_help = concat!(
+    "Without a subcommand, echo runs: `forkpool-bench -c 10` is `forkpool-bench echo -c 10`.\n\n",
+    exit_codes!()
+))]
 pub struct Cli {
     #[command(subcommand)]
     pub mode: Mode,
