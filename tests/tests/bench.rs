@@ -213,7 +213,6 @@ fn json_output_has_every_field() {
 }
 
 #[test]
-#[ignore = "needs the bank service in forkpool-server (issue 4); remove once it serves"]
 fn a_bank_run_ends_with_the_audit_matching() {
     let server = Server::start();
     let addr = server.bank_addr().to_string();
