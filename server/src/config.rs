@@ -10,6 +10,8 @@ use clap::Parser;
 use forkpool_ledger::{FsyncPolicy, DEFAULT_MAX_ACCOUNTS, MAX_MAX_ACCOUNTS};
 use serde::Deserialize;
 
+use crate::listener::AcceptMode;
+
 pub const DEFAULT_ECHO_ADDR: &str = "127.0.0.1:7878";
 pub const DEFAULT_BANK_ADDR: &str = "127.0.0.1:7879";
 pub const DEFAULT_BACKLOG: u32 = 1024;
@@ -70,6 +72,10 @@ pub struct Cli {
     /// [default: 65536]
     #[arg(long, value_name = "N")]
     pub max_accounts: Option<u64>,
+    /// How workers share each address: `reuseport` (a socket per worker, balanced by the
+    /// kernel) or `shared` (one socket, every worker accepts from it). [default: reuseport]
+    #[arg(long, value_name = "MODE")]
+    pub accept: Option<AcceptMode>,
     /// Durability of each bank operation: `never` (page cache: survives any process death,
     /// not a power loss) or `always` (on disk before the reply). [default: never]
     #[arg(long, value_name = "POLICY")]
@@ -93,6 +99,7 @@ pub struct FileConfig {
     pub ledger: Option<PathBuf>,
     pub max_accounts: Option<u64>,
     pub fsync: Option<String>,
+    pub accept: Option<AcceptMode>,
 }
 
 /// Every setting, validated.
@@ -110,6 +117,7 @@ pub struct Config {
     pub ledger: PathBuf,
     pub max_accounts: u64,
     pub fsync: FsyncPolicy,
+    pub accept: AcceptMode,
 }
 
 /// Why the settings could not be loaded; each names the file or setting and the cause.
@@ -188,6 +196,7 @@ impl Config {
                 .or(file.max_accounts)
                 .unwrap_or(DEFAULT_MAX_ACCOUNTS),
             fsync: pick_fsync(cli.fsync, file.fsync)?,
+            accept: cli.accept.or(file.accept).unwrap_or_default(),
         };
         config.validate()?;
         Ok(config)

@@ -1,16 +1,31 @@
 //! Listening sockets, bound by the master before it forks.
 //!
-//! Each service gets one `SO_REUSEPORT` listener per worker slot: the kernel spreads new
-//! connections over the slots by a hash of the peer address, and only the slot's own worker
-//! wakes for them (no thundering herd). The master keeps every slot's socket open for its
-//! whole life and hands it to each replacement worker of that slot, so connections queued
-//! on a dead worker's socket wait for the replacement instead of being reset. See the
-//! README's design section for the measurements behind this choice.
+//! In the default mode ([`AcceptMode::ReusePort`]) each service gets one `SO_REUSEPORT`
+//! listener per worker slot: the kernel spreads new connections over the slots by a hash of
+//! the peer address, and only the slot's own worker wakes for them (no thundering herd). The
+//! master keeps every slot's socket open for its whole life and hands it to each replacement
+//! worker of that slot, so connections queued on a dead worker's socket wait for the
+//! replacement instead of being reset. [`AcceptMode::Shared`] binds one socket that every
+//! worker accepts from. The README's design section gives the measurements behind the
+//! default.
 
 use std::io;
 use std::net::{SocketAddr, TcpListener};
 
 use socket2::{Domain, Socket, Type};
+
+/// How the workers share a service's address.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum AcceptMode {
+    /// One `SO_REUSEPORT` socket per worker slot: the kernel balances, one wake-up each.
+    #[default]
+    #[value(name = "reuseport")]
+    #[serde(rename = "reuseport")]
+    ReusePort,
+    /// One socket shared by every worker: every idle worker wakes for each connection.
+    Shared,
+}
 
 /// The listeners of one service: one per worker slot, all bound to the same address.
 #[derive(Debug)]
@@ -33,17 +48,28 @@ impl ListenerGroup {
     ///
     /// `SO_REUSEPORT` would let this group silently join the group of another server already
     /// listening there; a plain bind first fails with "address in use" in that case.
-    pub fn bind(addr: SocketAddr, count: usize, backlog: u32) -> Result<ListenerGroup, BindError> {
+    pub fn bind(
+        addr: SocketAddr,
+        count: usize,
+        backlog: u32,
+        mode: AcceptMode,
+    ) -> Result<ListenerGroup, BindError> {
         let error = |source| BindError { addr, source };
-        if addr.port() != 0 {
+        let reuse_port = mode == AcceptMode::ReusePort;
+        if reuse_port && addr.port() != 0 {
             probe_free(addr).map_err(error)?;
         }
-        let first = bind_one(addr, backlog).map_err(error)?;
+        let first = bind_one(addr, backlog, reuse_port).map_err(error)?;
         let bound = first.local_addr().map_err(error)?;
-        let mut slots = vec![first];
+        let mut slots = Vec::with_capacity(count);
         for _ in 1..count {
-            slots.push(bind_one(bound, backlog).map_err(error)?);
+            let next = match mode {
+                AcceptMode::ReusePort => bind_one(bound, backlog, true),
+                AcceptMode::Shared => first.try_clone(),
+            };
+            slots.push(next.map_err(error)?);
         }
+        slots.insert(0, first);
         Ok(ListenerGroup { addr: bound, slots })
     }
 }
@@ -66,9 +92,9 @@ fn new_socket(addr: SocketAddr) -> io::Result<Socket> {
     Ok(socket)
 }
 
-fn bind_one(addr: SocketAddr, backlog: u32) -> io::Result<TcpListener> {
+fn bind_one(addr: SocketAddr, backlog: u32, reuse_port: bool) -> io::Result<TcpListener> {
     let socket = new_socket(addr)?;
-    socket.set_reuse_port(true)?;
+    socket.set_reuse_port(reuse_port)?;
     socket.set_nodelay(true)?;
     socket.bind(&addr.into())?;
     socket.listen(i32::try_from(backlog).unwrap_or(i32::MAX))?;

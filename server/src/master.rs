@@ -106,11 +106,21 @@ impl Master {
         let services = vec![
             Service {
                 kind: ServiceKind::Echo,
-                group: ListenerGroup::bind(config.echo_addr, workers, config.backlog)?,
+                group: ListenerGroup::bind(
+                    config.echo_addr,
+                    workers,
+                    config.backlog,
+                    config.accept,
+                )?,
             },
             Service {
                 kind: ServiceKind::Bank,
-                group: ListenerGroup::bind(config.bank_addr, workers, config.backlog)?,
+                group: ListenerGroup::bind(
+                    config.bank_addr,
+                    workers,
+                    config.backlog,
+                    config.accept,
+                )?,
             },
         ];
         let ledger = Ledger::open(

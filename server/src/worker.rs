@@ -53,6 +53,8 @@ const SWEEP_INTERVAL: Duration = Duration::from_secs(1);
 /// been silent before it is closed (input still on its way is answered first).
 const DRAIN_TICK: Duration = Duration::from_millis(50);
 const DRAIN_QUIET: Duration = Duration::from_millis(250);
+/// Connections taken from a listener per wake-up.
+const ACCEPTS_PER_WAKEUP: usize = 32;
 /// After too many open files, accepting pauses this long instead of spinning.
 const ACCEPT_PAUSE: Duration = Duration::from_millis(100);
 
@@ -169,7 +171,7 @@ impl Worker {
                             return Ok(());
                         }
                     }
-                    Token(index) if index < FIRST_CONN_TOKEN => self.accept_all(index, now),
+                    Token(index) if index < FIRST_CONN_TOKEN => self.accept_batch(index, now),
                     Token(token) => {
                         let readiness = Readiness {
                             readable: event.is_readable(),
@@ -218,9 +220,14 @@ impl Worker {
             return;
         }
         log::info!("draining {} connections", self.conns.len());
-        // Connections already in the accept queues were promised service: take them all.
+        // Connections already in the accept queues were promised service: take them all
+        // (bounded by the connection cap: a shared listener may go on filling).
         for index in 0..self.listeners.len() {
-            self.accept_until_blocked(index, now, usize::MAX);
+            let room = self
+                .settings
+                .max_connections
+                .saturating_sub(self.conns.len());
+            self.accept_until_blocked(index, now, room);
         }
         for mut listening in self.listeners.drain(..) {
             if listening.registered {
@@ -235,19 +242,35 @@ impl Worker {
         self.next_sweep = now;
     }
 
-    fn accept_all(&mut self, index: usize, now: Instant) {
+    /// Accepts a bounded batch, so that a burst is shared with the other workers (on a shared
+    /// listener) and the connections already open keep being served. A listener left
+    /// non-empty is re-armed: re-registering reports it ready again.
+    fn accept_batch(&mut self, index: usize, now: Instant) {
         let room = self
             .settings
             .max_connections
-            .saturating_sub(self.conns.len());
-        self.accept_until_blocked(index, now, room);
+            .saturating_sub(self.conns.len())
+            .min(ACCEPTS_PER_WAKEUP);
+        let drained = self.accept_until_blocked(index, now, room);
         self.pause_or_resume_accepting(now);
+        if !drained {
+            if let Some(listening) = self.listeners.get_mut(index).filter(|l| l.registered) {
+                if let Err(e) = self.poll.registry().reregister(
+                    &mut listening.listener,
+                    Token(index),
+                    Interest::READABLE,
+                ) {
+                    log::error!("cannot re-arm the {} listener: {e}", listening.kind.name());
+                }
+            }
+        }
     }
 
-    /// Accepts until the queue is empty or `room` connections were taken.
-    fn accept_until_blocked(&mut self, index: usize, now: Instant, mut room: usize) {
+    /// Accepts until the queue is empty (returns true) or `room` connections were taken or
+    /// accepting must pause (returns false).
+    fn accept_until_blocked(&mut self, index: usize, now: Instant, mut room: usize) -> bool {
         let Some(listening) = self.listeners.get(index) else {
-            return;
+            return true;
         };
         let kind = listening.kind;
         while room > 0 {
@@ -257,17 +280,18 @@ impl Worker {
                     log::debug!("accepted {} connection from {peer}", kind.name());
                     self.add_conn(stream, kind, now);
                 }
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return true,
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
                 Err(e) if is_out_of_descriptors(&e) => {
                     log::warn!("accept: {e}; pausing accepts for {ACCEPT_PAUSE:?}");
                     self.accept_paused_until = Some(now + ACCEPT_PAUSE);
-                    return;
+                    return false;
                 }
                 // The client gave up while queued (ECONNABORTED and the like): next one.
                 Err(e) => log::debug!("accept: {e}"),
             }
         }
+        false
     }
 
     fn add_conn(&mut self, stream: mio::net::TcpStream, kind: ServiceKind, now: Instant) {
