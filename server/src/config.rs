@@ -353,6 +353,18 @@ mod tests {
         assert!(config.workers >= 1);
     }
 
+    /// deploy/forkpool.toml documents every setting at its default: it must parse with the
+    /// real loader and give exactly the built-in defaults.
+    #[test]
+    fn the_example_config_file_shows_the_defaults() {
+        let path = Path::new(concat!(env!("CARGO_MANIFEST_DIR"), "/../deploy/forkpool.toml"));
+        let text = std::fs::read_to_string(path).expect("deploy/forkpool.toml exists");
+        let file = parse_file(path, &text).expect("the example parses");
+        let from_file = Config::merge(&Cli::default(), file).expect("the example is valid");
+        let defaults = Config::load(&Cli::default()).expect("defaults are valid");
+        assert_eq!(from_file, defaults);
+    }
+
     #[test]
     fn flags_win_over_the_file() {
         let file = parse_file(Path::new("t.toml"), "workers = 3\nbacklog = 7\n").unwrap();

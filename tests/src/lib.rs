@@ -451,3 +451,22 @@ fn stat_fields(pid: Pid) -> Option<(char, i32)> {
 pub fn is_alive(pid: Pid) -> bool {
     process_state(pid).is_some_and(|state| state != 'Z')
 }
+
+/// The path of an external tool a test needs, or `None` (the test then does nothing) when
+/// it is missing outside CI. Under CI (`CI` set) a missing tool fails the test: `.ci/run`
+/// installs every tool the tests use.
+pub fn tool(name: &str) -> Option<PathBuf> {
+    let found = std::env::var_os("PATH").and_then(|paths| {
+        std::env::split_paths(&paths)
+            .map(|dir| dir.join(name))
+            .find(|path| path.is_file())
+    });
+    if found.is_none() {
+        assert!(
+            std::env::var_os("CI").is_none(),
+            "{name} is not installed; .ci/run should have installed it"
+        );
+        eprintln!("skipping: {name} is not installed");
+    }
+    found
+}

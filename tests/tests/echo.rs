@@ -215,3 +215,31 @@ fn status_kib(pid: nix::unistd::Pid, field: &str) -> u64 {
         .and_then(|value| value.split_whitespace().next()?.parse().ok())
         .unwrap_or_else(|| panic!("{field} in /proc/{pid}/status"))
 }
+
+#[test]
+fn netcat_gets_its_lines_back_uppercased_and_the_server_closes_after_eof() {
+    let Some(nc) = forkpool_testkit::tool("nc") else {
+        return;
+    };
+    let server = Server::start();
+    let addr = server.echo_addr();
+    let output = std::process::Command::new(nc)
+        .args(["-N", &addr.ip().to_string(), &addr.port().to_string()])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .and_then(|mut child| {
+            child
+                .stdin
+                .take()
+                .expect("stdin is piped")
+                .write_all("hello, world\nstraße\nno newline".as_bytes())?;
+            child.wait_with_output()
+        })
+        .expect("nc runs");
+    assert!(output.status.success());
+    assert_eq!(
+        String::from_utf8_lossy(&output.stdout),
+        "HELLO, WORLD\nSTRASSE\nNO NEWLINE"
+    );
+}
