@@ -51,7 +51,9 @@ pub(crate) struct Header {
     /// Number of live accounts. Changed only under the allocation lock; recomputed from the
     /// table at every cold start.
     pub(crate) count: AtomicU64,
-    _pad: [u64; 7],
+    /// Locks repaired after their holder died, over the file's life (statistics only).
+    pub(crate) recoveries: AtomicU64,
+    _pad: [u64; 6],
     /// Serialises account creation and un-creation (taken after any stripe, never before).
     pub(crate) alloc: LockWord,
     /// Undo journal of the allocation lock's critical section (one holder at a time).

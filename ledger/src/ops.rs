@@ -491,6 +491,16 @@ impl Ledger {
             all.held += 1;
         }
         let _alloc = self.lock_alloc()?;
+        // With every lock held, nothing moves: the lock-free read is exact.
+        Ok(self.approximate_audit())
+    }
+}
+
+impl Ledger {
+    /// The total and account count read without any lock (for monitoring: the master takes
+    /// no ledger lock). Not a consistent snapshot: an operation in progress may be half
+    /// counted. [`Ledger::audit`] is the exact one.
+    pub fn approximate_audit(&self) -> Audit {
         let total = (0..self.region.geometry().stripes)
             .map(|s| {
                 let stripe = self.region.stripe(s);
@@ -498,10 +508,15 @@ impl Ledger {
                     | u128::from(stripe.total_lo.load(Relaxed))
             })
             .sum();
-        Ok(Audit {
+        Audit {
             total,
             accounts: self.region.header().count.load(Relaxed),
-        })
+        }
+    }
+
+    /// How many times a lock was repaired after its holder died, over the file's life.
+    pub fn recoveries(&self) -> u64 {
+        self.region.header().recoveries.load(Relaxed)
     }
 }
 

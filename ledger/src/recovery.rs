@@ -20,6 +20,7 @@ impl Ledger {
     /// Rolls back the allocation journal of a holder that died. Caller holds the alloc lock.
     pub(crate) fn repair_alloc(&self) {
         let header = self.region.header();
+        header.recoveries.fetch_add(1, Relaxed);
         let journal = &header.journal;
         if journal.state.load(Acquire) == ACTIVE {
             let i = journal.slot.load(Relaxed);
@@ -68,6 +69,7 @@ impl Ledger {
     /// entries for `s`, frees records left with no entry, recomputes the stripe total.
     /// Caller holds stripe `s` (in the owner-died state).
     pub(crate) fn repair_stripe(&self, s: u32) -> Result<(), OpError> {
+        self.region.header().recoveries.fetch_add(1, Relaxed);
         log::warn!(
             "ledger {}: a process died holding stripe {s}; repairing it",
             self.path.display()

@@ -20,6 +20,7 @@ pub const DEFAULT_IDLE_TIMEOUT_SECS: f64 = 300.0;
 pub const DEFAULT_MAX_CONNECTIONS: usize = 16_384;
 pub const DEFAULT_MAX_LINE_BYTES: usize = 64 * 1024;
 pub const DEFAULT_OUTPUT_LIMIT_BYTES: usize = 1024 * 1024;
+pub const DEFAULT_WORKER_TIMEOUT_SECS: f64 = 30.0;
 pub const DEFAULT_LEDGER_PATH: &str = "./data/ledger.bin";
 /// The most worker processes one master will run (a bound on everything sized per worker).
 pub const MAX_WORKERS: usize = 1024;
@@ -76,6 +77,25 @@ pub struct Cli {
     /// kernel) or `shared` (one socket, every worker accepts from it). [default: reuseport]
     #[arg(long, value_name = "MODE")]
     pub accept: Option<AcceptMode>,
+    /// Seconds a worker may go without a heartbeat before the master kills and replaces it
+    /// (0 = never). [default: 30]
+    #[arg(long, value_name = "SECS")]
+    pub worker_timeout: Option<f64>,
+    /// Requests after which a worker is replaced (it drains while its replacement already
+    /// serves); 0 = never. [default: 0]
+    #[arg(long, value_name = "N")]
+    pub max_requests: Option<u64>,
+    /// A random number of up to this many requests is added to each worker's max_requests,
+    /// so workers do not all recycle at once. [default: 0]
+    #[arg(long, value_name = "N")]
+    pub max_requests_jitter: Option<u64>,
+    /// Write the master's pid here once ready (locked while the master lives; removed at
+    /// exit). A live master's file refuses the start. [default: none]
+    #[arg(long, value_name = "PATH")]
+    pub pid_file: Option<PathBuf>,
+    /// Serve `GET /metrics` (Prometheus) and `GET /status` here. [default: off]
+    #[arg(long, value_name = "ADDR")]
+    pub status_addr: Option<SocketAddr>,
     /// Durability of each bank operation: `never` (page cache: survives any process death,
     /// not a power loss) or `always` (on disk before the reply). [default: never]
     #[arg(long, value_name = "POLICY")]
@@ -100,6 +120,11 @@ pub struct FileConfig {
     pub max_accounts: Option<u64>,
     pub fsync: Option<String>,
     pub accept: Option<AcceptMode>,
+    pub worker_timeout: Option<f64>,
+    pub max_requests: Option<u64>,
+    pub max_requests_jitter: Option<u64>,
+    pub pid_file: Option<PathBuf>,
+    pub status_addr: Option<String>,
 }
 
 /// Every setting, validated.
@@ -118,6 +143,13 @@ pub struct Config {
     pub max_accounts: u64,
     pub fsync: FsyncPolicy,
     pub accept: AcceptMode,
+    /// `None`: hang detection off.
+    pub worker_timeout: Option<Duration>,
+    /// 0: workers are never recycled.
+    pub max_requests: u64,
+    pub max_requests_jitter: u64,
+    pub pid_file: Option<PathBuf>,
+    pub status_addr: Option<SocketAddr>,
 }
 
 /// Why the settings could not be loaded; each names the file or setting and the cause.
@@ -197,6 +229,19 @@ impl Config {
                 .unwrap_or(DEFAULT_MAX_ACCOUNTS),
             fsync: pick_fsync(cli.fsync, file.fsync)?,
             accept: cli.accept.or(file.accept).unwrap_or_default(),
+            worker_timeout: Some(seconds(
+                "worker_timeout",
+                cli.worker_timeout.or(file.worker_timeout),
+                DEFAULT_WORKER_TIMEOUT_SECS,
+            )?)
+            .filter(|timeout| !timeout.is_zero()),
+            max_requests: cli.max_requests.or(file.max_requests).unwrap_or(0),
+            max_requests_jitter: cli
+                .max_requests_jitter
+                .or(file.max_requests_jitter)
+                .unwrap_or(0),
+            pid_file: cli.pid_file.clone().or(file.pid_file),
+            status_addr: pick_optional_addr("status_addr", cli.status_addr, file.status_addr)?,
         };
         config.validate()?;
         Ok(config)
@@ -298,6 +343,17 @@ fn pick_addr(
     }
 }
 
+fn pick_optional_addr(
+    name: &'static str,
+    flag: Option<SocketAddr>,
+    file: Option<String>,
+) -> Result<Option<SocketAddr>, ConfigError> {
+    match (flag, file) {
+        (None, None) => Ok(None),
+        (flag, file) => pick_addr(name, flag, file, "").map(Some),
+    }
+}
+
 fn pick_fsync(flag: Option<FsyncPolicy>, file: Option<String>) -> Result<FsyncPolicy, ConfigError> {
     let from_file = file
         .map(|text| {
@@ -357,7 +413,10 @@ mod tests {
     /// real loader and give exactly the built-in defaults.
     #[test]
     fn the_example_config_file_shows_the_defaults() {
-        let path = Path::new(concat!(env!("CARGO_MANIFEST_DIR"), "/../deploy/forkpool.toml"));
+        let path = Path::new(concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/../deploy/forkpool.toml"
+        ));
         let text = std::fs::read_to_string(path).expect("deploy/forkpool.toml exists");
         let file = parse_file(path, &text).expect("the example parses");
         let from_file = Config::merge(&Cli::default(), file).expect("the example is valid");

@@ -9,12 +9,14 @@
 
 use std::io::{self, Read, Write};
 use std::net::Shutdown;
+use std::sync::atomic::Ordering::Relaxed;
 use std::time::{Duration, Instant};
 
 use forkpool_common::codec::Flow;
 use mio::net::TcpStream;
 use mio::{Interest, Registry, Token};
 
+use crate::scoreboard::ServiceCounters;
 use crate::service::Session;
 
 /// How long a closing connection keeps reading (and discarding) after its last reply, so
@@ -80,6 +82,8 @@ pub struct Conn {
     stream: TcpStream,
     token: Token,
     session: Session,
+    /// This worker's counters for the connection's service (scoreboard).
+    counters: &'static ServiceCounters,
     /// Replies the socket has not taken yet; `sent` of them are already written.
     pending: Vec<u8>,
     sent: usize,
@@ -95,11 +99,18 @@ pub struct Conn {
 }
 
 impl Conn {
-    pub fn new(stream: TcpStream, token: Token, session: Session, now: Instant) -> Conn {
+    pub fn new(
+        stream: TcpStream,
+        token: Token,
+        session: Session,
+        counters: &'static ServiceCounters,
+        now: Instant,
+    ) -> Conn {
         Conn {
             stream,
             token,
             session,
+            counters,
             pending: Vec::new(),
             sent: 0,
             wants_writable: false,
@@ -108,6 +119,10 @@ impl Conn {
             phase: Phase::Open,
             last_active: now,
         }
+    }
+
+    pub fn counters(&self) -> &'static ServiceCounters {
+        self.counters
     }
 
     pub fn register(&mut self, registry: &Registry) -> io::Result<()> {
@@ -215,14 +230,19 @@ impl Conn {
         };
         let out = &mut scratch.write;
         out.clear();
-        if n == 0 {
+        let (flow, requests) = if n == 0 {
             self.peer_closed = true;
-            self.session.on_eof(out);
+            self.session.on_eof(out)
         } else {
             self.last_active = now;
-            if self.session.on_input(&scratch.read[..n], out) == Flow::Stop {
-                self.phase = Phase::Closing;
-            }
+            self.counters.bytes_in.fetch_add(n as u64, Relaxed);
+            self.session.on_input(&scratch.read[..n], out)
+        };
+        if flow == Flow::Stop {
+            self.phase = Phase::Closing;
+        }
+        if requests > 0 {
+            self.counters.requests.fetch_add(requests, Relaxed);
         }
         self.send(&scratch.write)?;
         Ok(if n == 0 || (n < scratch.read.len() && !to_the_end) {
@@ -242,6 +262,7 @@ impl Conn {
             return Ok(());
         }
         let written = write_some(&mut self.stream, replies)?;
+        self.counters.bytes_out.fetch_add(written as u64, Relaxed);
         if written < replies.len() {
             self.pending.clear();
             self.sent = 0;
@@ -259,6 +280,7 @@ impl Conn {
             }
             self.sent += written;
             self.last_active = now;
+            self.counters.bytes_out.fetch_add(written as u64, Relaxed);
         }
         // Fully sent: release the buffer so an idle connection holds no memory.
         self.pending = Vec::new();

@@ -32,7 +32,9 @@ pub enum AcceptMode {
 pub struct ListenerGroup {
     /// The address actually bound (port 0 resolved).
     pub addr: SocketAddr,
-    pub slots: Vec<TcpListener>,
+    mode: AcceptMode,
+    backlog: u32,
+    slots: Vec<TcpListener>,
 }
 
 /// Why a service could not listen.
@@ -60,17 +62,67 @@ impl ListenerGroup {
             probe_free(addr).map_err(error)?;
         }
         let first = bind_one(addr, backlog, reuse_port).map_err(error)?;
-        let bound = first.local_addr().map_err(error)?;
-        let mut slots = Vec::with_capacity(count);
-        for _ in 1..count {
-            let next = match mode {
-                AcceptMode::ReusePort => bind_one(bound, backlog, true),
-                AcceptMode::Shared => first.try_clone(),
-            };
-            slots.push(next.map_err(error)?);
+        let mut group = ListenerGroup {
+            addr: first.local_addr().map_err(error)?,
+            mode,
+            backlog,
+            slots: vec![first],
+        };
+        while group.slots.len() < count {
+            group.add_slot().map_err(error)?;
         }
-        slots.insert(0, first);
-        Ok(ListenerGroup { addr: bound, slots })
+        Ok(group)
+    }
+
+    /// Adds a listener for one more worker slot (TTIN).
+    pub fn add_slot(&mut self) -> io::Result<()> {
+        let listener = self.new_slot()?;
+        self.slots.push(listener);
+        Ok(())
+    }
+
+    /// Closes the last slot's listener (TTOU): the kernel stops routing to it once its
+    /// draining worker has closed its copy too.
+    pub fn remove_slot(&mut self) {
+        self.slots.pop();
+    }
+
+    /// The listener of slot `index` (in a forked worker).
+    pub fn take_slot(&mut self, index: usize) -> Option<TcpListener> {
+        (index < self.slots.len()).then(|| self.slots.swap_remove(index))
+    }
+
+    /// A group on the same sockets with `count` slots (a reload): the sockets kept are shared
+    /// with this group, so their queues carry over without a refused connection.
+    pub fn resized(&self, count: usize) -> Result<ListenerGroup, BindError> {
+        let error = |source| BindError {
+            addr: self.addr,
+            source,
+        };
+        let mut group = ListenerGroup {
+            addr: self.addr,
+            mode: self.mode,
+            backlog: self.backlog,
+            slots: Vec::with_capacity(count),
+        };
+        for listener in self.slots.iter().take(count) {
+            group.slots.push(listener.try_clone().map_err(error)?);
+        }
+        while group.slots.len() < count {
+            group.add_slot().map_err(error)?;
+        }
+        Ok(group)
+    }
+
+    fn new_slot(&self) -> io::Result<TcpListener> {
+        match self.mode {
+            AcceptMode::ReusePort => bind_one(self.addr, self.backlog, true),
+            AcceptMode::Shared => self
+                .slots
+                .first()
+                .ok_or_else(|| io::Error::other("the shared listener is closed"))?
+                .try_clone(),
+        }
     }
 }
 

@@ -8,8 +8,11 @@ mod listener;
 mod logging;
 mod master;
 mod master_link;
+mod pidfile;
 mod process;
+mod scoreboard;
 mod service;
+mod status;
 mod worker;
 
 use std::process::ExitCode;
@@ -35,6 +38,6 @@ fn run() -> anyhow::Result<()> {
         Ok(limit) => log::info!("open file limit: {limit}"),
         Err(e) => log::warn!("cannot raise the open file limit: {e}"),
     }
-    let mut master = master::Master::new(config)?;
+    let mut master = master::Master::new(cli, config)?;
     master.run().context("master event loop failed")
 }

@@ -1,10 +1,17 @@
-//! The master process: it binds the listeners, forks the workers, and supervises them.
+//! The master process: it binds the listeners, opens the ledger, forks the workers, and
+//! supervises them.
 //!
 //! The loop is a list of verbs run each time something happens: handle the queued signals,
-//! read worker reports, reap dead children, start the workers that are due, announce
-//! readiness, and finish a drain. Signal handlers do no work: signal-hook turns each signal
-//! into a readable event on the loop's poll.
+//! read worker reports, reap dead children, kill hung workers, start the workers that are
+//! due, announce readiness, serve the status page, and finish a drain. Signal handlers do no
+//! work: signal-hook turns each signal into a readable event on the loop's poll.
+//!
+//! The pool is a list of slots (each owning one listener per service); a worker serves one
+//! slot. A worker that must go without disrupting its clients (recycled, removed by TTOU,
+//! replaced by a reload) is *retired*: it drains while its slot is already served by a new
+//! worker.
 
+use std::collections::BTreeMap;
 use std::io::{self, Write};
 use std::time::{Duration, Instant};
 
@@ -12,25 +19,34 @@ use mio::unix::SourceFd;
 use mio::{Events, Interest, Poll, Token};
 use nix::sys::signal::Signal;
 use nix::unistd::Pid;
-use signal_hook::consts::{SIGCHLD, SIGINT, SIGQUIT, SIGTERM};
+use signal_hook::consts::{SIGCHLD, SIGHUP, SIGINT, SIGQUIT, SIGTERM, SIGTTIN, SIGTTOU};
 use signal_hook_mio::v1_0::Signals;
 
 use forkpool_ledger::{Ledger, LedgerOptions};
 
-use crate::config::Config;
+use crate::config::{Cli, Config, MAX_WORKERS};
 use crate::listener::ListenerGroup;
-use crate::master_link::{self, StatusReceiver, StatusSender};
+use crate::master_link::{self, Message, StatusReceiver, StatusSender};
+use crate::pidfile::PidFile;
 use crate::process::{self, Exit, Forked};
+use crate::scoreboard::{Scoreboard, WorkerState};
 use crate::service::ServiceKind;
+use crate::status::{PoolView, StatusServer, WorkerView};
 use crate::worker::{self, WorkerSettings, WorkerSetup};
 
 const SIGNAL_TOKEN: Token = Token(0);
-const STATUS_TOKEN: Token = Token(1);
+const STATUS_PIPE_TOKEN: Token = Token(1);
+/// Tokens of the status page's listener and connections start here.
+const STATUS_HTTP_TOKENS: usize = 16;
 /// A worker that fails on its own within this time of starting counts as a crash loop.
 const CRASH_WINDOW: Duration = Duration::from_secs(10);
 /// Delay before the second start of a crash-looping slot; doubles with each crash.
 const FIRST_BACKOFF: Duration = Duration::from_millis(100);
 const MAX_BACKOFF: Duration = Duration::from_secs(5);
+/// How often heartbeats are checked.
+const HANG_CHECK_INTERVAL: Duration = Duration::from_millis(500);
+/// Scoreboard cells: room for a full pool plus as many workers draining.
+const SCOREBOARD_CELLS: usize = 2 * MAX_WORKERS;
 
 /// A listening service: its kind and one listener per worker slot.
 struct Service {
@@ -38,21 +54,28 @@ struct Service {
     group: ListenerGroup,
 }
 
-/// One place in the pool; a dead worker's replacement takes over its slot and listeners.
-#[derive(Debug, Default)]
+/// One place in the pool.
+#[derive(Debug)]
 struct Slot {
-    worker: Option<RunningWorker>,
     /// Consecutive crashes (deaths before ready, or own failures soon after start).
     crashes: u32,
-    /// When to start the next worker, if the slot is empty.
+    /// When to start the slot's next worker, if it has none.
     start_at: Option<Instant>,
 }
 
+/// A live worker process.
 #[derive(Debug)]
-struct RunningWorker {
+struct Worker {
     pid: Pid,
+    slot: usize,
+    /// Its scoreboard cell.
+    cell: usize,
     started: Instant,
     ready: bool,
+    /// Draining while another worker serves its slot.
+    retiring: bool,
+    /// Killed by the master for missing its heartbeats.
+    hung: bool,
 }
 
 /// What the master is doing.
@@ -68,22 +91,33 @@ enum Phase {
 struct MasterIo {
     poll: Poll,
     signals: Signals,
-    status: StatusReceiver,
+    status_pipe: StatusReceiver,
+    status_http: Option<StatusServer>,
 }
 
 pub struct Master {
+    cli: Cli,
     config: Config,
     io: Option<MasterIo>,
     /// The workers' end of the status pipe, handed to each new worker.
     status_sender: Option<StatusSender>,
     /// The bank ledger, opened (and recovered) before any fork; every worker inherits the
-    /// mapping. The master itself never operates on it.
+    /// mapping. The master itself never takes a ledger lock.
     ledger: Option<Ledger>,
+    scoreboard: Scoreboard,
     services: Vec<Service>,
     slots: Vec<Slot>,
+    workers: Vec<Worker>,
     phase: Phase,
     pid: Pid,
+    /// Held (locked) from the ready line to exit.
+    pid_file: Option<PidFile>,
     announced: bool,
+    next_hang_check: Instant,
+    /// Worker exits by reason, for `/metrics`.
+    restarts: BTreeMap<&'static str, u64>,
+    /// Requests served by workers already reaped, per service.
+    finished_requests: [u64; 2],
 }
 
 /// Why the master could not start.
@@ -95,34 +129,19 @@ pub enum StartError {
     Ledger(#[from] forkpool_ledger::LedgerError),
     #[error("the ledger cannot be audited: {0}")]
     Audit(String),
+    #[error(transparent)]
+    PidFile(#[from] crate::pidfile::PidFileError),
     #[error("cannot set up the master's event loop: {0}")]
     Io(#[from] io::Error),
+    #[error("cannot map the scoreboard: {0}")]
+    Scoreboard(#[from] nix::Error),
 }
 
 impl Master {
-    /// Binds every listener; nothing is forked yet.
-    pub fn new(config: Config) -> Result<Master, StartError> {
-        let workers = config.workers;
-        let services = vec![
-            Service {
-                kind: ServiceKind::Echo,
-                group: ListenerGroup::bind(
-                    config.echo_addr,
-                    workers,
-                    config.backlog,
-                    config.accept,
-                )?,
-            },
-            Service {
-                kind: ServiceKind::Bank,
-                group: ListenerGroup::bind(
-                    config.bank_addr,
-                    workers,
-                    config.backlog,
-                    config.accept,
-                )?,
-            },
-        ];
+    /// Checks the pid file, binds every listener and opens the ledger; nothing is forked.
+    pub fn new(cli: Cli, config: Config) -> Result<Master, StartError> {
+        let pid_file = config.pid_file.as_deref().map(PidFile::claim).transpose()?;
+        let services = bind_services(&config, config.workers)?;
         let ledger = Ledger::open(
             &config.ledger,
             &LedgerOptions {
@@ -142,28 +161,45 @@ impl Master {
             config.fsync
         );
         let poll = Poll::new()?;
-        let mut signals = Signals::new([SIGTERM, SIGINT, SIGQUIT, SIGCHLD])?;
+        let mut signals =
+            Signals::new([SIGTERM, SIGINT, SIGQUIT, SIGCHLD, SIGHUP, SIGTTIN, SIGTTOU])?;
         poll.registry()
             .register(&mut signals, SIGNAL_TOKEN, Interest::READABLE)?;
-        let (status, status_sender) = master_link::status_pipe()?;
+        let (status_pipe, status_sender) = master_link::status_pipe()?;
         poll.registry().register(
-            &mut SourceFd(&status.raw_fd()),
-            STATUS_TOKEN,
+            &mut SourceFd(&status_pipe.raw_fd()),
+            STATUS_PIPE_TOKEN,
             Interest::READABLE,
         )?;
+        let status_http = match config.status_addr {
+            Some(addr) => Some(StatusServer::bind(
+                addr,
+                poll.registry(),
+                STATUS_HTTP_TOKENS,
+            )?),
+            None => None,
+        };
         Ok(Master {
             io: Some(MasterIo {
                 poll,
                 signals,
-                status,
+                status_pipe,
+                status_http,
             }),
-            ledger: Some(ledger),
             status_sender: Some(status_sender),
+            ledger: Some(ledger),
+            scoreboard: Scoreboard::new(SCOREBOARD_CELLS)?,
             services,
-            slots: (0..workers).map(|_| Slot::default()).collect(),
+            slots: Vec::new(),
+            workers: Vec::new(),
             phase: Phase::Running,
             pid: nix::unistd::getpid(),
+            pid_file,
             announced: false,
+            next_hang_check: Instant::now(),
+            restarts: BTreeMap::new(),
+            finished_requests: [0; 2],
+            cli,
             config,
         })
     }
@@ -171,14 +207,13 @@ impl Master {
     /// Supervises until shutdown. Returns only in the master; a forked worker exits inside.
     pub fn run(&mut self) -> io::Result<()> {
         let now = Instant::now();
-        for slot in &mut self.slots {
-            slot.start_at = Some(now);
-        }
+        self.slots = (0..self.config.workers).map(|_| Slot::due(now)).collect();
         let mut events = Events::with_capacity(64);
         loop {
             self.start_due_workers();
             self.announce_ready();
             if self.drain_finished() {
+                self.remove_pid_file();
                 return Ok(());
             }
             let timeout = self.next_timeout(Instant::now());
@@ -191,37 +226,84 @@ impl Master {
                     return Err(e);
                 }
             }
-            let ready = io.status.ready_workers();
+            let messages = io.status_pipe.messages();
             let signals: Vec<i32> = io.signals.pending().collect();
-            self.mark_ready(&ready);
+            let http_events: Vec<Token> = events
+                .iter()
+                .map(|event| event.token())
+                .filter(|token| token.0 >= STATUS_HTTP_TOKENS)
+                .collect();
+            for message in messages {
+                self.on_message(message);
+            }
             for signal in signals {
                 if self.on_signal(signal) == Stop::Now {
                     self.stop_now();
+                    self.remove_pid_file();
                     return Ok(());
                 }
             }
             self.reap_workers();
+            self.kill_hung_workers();
+            self.serve_status(&http_events);
         }
     }
 
     fn on_signal(&mut self, signal: i32) -> Stop {
+        let running = matches!(self.phase, Phase::Running);
         match signal {
-            SIGTERM | SIGINT => match self.phase {
-                Phase::Running => {
-                    self.start_drain();
-                    Stop::Later
-                }
-                Phase::Draining { .. } => {
-                    log::warn!("second shutdown signal: stopping now");
-                    Stop::Now
-                }
-            },
+            SIGTERM | SIGINT if running => {
+                self.start_drain();
+                Stop::Later
+            }
+            SIGTERM | SIGINT => {
+                log::warn!("second shutdown signal: stopping now");
+                Stop::Now
+            }
             SIGQUIT => {
                 log::info!("SIGQUIT: stopping now");
                 Stop::Now
             }
-            // SIGCHLD: reaping follows every wake-up.
+            SIGTTIN if running => {
+                self.add_slot();
+                Stop::Later
+            }
+            SIGTTOU if running => {
+                self.remove_slot();
+                Stop::Later
+            }
+            SIGHUP if running => {
+                self.reload();
+                Stop::Later
+            }
+            // SIGCHLD: reaping follows every wake-up. Pool changes wait while draining.
             _ => Stop::Later,
+        }
+    }
+
+    fn on_message(&mut self, message: Message) {
+        match message {
+            Message::Ready(pid) => {
+                if let Some(worker) = self.workers.iter_mut().find(|w| w.pid == pid) {
+                    worker.ready = true;
+                }
+            }
+            Message::Retiring(pid) => {
+                let Some(index) = self
+                    .workers
+                    .iter()
+                    .position(|w| w.pid == pid && !w.retiring)
+                else {
+                    return;
+                };
+                let slot = self.workers[index].slot;
+                log::info!("worker {slot} (pid {pid}) served its max_requests: replacing it");
+                self.workers[index].retiring = true;
+                self.count_restart("recycled");
+                if let Some(slot) = self.slots.get_mut(slot) {
+                    slot.start_at = Some(Instant::now());
+                }
+            }
         }
     }
 
@@ -230,7 +312,7 @@ impl Master {
         log::info!(
             "draining: waiting up to {:?} for {} workers",
             self.config.graceful_timeout,
-            self.live_workers().count()
+            self.workers.len()
         );
         self.phase = Phase::Draining { deadline };
         // Our copies of the listeners would keep queueing connections that nobody accepts.
@@ -244,12 +326,10 @@ impl Master {
     /// Kills every worker, reaps them all and returns (SIGQUIT, second TERM, drain timeout).
     fn stop_now(&mut self) {
         self.signal_workers(Signal::SIGKILL);
-        for slot in &mut self.slots {
-            if let Some(worker) = slot.worker.take() {
-                match nix::sys::wait::waitpid(worker.pid, None) {
-                    Ok(status) => log::info!("worker {} killed: {status:?}", worker.pid),
-                    Err(e) => log::warn!("waiting for worker {}: {e}", worker.pid),
-                }
+        for worker in self.workers.drain(..) {
+            match nix::sys::wait::waitpid(worker.pid, None) {
+                Ok(status) => log::info!("worker {} killed: {status:?}", worker.pid),
+                Err(e) => log::warn!("waiting for worker {}: {e}", worker.pid),
             }
         }
         while process::reap_any().is_some() {}
@@ -260,14 +340,14 @@ impl Master {
         let Phase::Draining { deadline } = self.phase else {
             return false;
         };
-        if self.live_workers().count() == 0 {
+        if self.workers.is_empty() {
             log::info!("every worker has drained; exiting");
             return true;
         }
         if Instant::now() >= deadline {
             log::warn!(
                 "graceful timeout: killing {} workers still draining",
-                self.live_workers().count()
+                self.workers.len()
             );
             self.stop_now();
             return true;
@@ -280,34 +360,19 @@ impl Master {
             Phase::Draining { deadline } => Some(deadline),
             Phase::Running => None,
         };
+        let hang_check = self.config.worker_timeout.map(|_| self.next_hang_check);
         self.slots
             .iter()
             .filter_map(|slot| slot.start_at)
             .chain(drain)
+            .chain(hang_check)
             .min()
             .map(|wake| wake.saturating_duration_since(now))
     }
 
-    fn live_workers(&self) -> impl Iterator<Item = &RunningWorker> {
-        self.slots.iter().filter_map(|slot| slot.worker.as_ref())
-    }
-
     fn signal_workers(&self, signal: Signal) {
-        for worker in self.live_workers() {
+        for worker in &self.workers {
             process::signal(worker.pid, signal);
-        }
-    }
-
-    fn mark_ready(&mut self, pids: &[Pid]) {
-        for pid in pids {
-            if let Some(worker) = self
-                .slots
-                .iter_mut()
-                .filter_map(|slot| slot.worker.as_mut())
-                .find(|worker| worker.pid == *pid)
-            {
-                worker.ready = true;
-            }
         }
     }
 
@@ -316,11 +381,12 @@ impl Master {
         if self.announced || !matches!(self.phase, Phase::Running) {
             return;
         }
-        let all_ready = self
-            .slots
-            .iter()
-            .all(|slot| slot.worker.as_ref().is_some_and(|w| w.ready));
-        if !all_ready {
+        let serving = (0..self.slots.len()).all(|slot| {
+            self.workers
+                .iter()
+                .any(|w| w.slot == slot && !w.retiring && w.ready)
+        });
+        if !serving {
             return;
         }
         self.announced = true;
@@ -328,76 +394,288 @@ impl Master {
         for service in &self.services {
             line.push_str(&format!(" {}={}", service.kind.name(), service.group.addr));
         }
+        if let Some(status) = self.io.as_ref().and_then(|io| io.status_http.as_ref()) {
+            line.push_str(&format!(" status={}", status.addr()));
+        }
         line.push_str(&format!(" pid={}", self.pid));
         log::info!("{} workers serving", self.slots.len());
+        if let Some(pid_file) = &mut self.pid_file {
+            if let Err(e) = pid_file.write(self.pid) {
+                log::error!("{e}");
+            }
+        }
         // A closed stdout must not stop the server: the line is a courtesy to scripts.
         let mut stdout = io::stdout().lock();
         let _ = writeln!(stdout, "{line}").and_then(|()| stdout.flush());
     }
 
-    /// Reaps every dead child and schedules replacements.
-    fn reap_workers(&mut self) {
-        while let Some((pid, exit)) = process::reap_any() {
-            let Some(index) = self
-                .slots
-                .iter()
-                .position(|slot| slot.worker.as_ref().is_some_and(|w| w.pid == pid))
-            else {
-                log::info!("reaped process {pid}: {exit}");
-                continue;
-            };
-            self.on_worker_exit(index, pid, exit);
+    fn remove_pid_file(&mut self) {
+        if let Some(pid_file) = self.pid_file.take() {
+            pid_file.remove();
         }
     }
 
-    fn on_worker_exit(&mut self, index: usize, pid: Pid, exit: Exit) {
-        let slot = &mut self.slots[index];
-        let Some(worker) = slot.worker.take() else {
-            return;
-        };
-        if let Phase::Draining { .. } = self.phase {
-            log::info!("worker {index} (pid {pid}) exited: {exit}");
+    /// Reaps every dead child and schedules replacements.
+    fn reap_workers(&mut self) {
+        while let Some((pid, exit)) = process::reap_any() {
+            let Some(index) = self.workers.iter().position(|w| w.pid == pid) else {
+                log::info!("reaped process {pid}: {exit}");
+                continue;
+            };
+            let worker = self.workers.swap_remove(index);
+            let cell = self.scoreboard.cell(worker.cell);
+            for kind in [ServiceKind::Echo, ServiceKind::Bank] {
+                self.finished_requests[kind.index()] += cell
+                    .counters(kind)
+                    .requests
+                    .load(std::sync::atomic::Ordering::Relaxed);
+            }
+            cell.set_state(WorkerState::Free);
+            self.on_worker_exit(worker, exit);
+        }
+    }
+
+    fn on_worker_exit(&mut self, worker: Worker, exit: Exit) {
+        let (slot_index, pid) = (worker.slot, worker.pid);
+        if worker.retiring || matches!(self.phase, Phase::Draining { .. }) {
+            log::info!("worker {slot_index} (pid {pid}) exited after draining: {exit}");
             return;
         }
-        let crashed =
-            !worker.ready || (exit.is_own_failure() && worker.started.elapsed() < CRASH_WINDOW);
+        let own_failure = exit.is_own_failure();
+        let reason = match exit {
+            _ if worker.hung => "hung",
+            Exit::Code(0) => "exited",
+            _ if own_failure => "crashed",
+            _ => "killed",
+        };
+        self.count_restart(reason);
+        let Some(slot) = self.slots.get_mut(slot_index) else {
+            return;
+        };
+        let crashed = !worker.ready || (own_failure && worker.started.elapsed() < CRASH_WINDOW);
         slot.crashes = if crashed { slot.crashes + 1 } else { 0 };
         let delay = backoff(slot.crashes);
         slot.start_at = Some(Instant::now() + delay);
         if delay.is_zero() {
-            log::warn!("worker {index} (pid {pid}) died: {exit}; replacing it");
+            log::warn!("worker {slot_index} (pid {pid}) died: {exit}; replacing it");
         } else {
             log::warn!(
-                "worker {index} (pid {pid}) died: {exit}; {} crashes in a row, next start in {delay:?}",
+                "worker {slot_index} (pid {pid}) died: {exit}; {} crashes in a row, next start in {delay:?}",
                 slot.crashes
             );
         }
     }
 
+    fn count_restart(&mut self, reason: &'static str) {
+        *self.restarts.entry(reason).or_insert(0) += 1;
+    }
+
+    /// Kills workers that stopped beating for longer than `worker_timeout` (a stopped or
+    /// wedged process); their slots are restarted when they are reaped. A worker blocked on
+    /// a ledger lock keeps beating, so only the real culprit (often the lock's holder) goes.
+    fn kill_hung_workers(&mut self) {
+        let Some(timeout) = self.config.worker_timeout else {
+            return;
+        };
+        let now = Instant::now();
+        if now < self.next_hang_check {
+            return;
+        }
+        self.next_hang_check = now + HANG_CHECK_INTERVAL.min(timeout);
+        let limit_ms = u64::try_from(timeout.as_millis()).unwrap_or(u64::MAX);
+        let holders: Vec<i32> = self
+            .ledger
+            .as_ref()
+            .map(|ledger| ledger.lock_holders().iter().map(|h| h.pid).collect())
+            .unwrap_or_default();
+        let mut hung: Vec<(Pid, usize, u64)> = self
+            .workers
+            .iter()
+            .filter(|w| !w.hung)
+            .map(|w| (w.pid, w.slot, self.scoreboard.cell(w.cell).silent_ms()))
+            .filter(|&(_, _, silent)| silent > limit_ms)
+            .collect();
+        // Lock holders first: they are what the others wait for.
+        hung.sort_by_key(|(pid, _, _)| !holders.contains(&pid.as_raw()));
+        for (pid, slot, silent) in hung {
+            log::error!("worker {slot} (pid {pid}) sent no heartbeat for {silent} ms: killing it");
+            process::signal(pid, Signal::SIGKILL);
+            if let Some(worker) = self.workers.iter_mut().find(|w| w.pid == pid) {
+                worker.hung = true;
+            }
+        }
+    }
+
+    /// TTIN: one more slot, with its own listeners, started at once.
+    fn add_slot(&mut self) {
+        if self.slots.len() >= MAX_WORKERS {
+            log::warn!("SIGTTIN: already at {MAX_WORKERS} workers");
+            return;
+        }
+        for service in &mut self.services {
+            if let Err(e) = service.group.add_slot() {
+                log::error!(
+                    "SIGTTIN: cannot add a {} listener: {e}",
+                    service.kind.name()
+                );
+                return;
+            }
+        }
+        self.slots.push(Slot::due(Instant::now()));
+        log::info!("SIGTTIN: {} workers", self.slots.len());
+    }
+
+    /// TTOU: one slot fewer (never below 1); its worker drains gracefully.
+    fn remove_slot(&mut self) {
+        if self.slots.len() <= 1 {
+            log::warn!("SIGTTOU: keeping the last worker");
+            return;
+        }
+        let slot = self.slots.len() - 1;
+        self.slots.pop();
+        for service in &mut self.services {
+            service.group.remove_slot();
+        }
+        self.retire_slot_workers(slot);
+        log::info!("SIGTTOU: {} workers", self.slots.len());
+    }
+
+    /// Sends SIGTERM to the (non-retiring) workers of `slot`; they drain and exit.
+    fn retire_slot_workers(&mut self, slot: usize) {
+        for worker in self
+            .workers
+            .iter_mut()
+            .filter(|w| w.slot == slot && !w.retiring)
+        {
+            worker.retiring = true;
+            process::signal(worker.pid, Signal::SIGTERM);
+        }
+    }
+
+    /// HUP: re-read the config file. An invalid one changes nothing; a valid one re-binds the
+    /// listeners whose address changed, then replaces every worker with one running the new
+    /// settings (the old ones drain).
+    fn reload(&mut self) {
+        let new = match Config::load(&self.cli) {
+            Ok(new) => new,
+            Err(e) => {
+                log::error!("SIGHUP: reload refused, keeping the current settings: {e}");
+                return;
+            }
+        };
+        for (name, changed) in [
+            ("ledger", new.ledger != self.config.ledger),
+            ("max_accounts", new.max_accounts != self.config.max_accounts),
+            ("status_addr", new.status_addr != self.config.status_addr),
+            ("pid_file", new.pid_file != self.config.pid_file),
+        ] {
+            if changed {
+                log::warn!("SIGHUP: {name} cannot change while running; restart to apply it");
+            }
+        }
+        let services = if new.echo_addr != self.config.echo_addr
+            || new.bank_addr != self.config.bank_addr
+            || new.workers != self.slots.len()
+            || new.accept != self.config.accept
+            || new.backlog != self.config.backlog
+        {
+            match self.rebind(&new) {
+                Ok(services) => Some(services),
+                Err(e) => {
+                    log::error!("SIGHUP: reload refused, keeping the current settings: {e}");
+                    return;
+                }
+            }
+        } else {
+            None
+        };
+        log::info!("SIGHUP: reloading with {} workers", new.workers);
+        if let Some(services) = services {
+            self.services = services;
+        }
+        let (ledger, max_accounts, status_addr, pid_file) = (
+            self.config.ledger.clone(),
+            self.config.max_accounts,
+            self.config.status_addr,
+            self.config.pid_file.clone(),
+        );
+        self.config = Config {
+            ledger,
+            max_accounts,
+            status_addr,
+            pid_file,
+            ..new
+        };
+        for worker in &mut self.workers {
+            if !worker.retiring {
+                worker.retiring = true;
+                process::signal(worker.pid, Signal::SIGTERM);
+            }
+        }
+        let now = Instant::now();
+        self.slots = (0..self.config.workers).map(|_| Slot::due(now)).collect();
+    }
+
+    /// New listener groups for `new`, keeping the sockets of an unchanged address (so no
+    /// connection is refused while they are handed over).
+    fn rebind(&mut self, new: &Config) -> Result<Vec<Service>, crate::listener::BindError> {
+        let mut services = Vec::new();
+        for (kind, addr) in [
+            (ServiceKind::Echo, new.echo_addr),
+            (ServiceKind::Bank, new.bank_addr),
+        ] {
+            let current = self.services.iter_mut().find(|s| {
+                s.kind == kind
+                    && addr_matches(s.group.addr, addr)
+                    && new.accept == self.config.accept
+            });
+            let group = match current {
+                Some(service) => service.group.resized(new.workers)?,
+                None => ListenerGroup::bind(addr, new.workers, new.backlog, new.accept)?,
+            };
+            services.push(Service { kind, group });
+        }
+        Ok(services)
+    }
+
     fn start_due_workers(&mut self) {
+        if !matches!(self.phase, Phase::Running) {
+            return;
+        }
         let now = Instant::now();
         for index in 0..self.slots.len() {
-            let slot = &self.slots[index];
-            if slot.worker.is_none() && slot.start_at.is_some_and(|at| now >= at) {
+            let due = self.slots[index].start_at.is_some_and(|at| now >= at);
+            let served = self.workers.iter().any(|w| w.slot == index && !w.retiring);
+            if due && !served {
                 self.start_worker(index, now);
             }
         }
     }
 
     fn start_worker(&mut self, index: usize, now: Instant) {
+        let in_use: Vec<usize> = self.workers.iter().map(|w| w.cell).collect();
+        let Some(cell) = (0..self.scoreboard.capacity()).find(|c| !in_use.contains(c)) else {
+            log::warn!("no scoreboard cell free for worker {index}: too many workers draining");
+            self.slots[index].start_at = Some(now + FIRST_BACKOFF);
+            return;
+        };
+        self.scoreboard.cell(cell).reset(index);
         match process::fork_with_signals_blocked() {
             Ok(Forked::Child) => {
-                let setup = self.take_worker_setup(index);
+                let setup = self.take_worker_setup(index, cell);
                 std::process::exit(worker::run(setup));
             }
             Ok(Forked::Parent(pid)) => {
                 log::info!("worker {index} started (pid {pid})");
-                let slot = &mut self.slots[index];
-                slot.start_at = None;
-                slot.worker = Some(RunningWorker {
+                self.slots[index].start_at = None;
+                self.workers.push(Worker {
                     pid,
+                    slot: index,
+                    cell,
                     started: now,
                     ready: false,
+                    retiring: false,
+                    hung: false,
                 });
             }
             Err(e) => {
@@ -408,15 +686,25 @@ impl Master {
     }
 
     /// In a freshly forked child: drops everything that is the master's business (its poll,
-    /// its signal registrations, the status pipe's reading end, the other slots' listeners)
-    /// and keeps what the worker of slot `index` needs.
-    fn take_worker_setup(&mut self, index: usize) -> WorkerSetup {
+    /// its signal registrations, the status pipe's reading end, the other slots' listeners,
+    /// the pid file) and keeps what the worker of slot `index` needs.
+    fn take_worker_setup(&mut self, index: usize, cell: usize) -> WorkerSetup {
         drop(self.io.take());
+        if let Some(pid_file) = self.pid_file.take() {
+            pid_file.forget();
+        }
         let listeners = self
             .services
             .drain(..)
-            .map(|mut service| (service.kind, service.group.slots.swap_remove(index)))
+            .filter_map(|mut service| {
+                let listener = service.group.take_slot(index)?;
+                Some((service.kind, listener))
+            })
             .collect();
+        let max_requests = match self.config.max_requests {
+            0 => None,
+            n => Some(n + jitter(self.config.max_requests_jitter)),
+        };
         WorkerSetup {
             slot: index,
             master: self.pid,
@@ -429,15 +717,81 @@ impl Master {
                 .ledger
                 .take()
                 .expect("the master keeps the ledger while it runs"),
+            cell: self.scoreboard.cell(cell),
             settings: WorkerSettings {
                 max_line: self.config.max_line,
                 max_connections: self.config.max_connections,
                 idle_timeout: self.config.idle_timeout,
                 graceful_timeout: self.config.graceful_timeout,
                 output_limit: self.config.output_limit,
+                max_requests,
             },
         }
     }
+
+    /// Answers status-page connections from the scoreboard.
+    fn serve_status(&mut self, tokens: &[Token]) {
+        let Some(io) = self.io.as_mut() else {
+            return;
+        };
+        let Some(server) = io.status_http.as_mut() else {
+            return;
+        };
+        if tokens.is_empty() {
+            return;
+        }
+        let workers: Vec<WorkerView> = self
+            .workers
+            .iter()
+            .map(|w| WorkerView {
+                slot: w.slot,
+                pid: w.pid.as_raw(),
+                retiring: w.retiring,
+                cell: self.scoreboard.cell(w.cell),
+            })
+            .collect();
+        let ledger = self.ledger.as_ref().map(Ledger::approximate_audit);
+        let view = PoolView {
+            pid: self.pid.as_raw(),
+            configured_workers: self.slots.len(),
+            workers: &workers,
+            restarts: &self.restarts,
+            finished_requests: self.finished_requests,
+            ledger,
+            ledger_recoveries: self.ledger.as_ref().map_or(0, Ledger::recoveries),
+        };
+        server.on_events(tokens, io.poll.registry(), &view);
+    }
+}
+
+impl Slot {
+    fn due(now: Instant) -> Slot {
+        Slot {
+            crashes: 0,
+            start_at: Some(now),
+        }
+    }
+}
+
+fn bind_services(
+    config: &Config,
+    workers: usize,
+) -> Result<Vec<Service>, crate::listener::BindError> {
+    Ok(vec![
+        Service {
+            kind: ServiceKind::Echo,
+            group: ListenerGroup::bind(config.echo_addr, workers, config.backlog, config.accept)?,
+        },
+        Service {
+            kind: ServiceKind::Bank,
+            group: ListenerGroup::bind(config.bank_addr, workers, config.backlog, config.accept)?,
+        },
+    ])
+}
+
+/// Does a configured address (possibly port 0) name the socket bound as `bound`?
+fn addr_matches(bound: std::net::SocketAddr, configured: std::net::SocketAddr) -> bool {
+    bound.ip() == configured.ip() && (configured.port() == 0 || bound.port() == configured.port())
 }
 
 #[derive(PartialEq, Eq)]
@@ -456,6 +810,21 @@ fn backoff(crashes: u32) -> Duration {
         .min(MAX_BACKOFF)
 }
 
+/// A pseudo-random number in 0..=max, different in each worker (seeded by pid and time).
+fn jitter(max: u64) -> u64 {
+    if max == 0 {
+        return 0;
+    }
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| u64::from(d.subsec_nanos()));
+    let mut x = nanos ^ (u64::from(std::process::id()) << 32) ^ 0x9e37_79b9_7f4a_7c15;
+    x ^= x >> 33;
+    x = x.wrapping_mul(0xff51_afd7_ed55_8ccd);
+    x ^= x >> 33;
+    x % (max + 1)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -464,5 +833,11 @@ mod tests {
     fn backoff_starts_at_once_then_doubles_to_a_cap() {
         let delays: Vec<u64> = (0..10).map(|n| backoff(n).as_millis() as u64).collect();
         assert_eq!(delays, [0, 0, 100, 200, 400, 800, 1600, 3200, 5000, 5000]);
+    }
+
+    #[test]
+    fn jitter_stays_in_range() {
+        assert_eq!(jitter(0), 0);
+        assert!((0..100).all(|_| jitter(5) <= 5));
     }
 }

@@ -1,4 +1,5 @@
-//! The pipe on which workers tell the master about themselves (for now: "ready to serve").
+//! The pipe on which workers tell the master about themselves: "ready to serve", and
+//! "retiring" (served its `max_requests`: replace me while I drain).
 //! Each message is one fixed-size write, smaller than PIPE_BUF, so messages from many
 //! workers never interleave and a read returns whole messages.
 
@@ -10,6 +11,14 @@ use nix::unistd::Pid;
 
 const MESSAGE_BYTES: usize = 8;
 const READY: u32 = 1;
+const RETIRING: u32 = 2;
+
+/// What a worker told the master.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Message {
+    Ready(Pid),
+    Retiring(Pid),
+}
 
 /// Creates the pipe: the master keeps the receiver and hands the sender to every worker.
 pub fn status_pipe() -> io::Result<(StatusReceiver, StatusSender)> {
@@ -34,8 +43,17 @@ pub struct StatusSender {
 impl StatusSender {
     /// Tells the master this worker has registered its listeners and is serving.
     pub fn send_ready(&self) -> io::Result<()> {
+        self.send(READY)
+    }
+
+    /// Tells the master this worker stops accepting and drains: start its replacement.
+    pub fn send_retiring(&self) -> io::Result<()> {
+        self.send(RETIRING)
+    }
+
+    fn send(&self, kind: u32) -> io::Result<()> {
         let mut message = [0u8; MESSAGE_BYTES];
-        message[..4].copy_from_slice(&READY.to_le_bytes());
+        message[..4].copy_from_slice(&kind.to_le_bytes());
         message[4..].copy_from_slice(&std::process::id().to_le_bytes());
         (&self.pipe).write_all(&message)
     }
@@ -52,8 +70,8 @@ impl StatusReceiver {
         self.pipe.as_raw_fd()
     }
 
-    /// Reads every message waiting; returns the pids of the workers that reported ready.
-    pub fn ready_workers(&mut self) -> Vec<Pid> {
+    /// Reads every message waiting.
+    pub fn messages(&mut self) -> Vec<Message> {
         let mut ready = Vec::new();
         let mut buf = [0u8; MESSAGE_BYTES * 64];
         loop {
@@ -65,8 +83,9 @@ impl StatusReceiver {
                             u32::from_le_bytes([message[0], message[1], message[2], message[3]]);
                         let pid =
                             u32::from_le_bytes([message[4], message[5], message[6], message[7]]);
-                        match (kind, i32::try_from(pid)) {
-                            (READY, Ok(pid)) => ready.push(Pid::from_raw(pid)),
+                        match (kind, i32::try_from(pid).map(Pid::from_raw)) {
+                            (READY, Ok(pid)) => ready.push(Message::Ready(pid)),
+                            (RETIRING, Ok(pid)) => ready.push(Message::Retiring(pid)),
                             _ => log::warn!("ignoring a malformed worker message"),
                         }
                     }

@@ -15,6 +15,14 @@ pub enum ServiceKind {
 }
 
 impl ServiceKind {
+    /// Position in per-service arrays.
+    pub fn index(self) -> usize {
+        match self {
+            ServiceKind::Echo => 0,
+            ServiceKind::Bank => 1,
+        }
+    }
+
     pub fn name(self) -> &'static str {
         match self {
             ServiceKind::Echo => "echo",
@@ -60,41 +68,58 @@ impl Session {
         }
     }
 
-    /// Handles bytes read from the client, appending the replies to `out`.
-    /// [`Flow::Stop`] means: send what is in `out`, then close.
-    pub fn on_input(&mut self, input: &[u8], out: &mut Vec<u8>) -> Flow {
+    /// Handles bytes read from the client, appending the replies to `out`; returns whether
+    /// to go on ([`Flow::Stop`]: send what is in `out`, then close) and how many requests
+    /// (lines) the input completed.
+    pub fn on_input(&mut self, input: &[u8], out: &mut Vec<u8>) -> (Flow, u64) {
         match self {
             Session::Echo(upper) => {
                 upper.feed(input, out);
-                Flow::Continue
+                (
+                    Flow::Continue,
+                    memchr::memchr_iter(b'\n', input).count() as u64,
+                )
             }
             Session::Bank(session) => {
                 let ledger = session.ledger;
-                session.framer.feed(input, |frame| match frame {
-                    Frame::Line(line) => answer_line(ledger, line, out),
-                    Frame::TooLong => {
-                        Reply::error(
-                            ErrorKind::LineTooLong,
-                            "request lines are limited in length; closing",
-                        )
-                        .write_to(out);
-                        Flow::Stop
+                let mut requests = 0;
+                let flow = session.framer.feed(input, |frame| {
+                    requests += 1;
+                    match frame {
+                        Frame::Line(line) => answer_line(ledger, line, out),
+                        Frame::TooLong => {
+                            Reply::error(
+                                ErrorKind::LineTooLong,
+                                "request lines are limited in length; closing",
+                            )
+                            .write_to(out);
+                            Flow::Stop
+                        }
                     }
-                })
+                });
+                (flow, requests)
             }
         }
     }
 
-    /// The client half-closed: answer what is left (an unterminated last line).
-    pub fn on_eof(&mut self, out: &mut Vec<u8>) {
-        match self {
-            Session::Echo(upper) => upper.finish(out),
-            Session::Bank(session) => {
-                if let Some(line) = session.framer.finish() {
-                    answer_line(session.ledger, &line, out);
-                }
+    /// The client half-closed: answer what is left (an unterminated last line), counted
+    /// as in [`Session::on_input`].
+    pub fn on_eof(&mut self, out: &mut Vec<u8>) -> (Flow, u64) {
+        let answered = match self {
+            Session::Echo(upper) => {
+                let before = out.len();
+                upper.finish(out);
+                out.len() > before
             }
-        }
+            Session::Bank(session) => match session.framer.finish() {
+                Some(line) => {
+                    answer_line(session.ledger, &line, out);
+                    true
+                }
+                None => false,
+            },
+        };
+        (Flow::Stop, u64::from(answered))
     }
 }
 

@@ -6,6 +6,7 @@
 
 use std::io;
 use std::net::TcpListener as StdListener;
+use std::sync::atomic::Ordering::Relaxed;
 use std::time::{Duration, Instant};
 
 use forkpool_ledger::Ledger;
@@ -19,6 +20,7 @@ use slab::Slab;
 use crate::conn::{Conn, Limits, Readiness, Scratch, Verdict};
 use crate::master_link::StatusSender;
 use crate::process;
+use crate::scoreboard::{self, WorkerCell, WorkerState};
 use crate::service::{ServiceKind, Session, SessionSettings};
 
 /// Everything a worker takes from the master at fork.
@@ -28,6 +30,8 @@ pub struct WorkerSetup {
     pub listeners: Vec<(ServiceKind, StdListener)>,
     pub status: StatusSender,
     pub ledger: Ledger,
+    /// This worker's scoreboard cell.
+    pub cell: &'static WorkerCell,
     pub settings: WorkerSettings,
 }
 
@@ -39,6 +43,8 @@ pub struct WorkerSettings {
     pub idle_timeout: Duration,
     pub graceful_timeout: Duration,
     pub output_limit: usize,
+    /// Requests after which the worker retires (already jittered); `None`: never.
+    pub max_requests: Option<u64>,
 }
 
 const SIGNAL_TOKEN: Token = Token(usize::MAX - 1);
@@ -86,11 +92,22 @@ struct Listening {
 
 enum State {
     Serving,
-    /// SIGTERM arrived: listeners are closed; connections close once quiet, and all of
-    /// them by `deadline`.
+    /// Listeners are closed; connections close once silent for `quiet`, and all of them by
+    /// `deadline`.
     Draining {
+        quiet: Duration,
         deadline: Instant,
     },
+}
+
+/// Why a worker drains.
+#[derive(Clone, Copy)]
+enum Drain {
+    /// SIGTERM: input still on its way is answered (connections close after a quiet spell).
+    Shutdown,
+    /// Retiring after max_requests, while a replacement already serves: each connection
+    /// closes as soon as everything it sent is answered (its client reconnects).
+    Retire,
 }
 
 struct Worker {
@@ -101,7 +118,10 @@ struct Worker {
     scratch: Scratch,
     settings: WorkerSettings,
     sessions: SessionSettings,
+    /// To tell the master when this worker retires.
+    status: StatusSender,
     state: State,
+    cell: &'static WorkerCell,
     /// Accepting paused after EMFILE/ENFILE until then.
     accept_paused_until: Option<Instant>,
     next_sweep: Instant,
@@ -112,6 +132,13 @@ impl Worker {
     /// Returns `None` if the master is already gone.
     fn start(setup: WorkerSetup) -> io::Result<Option<Worker>> {
         let mut signals = Signals::new([SIGTERM, SIGINT, SIGQUIT])?;
+        setup
+            .cell
+            .pid
+            .store(nix::unistd::getpid().as_raw(), Relaxed);
+        scoreboard::set_my_cell(setup.cell);
+        // A worker blocked behind a stopped lock holder keeps beating: only the holder hangs.
+        forkpool_ledger::set_wait_hook(Some(scoreboard::beat_from_hook));
         process::ignore_master_only_signals()?;
         if process::die_with_parent(setup.master).is_err() {
             return Ok(None);
@@ -134,6 +161,8 @@ impl Worker {
         // The worker maps the ledger for its whole life; connections borrow it.
         let ledger: &'static Ledger = Box::leak(Box::new(setup.ledger));
         setup.status.send_ready()?;
+        setup.cell.set_state(WorkerState::Idle);
+        setup.cell.beat();
         log::debug!("serving");
         let now = Instant::now();
         Ok(Some(Worker {
@@ -148,6 +177,8 @@ impl Worker {
             },
             settings: setup.settings,
             state: State::Serving,
+            cell: setup.cell,
+            status: setup.status,
             accept_paused_until: None,
             next_sweep: now + SWEEP_INTERVAL,
         }))
@@ -183,6 +214,16 @@ impl Worker {
                 }
             }
             self.on_timers(now);
+            self.cell.beat();
+            if matches!(self.state, State::Serving) {
+                let busy = !self.conns.is_empty();
+                self.cell.set_state(if busy {
+                    WorkerState::Busy
+                } else {
+                    WorkerState::Idle
+                });
+            }
+            self.retire_if_done(now);
             if matches!(self.state, State::Draining { .. }) && self.conns.is_empty() {
                 log::info!("drained, exiting");
                 return Ok(());
@@ -204,7 +245,7 @@ impl Worker {
             match signal {
                 // Repeated TERM/INT (Ctrl-C reaches every process of the group, and the
                 // master forwards it too) are one drain; only the master escalates.
-                SIGTERM | SIGINT => self.start_drain(now),
+                SIGTERM | SIGINT => self.start_drain(now, Drain::Shutdown),
                 SIGQUIT => {
                     log::info!("quitting at once");
                     quit = Quit::Now;
@@ -215,7 +256,29 @@ impl Worker {
         quit
     }
 
-    fn start_drain(&mut self, now: Instant) {
+    /// Retires once max_requests are served: the master starts a replacement on the same
+    /// listeners at once, so no connection is refused meanwhile.
+    fn retire_if_done(&mut self, now: Instant) {
+        let Some(limit) = self.settings.max_requests else {
+            return;
+        };
+        if !matches!(self.state, State::Serving) {
+            return;
+        }
+        let served: u64 = [ServiceKind::Echo, ServiceKind::Bank]
+            .iter()
+            .map(|kind| self.cell.counters(*kind).requests.load(Relaxed))
+            .sum();
+        if served >= limit {
+            log::info!("served {served} requests: retiring");
+            if let Err(e) = self.status.send_retiring() {
+                log::error!("cannot tell the master about retiring: {e}");
+            }
+            self.start_drain(now, Drain::Retire);
+        }
+    }
+
+    fn start_drain(&mut self, now: Instant, why: Drain) {
         if matches!(self.state, State::Draining { .. }) {
             return;
         }
@@ -236,9 +299,15 @@ impl Worker {
         }
         // Leave time for the lingering closes before the master's deadline.
         let budget = self.settings.graceful_timeout.mul_f64(0.8);
+        let quiet = match why {
+            Drain::Shutdown => DRAIN_QUIET,
+            Drain::Retire => Duration::ZERO,
+        };
         self.state = State::Draining {
+            quiet,
             deadline: now + budget,
         };
+        self.cell.set_state(WorkerState::Draining);
         self.next_sweep = now;
     }
 
@@ -297,11 +366,20 @@ impl Worker {
     fn add_conn(&mut self, stream: mio::net::TcpStream, kind: ServiceKind, now: Instant) {
         let entry = self.conns.vacant_entry();
         let token = Token(entry.key() + FIRST_CONN_TOKEN);
-        let mut conn = Conn::new(stream, token, Session::new(kind, self.sessions), now);
+        let counters = self.cell.counters(kind);
+        let mut conn = Conn::new(
+            stream,
+            token,
+            Session::new(kind, self.sessions),
+            counters,
+            now,
+        );
         if let Err(e) = conn.register(self.poll.registry()) {
             log::warn!("cannot register a connection: {e}");
             return;
         }
+        counters.accepted.fetch_add(1, Relaxed);
+        counters.open_connections.fetch_add(1, Relaxed);
         entry.insert(conn);
     }
 
@@ -354,7 +432,8 @@ impl Worker {
     }
 
     fn close(&mut self, key: usize, now: Instant) {
-        if self.conns.try_remove(key).is_some() {
+        if let Some(conn) = self.conns.try_remove(key) {
+            conn.counters().open_connections.fetch_sub(1, Relaxed);
             self.pause_or_resume_accepting(now);
         }
     }
@@ -368,8 +447,8 @@ impl Worker {
         }
         let (closing, tick) = match self.state {
             State::Serving => (self.settings.idle_timeout, SWEEP_INTERVAL),
-            State::Draining { deadline } if now >= deadline => (Duration::ZERO, DRAIN_TICK),
-            State::Draining { .. } => (DRAIN_QUIET, DRAIN_TICK),
+            State::Draining { deadline, .. } if now >= deadline => (Duration::ZERO, DRAIN_TICK),
+            State::Draining { quiet, .. } => (quiet, DRAIN_TICK),
         };
         self.next_sweep = now + tick;
         self.sweep(now, closing);

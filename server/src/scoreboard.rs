@@ -1,0 +1,181 @@
+//! The scoreboard: one cell per live worker in memory shared by the master and every worker
+//! (an anonymous `MAP_SHARED` mapping made before the first fork). A worker writes its state,
+//! heartbeat and counters there with relaxed atomic stores; the master reads them for hang
+//! detection, `/metrics` and `/status`. Nothing on the serving path waits for anyone.
+
+use std::num::NonZeroUsize;
+use std::sync::atomic::{AtomicI32, AtomicPtr, AtomicU32, AtomicU64, AtomicU8, Ordering::Relaxed};
+
+use nix::sys::mman::{mmap_anonymous, MapFlags, ProtFlags};
+use nix::time::{clock_gettime, ClockId};
+
+use crate::service::ServiceKind;
+
+/// What a worker is doing.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[repr(u8)]
+pub enum WorkerState {
+    Free = 0,
+    Starting = 1,
+    Idle = 2,
+    Busy = 3,
+    Draining = 4,
+}
+
+impl WorkerState {
+    fn from_u8(value: u8) -> WorkerState {
+        match value {
+            1 => WorkerState::Starting,
+            2 => WorkerState::Idle,
+            3 => WorkerState::Busy,
+            4 => WorkerState::Draining,
+            _ => WorkerState::Free,
+        }
+    }
+
+    pub fn name(self) -> &'static str {
+        match self {
+            WorkerState::Free => "free",
+            WorkerState::Starting => "starting",
+            WorkerState::Idle => "idle",
+            WorkerState::Busy => "busy",
+            WorkerState::Draining => "draining",
+        }
+    }
+}
+
+/// Per-service counters of one worker.
+#[derive(Debug, Default)]
+#[repr(C)]
+pub struct ServiceCounters {
+    pub open_connections: AtomicU64,
+    pub accepted: AtomicU64,
+    pub requests: AtomicU64,
+    pub bytes_in: AtomicU64,
+    pub bytes_out: AtomicU64,
+}
+
+/// One worker's cell. All-zero bytes are a valid, free cell.
+#[derive(Debug, Default)]
+#[repr(C, align(64))]
+pub struct WorkerCell {
+    pub pid: AtomicI32,
+    /// The pool slot the worker serves (for display).
+    pub slot: AtomicU32,
+    state: AtomicU8,
+    /// CLOCK_MONOTONIC milliseconds of the last beat.
+    heartbeat_ms: AtomicU64,
+    /// Wall-clock seconds since the epoch at start.
+    pub started_unix: AtomicU64,
+    pub services: [ServiceCounters; 2],
+}
+
+impl WorkerCell {
+    pub fn state(&self) -> WorkerState {
+        WorkerState::from_u8(self.state.load(Relaxed))
+    }
+
+    pub fn set_state(&self, state: WorkerState) {
+        self.state.store(state as u8, Relaxed);
+    }
+
+    /// Records that the worker is alive now.
+    pub fn beat(&self) {
+        self.heartbeat_ms.store(monotonic_ms(), Relaxed);
+    }
+
+    /// Milliseconds since the last beat.
+    pub fn silent_ms(&self) -> u64 {
+        monotonic_ms().saturating_sub(self.heartbeat_ms.load(Relaxed))
+    }
+
+    pub fn counters(&self, kind: ServiceKind) -> &ServiceCounters {
+        &self.services[kind.index()]
+    }
+
+    /// Prepares the cell for a new worker (the master, before it forks).
+    pub fn reset(&self, slot: usize) {
+        self.pid.store(0, Relaxed);
+        self.slot
+            .store(u32::try_from(slot).unwrap_or(u32::MAX), Relaxed);
+        self.set_state(WorkerState::Starting);
+        self.beat();
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs());
+        self.started_unix.store(now, Relaxed);
+        for counters in &self.services {
+            for counter in [
+                &counters.open_connections,
+                &counters.accepted,
+                &counters.requests,
+                &counters.bytes_in,
+                &counters.bytes_out,
+            ] {
+                counter.store(0, Relaxed);
+            }
+        }
+    }
+}
+
+/// The shared array of cells.
+pub struct Scoreboard {
+    cells: &'static [WorkerCell],
+}
+
+impl Scoreboard {
+    /// Maps `capacity` zeroed cells shared with every process forked afterwards.
+    pub fn new(capacity: usize) -> nix::Result<Scoreboard> {
+        let bytes = capacity.max(1) * std::mem::size_of::<WorkerCell>();
+        let length = NonZeroUsize::new(bytes).expect("the scoreboard has at least one cell");
+        // SAFETY: a fresh anonymous mapping is private to this call until it returns; it is
+        // zero-filled, page-aligned (so aligned for WorkerCell), `bytes` long, and all-zero
+        // bytes are a valid WorkerCell (atomics of 0). It is never unmapped, so the
+        // 'static slice stays valid for the life of the process (and of its forks, which
+        // share the same pages).
+        let cells = unsafe {
+            let base = mmap_anonymous(
+                None,
+                length,
+                ProtFlags::PROT_READ | ProtFlags::PROT_WRITE,
+                MapFlags::MAP_SHARED,
+            )?;
+            std::slice::from_raw_parts(base.as_ptr().cast::<WorkerCell>(), capacity.max(1))
+        };
+        Ok(Scoreboard { cells })
+    }
+
+    pub fn cell(&self, index: usize) -> &'static WorkerCell {
+        &self.cells[index]
+    }
+
+    pub fn capacity(&self) -> usize {
+        self.cells.len()
+    }
+}
+
+/// The cell of the worker running in this process, for the ledger's wait hook (a plain
+/// `fn()` that cannot carry state).
+static MY_CELL: AtomicPtr<WorkerCell> = AtomicPtr::new(std::ptr::null_mut());
+
+/// Makes [`beat_from_hook`] beat on `cell` (a worker, right after fork).
+pub fn set_my_cell(cell: &'static WorkerCell) {
+    MY_CELL.store(std::ptr::from_ref(cell).cast_mut(), Relaxed);
+}
+
+/// Beats for this process's worker: called while it waits for a ledger lock, so a worker
+/// blocked behind a stopped one is not mistaken for a hung one.
+pub fn beat_from_hook() {
+    let cell = MY_CELL.load(Relaxed);
+    // SAFETY: the only non-null value ever stored is a &'static WorkerCell (set_my_cell).
+    if let Some(cell) = unsafe { cell.as_ref() } {
+        cell.beat();
+    }
+}
+
+fn monotonic_ms() -> u64 {
+    clock_gettime(ClockId::CLOCK_MONOTONIC).map_or(0, |t| {
+        u64::try_from(t.tv_sec()).unwrap_or(0) * 1000
+            + u64::try_from(t.tv_nsec()).unwrap_or(0) / 1_000_000
+    })
+}

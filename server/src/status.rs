@@ -1,0 +1,467 @@
+//! The status page, served by the master from the scoreboard (so it costs the serving path
+//! nothing): `GET /metrics` in the Prometheus text format and `GET /status`, a plain-text
+//! table like Apache's mod_status. One request per connection, answered and closed.
+
+use std::collections::BTreeMap;
+use std::fmt::Write as _;
+use std::io::{self, Read, Write};
+use std::net::SocketAddr;
+use std::sync::atomic::Ordering::Relaxed;
+
+use forkpool_ledger::Audit;
+use mio::net::{TcpListener, TcpStream};
+use mio::{Interest, Registry, Token};
+
+use crate::scoreboard::WorkerCell;
+use crate::service::ServiceKind;
+
+/// Longest request head read; a longer one gets 431.
+const MAX_REQUEST_BYTES: usize = 8 * 1024;
+/// Status connections served at once; more wait in the listen queue.
+const MAX_CONNECTIONS: usize = 64;
+
+/// A live worker as the status page shows it.
+pub struct WorkerView {
+    pub slot: usize,
+    pub pid: i32,
+    pub retiring: bool,
+    pub cell: &'static WorkerCell,
+}
+
+/// Everything the page reports, gathered by the master.
+pub struct PoolView<'a> {
+    pub pid: i32,
+    pub configured_workers: usize,
+    pub workers: &'a [WorkerView],
+    /// Worker exits by reason.
+    pub restarts: &'a BTreeMap<&'static str, u64>,
+    /// Requests of workers already gone, per service (so totals never go backwards).
+    pub finished_requests: [u64; 2],
+    /// A lock-free snapshot of the ledger (not one consistent instant).
+    pub ledger: Option<Audit>,
+    pub ledger_recoveries: u64,
+}
+
+struct StatusConn {
+    stream: TcpStream,
+    request: Vec<u8>,
+    response: Vec<u8>,
+    sent: usize,
+}
+
+/// The status listener and its connections.
+pub struct StatusServer {
+    listener: TcpListener,
+    addr: SocketAddr,
+    /// Token of the listener; connection `i` has token `first_token + 1 + i`.
+    first_token: usize,
+    conns: Vec<Option<StatusConn>>,
+}
+
+impl StatusServer {
+    pub fn bind(
+        addr: SocketAddr,
+        registry: &Registry,
+        first_token: usize,
+    ) -> io::Result<StatusServer> {
+        let mut listener = TcpListener::bind(addr).map_err(|e| {
+            io::Error::new(
+                e.kind(),
+                format!("cannot listen on status address {addr}: {e}"),
+            )
+        })?;
+        registry.register(&mut listener, Token(first_token), Interest::READABLE)?;
+        Ok(StatusServer {
+            addr: listener.local_addr()?,
+            listener,
+            first_token,
+            conns: (0..MAX_CONNECTIONS).map(|_| None).collect(),
+        })
+    }
+
+    pub fn addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    /// Handles readiness of the listener or of status connections.
+    pub fn on_events(&mut self, tokens: &[Token], registry: &Registry, view: &PoolView<'_>) {
+        for token in tokens {
+            if token.0 == self.first_token {
+                self.accept(registry);
+            } else if let Some(index) = token.0.checked_sub(self.first_token + 1) {
+                self.drive(index, registry, view);
+            }
+        }
+    }
+
+    fn accept(&mut self, registry: &Registry) {
+        loop {
+            let Some(index) = self.conns.iter().position(Option::is_none) else {
+                // Full: the rest waits in the queue; re-arm to hear about it later.
+                let _ = registry.reregister(
+                    &mut self.listener,
+                    Token(self.first_token),
+                    Interest::READABLE,
+                );
+                return;
+            };
+            match self.listener.accept() {
+                Ok((mut stream, _)) => {
+                    let token = Token(self.first_token + 1 + index);
+                    if registry
+                        .register(&mut stream, token, Interest::READABLE)
+                        .is_ok()
+                    {
+                        self.conns[index] = Some(StatusConn {
+                            stream,
+                            request: Vec::new(),
+                            response: Vec::new(),
+                            sent: 0,
+                        });
+                    }
+                }
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(_) => return,
+            }
+        }
+    }
+
+    fn drive(&mut self, index: usize, registry: &Registry, view: &PoolView<'_>) {
+        let Some(Some(conn)) = self.conns.get_mut(index) else {
+            return;
+        };
+        let done = match conn.progress(view) {
+            Ok(true) => true,
+            Ok(false) => {
+                let interest = if conn.response.is_empty() {
+                    Interest::READABLE
+                } else {
+                    Interest::READABLE | Interest::WRITABLE
+                };
+                let token = Token(self.first_token + 1 + index);
+                registry
+                    .reregister(&mut conn.stream, token, interest)
+                    .is_err()
+            }
+            Err(_) => true,
+        };
+        if done {
+            if let Some(mut conn) = self.conns[index].take() {
+                let _ = registry.deregister(&mut conn.stream);
+            }
+        }
+    }
+}
+
+impl StatusConn {
+    /// Reads the request, then writes the response; true once finished.
+    fn progress(&mut self, view: &PoolView<'_>) -> io::Result<bool> {
+        if self.response.is_empty() {
+            let mut buf = [0u8; 2048];
+            loop {
+                match self.stream.read(&mut buf) {
+                    Ok(0) => return Ok(true),
+                    Ok(n) => self.request.extend_from_slice(&buf[..n]),
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+                    Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                    Err(e) => return Err(e),
+                }
+                if self.request.len() > MAX_REQUEST_BYTES {
+                    break;
+                }
+            }
+            let complete = self.request.windows(4).any(|w| w == b"\r\n\r\n")
+                || self.request.windows(2).any(|w| w == b"\n\n");
+            if !complete && self.request.len() <= MAX_REQUEST_BYTES {
+                return Ok(false);
+            }
+            self.response = respond(&self.request, view);
+        }
+        while self.sent < self.response.len() {
+            match self.stream.write(&self.response[self.sent..]) {
+                Ok(n) => self.sent += n,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(false),
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) => return Err(e),
+            }
+        }
+        // The request head was read whole, so closing cannot reset the response.
+        let _ = self.stream.shutdown(std::net::Shutdown::Write);
+        Ok(true)
+    }
+}
+
+/// The full HTTP response to a request head.
+fn respond(request: &[u8], view: &PoolView<'_>) -> Vec<u8> {
+    if request.len() > MAX_REQUEST_BYTES {
+        return http(431, "text/plain", "request header too large\n");
+    }
+    let line = request.split(|&b| b == b'\n').next().unwrap_or_default();
+    let mut fields = line.split(|&b| b == b' ').filter(|f| !f.is_empty());
+    let (method, target) = (fields.next(), fields.next());
+    let path = target.map(|t| t.split(|&b| b == b'?').next().unwrap_or_default());
+    match (method, path) {
+        (Some(b"GET"), Some(b"/metrics")) => http(
+            200,
+            "text/plain; version=0.0.4; charset=utf-8",
+            &metrics(view),
+        ),
+        (Some(b"GET"), Some(b"/status")) => {
+            http(200, "text/plain; charset=utf-8", &status_table(view))
+        }
+        (Some(b"GET"), _) => http(404, "text/plain", "not found: try /metrics or /status\n"),
+        _ => http(405, "text/plain", "only GET is served\n"),
+    }
+}
+
+fn http(code: u16, content_type: &str, body: &str) -> Vec<u8> {
+    let reason = match code {
+        200 => "OK",
+        404 => "Not Found",
+        405 => "Method Not Allowed",
+        _ => "Request Header Fields Too Large",
+    };
+    format!(
+        "HTTP/1.1 {code} {reason}\r\nContent-Type: {content_type}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        body.len()
+    )
+    .into_bytes()
+}
+
+const SERVICES: [ServiceKind; 2] = [ServiceKind::Echo, ServiceKind::Bank];
+
+/// The Prometheus text exposition.
+pub fn metrics(view: &PoolView<'_>) -> String {
+    let mut out = String::new();
+    family_block(
+        &mut out,
+        "forkpool_workers_configured",
+        "gauge",
+        "Worker slots in the pool.",
+        |b| {
+            let _ = writeln!(b, "forkpool_workers_configured {}", view.configured_workers);
+        },
+    );
+    family_block(
+        &mut out,
+        "forkpool_workers",
+        "gauge",
+        "Live worker processes by state.",
+        |b| {
+            for state in ["starting", "idle", "busy", "draining"] {
+                let count = view
+                    .workers
+                    .iter()
+                    .filter(|w| w.cell.state().name() == state)
+                    .count();
+                let _ = writeln!(b, "forkpool_workers{{state=\"{state}\"}} {count}");
+            }
+        },
+    );
+    family_block(
+        &mut out,
+        "forkpool_worker_restarts_total",
+        "counter",
+        "Worker exits by reason.",
+        |b| {
+            for reason in ["crashed", "exited", "hung", "killed", "recycled"] {
+                let count = view.restarts.get(reason).copied().unwrap_or(0);
+                let _ = writeln!(
+                    b,
+                    "forkpool_worker_restarts_total{{reason=\"{reason}\"}} {count}"
+                );
+            }
+        },
+    );
+    family_block(
+        &mut out,
+        "forkpool_requests_total",
+        "counter",
+        "Requests served (lines), all workers ever.",
+        |b| {
+            for kind in SERVICES {
+                let live: u64 = view
+                    .workers
+                    .iter()
+                    .map(|w| w.cell.counters(kind).requests.load(Relaxed))
+                    .sum();
+                let total = live + view.finished_requests[kind.index()];
+                let _ = writeln!(
+                    b,
+                    "forkpool_requests_total{{service=\"{}\"}} {total}",
+                    kind.name()
+                );
+            }
+        },
+    );
+    per_worker(
+        &mut out,
+        view,
+        "forkpool_worker_open_connections",
+        "gauge",
+        "Open connections per worker.",
+        |c| c.open_connections.load(Relaxed),
+    );
+    per_worker(
+        &mut out,
+        view,
+        "forkpool_worker_requests_total",
+        "counter",
+        "Requests served per live worker.",
+        |c| c.requests.load(Relaxed),
+    );
+    per_worker(
+        &mut out,
+        view,
+        "forkpool_worker_accepted_connections_total",
+        "counter",
+        "Connections accepted per live worker.",
+        |c| c.accepted.load(Relaxed),
+    );
+    per_worker(
+        &mut out,
+        view,
+        "forkpool_worker_received_bytes_total",
+        "counter",
+        "Bytes read from clients per live worker.",
+        |c| c.bytes_in.load(Relaxed),
+    );
+    per_worker(
+        &mut out,
+        view,
+        "forkpool_worker_sent_bytes_total",
+        "counter",
+        "Bytes written to clients per live worker.",
+        |c| c.bytes_out.load(Relaxed),
+    );
+    if let Some(audit) = view.ledger {
+        family_block(
+            &mut out,
+            "forkpool_ledger_accounts",
+            "gauge",
+            "Open bank accounts.",
+            |b| {
+                let _ = writeln!(b, "forkpool_ledger_accounts {}", audit.accounts);
+            },
+        );
+        family_block(
+            &mut out,
+            "forkpool_ledger_balance_total",
+            "gauge",
+            "Sum of all balances (minor units).",
+            |b| {
+                let _ = writeln!(b, "forkpool_ledger_balance_total {}", audit.total);
+            },
+        );
+    }
+    family_block(
+        &mut out,
+        "forkpool_ledger_lock_recoveries_total",
+        "counter",
+        "Ledger locks repaired after a holder died.",
+        |b| {
+            let _ = writeln!(
+                b,
+                "forkpool_ledger_lock_recoveries_total {}",
+                view.ledger_recoveries
+            );
+        },
+    );
+    out
+}
+
+fn family_block(
+    out: &mut String,
+    name: &str,
+    kind: &str,
+    help: &str,
+    body: impl FnOnce(&mut String),
+) {
+    let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}");
+    body(out);
+}
+
+fn per_worker(
+    out: &mut String,
+    view: &PoolView<'_>,
+    name: &str,
+    kind: &str,
+    help: &str,
+    value: impl Fn(&crate::scoreboard::ServiceCounters) -> u64,
+) {
+    family_block(out, name, kind, help, |b| {
+        for worker in view.workers {
+            for service in SERVICES {
+                let _ = writeln!(
+                    b,
+                    "{name}{{slot=\"{}\",pid=\"{}\",service=\"{}\"}} {}",
+                    worker.slot,
+                    worker.pid,
+                    service.name(),
+                    value(worker.cell.counters(service))
+                );
+            }
+        }
+    });
+}
+
+/// The human-readable table.
+pub fn status_table(view: &PoolView<'_>) -> String {
+    use std::sync::atomic::Ordering::Relaxed;
+    let mut out = String::new();
+    let _ = writeln!(
+        out,
+        "forkpool master pid {}: {} worker slots, {} live workers",
+        view.pid,
+        view.configured_workers,
+        view.workers.len()
+    );
+    if let Some(audit) = view.ledger {
+        let _ = writeln!(
+            out,
+            "ledger: {} accounts, total {}",
+            audit.accounts, audit.total
+        );
+    }
+    let _ = writeln!(
+        out,
+        "\n{:>4} {:>8} {:<9} {:>10} {:>10} {:>6} {:>12} {:>6} {:>12} {:>14} {:>14}",
+        "slot",
+        "pid",
+        "state",
+        "heartbeat",
+        "started",
+        "echo",
+        "echo req",
+        "bank",
+        "bank req",
+        "bytes in",
+        "bytes out"
+    );
+    for worker in view.workers {
+        let cell = worker.cell;
+        let echo = cell.counters(ServiceKind::Echo);
+        let bank = cell.counters(ServiceKind::Bank);
+        let state = if worker.retiring && cell.state().name() != "draining" {
+            "retiring"
+        } else {
+            cell.state().name()
+        };
+        let _ = writeln!(
+            out,
+            "{:>4} {:>8} {:<9} {:>8}ms {:>10} {:>6} {:>12} {:>6} {:>12} {:>14} {:>14}",
+            worker.slot,
+            worker.pid,
+            state,
+            cell.silent_ms(),
+            cell.started_unix.load(Relaxed),
+            echo.open_connections.load(Relaxed),
+            echo.requests.load(Relaxed),
+            bank.open_connections.load(Relaxed),
+            bank.requests.load(Relaxed),
+            echo.bytes_in.load(Relaxed) + bank.bytes_in.load(Relaxed),
+            echo.bytes_out.load(Relaxed) + bank.bytes_out.load(Relaxed),
+        );
+    }
+    out
+}
