@@ -27,9 +27,13 @@ Exit status:
      reply was malformed or an unexpected error, or the final AUDIT differs from the expected
      total by more than the operations with unknown outcome can explain
   2  usage error, or the run could not start (address, bank setup)
-  3  no verification failure, but the run was degraded: connect errors, resets, closed
-     connections or timeouts were counted, no request completed in the measured window, or the
-     final AUDIT could not be taken"
+  3  no verification failure, but the run was degraded: connect errors, resets (an EOF in the
+     middle of a reply counts as one) or timeouts were counted, no request completed in the
+     measured window, or the final AUDIT could not be taken
+
+A clean close by the server (EOF at a reply boundary, as a recycled or draining worker does)
+is not an error: the connection is reopened, unanswered echo requests are sent again (counted
+as `retried`), and unanswered bank operations are booked as of unknown outcome."
     };
 }
 const EXIT_CODES: &str = exit_codes!();

@@ -9,9 +9,16 @@
 //! Load shape: in the closed loop a connection refills its pipeline as soon as replies come
 //! back; in the open loop a [`Schedule`] hands out due requests to connections with room, and a
 //! request's latency counts from its due time (so a stall shows up as latency, not as fewer
-//! requests). A dropped connection loses its requests in flight (reported to the workload as
-//! lost) and is reconnected after a back-off. The loop ends at the hard deadline whatever the
-//! server does.
+//! requests).
+//!
+//! Connections end in two ways, told apart as an HTTP client tells a keep-alive close from a
+//! failure. A clean close (EOF at a reply boundary: a worker recycled, drained or timed out an
+//! idle connection) is normal: the connection is reopened after a back-off, and the requests
+//! it had sent without reply are written again on the new connection if the workload says
+//! they are idempotent (echo), or reported lost (a bank operation's outcome is unknown, design
+//! note 7). A failure (reset, failed connect, reply timeout, or an EOF in the middle of a
+//! reply) loses every request in flight and counts as a network error. Either way the loop
+//! ends at the hard deadline whatever the server does.
 
 use std::collections::VecDeque;
 use std::io::{self, Read, Write};
@@ -92,9 +99,10 @@ pub struct Outcome<W> {
 
 /// A request waiting for its reply.
 struct Pending<S> {
-    /// Latency origin: when the request was due (open loop) or sent (closed loop).
+    /// Latency origin: when the request was due (open loop) or first sent (closed loop); a
+    /// re-send keeps it, so the reconnect shows in the latency.
     origin: Instant,
-    /// When it was queued for sending; the reply timeout counts from here.
+    /// When it was last queued for sending; the reply timeout counts from here.
     sent_at: Instant,
     /// It claimed a unit of the budget (Counting::Budget).
     claimed: bool,
@@ -118,6 +126,9 @@ struct Conn<S> {
     /// Requests not yet written, from `out_pos` on.
     out: Vec<u8>,
     out_pos: usize,
+    /// Requests awaiting their reply, oldest first. While the connection is not open, these
+    /// are the idempotent requests of a cleanly closed connection, written again (in order)
+    /// as soon as the next connection opens.
     inflight: VecDeque<Pending<S>>,
     progress: ReplyProgress,
     backoff: Duration,
@@ -128,10 +139,12 @@ struct Conn<S> {
 }
 
 /// Why a connection was dropped.
-#[derive(Clone, Copy)]
+#[derive(Clone, Copy, PartialEq, Eq)]
 enum Drop {
     ConnectFailed,
+    /// An error on the socket, or an EOF that cut a reply in two.
     Reset,
+    /// A clean close: EOF at a reply boundary.
     Closed,
     Timeout,
     Protocol,
@@ -424,7 +437,12 @@ impl<W: Workload> Driver<W> {
         while let Some(stream) = self.conns[i].stream.as_mut() {
             match stream.read(&mut buf) {
                 Ok(0) => {
-                    self.drop_conn(i, Drop::Closed, now);
+                    let why = if self.conns[i].progress.mid_reply() {
+                        Drop::Reset
+                    } else {
+                        Drop::Closed
+                    };
+                    self.drop_conn(i, why, now);
                     break;
                 }
                 Ok(n) => {
@@ -489,7 +507,9 @@ impl<W: Workload> Driver<W> {
         }
     }
 
-    /// Closes connection `i`, reports its requests in flight as lost and schedules a reconnect.
+    /// Closes connection `i` and schedules a reconnect. After a clean close (or a failed
+    /// connect, which wrote nothing) the idempotent requests in flight stay queued to be sent
+    /// again; every other request in flight is reported lost.
     fn drop_conn(&mut self, i: usize, why: Drop, now: Instant) {
         match why {
             Drop::ConnectFailed => self.counters.connect_errors += 1,
@@ -504,9 +524,19 @@ impl<W: Workload> Driver<W> {
             // right after either way.
             let _ = self.poll.registry().deregister(&mut stream);
         }
-        for p in c.inflight.drain(..) {
-            self.work.lost(&p.sent);
-            self.in_flight -= 1;
+        let keep_idempotent = matches!(why, Drop::Closed | Drop::ConnectFailed);
+        let work = &mut self.work;
+        let before = c.inflight.len();
+        c.inflight.retain(|p| {
+            let keep = keep_idempotent && work.idempotent(&p.sent);
+            if !keep {
+                work.lost(&p.sent);
+            }
+            keep
+        });
+        self.in_flight -= before - c.inflight.len();
+        if why == Drop::Closed {
+            self.counters.retried += c.inflight.len() as u64;
         }
         c.progress.reset();
         c.out.clear();
@@ -555,12 +585,30 @@ impl<W: Workload> Driver<W> {
             Ok(true) => {
                 // Requests are written in batches already; Nagle would only delay them.
                 let _ = stream.set_nodelay(true);
-                self.conns[i].state = State::Open;
                 self.counters.connects += 1;
+                self.resend(i, now);
                 self.list_for_sending(i);
             }
             Ok(false) => {}
             Err(()) => self.drop_conn(i, Drop::ConnectFailed, now),
+        }
+    }
+
+    /// Opens connection `i` for sending, first writing again the requests kept from its
+    /// cleanly closed predecessor (in their original order, so replies stay in step).
+    fn resend(&mut self, i: usize, now: Instant) {
+        let c = &mut self.conns[i];
+        c.state = State::Open;
+        if c.inflight.is_empty() {
+            return;
+        }
+        for p in c.inflight.iter_mut() {
+            self.work.write_again(&p.sent, &mut c.out);
+            p.sent_at = now;
+        }
+        if !c.dirty {
+            c.dirty = true;
+            self.to_flush.push(i);
         }
     }
 
@@ -570,8 +618,10 @@ impl<W: Workload> Driver<W> {
         let sending = self.sending(now);
         for i in 0..self.conns.len() {
             let c = &self.conns[i];
+            // Requests waiting to be sent again still need a connection after the window.
+            let wanted = sending || !c.inflight.is_empty();
             match c.state {
-                State::Waiting { retry_at } if sending && now >= retry_at => self.connect(i, now),
+                State::Waiting { retry_at } if wanted && now >= retry_at => self.connect(i, now),
                 State::Connecting { since } if now - since >= timeout => {
                     self.drop_conn(i, Drop::ConnectFailed, now)
                 }
@@ -603,5 +653,129 @@ impl<W: Workload> Driver<W> {
             }
         }
         self.in_flight = 0;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::load::{Payload, Rng};
+    use crate::workload::{BankWorkload, EchoWorkload};
+    use std::io::{BufRead, BufReader};
+    use std::net::{Shutdown, TcpListener};
+
+    /// How a test server ends each connection after answering `answered` lines.
+    #[derive(Clone, Copy)]
+    enum Ending {
+        /// Reads one more line without answering it, then closes cleanly (SHUT_WR, read to EOF),
+        /// as a recycled forkpool worker does.
+        CleanAfterUnanswered,
+        /// Writes half of the next reply, then closes.
+        MidReply,
+    }
+
+    /// A loopback server that uppercases (echo) or answers `OK 1` (bank) for `answered` lines
+    /// per connection, then ends the connection as `ending` says.
+    fn closing_server(answered: usize, ending: Ending, bank: bool) -> SocketAddr {
+        let listener = TcpListener::bind("127.0.0.1:0").expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        std::thread::spawn(move || {
+            for stream in listener.incoming().flatten() {
+                std::thread::spawn(move || {
+                    let mut writer = stream.try_clone().expect("clone");
+                    let mut reader = BufReader::new(stream);
+                    let mut line = Vec::new();
+                    for _ in 0..answered {
+                        line.clear();
+                        if reader.read_until(b'\n', &mut line).unwrap_or(0) == 0 {
+                            return;
+                        }
+                        let reply = if bank {
+                            b"OK 1\n".to_vec()
+                        } else {
+                            line.to_ascii_uppercase()
+                        };
+                        if writer.write_all(&reply).is_err() {
+                            return;
+                        }
+                    }
+                    line.clear();
+                    let _ = reader.read_until(b'\n', &mut line);
+                    if let Ending::MidReply = ending {
+                        let _ = writer.write_all(b"O");
+                    }
+                    let _ = writer.shutdown(Shutdown::Write);
+                    let _ = std::io::copy(&mut reader, &mut std::io::sink());
+                });
+            }
+        });
+        addr
+    }
+
+    fn plan(addr: SocketAddr, window: Duration) -> Plan {
+        let start = Instant::now();
+        Plan {
+            addr,
+            connections: 2,
+            pipeline: 4,
+            rate: None,
+            timeout: Duration::from_secs(2),
+            clock: Clock {
+                start,
+                window_start: start,
+                window_end: start + window,
+                deadline: start + window + Duration::from_secs(2),
+            },
+            counting: Counting::Window,
+            live: Arc::default(),
+        }
+    }
+
+    /// ASCII lines starting with `o` (the test server uppercases ASCII only, and `MidReply`
+    /// cuts a reply after a correct `O`).
+    fn echo() -> EchoWorkload {
+        let pool = ["ok then\n", "on and on\n"].map(|l| Payload {
+            line: l.as_bytes().to_vec(),
+            expected: l.to_ascii_uppercase().into_bytes(),
+        });
+        EchoWorkload::new(pool.to_vec(), Rng::new(3))
+    }
+
+    #[test]
+    fn a_clean_close_resends_unanswered_echo_requests_and_is_no_error() {
+        let addr = closing_server(5, Ending::CleanAfterUnanswered, false);
+        let out = run(plan(addr, Duration::from_millis(300)), echo()).expect("run");
+        let c = out.counters;
+        assert!(c.closed >= 2, "{c:?}");
+        assert!(c.retried >= c.closed, "{c:?}");
+        assert_eq!(
+            (c.mismatches, c.network_errors(), c.abandoned),
+            (0, 0, 0),
+            "{c:?}"
+        );
+        assert!(c.completed >= 5, "{c:?}");
+    }
+
+    #[test]
+    fn a_clean_close_leaves_unanswered_bank_operations_unknown() {
+        let addr = closing_server(3, Ending::CleanAfterUnanswered, true);
+        let accounts = ["a", "b"].map(|n| n.parse().expect("valid")).to_vec();
+        let work = BankWorkload::new(accounts, "deposit=1".parse().expect("mix"), Rng::new(4));
+        let out = run(plan(addr, Duration::from_millis(200)), work).expect("run");
+        let c = out.counters;
+        assert!(c.closed >= 2, "{c:?}");
+        assert_eq!((c.retried, c.network_errors()), (0, 0), "{c:?}");
+        let book = out.workload.book();
+        assert_eq!(book.applied, c.replies, "{c:?} {book:?}");
+        assert!(book.unknown_deposits >= c.closed, "{c:?} {book:?}");
+    }
+
+    #[test]
+    fn an_eof_in_the_middle_of_a_reply_is_a_reset() {
+        let addr = closing_server(2, Ending::MidReply, false);
+        let out = run(plan(addr, Duration::from_millis(200)), echo()).expect("run");
+        let c = out.counters;
+        assert!(c.resets >= 2, "{c:?}");
+        assert_eq!((c.closed, c.retried, c.mismatches), (0, 0, 0), "{c:?}");
     }
 }

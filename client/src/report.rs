@@ -155,8 +155,12 @@ impl Report {
             c.replies, c.mismatches
         ));
         line(format!(
-            "  network    {} connects, {} connect errors, {} resets, {} closed by server, {} timeouts, {} abandoned at the deadline",
-            c.connects, c.connect_errors, c.resets, c.closed, c.timeouts, c.abandoned
+            "  network    {} connects, {} connect errors, {} resets, {} timeouts, {} abandoned at the deadline",
+            c.connects, c.connect_errors, c.resets, c.timeouts, c.abandoned
+        ));
+        line(format!(
+            "  closes     {} clean closes by the server, {} requests sent again",
+            c.closed, c.retried
         ));
         for sample in &self.mismatch_samples {
             line(format!("  wrong: {sample}"));
@@ -213,6 +217,17 @@ mod tests {
             judge(10, &reset, None),
             (EXIT_DEGRADED, "DEGRADED: 1 network errors".into())
         );
+        let closed = Counters {
+            closed: 3,
+            retried: 4,
+            ..clean
+        };
+        assert_eq!(judge(10, &closed, None).0, EXIT_CLEAN);
+        let timeout = Counters {
+            timeouts: 1,
+            ..closed
+        };
+        assert_eq!(judge(10, &timeout, None).0, EXIT_DEGRADED);
         let wrong = Counters {
             mismatches: 2,
             ..reset

@@ -26,10 +26,15 @@ pub struct Counters {
     pub connects: u64,
     /// Connection attempts that failed or timed out.
     pub connect_errors: u64,
-    /// Connections that failed with an error (reset, broken pipe, ...).
+    /// Connections that failed with an error (reset, broken pipe, ...) or whose EOF cut a
+    /// reply in two.
     pub resets: u64,
-    /// Connections the server closed (EOF).
+    /// Connections the server closed cleanly (EOF at a reply boundary), as a recycled or
+    /// draining worker does. Normal operation, not a network error: the connection is reopened.
     pub closed: u64,
+    /// Idempotent requests sent again on a new connection because a clean close came before
+    /// their reply.
+    pub retried: u64,
     /// Connections dropped because a reply took longer than --timeout.
     pub timeouts: u64,
     /// Requests still unanswered when the run's hard deadline came.
@@ -37,9 +42,9 @@ pub struct Counters {
 }
 
 impl Counters {
-    /// Network trouble of any kind.
+    /// Network failures: failed connects, resets and timeouts. Clean closes are not failures.
     pub fn network_errors(&self) -> u64 {
-        self.connect_errors + self.resets + self.closed + self.timeouts
+        self.connect_errors + self.resets + self.timeouts
     }
 }
 
@@ -54,6 +59,7 @@ impl std::ops::AddAssign for Counters {
         self.connect_errors += o.connect_errors;
         self.resets += o.resets;
         self.closed += o.closed;
+        self.retried += o.retried;
         self.timeouts += o.timeouts;
         self.abandoned += o.abandoned;
     }
@@ -158,9 +164,11 @@ mod tests {
         c += Counters {
             completed: 3,
             resets: 1,
-            closed: 1,
+            closed: 5,
+            retried: 7,
             ..Counters::default()
         };
-        assert_eq!((c.completed, c.network_errors()), (4, 4));
+        assert_eq!((c.completed, c.network_errors()), (4, 3));
+        assert_eq!((c.closed, c.retried), (5, 7));
     }
 }

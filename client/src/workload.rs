@@ -40,6 +40,11 @@ pub struct ReplyProgress {
 }
 
 impl ReplyProgress {
+    /// Whether part of a reply has been read (an EOF now would cut a reply in two).
+    pub fn mid_reply(&self) -> bool {
+        self.matched > 0 || self.wrong || !self.line.is_empty()
+    }
+
     /// Forgets a partly read reply (the connection was dropped).
     pub fn reset(&mut self) {
         self.matched = 0;
@@ -57,6 +62,13 @@ pub trait Workload: Send {
     /// Appends the next request to `out`.
     fn write_next(&mut self, out: &mut Vec<u8>) -> Self::Sent;
 
+    /// Whether `sent` may be sent again when its connection closed cleanly before the reply
+    /// (the server never processed it, or processing it twice changes nothing).
+    fn idempotent(&self, sent: &Self::Sent) -> bool;
+
+    /// Appends `sent` to `out` again, byte for byte (the re-send of an idempotent request).
+    fn write_again(&self, sent: &Self::Sent, out: &mut Vec<u8>);
+
     /// Consumes the start of `input` as (part of) the reply to `sent`: returns how many bytes
     /// were used (at least one when `input` is not empty) and the verdict once the reply's
     /// newline has been seen.
@@ -67,7 +79,8 @@ pub trait Workload: Send {
         input: &[u8],
     ) -> (usize, Option<Verdict>);
 
-    /// The reply to `sent` will never come (its connection dropped, or the run ended).
+    /// The reply to `sent` will never come (its connection dropped and it is not re-sent, or
+    /// the run ended).
     fn lost(&mut self, sent: &Self::Sent);
 
     /// Records a protocol violation that belongs to no request (bytes nobody asked for).
@@ -118,8 +131,17 @@ impl Workload for EchoWorkload {
 
     fn write_next(&mut self, out: &mut Vec<u8>) -> u32 {
         let i = self.rng.below(self.pool.len() as u64) as u32;
-        out.extend_from_slice(&self.pool[i as usize].line);
+        self.write_again(&i, out);
         i
+    }
+
+    /// Echo changes nothing on the server.
+    fn idempotent(&self, _sent: &u32) -> bool {
+        true
+    }
+
+    fn write_again(&self, &sent: &u32, out: &mut Vec<u8>) {
+        out.extend_from_slice(&self.pool[sent as usize].line);
     }
 
     fn feed(
@@ -272,6 +294,19 @@ impl Workload for BankWorkload {
         let req = self.next_request();
         req.write_to(out);
         req
+    }
+
+    /// Only reads: a deposit, withdrawal or transfer whose reply never came has an unknown
+    /// outcome (design note 7) and is booked as such, never sent twice.
+    fn idempotent(&self, req: &Request) -> bool {
+        matches!(
+            req,
+            Request::Balance { .. } | Request::Audit | Request::Ping
+        )
+    }
+
+    fn write_again(&self, req: &Request, out: &mut Vec<u8>) {
+        req.write_to(out);
     }
 
     fn feed(
