@@ -11,6 +11,7 @@
 
 use std::io;
 use std::net::{SocketAddr, TcpListener};
+use std::os::fd::{AsRawFd, OwnedFd, RawFd};
 
 use socket2::{Domain, Socket, Type};
 
@@ -35,6 +36,17 @@ pub struct ListenerGroup {
     mode: AcceptMode,
     backlog: u32,
     slots: Vec<TcpListener>,
+    /// Passed in by systemd or by the previous master: the address is not ours to change.
+    pub inherited: bool,
+}
+
+/// Why an inherited descriptor cannot serve as a listener.
+#[derive(Debug, thiserror::Error)]
+pub enum InheritError {
+    #[error("an inherited descriptor is not a listening TCP socket")]
+    NotListening,
+    #[error("an inherited socket cannot be used: {source}")]
+    Socket { source: io::Error },
 }
 
 /// Why a service could not listen.
@@ -67,11 +79,58 @@ impl ListenerGroup {
             mode,
             backlog,
             slots: vec![first],
+            inherited: false,
         };
         while group.slots.len() < count {
             group.add_slot().map_err(error)?;
         }
         Ok(group)
+    }
+
+    /// A group made of inherited listening sockets (socket activation, or a binary upgrade),
+    /// resized to `count` slots. One socket without `SO_REUSEPORT` (what systemd passes) is
+    /// shared by every worker; `SO_REUSEPORT` sockets (a previous master's slots) stay one
+    /// per slot, and more are bound beside them if needed.
+    pub fn inherit(
+        fds: Vec<OwnedFd>,
+        count: usize,
+        backlog: u32,
+    ) -> Result<ListenerGroup, InheritError> {
+        let mut slots = Vec::with_capacity(fds.len());
+        let mut reuse_port = true;
+        for fd in fds {
+            let socket = Socket::from(fd);
+            let fd_error = |source| InheritError::Socket { source };
+            if !socket.is_listener().map_err(fd_error)?
+                || socket.r#type().map_err(fd_error)? != Type::STREAM
+            {
+                return Err(InheritError::NotListening);
+            }
+            reuse_port &= socket.reuse_port().map_err(fd_error)?;
+            socket.set_nonblocking(true).map_err(fd_error)?;
+            socket.set_cloexec(true).map_err(fd_error)?;
+            slots.push(TcpListener::from(socket));
+        }
+        let first = slots.first().ok_or(InheritError::NotListening)?;
+        let addr = first
+            .local_addr()
+            .map_err(|source| InheritError::Socket { source })?;
+        let mode = if reuse_port {
+            AcceptMode::ReusePort
+        } else {
+            AcceptMode::Shared
+        };
+        slots.truncate(if mode == AcceptMode::Shared { 1 } else { count });
+        let group = ListenerGroup {
+            addr,
+            mode,
+            backlog,
+            slots,
+            inherited: true,
+        };
+        group
+            .resized(count)
+            .map_err(|e| InheritError::Socket { source: e.source })
     }
 
     /// Adds a listener for one more worker slot (TTIN).
@@ -85,6 +144,11 @@ impl ListenerGroup {
     /// draining worker has closed its copy too.
     pub fn remove_slot(&mut self) {
         self.slots.pop();
+    }
+
+    /// The descriptors to hand to a new binary (a binary upgrade).
+    pub fn raw_fds(&self) -> Vec<RawFd> {
+        self.slots.iter().map(AsRawFd::as_raw_fd).collect()
     }
 
     /// The listener of slot `index` (in a forked worker).
@@ -104,6 +168,7 @@ impl ListenerGroup {
             mode: self.mode,
             backlog: self.backlog,
             slots: Vec::with_capacity(count),
+            inherited: self.inherited,
         };
         for listener in self.slots.iter().take(count) {
             group.slots.push(listener.try_clone().map_err(error)?);

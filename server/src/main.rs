@@ -4,6 +4,7 @@
 mod bank;
 mod config;
 mod conn;
+mod inherit;
 mod listener;
 mod logging;
 mod master;

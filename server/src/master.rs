@@ -19,12 +19,13 @@ use mio::unix::SourceFd;
 use mio::{Events, Interest, Poll, Token};
 use nix::sys::signal::Signal;
 use nix::unistd::Pid;
-use signal_hook::consts::{SIGCHLD, SIGHUP, SIGINT, SIGQUIT, SIGTERM, SIGTTIN, SIGTTOU};
+use signal_hook::consts::{SIGCHLD, SIGHUP, SIGINT, SIGQUIT, SIGTERM, SIGTTIN, SIGTTOU, SIGUSR2};
 use signal_hook_mio::v1_0::Signals;
 
 use forkpool_ledger::{Ledger, LedgerOptions};
 
 use crate::config::{Cli, Config, MAX_WORKERS};
+use crate::inherit::{self, Inherited};
 use crate::listener::ListenerGroup;
 use crate::master_link::{self, Message, StatusReceiver, StatusSender};
 use crate::pidfile::PidFile;
@@ -45,6 +46,8 @@ const FIRST_BACKOFF: Duration = Duration::from_millis(100);
 const MAX_BACKOFF: Duration = Duration::from_secs(5);
 /// How often heartbeats are checked.
 const HANG_CHECK_INTERVAL: Duration = Duration::from_millis(500);
+/// How long a new binary (USR2) has to become ready before it is killed.
+const UPGRADE_TIMEOUT: Duration = Duration::from_secs(60);
 /// Scoreboard cells: room for a full pool plus as many workers draining.
 const SCOREBOARD_CELLS: usize = 2 * MAX_WORKERS;
 
@@ -118,6 +121,20 @@ pub struct Master {
     restarts: BTreeMap<&'static str, u64>,
     /// Requests served by workers already reaped, per service.
     finished_requests: [u64; 2],
+    /// How this binary was started, to start it again on USR2.
+    exe: std::path::PathBuf,
+    args: Vec<std::ffi::OsString>,
+    /// A new master started by USR2 that has not taken over yet.
+    upgrade: Option<Upgrade>,
+    /// The master this one replaces (it is told to drain once we are ready).
+    replaces: Option<Pid>,
+}
+
+/// A binary upgrade in progress.
+#[derive(Debug)]
+struct Upgrade {
+    pid: Pid,
+    deadline: Instant,
 }
 
 /// Why the master could not start.
@@ -127,32 +144,39 @@ pub enum StartError {
     Bind(#[from] crate::listener::BindError),
     #[error(transparent)]
     Ledger(#[from] forkpool_ledger::LedgerError),
-    #[error("the ledger cannot be audited: {0}")]
-    Audit(String),
     #[error(transparent)]
     PidFile(#[from] crate::pidfile::PidFileError),
     #[error("cannot set up the master's event loop: {0}")]
     Io(#[from] io::Error),
     #[error("cannot map the scoreboard: {0}")]
     Scoreboard(#[from] nix::Error),
+    #[error(transparent)]
+    Inherit(#[from] crate::listener::InheritError),
 }
 
 impl Master {
     /// Checks the pid file, binds every listener and opens the ledger; nothing is forked.
     pub fn new(cli: Cli, config: Config) -> Result<Master, StartError> {
+        let exe = std::env::current_exe()?;
+        let args: Vec<std::ffi::OsString> = std::env::args_os().skip(1).collect();
+        let mut inherited = inherit::take()?;
         let pid_file = config.pid_file.as_deref().map(PidFile::claim).transpose()?;
-        let services = bind_services(&config, config.workers)?;
-        let ledger = Ledger::open(
-            &config.ledger,
-            &LedgerOptions {
-                max_accounts: config.max_accounts,
-                fsync: config.fsync,
-                ..LedgerOptions::default()
-            },
-        )?;
-        let audit = ledger
-            .audit()
-            .map_err(|e| StartError::Audit(e.to_string()))?;
+        let services = listen(&config, &mut inherited)?;
+        let ledger = match inherited.ledger.take() {
+            // A binary upgrade: the old master's workers use the ledger right now, so its
+            // locks must not be re-initialised nor recovery run.
+            Some(fd) => Ledger::adopt(fd, &config.ledger, config.fsync)?,
+            None => Ledger::open(
+                &config.ledger,
+                &LedgerOptions {
+                    max_accounts: config.max_accounts,
+                    fsync: config.fsync,
+                    ..LedgerOptions::default()
+                },
+            )?,
+        };
+        // A lock-free read: after an upgrade the old master's workers hold the locks.
+        let audit = ledger.approximate_audit();
         log::info!(
             "ledger {}: {} accounts, total {}, fsync {}",
             config.ledger.display(),
@@ -161,8 +185,9 @@ impl Master {
             config.fsync
         );
         let poll = Poll::new()?;
-        let mut signals =
-            Signals::new([SIGTERM, SIGINT, SIGQUIT, SIGCHLD, SIGHUP, SIGTTIN, SIGTTOU])?;
+        let mut signals = Signals::new([
+            SIGTERM, SIGINT, SIGQUIT, SIGCHLD, SIGHUP, SIGTTIN, SIGTTOU, SIGUSR2,
+        ])?;
         poll.registry()
             .register(&mut signals, SIGNAL_TOKEN, Interest::READABLE)?;
         let (status_pipe, status_sender) = master_link::status_pipe()?;
@@ -199,6 +224,10 @@ impl Master {
             next_hang_check: Instant::now(),
             restarts: BTreeMap::new(),
             finished_requests: [0; 2],
+            exe,
+            args,
+            upgrade: None,
+            replaces: inherited.upgrade_from,
             cli,
             config,
         })
@@ -244,6 +273,7 @@ impl Master {
                 }
             }
             self.reap_workers();
+            self.check_upgrade_deadline();
             self.kill_hung_workers();
             self.serve_status(&http_events);
         }
@@ -273,7 +303,13 @@ impl Master {
                 Stop::Later
             }
             SIGHUP if running => {
+                notify(&[sd_notify::NotifyState::Reloading]);
                 self.reload();
+                notify(&[sd_notify::NotifyState::Ready]);
+                Stop::Later
+            }
+            SIGUSR2 if running => {
+                self.upgrade();
                 Stop::Later
             }
             // SIGCHLD: reaping follows every wake-up. Pool changes wait while draining.
@@ -308,6 +344,7 @@ impl Master {
     }
 
     fn start_drain(&mut self) {
+        notify(&[sd_notify::NotifyState::Stopping]);
         let deadline = Instant::now() + self.config.graceful_timeout;
         log::info!(
             "draining: waiting up to {:?} for {} workers",
@@ -361,11 +398,13 @@ impl Master {
             Phase::Running => None,
         };
         let hang_check = self.config.worker_timeout.map(|_| self.next_hang_check);
+        let upgrade = self.upgrade.as_ref().map(|u| u.deadline);
         self.slots
             .iter()
             .filter_map(|slot| slot.start_at)
             .chain(drain)
             .chain(hang_check)
+            .chain(upgrade)
             .min()
             .map(|wake| wake.saturating_duration_since(now))
     }
@@ -407,6 +446,16 @@ impl Master {
         // A closed stdout must not stop the server: the line is a courtesy to scripts.
         let mut stdout = io::stdout().lock();
         let _ = writeln!(stdout, "{line}").and_then(|()| stdout.flush());
+        drop(stdout);
+        let main_pid = u32::try_from(self.pid.as_raw()).unwrap_or_default();
+        notify(&[
+            sd_notify::NotifyState::MainPid(main_pid),
+            sd_notify::NotifyState::Ready,
+        ]);
+        if let Some(old) = self.replaces.take() {
+            log::info!("upgrade complete: telling the old master (pid {old}) to drain");
+            process::signal(old, Signal::SIGTERM);
+        }
     }
 
     fn remove_pid_file(&mut self) {
@@ -418,6 +467,13 @@ impl Master {
     /// Reaps every dead child and schedules replacements.
     fn reap_workers(&mut self) {
         while let Some((pid, exit)) = process::reap_any() {
+            if self.upgrade.as_ref().is_some_and(|u| u.pid == pid) {
+                log::error!(
+                    "upgrade failed: the new master (pid {pid}) exited: {exit}; carrying on"
+                );
+                self.abandon_upgrade();
+                continue;
+            }
             let Some(index) = self.workers.iter().position(|w| w.pid == pid) else {
                 log::info!("reaped process {pid}: {exit}");
                 continue;
@@ -638,6 +694,82 @@ impl Master {
         Ok(services)
     }
 
+    /// USR2: starts the binary on disk as a new master that inherits the listeners and the
+    /// ledger. This master serves on until the new one is ready and sends it SIGTERM; if the
+    /// new one exits or is not ready within the deadline, it is killed and nothing changes.
+    fn upgrade(&mut self) {
+        if let Some(upgrade) = &self.upgrade {
+            log::warn!(
+                "SIGUSR2: an upgrade (pid {}) is already in progress",
+                upgrade.pid
+            );
+            return;
+        }
+        if let Some(pid_file) = &mut self.pid_file {
+            if let Err(e) = pid_file.move_aside() {
+                log::error!("SIGUSR2: upgrade refused: {e}");
+                return;
+            }
+        }
+        let mut fds: Vec<(std::os::fd::RawFd, &str)> = Vec::new();
+        for service in &self.services {
+            let name = service.kind.name();
+            fds.extend(service.group.raw_fds().into_iter().map(|fd| (fd, name)));
+        }
+        if let Some(ledger) = &self.ledger {
+            fds.push((std::os::fd::AsRawFd::as_raw_fd(ledger), "ledger"));
+        }
+        match process::fork_with_signals_blocked() {
+            Ok(Forked::Child) => {
+                let error = inherit::exec_with_fds(&self.exe, &self.args, &fds, self.pid);
+                eprintln!(
+                    "forkpool-server: cannot start {}: {error}",
+                    self.exe.display()
+                );
+                std::process::exit(127);
+            }
+            Ok(Forked::Parent(pid)) => {
+                log::info!(
+                    "SIGUSR2: started {} as the new master (pid {pid})",
+                    self.exe.display()
+                );
+                self.upgrade = Some(Upgrade {
+                    pid,
+                    deadline: Instant::now() + UPGRADE_TIMEOUT,
+                });
+            }
+            Err(e) => {
+                log::error!("SIGUSR2: cannot fork the new master: {e}");
+                self.abandon_upgrade();
+            }
+        }
+    }
+
+    /// Kills a new master that did not make it in time.
+    fn check_upgrade_deadline(&mut self) {
+        let Some(upgrade) = &self.upgrade else {
+            return;
+        };
+        if Instant::now() >= upgrade.deadline {
+            log::error!(
+                "upgrade failed: the new master (pid {}) was not ready within {UPGRADE_TIMEOUT:?}; killing it",
+                upgrade.pid
+            );
+            process::signal(upgrade.pid, Signal::SIGKILL);
+            let _ = nix::sys::wait::waitpid(upgrade.pid, None);
+            self.abandon_upgrade();
+        }
+    }
+
+    fn abandon_upgrade(&mut self) {
+        self.upgrade = None;
+        if let Some(pid_file) = &mut self.pid_file {
+            if let Err(e) = pid_file.move_back() {
+                log::error!("{e}");
+            }
+        }
+    }
+
     fn start_due_workers(&mut self) {
         if !matches!(self.phase, Phase::Running) {
             return;
@@ -773,20 +905,39 @@ impl Slot {
     }
 }
 
-fn bind_services(
-    config: &Config,
-    workers: usize,
-) -> Result<Vec<Service>, crate::listener::BindError> {
-    Ok(vec![
-        Service {
-            kind: ServiceKind::Echo,
-            group: ListenerGroup::bind(config.echo_addr, workers, config.backlog, config.accept)?,
-        },
-        Service {
-            kind: ServiceKind::Bank,
-            group: ListenerGroup::bind(config.bank_addr, workers, config.backlog, config.accept)?,
-        },
-    ])
+/// The listeners of every service: the inherited ones where there are any, else bound to the
+/// configured address.
+fn listen(config: &Config, inherited: &mut Inherited) -> Result<Vec<Service>, StartError> {
+    let mut services = Vec::new();
+    for (kind, addr, fds) in [
+        (
+            ServiceKind::Echo,
+            config.echo_addr,
+            std::mem::take(&mut inherited.echo),
+        ),
+        (
+            ServiceKind::Bank,
+            config.bank_addr,
+            std::mem::take(&mut inherited.bank),
+        ),
+    ] {
+        let group = if fds.is_empty() {
+            ListenerGroup::bind(addr, config.workers, config.backlog, config.accept)?
+        } else {
+            let group = ListenerGroup::inherit(fds, config.workers, config.backlog)?;
+            log::info!("{} listens on inherited socket {}", kind.name(), group.addr);
+            group
+        };
+        services.push(Service { kind, group });
+    }
+    Ok(services)
+}
+
+/// Tells systemd (if it started us with `Type=notify`) about a state change.
+fn notify(states: &[sd_notify::NotifyState<'_>]) {
+    if let Err(e) = sd_notify::notify(false, states) {
+        log::warn!("cannot notify systemd: {e}");
+    }
 }
 
 /// Does a configured address (possibly port 0) name the socket bound as `bound`?

@@ -54,9 +54,9 @@ impl PidFile {
         })
     }
 
-    /// Writes `pid` in place (the file stays the locked one; a reader sees either the old
-    /// content or the new line, as the write is a single small write after truncation to
-    /// nothing is avoided by writing first and truncating after).
+    /// Writes `pid` in place: the file must stay the locked inode, so it is not replaced by
+    /// a rename; the line is written first and the file cut after it, so a reader never sees
+    /// an empty file.
     pub fn write(&mut self, pid: Pid) -> Result<(), PidFileError> {
         let line = format!("{pid}\n");
         let result = (|| {
@@ -71,6 +71,32 @@ impl PidFile {
         })
     }
 
+    /// During a binary upgrade: moves the file aside to `PATH.oldbin` (as nginx does), so
+    /// the new master can claim `PATH`; the lock moves with the file.
+    pub fn move_aside(&mut self) -> Result<(), PidFileError> {
+        let oldbin = oldbin_path(&self.path);
+        std::fs::rename(&self.path, &oldbin).map_err(|source| PidFileError::Io {
+            path: self.path.clone(),
+            source,
+        })?;
+        self.path = oldbin;
+        Ok(())
+    }
+
+    /// A failed upgrade: moves `PATH.oldbin` back to `PATH`.
+    pub fn move_back(&mut self) -> Result<(), PidFileError> {
+        let Some(original) = self.path.to_str().and_then(|p| p.strip_suffix(".oldbin")) else {
+            return Ok(());
+        };
+        let original = PathBuf::from(original);
+        std::fs::rename(&self.path, &original).map_err(|source| PidFileError::Io {
+            path: self.path.clone(),
+            source,
+        })?;
+        self.path = original;
+        Ok(())
+    }
+
     /// Removes the file at exit (the lock goes with the descriptor).
     pub fn remove(self) {
         if let Err(e) = std::fs::remove_file(&self.path) {
@@ -83,6 +109,12 @@ impl PidFile {
     pub fn forget(self) {
         drop(self.file);
     }
+}
+
+fn oldbin_path(path: &Path) -> PathBuf {
+    let mut name = path.as_os_str().to_owned();
+    name.push(".oldbin");
+    PathBuf::from(name)
 }
 
 /// Takes an exclusive non-blocking flock; `Ok(false)` if another process holds it.
