@@ -19,6 +19,8 @@ pub use nix::sys::signal::Signal;
 use nix::sys::signal::{kill, killpg};
 use nix::unistd::Pid;
 
+/// How long [`Server::wait_exit`] waits for the output pipes to close after the exit.
+const OUTPUT_END_TIMEOUT: Duration = Duration::from_secs(2);
 /// How long a server may take to print its ready line.
 pub const START_TIMEOUT: Duration = Duration::from_secs(20);
 
@@ -95,6 +97,12 @@ pub struct ServerBuilder {
     args: Vec<String>,
     env: Vec<(String, String)>,
     dir: Option<Arc<tempfile::TempDir>>,
+    /// Harness defaults not to pass (so a `--config` file's value applies).
+    without: Vec<String>,
+    /// The server executable (default: the workspace's `forkpool-server`).
+    program: Option<PathBuf>,
+    /// A command that runs the server: `wrapper... <program> <args...>`.
+    wrapper: Vec<String>,
 }
 
 impl ServerBuilder {
@@ -106,6 +114,27 @@ impl ServerBuilder {
 
     pub fn env(mut self, key: &str, value: &str) -> Self {
         self.env.push((key.into(), value.into()));
+        self
+    }
+
+    /// Does not pass the harness's default for `flag` (e.g. `--workers`), so that a value
+    /// from a `--config` file takes effect (flags win over the file).
+    pub fn without_default(mut self, flag: &str) -> Self {
+        self.without.push(flag.into());
+        self
+    }
+
+    /// Runs this executable instead of the workspace's `forkpool-server` (e.g. a copy that a
+    /// test replaces on disk before a binary upgrade).
+    pub fn program(mut self, program: PathBuf) -> Self {
+        self.program = Some(program);
+        self
+    }
+
+    /// Runs the server through `wrapper` (e.g. `systemd-socket-activate -l ADDR`), which
+    /// must exec it in place so the master keeps the child's pid.
+    pub fn wrapper<I: IntoIterator<Item = S>, S: Into<String>>(mut self, wrapper: I) -> Self {
+        self.wrapper = wrapper.into_iter().map(Into::into).collect();
         self
     }
 
@@ -144,13 +173,24 @@ impl ServerBuilder {
             ),
         ];
         for (flag, value) in defaults {
-            if !given(flag) && server_accepts(flag) {
+            if !given(flag) && !self.without.iter().any(|f| f == flag) && server_accepts(flag) {
                 args.push(flag.to_string());
                 args.push(value);
             }
         }
         args.extend(self.args.iter().cloned());
-        let mut command = Command::new(binary("forkpool-server"));
+        let program = self
+            .program
+            .clone()
+            .unwrap_or_else(|| binary("forkpool-server"));
+        let mut command = match self.wrapper.split_first() {
+            Some((wrapper, wrapper_args)) => {
+                let mut command = Command::new(wrapper);
+                command.args(wrapper_args).arg(&program);
+                command
+            }
+            None => Command::new(&program),
+        };
         command
             .args(&args)
             .current_dir(dir.path())
@@ -184,6 +224,7 @@ impl ServerBuilder {
             pid,
             echo: None,
             bank: None,
+            status: None,
             log,
             closed_pipes,
             ready_rx,
@@ -229,6 +270,8 @@ pub struct Server {
     pub pid: Pid,
     pub echo: Option<SocketAddr>,
     pub bank: Option<SocketAddr>,
+    /// The HTTP status address (`status=` in the ready line, with `--status-addr`).
+    pub status: Option<SocketAddr>,
     log: Arc<Mutex<Vec<String>>>,
     /// How many of stdout and stderr reached EOF (all output collected).
     closed_pipes: Arc<AtomicUsize>,
@@ -243,6 +286,9 @@ impl Server {
             args: Vec::new(),
             env: Vec::new(),
             dir: None,
+            without: Vec::new(),
+            program: None,
+            wrapper: Vec::new(),
         }
     }
 
@@ -251,7 +297,8 @@ impl Server {
         Server::builder().start()
     }
 
-    fn wait_ready(&mut self) {
+    /// Waits for the ready line and reads the addresses from it (after [`ServerBuilder::spawn`]).
+    pub fn wait_ready(&mut self) {
         let line = match self.ready_rx.recv_timeout(START_TIMEOUT) {
             Ok(line) => line,
             Err(_) => panic!(
@@ -264,6 +311,7 @@ impl Server {
                 match key {
                     "echo" => self.echo = value.parse().ok(),
                     "bank" => self.bank = value.parse().ok(),
+                    "status" => self.status = value.parse().ok(),
                     "pid" => assert_eq!(value, self.pid.to_string(), "ready line names the master"),
                     _ => {}
                 }
@@ -277,6 +325,11 @@ impl Server {
 
     pub fn bank_addr(&self) -> SocketAddr {
         self.bank.expect("the ready line names the bank address")
+    }
+
+    pub fn status_addr(&self) -> SocketAddr {
+        self.status
+            .expect("the ready line names the status address")
     }
 
     /// The data directory (holds the ledger unless the test chose another path).
@@ -330,10 +383,23 @@ impl Server {
             child.try_wait().ok().flatten()
         });
         self.exit = Some(status);
-        wait_until("the server's output to end", timeout, || {
-            (self.closed_pipes.load(Ordering::SeqCst) == 2).then_some(())
-        });
+        // The output is complete once every process holding the pipes is gone; after a
+        // binary upgrade the new master holds them on, so this wait is bounded, not required.
+        let deadline = Instant::now() + OUTPUT_END_TIMEOUT;
+        while self.closed_pipes.load(Ordering::SeqCst) < 2 && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(5));
+        }
         status
+    }
+
+    /// Waits for the next ready line (e.g. a new master's after SIGUSR2) and returns it.
+    pub fn next_ready_line(&self, timeout: Duration) -> String {
+        self.ready_rx.recv_timeout(timeout).unwrap_or_else(|_| {
+            panic!(
+                "no new ready line within {timeout:?}; output:\n{}",
+                self.output()
+            )
+        })
     }
 
     /// Connects to the echo service.
@@ -417,6 +483,87 @@ pub fn read_line(stream: &mut TcpStream) -> String {
         }
     }
     String::from_utf8_lossy(&line).into_owned()
+}
+
+/// Sends one HTTP/1.1 request without a body and returns the status code and the body (read
+/// until the server closes).
+pub fn http_request(addr: SocketAddr, method: &str, path: &str) -> (u16, String) {
+    let mut stream = connect(addr);
+    write!(
+        stream,
+        "{method} {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n"
+    )
+    .expect("send the HTTP request");
+    let mut response = Vec::new();
+    stream
+        .read_to_end(&mut response)
+        .expect("read the HTTP response");
+    let text = String::from_utf8_lossy(&response).into_owned();
+    let code = text
+        .strip_prefix("HTTP/1.1 ")
+        .and_then(|rest| rest.get(..3))
+        .and_then(|code| code.parse().ok())
+        .unwrap_or_else(|| panic!("not an HTTP response: {text:?}"));
+    let body = text
+        .split_once("\r\n\r\n")
+        .map_or(String::new(), |(_, body)| body.to_string());
+    (code, body)
+}
+
+/// Runs `forkpool-bench` with `args` and `--json` and returns the report (one JSON object on
+/// one line) and the exit status; read figures with [`json_number`].
+pub fn bench_json(args: &[&str]) -> (String, i32) {
+    let out = Command::new(binary("forkpool-bench"))
+        .args(args)
+        .arg("--json")
+        .output()
+        .expect("forkpool-bench runs");
+    let text = String::from_utf8_lossy(&out.stdout).trim_end().to_string();
+    assert!(
+        text.starts_with('{') && text.ends_with('}') && !text.contains('\n'),
+        "not one JSON object: {text}\nstderr: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    (text, out.status.code().unwrap_or(-1))
+}
+
+/// The number at `"key":` in a flat-keyed JSON object such as forkpool-bench's report (its
+/// keys are unique); panics if it is missing or not a number.
+pub fn json_number(json: &str, key: &str) -> f64 {
+    let tag = format!("\"{key}\":");
+    let start = json
+        .find(&tag)
+        .unwrap_or_else(|| panic!("no {key} in {json}"))
+        + tag.len();
+    let rest = &json[start..];
+    let end = rest.find([',', '}']).unwrap_or(rest.len());
+    rest[..end]
+        .parse()
+        .unwrap_or_else(|_| panic!("{key} is not a number in {json}"))
+}
+
+/// Which of `candidates` holds the server end of the loopback connection `client` (IPv4),
+/// found through the socket's inode in `/proc/net/tcp` and the candidates' `/proc/<pid>/fd`.
+pub fn socket_owner(client: &TcpStream, candidates: &[Pid]) -> Option<Pid> {
+    let (server_port, client_port) = (
+        client.peer_addr().ok()?.port(),
+        client.local_addr().ok()?.port(),
+    );
+    let port = |field: &str| u16::from_str_radix(field.rsplit(':').next()?, 16).ok();
+    let table = std::fs::read_to_string("/proc/net/tcp").ok()?;
+    let inode = table.lines().skip(1).find_map(|line| {
+        let fields: Vec<&str> = line.split_whitespace().collect();
+        let (local, remote, inode) = (fields.get(1)?, fields.get(2)?, fields.get(9)?);
+        (port(local)? == server_port && port(remote)? == client_port).then(|| inode.to_string())
+    })?;
+    let target = format!("socket:[{inode}]");
+    candidates.iter().copied().find(|pid| {
+        std::fs::read_dir(format!("/proc/{pid}/fd")).is_ok_and(|fds| {
+            fds.flatten().any(|fd| {
+                std::fs::read_link(fd.path()).is_ok_and(|link| link.as_os_str() == target.as_str())
+            })
+        })
+    })
 }
 
 /// Pids whose parent is `parent`, from `/proc/<pid>/stat`.
