@@ -346,11 +346,11 @@ pub fn metrics(view: &PoolView<'_>) -> String {
         );
         family_block(
             &mut out,
-            "forkpool_ledger_balance_total",
+            "forkpool_ledger_total_balance",
             "gauge",
             "Sum of all balances (minor units).",
             |b| {
-                let _ = writeln!(b, "forkpool_ledger_balance_total {}", audit.total);
+                let _ = writeln!(b, "forkpool_ledger_total_balance {}", audit.total);
             },
         );
     }
