@@ -1,0 +1,493 @@
+//! Operating a live pool, against the real binary on loopback: TTIN/TTOU resize it, workers
+//! recycle under load without a failed request, a hung worker is replaced (and a worker that
+//! merely waits for a hung lock holder is not), SIGHUP reloads or refuses a config file, the
+//! pid file guards against a second master, and `/metrics` and `/status` tell the truth.
+//!
+//! Every wait is a condition with a deadline; every server is killed by the harness's `Drop`.
+
+use std::io::{Read, Write};
+use std::net::TcpStream;
+use std::path::Path;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use forkpool_testkit::{
+    bench_json, binary, http_request, is_alive, json_number, process_state, read_line,
+    request_line, socket_owner, tool, wait_until, Server, Signal,
+};
+use nix::sys::signal::kill;
+use nix::unistd::Pid;
+
+const WAIT: Duration = Duration::from_secs(10);
+
+/// The value of the sample `series` (name with labels, as printed) in a Prometheus text page.
+fn metric(page: &str, series: &str) -> f64 {
+    page.lines()
+        .find_map(|line| line.strip_prefix(series)?.strip_prefix(' '))
+        .unwrap_or_else(|| panic!("no {series} in\n{page}"))
+        .trim()
+        .parse()
+        .unwrap_or_else(|_| panic!("{series} is not a number in\n{page}"))
+}
+
+fn metrics(server: &Server) -> String {
+    let (code, body) = http_request(server.status_addr(), "GET", "/metrics");
+    assert_eq!(code, 200, "{body}");
+    body
+}
+
+/// How many lines of the server's output contain `text`.
+fn log_count(server: &Server, text: &str) -> usize {
+    server
+        .output_lines()
+        .iter()
+        .filter(|l| l.contains(text))
+        .count()
+}
+
+/// Waits until the server has answered `n` echo requests (the load is under way).
+fn wait_echo_requests(server: &Server, n: f64) {
+    wait_until(&format!("{n} echo requests served"), WAIT, || {
+        (metric(
+            &metrics(server),
+            "forkpool_requests_total{service=\"echo\"}",
+        ) >= n)
+            .then_some(())
+    });
+}
+
+/// Starts a closed-loop echo run in the background; joining it gives (report, exit status).
+fn echo_load(server: &Server, seconds: &str) -> std::thread::JoinHandle<(String, i32)> {
+    let addr = server.echo_addr().to_string();
+    let seconds = seconds.to_string();
+    std::thread::spawn(move || {
+        bench_json(&[
+            "echo",
+            "--addr",
+            &addr,
+            "-c",
+            "8",
+            "-P",
+            "4",
+            "-d",
+            &seconds,
+            "--threads",
+            "2",
+        ])
+    })
+}
+
+/// A clean run: exit 0, no wrong reply, no network error.
+fn assert_clean(report: &str, code: i32) {
+    assert_eq!(code, 0, "{report}");
+    assert_eq!(json_number(report, "mismatches"), 0.0, "{report}");
+    for key in ["connect_errors", "resets", "timeouts"] {
+        assert_eq!(json_number(report, key), 0.0, "{key}: {report}");
+    }
+    assert!(json_number(report, "requests") > 0.0, "{report}");
+}
+
+#[test]
+fn ttin_and_ttou_change_the_worker_count_and_never_go_below_one() {
+    let server = Server::start();
+    server.wait_workers(2, WAIT);
+    server.signal(Signal::SIGTTIN);
+    server.wait_workers(3, WAIT);
+    server.signal(Signal::SIGTTIN);
+    server.wait_workers(4, WAIT);
+    // One signal at a time: the kernel merges a signal sent again before it was handled.
+    for count in [3, 2, 1] {
+        server.signal(Signal::SIGTTOU);
+        server.wait_workers(count, WAIT);
+    }
+    let last = server.workers();
+    server.signal(Signal::SIGTTOU);
+    wait_until("the refusal to remove the last worker", WAIT, || {
+        (log_count(&server, "keeping the last worker") == 1).then_some(())
+    });
+    assert_eq!(server.workers(), last, "the last worker stays");
+    let mut conn = server.connect_echo();
+    assert_eq!(request_line(&mut conn, "still here"), "STILL HERE");
+}
+
+#[test]
+fn a_ttoud_worker_answers_pending_requests_then_closes_cleanly() {
+    let server = Server::start();
+    let workers = server.wait_workers(2, WAIT);
+    // Connections until both workers hold some (reuseport spreads them by hash).
+    let mut conns: Vec<(TcpStream, Pid)> = Vec::new();
+    wait_until("connections on both workers", WAIT, || {
+        let conn = server.connect_echo();
+        let owner = wait_until("the connection's owner", WAIT, || {
+            socket_owner(&conn, &workers)
+        });
+        conns.push((conn, owner));
+        workers
+            .iter()
+            .all(|w| conns.iter().any(|(_, o)| o == w))
+            .then_some(())
+    });
+    // A request in flight on every connection (the replies are read only after TTOU), and a
+    // long one that takes a while to stream back.
+    let long = "x".repeat(256 * 1024);
+    for (conn, _) in &mut conns {
+        conn.write_all(format!("pending\n{long}\n").as_bytes())
+            .expect("send");
+    }
+    server.signal(Signal::SIGTTOU);
+    let left = wait_until("a worker to leave", WAIT, || {
+        let now = server.workers();
+        (now.len() == 1).then(|| workers.iter().copied().find(|w| !now.contains(w)))?
+    });
+    let long_upper = long.to_uppercase();
+    for (conn, owner) in &mut conns {
+        assert_eq!(read_line(conn), "PENDING");
+        assert_eq!(read_line(conn), long_upper);
+        if *owner == left {
+            let mut rest = Vec::new();
+            let n = conn
+                .read_to_end(&mut rest)
+                .expect("a clean EOF, not a reset");
+            assert_eq!(n, 0, "nothing after the last reply");
+        } else {
+            assert_eq!(request_line(conn, "more"), "MORE");
+        }
+    }
+}
+
+#[test]
+fn recycling_under_load_fails_no_request() {
+    let server = Server::builder()
+        .args([
+            "--max-requests",
+            "500",
+            "--max-requests-jitter",
+            "50",
+            "--status-addr",
+            "127.0.0.1:0",
+        ])
+        .start();
+    let (report, code) = echo_load(&server, "3").join().expect("bench thread");
+    eprintln!("recycling run: {report}");
+    assert_clean(&report, code);
+    let page = metrics(&server);
+    let recycled = metric(&page, "forkpool_worker_restarts_total{reason=\"recycled\"}");
+    assert!(recycled > 0.0, "{page}");
+    for reason in ["crashed", "hung", "killed"] {
+        let series = format!("forkpool_worker_restarts_total{{reason=\"{reason}\"}}");
+        assert_eq!(metric(&page, &series), 0.0, "{page}");
+    }
+    eprintln!(
+        "recycled {recycled} workers; client saw {} clean closes, re-sent {} requests",
+        json_number(&report, "closed"),
+        json_number(&report, "retried")
+    );
+}
+
+#[test]
+fn a_stopped_worker_is_killed_and_replaced_within_the_timeout() {
+    let server = Server::builder().args(["--worker-timeout", "1"]).start();
+    let workers = server.wait_workers(2, WAIT);
+    let stopped = workers[0];
+    kill(stopped, Signal::SIGSTOP).expect("stop a worker");
+    let started = Instant::now();
+    let replaced = wait_until("the stopped worker to be replaced", WAIT, || {
+        let now = server.workers();
+        (now.len() == 2 && !now.contains(&stopped)).then_some(now)
+    });
+    let took = started.elapsed();
+    eprintln!("hung worker replaced after {took:?} (--worker-timeout 1)");
+    assert!(took <= Duration::from_secs(3), "took {took:?}");
+    assert!(replaced.contains(&workers[1]), "the healthy worker stays");
+    assert_eq!(
+        log_count(&server, "sent no heartbeat"),
+        1,
+        "{}",
+        server.output()
+    );
+    assert!(server
+        .output()
+        .contains(&format!("(pid {stopped}) sent no heartbeat")));
+    let mut conn = server.connect_echo();
+    assert_eq!(request_line(&mut conn, "alive"), "ALIVE");
+}
+
+/// Pids recorded as holding a stripe lock in a ledger file (layout version 1, see
+/// docs/LEDGER.md: the header records the stripe count and the mutex size; the stripes follow
+/// the 4 KiB header page, 128 bytes each, a lock word of mutex + holder pid first).
+fn stripe_lock_holders(ledger: &Path) -> Vec<i32> {
+    let Ok(bytes) = std::fs::read(ledger) else {
+        return Vec::new();
+    };
+    let u32_at = |at: usize| u32::from_le_bytes(bytes[at..at + 4].try_into().expect("4 bytes"));
+    let (mutex_bytes, stripes) = (u32_at(12) as usize, u32_at(32) as usize);
+    (0..stripes)
+        .map(|i| {
+            let at = 4096 + i * 128 + mutex_bytes;
+            i32::from_le_bytes(bytes[at..at + 4].try_into().expect("4 bytes"))
+        })
+        .filter(|&pid| pid != 0)
+        .collect()
+}
+
+#[test]
+fn a_worker_waiting_for_a_stopped_lock_holder_is_not_killed() {
+    let server = Server::builder()
+        .args(["--worker-timeout", "1", "--fsync", "always"])
+        .start();
+    let ledger = server.data_dir().path().join("ledger.bin");
+    let workers = server.wait_workers(2, WAIT);
+    // Transfers between two accounts from both workers: each holds a stripe lock often.
+    let mut load = Command::new(binary("forkpool-bench"))
+        .args(["bank", "--addr", &server.bank_addr().to_string()])
+        .args([
+            "--accounts",
+            "2",
+            "--mix",
+            "transfer=1",
+            "-c",
+            "8",
+            "-d",
+            "20",
+        ])
+        .args(["--timeout", "5", "--threads", "2"])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("forkpool-bench starts");
+    let load_pid = Pid::from_raw(load.id() as i32);
+    // Stop a worker until it is caught holding a lock (it resumes when it is not).
+    let holder = wait_until("a worker stopped while holding a ledger lock", WAIT, || {
+        workers.iter().copied().find(|&w| {
+            kill(w, Signal::SIGSTOP).expect("stop a worker");
+            wait_until("the worker to stop", WAIT, || {
+                (process_state(w)? == 'T').then_some(())
+            });
+            if stripe_lock_holders(&ledger).contains(&w.as_raw()) {
+                return true;
+            }
+            kill(w, Signal::SIGCONT).expect("resume a worker");
+            false
+        })
+    });
+    let waiter = *workers.iter().find(|&&w| w != holder).expect("two workers");
+    let stopped_at = Instant::now();
+    wait_until("the stopped holder to be killed", WAIT, || {
+        (!is_alive(holder)).then_some(())
+    });
+    eprintln!(
+        "stopped lock holder killed after {:?}",
+        stopped_at.elapsed()
+    );
+    // The waiter survived a full timeout and more behind the lock, and now serves again.
+    let mut bank = server.connect_bank();
+    assert!(request_line(&mut bank, "BALANCE bench-0").starts_with("OK "));
+    assert!(is_alive(waiter), "{}", server.output());
+    assert_eq!(
+        log_count(&server, "sent no heartbeat"),
+        1,
+        "{}",
+        server.output()
+    );
+    assert!(server.workers().contains(&waiter));
+    let _ = kill(load_pid, Signal::SIGKILL);
+    let _ = load.wait();
+}
+
+/// A config file in the server's data directory.
+fn write_config(server_dir: &Path, text: &str) -> String {
+    let path = server_dir.join("forkpool.toml");
+    std::fs::write(&path, text).expect("write the config file");
+    path.display().to_string()
+}
+
+#[test]
+fn hup_with_a_bad_config_changes_nothing_under_load() {
+    let dir = std::sync::Arc::new(tempfile::tempdir().expect("a temporary directory"));
+    let config = write_config(dir.path(), "workers = 2\nidle_timeout = 300\n");
+    let server = Server::builder()
+        .data_dir(dir.clone())
+        .without_default("--workers")
+        .args(["--config", &config, "--status-addr", "127.0.0.1:0"])
+        .start();
+    let before = {
+        let mut w = server.wait_workers(2, WAIT);
+        w.sort();
+        w
+    };
+    let load = echo_load(&server, "2");
+    wait_echo_requests(&server, 1000.0);
+    write_config(dir.path(), "workers = \"many\"\n");
+    server.signal(Signal::SIGHUP);
+    wait_until("the reload to be refused", WAIT, || {
+        (log_count(&server, "reload refused") == 1).then_some(())
+    });
+    let (report, code) = load.join().expect("bench thread");
+    eprintln!("bad reload run: {report}");
+    assert_clean(&report, code);
+    let mut after = server.workers();
+    after.sort();
+    assert_eq!(after, before, "the same workers serve on");
+    assert_eq!(log_count(&server, "reload refused"), 1);
+}
+
+#[test]
+fn hup_with_a_good_config_replaces_the_workers_under_load() {
+    let dir = std::sync::Arc::new(tempfile::tempdir().expect("a temporary directory"));
+    let config = write_config(dir.path(), "workers = 2\nidle_timeout = 300\n");
+    // Busy keep-alive connections of an old worker close at the graceful deadline at the
+    // latest: keep it inside the load.
+    let server = Server::builder()
+        .data_dir(dir.clone())
+        .without_default("--workers")
+        .args(["--config", &config, "--status-addr", "127.0.0.1:0"])
+        .args(["--graceful-timeout", "1"])
+        .start();
+    let old = server.wait_workers(2, WAIT);
+    let load = echo_load(&server, "4");
+    wait_echo_requests(&server, 1000.0);
+    write_config(dir.path(), "workers = 3\nidle_timeout = 1\n");
+    server.signal(Signal::SIGHUP);
+    let new = wait_until("3 new workers and the old ones gone", WAIT, || {
+        let now = server.workers();
+        (now.len() == 3 && now.iter().all(|w| !old.contains(w))).then_some(now)
+    });
+    let (report, code) = load.join().expect("bench thread");
+    eprintln!("good reload run: {report}");
+    assert_clean(&report, code);
+    // The old workers closed the bench's busy connections (at the graceful deadline at the
+    // latest) while the load ran: the hand-over itself was under load.
+    assert!(json_number(&report, "closed") > 0.0, "{report}");
+    // idle_timeout = 1 now applies: an idle connection is closed within a couple of seconds.
+    let mut idle = server.connect_echo();
+    assert_eq!(request_line(&mut idle, "hi"), "HI");
+    let opened = Instant::now();
+    let mut rest = Vec::new();
+    idle.read_to_end(&mut rest).expect("closed by the server");
+    let idle_for = opened.elapsed();
+    assert!(
+        idle_for >= Duration::from_millis(900) && idle_for < Duration::from_secs(4),
+        "closed after {idle_for:?}"
+    );
+    assert_eq!(server.workers().len(), 3, "{new:?}");
+}
+
+#[test]
+fn the_pid_file_names_the_master_refuses_a_second_and_is_removed_at_exit() {
+    let dir = tempfile::tempdir().expect("a temporary directory");
+    let pid_file = dir.path().join("forkpool.pid");
+    let pid_arg = pid_file.display().to_string();
+    let mut server = Server::builder().args(["--pid-file", &pid_arg]).start();
+    let written = std::fs::read_to_string(&pid_file).expect("the pid file exists once ready");
+    assert_eq!(written.trim(), server.pid.to_string());
+
+    let mut second = Server::builder().args(["--pid-file", &pid_arg]).spawn();
+    let status = second.wait_exit(WAIT);
+    assert!(!status.success(), "a second master must not start");
+    assert!(second.output().contains("is locked"), "{}", second.output());
+    assert_eq!(
+        std::fs::read_to_string(&pid_file)
+            .expect("still there")
+            .trim(),
+        server.pid.to_string()
+    );
+
+    server.signal(Signal::SIGTERM);
+    assert!(server.wait_exit(WAIT).success());
+    assert!(!pid_file.exists(), "the pid file is removed at exit");
+}
+
+#[test]
+fn a_stale_pid_file_is_taken_over() {
+    let dir = tempfile::tempdir().expect("a temporary directory");
+    let pid_file = dir.path().join("forkpool.pid");
+    let mut dead = Command::new("true").spawn().expect("run true");
+    let dead_pid = dead.id();
+    dead.wait().expect("reap it");
+    std::fs::write(&pid_file, format!("{dead_pid}\n")).expect("write a stale pid file");
+    let server = Server::builder()
+        .args(["--pid-file", &pid_file.display().to_string()])
+        .start();
+    let written = std::fs::read_to_string(&pid_file).expect("the pid file exists");
+    assert_eq!(written.trim(), server.pid.to_string());
+}
+
+#[test]
+fn metrics_pass_promtool_and_count_the_requests_sent() {
+    let server = Server::builder()
+        .args(["--status-addr", "127.0.0.1:0"])
+        .start();
+    let workers = server.wait_workers(2, WAIT);
+    let (echo_lines, bank_lines) = (37, 11);
+    for _ in 0..3 {
+        let mut conn = server.connect_echo();
+        for i in 0..echo_lines / 3 {
+            assert_eq!(
+                request_line(&mut conn, &format!("line {i}")),
+                format!("LINE {i}")
+            );
+        }
+    }
+    let mut conn = server.connect_echo();
+    for _ in 0..echo_lines % 3 {
+        assert_eq!(request_line(&mut conn, "x"), "X");
+    }
+    let mut bank = server.connect_bank();
+    for _ in 0..bank_lines {
+        assert!(request_line(&mut bank, "DEPOSIT m 5").starts_with("OK "));
+    }
+    let page = wait_until("the counters to catch up", WAIT, || {
+        let page = metrics(&server);
+        (metric(&page, "forkpool_requests_total{service=\"echo\"}") == echo_lines as f64
+            && metric(&page, "forkpool_requests_total{service=\"bank\"}") == bank_lines as f64)
+            .then_some(page)
+    });
+    assert_eq!(metric(&page, "forkpool_ledger_accounts"), 1.0);
+    assert_eq!(
+        metric(&page, "forkpool_ledger_total_balance"),
+        5.0 * bank_lines as f64
+    );
+    assert_eq!(
+        metric(&page, "forkpool_workers{state=\"idle\"}")
+            + metric(&page, "forkpool_workers{state=\"busy\"}"),
+        2.0
+    );
+
+    if let Some(promtool) = tool("promtool") {
+        let mut check = Command::new(promtool)
+            .args(["check", "metrics"])
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("promtool runs");
+        check
+            .stdin
+            .take()
+            .expect("stdin is piped")
+            .write_all(page.as_bytes())
+            .expect("feed promtool");
+        let out = check.wait_with_output().expect("promtool finishes");
+        assert!(
+            out.status.success(),
+            "promtool check metrics failed:\n{}{}\n{page}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+
+    let (code, table) = http_request(server.status_addr(), "GET", "/status");
+    assert_eq!(code, 200, "{table}");
+    for w in &workers {
+        let rows = table
+            .lines()
+            .filter(|l| l.split_whitespace().nth(1) == Some(&w.to_string()))
+            .count();
+        assert_eq!(rows, 1, "one row for worker {w}:\n{table}");
+    }
+    assert_eq!(http_request(server.status_addr(), "GET", "/nope").0, 404);
+    assert_eq!(
+        http_request(server.status_addr(), "POST", "/metrics").0,
+        405
+    );
+}
