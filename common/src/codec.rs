@@ -164,7 +164,8 @@ pub struct LineFramer {
 }
 
 impl LineFramer {
-    /// A framer for lines of at most `max_line` bytes, not counting the `\n`.
+    /// A framer for lines of at most `max_line` bytes, not counting the `\n` (nor the `\r`
+    /// of a `\r\n` ending: CRLF is the same request as LF).
     pub fn new(max_line: usize) -> Self {
         LineFramer {
             max_line,
@@ -182,7 +183,9 @@ impl LineFramer {
             let flow = if self.discarding {
                 self.discarding = false;
                 Flow::Continue
-            } else if self.partial.len() + line.len() > self.max_line {
+            } else if self.partial.len() + line.len() - usize::from(ends_with_cr(&self.partial, line))
+                > self.max_line
+            {
                 self.partial.clear();
                 on_frame(Frame::TooLong)
             } else if self.partial.is_empty() {
@@ -206,7 +209,9 @@ impl LineFramer {
         if self.discarding || tail.is_empty() {
             return Flow::Continue;
         }
-        if self.partial.len() + tail.len() > self.max_line {
+        // One byte more than the limit may still be the `\r` of a CRLF ending.
+        let len = self.partial.len() + tail.len();
+        if len > self.max_line + usize::from(ends_with_cr(&self.partial, tail)) {
             self.partial = Vec::new();
             self.discarding = true;
             return on_frame(Frame::TooLong);
@@ -225,6 +230,12 @@ impl LineFramer {
     pub fn buffered(&self) -> usize {
         self.partial.len()
     }
+}
+
+/// Does the line made of `partial` then `line` end in `\r` (a CRLF ending, which does not
+/// count against the limit)?
+fn ends_with_cr(partial: &[u8], line: &[u8]) -> bool {
+    line.last().or(partial.last()) == Some(&b'\r')
 }
 
 #[cfg(test)]
@@ -307,6 +318,16 @@ mod tests {
         assert_eq!(framer.buffered(), 0);
         assert_eq!(frames(&mut framer, b"fgh\nok\n"), vec![Some(b"ok".to_vec())]);
         assert_eq!(frames(&mut framer, b"toolong\n"), vec![None]);
+    }
+
+    #[test]
+    fn a_crlf_ending_does_not_count_against_the_limit() {
+        let mut framer = LineFramer::new(4);
+        assert_eq!(frames(&mut framer, b"abcd\r\n"), vec![Some(b"abcd\r".to_vec())]);
+        assert_eq!(frames(&mut framer, b"abcd\r"), vec![]);
+        assert_eq!(frames(&mut framer, b"\n"), vec![Some(b"abcd\r".to_vec())]);
+        assert_eq!(frames(&mut framer, b"abcde\r\n"), vec![None]);
+        assert_eq!(frames(&mut framer, b"abcd\rx\n"), vec![None]);
     }
 
     #[test]

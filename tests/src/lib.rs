@@ -415,20 +415,49 @@ impl Server {
 
 impl Drop for Server {
     fn drop(&mut self) {
-        // The master leads its own process group, which its workers inherit.
-        let _ = killpg(self.pid, Signal::SIGKILL);
+        // SIGQUIT makes a live master kill and reap its workers itself (no zombie is left for
+        // a slow init to collect); then SIGKILL whatever is left of the process group, which
+        // the master leads and its workers (and a USR2 successor) inherit.
+        let _ = killpg(self.pid, Signal::SIGCONT);
+        let _ = kill(self.pid, Signal::SIGQUIT);
         if let Some(child) = self.child.as_mut() {
+            let deadline = Instant::now() + Duration::from_secs(3);
+            while Instant::now() < deadline && matches!(child.try_wait(), Ok(None)) {
+                std::thread::sleep(Duration::from_millis(2));
+            }
+            let _ = killpg(self.pid, Signal::SIGKILL);
             let _ = child.kill();
             let _ = child.wait();
         }
-        // Workers orphaned by the master's death are reaped by init (or by this process if
-        // it is a subreaper); wait until none is left in the group.
+        // Orphans killed above become zombies until init reaps them; wait only for the
+        // living ones.
         let deadline = Instant::now() + Duration::from_secs(5);
-        while Instant::now() < deadline && killpg(self.pid, None).is_ok() {
+        while Instant::now() < deadline && !living_in_group(self.pid).is_empty() {
             let _ = killpg(self.pid, Signal::SIGKILL);
             std::thread::sleep(Duration::from_millis(5));
         }
     }
+}
+
+/// Live (non-zombie) processes whose process group is `pgid`.
+fn living_in_group(pgid: Pid) -> Vec<Pid> {
+    let Ok(entries) = std::fs::read_dir("/proc") else {
+        return Vec::new();
+    };
+    entries
+        .filter_map(|entry| entry.ok()?.file_name().to_str()?.parse::<i32>().ok())
+        .map(Pid::from_raw)
+        .filter(|pid| {
+            let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
+                return false;
+            };
+            let Some(rest) = stat.rfind(')').map(|i| &stat[i + 1..]) else {
+                return false;
+            };
+            let fields: Vec<&str> = rest.split_whitespace().collect();
+            fields.first() != Some(&"Z") && fields.get(2) == Some(&pgid.as_raw().to_string().as_str())
+        })
+        .collect()
 }
 
 /// Connects with a read timeout, so a test fails instead of hanging.
