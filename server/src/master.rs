@@ -19,7 +19,9 @@ use mio::unix::SourceFd;
 use mio::{Events, Interest, Poll, Token};
 use nix::sys::signal::Signal;
 use nix::unistd::Pid;
-use signal_hook::consts::{SIGCHLD, SIGHUP, SIGINT, SIGQUIT, SIGTERM, SIGTTIN, SIGTTOU, SIGUSR2};
+use signal_hook::consts::{
+    SIGCHLD, SIGHUP, SIGINT, SIGQUIT, SIGTERM, SIGTTIN, SIGTTOU, SIGUSR1, SIGUSR2,
+};
 use signal_hook_mio::v1_0::Signals;
 
 use forkpool_ledger::{Ledger, LedgerOptions};
@@ -186,7 +188,7 @@ impl Master {
         );
         let poll = Poll::new()?;
         let mut signals = Signals::new([
-            SIGTERM, SIGINT, SIGQUIT, SIGCHLD, SIGHUP, SIGTTIN, SIGTTOU, SIGUSR2,
+            SIGTERM, SIGINT, SIGQUIT, SIGCHLD, SIGHUP, SIGTTIN, SIGTTOU, SIGUSR1, SIGUSR2,
         ])?;
         poll.registry()
             .register(&mut signals, SIGNAL_TOKEN, Interest::READABLE)?;
@@ -312,7 +314,9 @@ impl Master {
                 self.upgrade();
                 Stop::Later
             }
-            // SIGCHLD: reaping follows every wake-up. Pool changes wait while draining.
+            // SIGCHLD: reaping follows every wake-up. SIGUSR1 is the master's order to its
+            // workers; sent to the master (e.g. to the whole group) it does nothing. Pool
+            // changes wait while draining.
             _ => Stop::Later,
         }
     }
@@ -357,7 +361,15 @@ impl Master {
         for slot in &mut self.slots {
             slot.start_at = None;
         }
-        self.signal_workers(Signal::SIGTERM);
+        // During an upgrade the TERM is the new master's "I serve now": its workers already
+        // take the connections, so ours hand theirs over at the next request boundary.
+        let signal = if self.upgrade.take().is_some() {
+            log::info!("handing over to the new master");
+            Signal::SIGUSR1
+        } else {
+            Signal::SIGTERM
+        };
+        self.signal_workers(signal);
     }
 
     /// Kills every worker, reaps them all and returns (SIGQUIT, second TERM, drain timeout).
@@ -665,7 +677,7 @@ impl Master {
         for worker in &mut self.workers {
             if !worker.retiring {
                 worker.retiring = true;
-                process::signal(worker.pid, Signal::SIGTERM);
+                process::signal(worker.pid, Signal::SIGUSR1);
             }
         }
         let now = Instant::now();
@@ -857,6 +869,7 @@ impl Master {
                 graceful_timeout: self.config.graceful_timeout,
                 output_limit: self.config.output_limit,
                 max_requests,
+                heartbeat: heartbeat_interval(self.config.worker_timeout),
             },
         }
     }
@@ -949,6 +962,12 @@ fn addr_matches(bound: std::net::SocketAddr, configured: std::net::SocketAddr) -
 enum Stop {
     Now,
     Later,
+}
+
+/// How often a worker beats: at least once a second, and four times per worker timeout.
+fn heartbeat_interval(worker_timeout: Option<Duration>) -> Duration {
+    let second = Duration::from_secs(1);
+    worker_timeout.map_or(second, |timeout| (timeout / 4).min(second))
 }
 
 /// No delay for a first crash, then 100 ms doubling up to 5 s.

@@ -438,6 +438,9 @@ pub fn status_table(view: &PoolView<'_>) -> String {
         "bytes in",
         "bytes out"
     );
+    let now_unix = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs());
     for worker in view.workers {
         let cell = worker.cell;
         let echo = cell.counters(ServiceKind::Echo);
@@ -449,12 +452,12 @@ pub fn status_table(view: &PoolView<'_>) -> String {
         };
         let _ = writeln!(
             out,
-            "{:>4} {:>8} {:<9} {:>8}ms {:>10} {:>6} {:>12} {:>6} {:>12} {:>14} {:>14}",
+            "{:>4} {:>8} {:<9} {:>8}ms {:>9}s {:>6} {:>12} {:>6} {:>12} {:>14} {:>14}",
             worker.slot,
             worker.pid,
             state,
             cell.silent_ms(),
-            cell.started_unix.load(Relaxed),
+            now_unix.saturating_sub(cell.started_unix.load(Relaxed)),
             echo.open_connections.load(Relaxed),
             echo.requests.load(Relaxed),
             bank.open_connections.load(Relaxed),

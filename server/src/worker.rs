@@ -13,7 +13,7 @@ use forkpool_ledger::Ledger;
 use mio::net::TcpListener;
 use mio::{Events, Interest, Poll, Token};
 use nix::unistd::Pid;
-use signal_hook::consts::{SIGINT, SIGQUIT, SIGTERM};
+use signal_hook::consts::{SIGINT, SIGQUIT, SIGTERM, SIGUSR1};
 use signal_hook_mio::v1_0::Signals;
 use slab::Slab;
 
@@ -45,6 +45,8 @@ pub struct WorkerSettings {
     pub output_limit: usize,
     /// Requests after which the worker retires (already jittered); `None`: never.
     pub max_requests: Option<u64>,
+    /// Longest time between two heartbeats (well under the master's worker timeout).
+    pub heartbeat: Duration,
 }
 
 const SIGNAL_TOKEN: Token = Token(usize::MAX - 1);
@@ -105,8 +107,9 @@ enum State {
 enum Drain {
     /// SIGTERM: input still on its way is answered (connections close after a quiet spell).
     Shutdown,
-    /// Retiring after max_requests, while a replacement already serves: each connection
-    /// closes as soon as everything it sent is answered (its client reconnects).
+    /// Retiring (max_requests, or SIGUSR1 from the master: reload, TTOU, upgrade) while a
+    /// replacement already serves: each connection closes as soon as everything it sent is
+    /// answered (its client reconnects, to the replacement).
     Retire,
 }
 
@@ -131,7 +134,7 @@ impl Worker {
     /// Finishes the child's start-up (signals, parent-death link) and reports ready.
     /// Returns `None` if the master is already gone.
     fn start(setup: WorkerSetup) -> io::Result<Option<Worker>> {
-        let mut signals = Signals::new([SIGTERM, SIGINT, SIGQUIT])?;
+        let mut signals = Signals::new([SIGTERM, SIGINT, SIGQUIT, SIGUSR1])?;
         setup
             .cell
             .pid
@@ -232,7 +235,7 @@ impl Worker {
     }
 
     fn next_timeout(&self, now: Instant) -> Duration {
-        let mut wake = self.next_sweep;
+        let mut wake = self.next_sweep.min(now + self.settings.heartbeat);
         if let Some(until) = self.accept_paused_until {
             wake = wake.min(until);
         }
@@ -246,6 +249,9 @@ impl Worker {
                 // Repeated TERM/INT (Ctrl-C reaches every process of the group, and the
                 // master forwards it too) are one drain; only the master escalates.
                 SIGTERM | SIGINT => self.start_drain(now, Drain::Shutdown),
+                // The master replaces this worker (reload, TTOU, upgrade): a successor
+                // already serves, so connections go as soon as they are answered.
+                SIGUSR1 => self.start_drain(now, Drain::Retire),
                 SIGQUIT => {
                     log::info!("quitting at once");
                     quit = Quit::Now;
