@@ -280,7 +280,12 @@ impl<W: Workload> Driver<W> {
                 let i = event.token().0;
                 if matches!(self.conns[i].state, State::Connecting { .. }) {
                     self.finish_connect(i, now);
-                    continue;
+                    // The same edge may already carry the server's data or EOF (a server
+                    // that accepts and closes at once): it must be read now, no new edge
+                    // will come for it.
+                    if !matches!(self.conns[i].state, State::Open) {
+                        continue;
+                    }
                 }
                 if event.is_readable() || event.is_read_closed() || event.is_error() {
                     self.read(i, now);
@@ -541,10 +546,16 @@ impl<W: Workload> Driver<W> {
         c.progress.reset();
         c.out.clear();
         c.out_pos = 0;
-        c.state = State::Waiting {
-            retry_at: now + c.backoff,
-        };
-        c.backoff = (c.backoff * 2).min(MAX_BACKOFF);
+        // A clean close is the server's keep-alive close (a worker recycled or replaced):
+        // reconnect at once. Failures back off.
+        if why == Drop::Closed {
+            c.state = State::Waiting { retry_at: now };
+        } else {
+            c.state = State::Waiting {
+                retry_at: now + c.backoff,
+            };
+            c.backoff = (c.backoff * 2).min(MAX_BACKOFF);
+        }
     }
 
     fn connect(&mut self, i: usize, now: Instant) {
