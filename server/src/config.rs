@@ -52,7 +52,7 @@ pub struct Cli {
     /// Seconds a graceful shutdown waits for workers before killing them. [default: 30]
     #[arg(long, value_name = "SECS")]
     pub graceful_timeout: Option<f64>,
-    /// Seconds without traffic after which a connection is closed. [default: 300]
+    /// Seconds without traffic after which a connection is closed (0 = never). [default: 300]
     #[arg(long, value_name = "SECS")]
     pub idle_timeout: Option<f64>,
     /// Connections one worker serves at once; past it, it stops accepting. [default: 16384]
@@ -135,7 +135,8 @@ pub struct Config {
     pub workers: usize,
     pub backlog: u32,
     pub graceful_timeout: Duration,
-    pub idle_timeout: Duration,
+    /// `None`: idle connections stay open.
+    pub idle_timeout: Option<Duration>,
     pub max_connections: usize,
     pub max_line: usize,
     pub output_limit: usize,
@@ -201,11 +202,12 @@ impl Config {
                 cli.graceful_timeout.or(file.graceful_timeout),
                 DEFAULT_GRACEFUL_TIMEOUT_SECS,
             )?,
-            idle_timeout: seconds(
+            idle_timeout: Some(seconds(
                 "idle_timeout",
                 cli.idle_timeout.or(file.idle_timeout),
                 DEFAULT_IDLE_TIMEOUT_SECS,
-            )?,
+            )?)
+            .filter(|timeout| !timeout.is_zero()),
             max_connections: cli
                 .max_connections
                 .or(file.max_connections)

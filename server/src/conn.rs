@@ -22,6 +22,9 @@ use crate::service::Session;
 /// How long a closing connection keeps reading (and discarding) after its last reply, so
 /// that unread request bytes do not turn the close into a reset that destroys the replies.
 pub const LINGER_TIMEOUT: Duration = Duration::from_secs(2);
+/// Reads per event for one connection: past it the worker serves its other connections
+/// (and beats) before coming back, so one client that never stops sending cannot starve them.
+const READS_PER_TURN: usize = 4;
 /// How many bytes a closing connection discards before it gives up on a clean close.
 const LINGER_MAX_BYTES: usize = 1024 * 1024;
 
@@ -91,8 +94,11 @@ pub struct Conn {
     wants_writable: bool,
     /// The client sent EOF: nothing more will be read.
     peer_closed: bool,
-    /// Reading stopped with input left in the socket because too many replies were pending.
+    /// Reading stopped with input left in the socket (too many replies pending, or the
+    /// turn's read budget spent): no new edge will announce that input.
     read_paused: bool,
+    /// The read budget ran out: the worker must come back next turn.
+    turn_spent: bool,
     phase: Phase,
     /// When bytes last moved either way (for the idle timeout and the drain).
     pub last_active: Instant,
@@ -116,6 +122,7 @@ impl Conn {
             wants_writable: false,
             peer_closed: false,
             read_paused: false,
+            turn_spent: false,
             phase: Phase::Open,
             last_active: now,
         }
@@ -132,6 +139,12 @@ impl Conn {
     /// Is the connection open and idle: no reply pending, not closing?
     pub fn is_quiet(&self) -> bool {
         self.phase == Phase::Open && self.unsent() == 0
+    }
+
+    /// Did this connection stop reading only because its turn was over? The worker then
+    /// drives it again on its next turn (no readiness event will come for that input).
+    pub fn needs_another_turn(&self) -> bool {
+        self.turn_spent && self.phase == Phase::Open
     }
 
     /// The lingering deadline, if the connection is lingering.
@@ -169,6 +182,15 @@ impl Conn {
     ) -> Verdict {
         if self.phase == Phase::Open {
             self.phase = Phase::Closing;
+            // Bytes held back (the start of a UTF-8 sequence) go out as they are.
+            scratch.write.clear();
+            self.session.on_server_close(&mut scratch.write);
+            let replies = std::mem::take(&mut scratch.write);
+            let sent = self.send(&replies);
+            scratch.write = replies;
+            if sent.is_err() {
+                return Verdict::Close;
+            }
         }
         // A closing connection reads nothing more, so the limit plays no part.
         let limits = Limits {
@@ -197,7 +219,15 @@ impl Conn {
         if readiness.writable {
             self.flush(now)?;
         }
+        let mut reads = 0;
+        self.turn_spent = false;
         while may_read && self.phase == Phase::Open && !self.peer_closed {
+            if reads == READS_PER_TURN {
+                self.read_paused = true;
+                self.turn_spent = true;
+                break;
+            }
+            reads += 1;
             if self.unsent() >= limits.output_limit {
                 self.flush(now)?;
                 if self.unsent() >= limits.output_limit {

@@ -26,7 +26,7 @@ fn main() -> ExitCode {
     match run() {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            eprintln!("forkpool-server: {e:#}");
+            eprintln!("forkpool-server: {}", one_line(&e));
             ExitCode::FAILURE
         }
     }
@@ -41,4 +41,18 @@ fn run() -> anyhow::Result<()> {
     }
     let mut master = master::Master::new(cli, config)?;
     master.run().context("master event loop failed")
+}
+
+/// The error and its causes on one line, without repeating a cause that a message already
+/// quotes (our error types name their OS error themselves).
+fn one_line(error: &anyhow::Error) -> String {
+    let mut line = error.to_string();
+    for cause in error.chain().skip(1) {
+        let cause = cause.to_string();
+        if !line.contains(&cause) {
+            line.push_str(": ");
+            line.push_str(&cause);
+        }
+    }
+    line
 }

@@ -46,8 +46,8 @@ const CRASH_WINDOW: Duration = Duration::from_secs(10);
 /// Delay before the second start of a crash-looping slot; doubles with each crash.
 const FIRST_BACKOFF: Duration = Duration::from_millis(100);
 const MAX_BACKOFF: Duration = Duration::from_secs(5);
-/// How often heartbeats are checked.
-const HANG_CHECK_INTERVAL: Duration = Duration::from_millis(500);
+/// How often the scoreboard is inspected (heartbeats, self-draining and overdue workers).
+const INSPECTION_INTERVAL: Duration = Duration::from_millis(250);
 /// How long a new binary (USR2) has to become ready before it is killed.
 const UPGRADE_TIMEOUT: Duration = Duration::from_secs(60);
 /// Scoreboard cells: room for a full pool plus as many workers draining.
@@ -77,8 +77,8 @@ struct Worker {
     cell: usize,
     started: Instant,
     ready: bool,
-    /// Draining while another worker serves its slot.
-    retiring: bool,
+    /// Draining while another worker serves its slot, since then.
+    retiring: Option<Instant>,
     /// Killed by the master for missing its heartbeats.
     hung: bool,
 }
@@ -118,7 +118,7 @@ pub struct Master {
     /// Held (locked) from the ready line to exit.
     pid_file: Option<PidFile>,
     announced: bool,
-    next_hang_check: Instant,
+    next_inspection: Instant,
     /// Worker exits by reason, for `/metrics`.
     restarts: BTreeMap<&'static str, u64>,
     /// Requests served by workers already reaped, per service.
@@ -159,10 +159,23 @@ pub enum StartError {
 impl Master {
     /// Checks the pid file, binds every listener and opens the ledger; nothing is forked.
     pub fn new(cli: Cli, config: Config) -> Result<Master, StartError> {
+        let pid_file = config.pid_file.as_deref().map(PidFile::claim).transpose()?;
+        match Master::open(cli, config) {
+            Ok(master) => Ok(Master { pid_file, ..master }),
+            Err(e) => {
+                // The file was created (or taken over) for a master that never started.
+                if let Some(pid_file) = pid_file {
+                    pid_file.remove();
+                }
+                Err(e)
+            }
+        }
+    }
+
+    fn open(cli: Cli, config: Config) -> Result<Master, StartError> {
         let exe = std::env::current_exe()?;
         let args: Vec<std::ffi::OsString> = std::env::args_os().skip(1).collect();
         let mut inherited = inherit::take()?;
-        let pid_file = config.pid_file.as_deref().map(PidFile::claim).transpose()?;
         let services = listen(&config, &mut inherited)?;
         let ledger = match inherited.ledger.take() {
             // A binary upgrade: the old master's workers use the ledger right now, so its
@@ -221,9 +234,9 @@ impl Master {
             workers: Vec::new(),
             phase: Phase::Running,
             pid: nix::unistd::getpid(),
-            pid_file,
+            pid_file: None,
             announced: false,
-            next_hang_check: Instant::now(),
+            next_inspection: Instant::now(),
             restarts: BTreeMap::new(),
             finished_requests: [0; 2],
             exe,
@@ -276,7 +289,7 @@ impl Master {
             }
             self.reap_workers();
             self.check_upgrade_deadline();
-            self.kill_hung_workers();
+            self.inspect_workers();
             self.serve_status(&http_events);
         }
     }
@@ -332,13 +345,13 @@ impl Master {
                 let Some(index) = self
                     .workers
                     .iter()
-                    .position(|w| w.pid == pid && !w.retiring)
+                    .position(|w| w.pid == pid && w.retiring.is_none())
                 else {
                     return;
                 };
                 let slot = self.workers[index].slot;
                 log::info!("worker {slot} (pid {pid}) served its max_requests: replacing it");
-                self.workers[index].retiring = true;
+                self.workers[index].retiring = Some(Instant::now());
                 self.count_restart("recycled");
                 if let Some(slot) = self.slots.get_mut(slot) {
                     slot.start_at = Some(Instant::now());
@@ -356,20 +369,41 @@ impl Master {
             self.workers.len()
         );
         self.phase = Phase::Draining { deadline };
+        // During an upgrade the TERM is the new master's "I serve now": its workers already
+        // take the connections, so ours hand theirs over at the next request boundary.
+        let handover = self.upgrade.take().is_some();
+        if !handover {
+            self.staff_empty_slots();
+        }
         // Our copies of the listeners would keep queueing connections that nobody accepts.
         self.services.clear();
         for slot in &mut self.slots {
             slot.start_at = None;
         }
-        // During an upgrade the TERM is the new master's "I serve now": its workers already
-        // take the connections, so ours hand theirs over at the next request boundary.
-        let signal = if self.upgrade.take().is_some() {
+        if handover {
             log::info!("handing over to the new master");
+        }
+        self.signal_workers(if handover {
             Signal::SIGUSR1
         } else {
             Signal::SIGTERM
-        };
-        self.signal_workers(signal);
+        });
+    }
+
+    /// At shutdown, a slot whose worker is down (just died, or in crash back-off) still has
+    /// connections in its listener's queue: a worker is started to drain them, or closing
+    /// the listener would reset them.
+    fn staff_empty_slots(&mut self) {
+        let now = Instant::now();
+        for index in 0..self.slots.len() {
+            if !self
+                .workers
+                .iter()
+                .any(|w| w.slot == index && w.retiring.is_none())
+            {
+                self.start_worker(index, now);
+            }
+        }
     }
 
     /// Kills every worker, reaps them all and returns (SIGQUIT, second TERM, drain timeout).
@@ -409,13 +443,13 @@ impl Master {
             Phase::Draining { deadline } => Some(deadline),
             Phase::Running => None,
         };
-        let hang_check = self.config.worker_timeout.map(|_| self.next_hang_check);
+        let inspection = (!self.workers.is_empty()).then_some(self.next_inspection);
         let upgrade = self.upgrade.as_ref().map(|u| u.deadline);
         self.slots
             .iter()
             .filter_map(|slot| slot.start_at)
             .chain(drain)
-            .chain(hang_check)
+            .chain(inspection)
             .chain(upgrade)
             .min()
             .map(|wake| wake.saturating_duration_since(now))
@@ -435,7 +469,7 @@ impl Master {
         let serving = (0..self.slots.len()).all(|slot| {
             self.workers
                 .iter()
-                .any(|w| w.slot == slot && !w.retiring && w.ready)
+                .any(|w| w.slot == slot && w.retiring.is_none() && w.ready)
         });
         if !serving {
             return;
@@ -505,7 +539,7 @@ impl Master {
 
     fn on_worker_exit(&mut self, worker: Worker, exit: Exit) {
         let (slot_index, pid) = (worker.slot, worker.pid);
-        if worker.retiring || matches!(self.phase, Phase::Draining { .. }) {
+        if worker.retiring.is_some() || matches!(self.phase, Phase::Draining { .. }) {
             log::info!("worker {slot_index} (pid {pid}) exited after draining: {exit}");
             return;
         }
@@ -538,6 +572,60 @@ impl Master {
         *self.restarts.entry(reason).or_insert(0) += 1;
     }
 
+    /// Looks at every worker's scoreboard cell, twice a second: starts a replacement for a
+    /// worker that drains on its own (someone signalled it directly), kills a retiring worker
+    /// still draining after the graceful timeout, and kills hung workers.
+    fn inspect_workers(&mut self) {
+        let now = Instant::now();
+        if now < self.next_inspection {
+            return;
+        }
+        self.next_inspection = now + INSPECTION_INTERVAL;
+        self.replace_self_draining(now);
+        self.kill_overdue_retirees(now);
+        self.kill_hung_workers();
+    }
+
+    /// A worker draining without being told by us (a SIGTERM sent to it directly) no longer
+    /// accepts: its slot gets a successor at once, or the slot's queue would go unserved.
+    fn replace_self_draining(&mut self, now: Instant) {
+        if !matches!(self.phase, Phase::Running) {
+            return;
+        }
+        for worker in &mut self.workers {
+            let draining = self.scoreboard.cell(worker.cell).state() == WorkerState::Draining;
+            if draining && worker.retiring.is_none() {
+                log::warn!(
+                    "worker {} (pid {}) is draining on its own: starting its successor",
+                    worker.slot,
+                    worker.pid
+                );
+                worker.retiring = Some(now);
+                if let Some(slot) = self.slots.get_mut(worker.slot) {
+                    slot.start_at = Some(now);
+                }
+            }
+        }
+    }
+
+    /// A retiring worker gets the graceful timeout to finish, like a shutdown.
+    fn kill_overdue_retirees(&mut self, now: Instant) {
+        let timeout = self.config.graceful_timeout;
+        for worker in &self.workers {
+            if worker
+                .retiring
+                .is_some_and(|since| now.saturating_duration_since(since) > timeout)
+            {
+                log::warn!(
+                    "worker {} (pid {}) still draining after {timeout:?}: killing it",
+                    worker.slot,
+                    worker.pid
+                );
+                process::signal(worker.pid, Signal::SIGKILL);
+            }
+        }
+    }
+
     /// Kills workers that stopped beating for longer than `worker_timeout` (a stopped or
     /// wedged process); their slots are restarted when they are reaped. A worker blocked on
     /// a ledger lock keeps beating, so only the real culprit (often the lock's holder) goes.
@@ -545,11 +633,6 @@ impl Master {
         let Some(timeout) = self.config.worker_timeout else {
             return;
         };
-        let now = Instant::now();
-        if now < self.next_hang_check {
-            return;
-        }
-        self.next_hang_check = now + HANG_CHECK_INTERVAL.min(timeout);
         let limit_ms = u64::try_from(timeout.as_millis()).unwrap_or(u64::MAX);
         let holders: Vec<i32> = self
             .ledger
@@ -608,15 +691,17 @@ impl Master {
         log::info!("SIGTTOU: {} workers", self.slots.len());
     }
 
-    /// Sends SIGTERM to the (non-retiring) workers of `slot`; they drain and exit.
+    /// Retires the (non-retiring) workers of `slot`: SIGUSR1 makes a worker stop accepting
+    /// and close each connection as soon as it has answered it.
     fn retire_slot_workers(&mut self, slot: usize) {
+        let now = Instant::now();
         for worker in self
             .workers
             .iter_mut()
-            .filter(|w| w.slot == slot && !w.retiring)
+            .filter(|w| w.slot == slot && w.retiring.is_none())
         {
-            worker.retiring = true;
-            process::signal(worker.pid, Signal::SIGTERM);
+            worker.retiring = Some(now);
+            process::signal(worker.pid, Signal::SIGUSR1);
         }
     }
 
@@ -674,13 +759,13 @@ impl Master {
             pid_file,
             ..new
         };
+        let now = Instant::now();
         for worker in &mut self.workers {
-            if !worker.retiring {
-                worker.retiring = true;
+            if worker.retiring.is_none() {
+                worker.retiring = Some(now);
                 process::signal(worker.pid, Signal::SIGUSR1);
             }
         }
-        let now = Instant::now();
         self.slots = (0..self.config.workers).map(|_| Slot::due(now)).collect();
     }
 
@@ -789,7 +874,10 @@ impl Master {
         let now = Instant::now();
         for index in 0..self.slots.len() {
             let due = self.slots[index].start_at.is_some_and(|at| now >= at);
-            let served = self.workers.iter().any(|w| w.slot == index && !w.retiring);
+            let served = self
+                .workers
+                .iter()
+                .any(|w| w.slot == index && w.retiring.is_none());
             if due && !served {
                 self.start_worker(index, now);
             }
@@ -818,7 +906,7 @@ impl Master {
                     cell,
                     started: now,
                     ready: false,
-                    retiring: false,
+                    retiring: None,
                     hung: false,
                 });
             }
@@ -891,7 +979,7 @@ impl Master {
             .map(|w| WorkerView {
                 slot: w.slot,
                 pid: w.pid.as_raw(),
-                retiring: w.retiring,
+                retiring: w.retiring.is_some(),
                 cell: self.scoreboard.cell(w.cell),
             })
             .collect();

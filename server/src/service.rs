@@ -102,6 +102,15 @@ impl Session {
         }
     }
 
+    /// The server closes the connection: echo sends the bytes it held back (an unfinished
+    /// UTF-8 sequence, invalid on its own, goes back unchanged). An unfinished bank line is
+    /// not a request and gets no reply.
+    pub fn on_server_close(&mut self, out: &mut Vec<u8>) {
+        if let Session::Echo(upper) = self {
+            upper.finish(out);
+        }
+    }
+
     /// The client half-closed: answer what is left (an unterminated last line), counted
     /// as in [`Session::on_input`].
     pub fn on_eof(&mut self, out: &mut Vec<u8>) -> (Flow, u64) {

@@ -44,6 +44,7 @@ pub struct PoolView<'a> {
 
 struct StatusConn {
     stream: TcpStream,
+    accepted: std::time::Instant,
     request: Vec<u8>,
     response: Vec<u8>,
     sent: usize,
@@ -96,14 +97,19 @@ impl StatusServer {
 
     fn accept(&mut self, registry: &Registry) {
         loop {
-            let Some(index) = self.conns.iter().position(Option::is_none) else {
-                // Full: the rest waits in the queue; re-arm to hear about it later.
-                let _ = registry.reregister(
-                    &mut self.listener,
-                    Token(self.first_token),
-                    Interest::READABLE,
-                );
-                return;
+            // Full: the oldest connection makes room (a client that connects and sends
+            // nothing must not lock the page out).
+            let index = match self.conns.iter().position(Option::is_none) {
+                Some(index) => index,
+                None => {
+                    let oldest = (0..self.conns.len())
+                        .min_by_key(|&i| self.conns[i].as_ref().map(|c| c.accepted))
+                        .unwrap_or(0);
+                    if let Some(mut conn) = self.conns[oldest].take() {
+                        let _ = registry.deregister(&mut conn.stream);
+                    }
+                    oldest
+                }
             };
             match self.listener.accept() {
                 Ok((mut stream, _)) => {
@@ -114,6 +120,7 @@ impl StatusServer {
                     {
                         self.conns[index] = Some(StatusConn {
                             stream,
+                            accepted: std::time::Instant::now(),
                             request: Vec::new(),
                             response: Vec::new(),
                             sent: 0,

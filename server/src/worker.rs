@@ -40,7 +40,8 @@ pub struct WorkerSetup {
 pub struct WorkerSettings {
     pub max_line: usize,
     pub max_connections: usize,
-    pub idle_timeout: Duration,
+    /// `None`: idle connections stay open.
+    pub idle_timeout: Option<Duration>,
     pub graceful_timeout: Duration,
     pub output_limit: usize,
     /// Requests after which the worker retires (already jittered); `None`: never.
@@ -125,6 +126,10 @@ struct Worker {
     status: StatusSender,
     state: State,
     cell: &'static WorkerCell,
+    /// Accepting failed for lack of descriptors (logged once until an accept succeeds).
+    short_of_descriptors: bool,
+    /// Connections with input left unread because their turn was over.
+    another_turn: Vec<usize>,
     /// Accepting paused after EMFILE/ENFILE until then.
     accept_paused_until: Option<Instant>,
     next_sweep: Instant,
@@ -183,6 +188,8 @@ impl Worker {
             cell: setup.cell,
             status: setup.status,
             accept_paused_until: None,
+            another_turn: Vec::new(),
+            short_of_descriptors: false,
             next_sweep: now + SWEEP_INTERVAL,
         }))
     }
@@ -216,6 +223,7 @@ impl Worker {
                     }
                 }
             }
+            self.take_another_turn(now);
             self.on_timers(now);
             self.cell.beat();
             if matches!(self.state, State::Serving) {
@@ -235,6 +243,9 @@ impl Worker {
     }
 
     fn next_timeout(&self, now: Instant) -> Duration {
+        if !self.another_turn.is_empty() {
+            return Duration::ZERO;
+        }
         let mut wake = self.next_sweep.min(now + self.settings.heartbeat);
         if let Some(until) = self.accept_paused_until {
             wake = wake.min(until);
@@ -289,9 +300,14 @@ impl Worker {
             return;
         }
         log::info!("draining {} connections", self.conns.len());
-        // Connections already in the accept queues were promised service: take them all
-        // (bounded by the connection cap: a shared listener may go on filling).
-        for index in 0..self.listeners.len() {
+        // At shutdown, connections already in the accept queues were promised service: take
+        // them all (bounded by the connection cap: a shared listener may go on filling). A
+        // retiring worker leaves them to its successor, which shares the listeners.
+        let queued = match why {
+            Drain::Shutdown => self.listeners.len(),
+            Drain::Retire => 0,
+        };
+        for index in 0..queued {
             let room = self
                 .settings
                 .max_connections
@@ -352,13 +368,19 @@ impl Worker {
             match self.listeners[index].listener.accept() {
                 Ok((stream, peer)) => {
                     room -= 1;
+                    if std::mem::take(&mut self.short_of_descriptors) {
+                        log::info!("accepting again");
+                    }
                     log::debug!("accepted {} connection from {peer}", kind.name());
                     self.add_conn(stream, kind, now);
                 }
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => return true,
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
                 Err(e) if is_out_of_descriptors(&e) => {
-                    log::warn!("accept: {e}; pausing accepts for {ACCEPT_PAUSE:?}");
+                    if !self.short_of_descriptors {
+                        log::warn!("accept: {e}; pausing accepts for {ACCEPT_PAUSE:?} at a time");
+                        self.short_of_descriptors = true;
+                    }
                     self.accept_paused_until = Some(now + ACCEPT_PAUSE);
                     return false;
                 }
@@ -434,6 +456,15 @@ impl Worker {
         );
         if verdict == Verdict::Close {
             self.close(key, now);
+        } else if conn.needs_another_turn() && !self.another_turn.contains(&key) {
+            self.another_turn.push(key);
+        }
+    }
+
+    /// Drives again the connections whose read budget ran out last turn.
+    fn take_another_turn(&mut self, now: Instant) {
+        for key in std::mem::take(&mut self.another_turn) {
+            self.on_conn_event(key, Readiness::default(), now);
         }
     }
 
@@ -452,7 +483,10 @@ impl Worker {
             return;
         }
         let (closing, tick) = match self.state {
-            State::Serving => (self.settings.idle_timeout, SWEEP_INTERVAL),
+            State::Serving => (
+                self.settings.idle_timeout.unwrap_or(Duration::MAX),
+                SWEEP_INTERVAL,
+            ),
             State::Draining { deadline, .. } if now >= deadline => (Duration::ZERO, DRAIN_TICK),
             State::Draining { quiet, .. } => (quiet, DRAIN_TICK),
         };
@@ -472,12 +506,18 @@ impl Worker {
             })
             .map(|(key, _)| key)
             .collect();
-        let draining = matches!(self.state, State::Draining { .. });
+        let (draining, past_deadline) = match self.state {
+            State::Serving => (false, false),
+            State::Draining { deadline, .. } => (true, now >= deadline),
+        };
         for key in overdue {
             let Some(conn) = self.conns.get_mut(key) else {
                 continue;
             };
-            let verdict = if conn.linger_deadline().is_some() || (!draining && !conn.is_quiet()) {
+            // Replies a client does not take cannot be saved: an idle connection in that
+            // state, or any at the drain's deadline, is dropped.
+            let hopeless = !conn.is_quiet() && (!draining || past_deadline);
+            let verdict = if conn.linger_deadline().is_some() || hopeless {
                 Verdict::Close
             } else {
                 conn.close_gracefully(&mut self.scratch, self.poll.registry(), now)
