@@ -368,6 +368,8 @@ impl Master {
             self.config.graceful_timeout,
             self.workers.len()
         );
+        // A worker that died just now must count as gone before slots are staffed.
+        self.reap_workers();
         self.phase = Phase::Draining { deadline };
         // During an upgrade the TERM is the new master's "I serve now": its workers already
         // take the connections, so ours hand theirs over at the next request boundary.
