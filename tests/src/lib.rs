@@ -455,7 +455,8 @@ fn living_in_group(pgid: Pid) -> Vec<Pid> {
                 return false;
             };
             let fields: Vec<&str> = rest.split_whitespace().collect();
-            fields.first() != Some(&"Z") && fields.get(2) == Some(&pgid.as_raw().to_string().as_str())
+            fields.first() != Some(&"Z")
+                && fields.get(2) == Some(&pgid.as_raw().to_string().as_str())
         })
         .collect()
 }
@@ -539,36 +540,45 @@ pub fn http_request(addr: SocketAddr, method: &str, path: &str) -> (u16, String)
     (code, body)
 }
 
-/// Runs `forkpool-bench` with `args` and `--json` and returns the report (one JSON object on
-/// one line) and the exit status; read figures with [`json_number`].
-pub fn bench_json(args: &[&str]) -> (String, i32) {
+/// Runs `forkpool-bench ARGS --json` and returns its parsed report and exit status; panics
+/// unless stdout is exactly one JSON object.
+pub fn bench_json(args: &[&str]) -> (serde_json::Value, i32) {
     let out = Command::new(binary("forkpool-bench"))
         .args(args)
         .arg("--json")
         .output()
         .expect("forkpool-bench runs");
-    let text = String::from_utf8_lossy(&out.stdout).trim_end().to_string();
+    let text = String::from_utf8_lossy(&out.stdout);
+    let report: serde_json::Value = serde_json::from_str(text.trim_end()).unwrap_or_else(|e| {
+        panic!(
+            "not one JSON object ({e}): {text}\nstderr: {}",
+            String::from_utf8_lossy(&out.stderr)
+        )
+    });
     assert!(
-        text.starts_with('{') && text.ends_with('}') && !text.contains('\n'),
-        "not one JSON object: {text}\nstderr: {}",
-        String::from_utf8_lossy(&out.stderr)
+        report.is_object() && !text.trim_end().contains('\n'),
+        "{text}"
     );
-    (text, out.status.code().unwrap_or(-1))
+    (report, out.status.code().unwrap_or(-1))
 }
 
-/// The number at `"key":` in a flat-keyed JSON object such as forkpool-bench's report (its
-/// keys are unique); panics if it is missing or not a number.
-pub fn json_number(json: &str, key: &str) -> f64 {
-    let tag = format!("\"{key}\":");
-    let start = json
-        .find(&tag)
-        .unwrap_or_else(|| panic!("no {key} in {json}"))
-        + tag.len();
-    let rest = &json[start..];
-    let end = rest.find([',', '}']).unwrap_or(rest.len());
-    rest[..end]
-        .parse()
-        .unwrap_or_else(|_| panic!("{key} is not a number in {json}"))
+/// The value at `key` anywhere in a report whose keys are unique (forkpool-bench's are);
+/// panics if it is missing.
+pub fn json_field<'a>(report: &'a serde_json::Value, key: &str) -> &'a serde_json::Value {
+    fn find<'a>(value: &'a serde_json::Value, key: &str) -> Option<&'a serde_json::Value> {
+        let object = value.as_object()?;
+        object
+            .get(key)
+            .or_else(|| object.values().find_map(|v| find(v, key)))
+    }
+    find(report, key).unwrap_or_else(|| panic!("no {key} in {report}"))
+}
+
+/// The number at `key` (see [`json_field`]); panics if it is missing or not a number.
+pub fn json_number(report: &serde_json::Value, key: &str) -> f64 {
+    json_field(report, key)
+        .as_f64()
+        .unwrap_or_else(|| panic!("{key} is not a number in {report}"))
 }
 
 /// Which of `candidates` holds the server end of the loopback connection `client` (IPv4),

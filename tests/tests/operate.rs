@@ -57,7 +57,7 @@ fn wait_echo_requests(server: &Server, n: f64) {
 }
 
 /// Starts a closed-loop echo run in the background; joining it gives (report, exit status).
-fn echo_load(server: &Server, seconds: &str) -> std::thread::JoinHandle<(String, i32)> {
+fn echo_load(server: &Server, seconds: &str) -> std::thread::JoinHandle<(serde_json::Value, i32)> {
     let addr = server.echo_addr().to_string();
     let seconds = seconds.to_string();
     std::thread::spawn(move || {
@@ -78,7 +78,7 @@ fn echo_load(server: &Server, seconds: &str) -> std::thread::JoinHandle<(String,
 }
 
 /// A clean run: exit 0, no wrong reply, no network error.
-fn assert_clean(report: &str, code: i32) {
+fn assert_clean(report: &serde_json::Value, code: i32) {
     assert_eq!(code, 0, "{report}");
     assert_eq!(json_number(report, "mismatches"), 0.0, "{report}");
     for key in ["connect_errors", "resets", "timeouts"] {
