@@ -183,7 +183,8 @@ impl LineFramer {
             let flow = if self.discarding {
                 self.discarding = false;
                 Flow::Continue
-            } else if self.partial.len() + line.len() - usize::from(ends_with_cr(&self.partial, line))
+            } else if self.partial.len() + line.len()
+                - usize::from(ends_with_cr(&self.partial, line))
                 > self.max_line
             {
                 self.partial.clear();
@@ -305,7 +306,10 @@ mod tests {
     fn framer_joins_lines_split_across_pieces() {
         let mut framer = LineFramer::new(16);
         assert_eq!(frames(&mut framer, b"one\ntw"), vec![Some(b"one".to_vec())]);
-        assert_eq!(frames(&mut framer, b"o\r\nthr"), vec![Some(b"two\r".to_vec())]);
+        assert_eq!(
+            frames(&mut framer, b"o\r\nthr"),
+            vec![Some(b"two\r".to_vec())]
+        );
         assert_eq!(framer.finish(), Some(b"thr".to_vec()));
         assert_eq!(framer.finish(), None);
     }
@@ -313,17 +317,26 @@ mod tests {
     #[test]
     fn framer_reports_an_overlong_line_once_and_resumes_after_it() {
         let mut framer = LineFramer::new(4);
-        assert_eq!(frames(&mut framer, b"abcd\nabc"), vec![Some(b"abcd".to_vec())]);
+        assert_eq!(
+            frames(&mut framer, b"abcd\nabc"),
+            vec![Some(b"abcd".to_vec())]
+        );
         assert_eq!(frames(&mut framer, b"de"), vec![None]);
         assert_eq!(framer.buffered(), 0);
-        assert_eq!(frames(&mut framer, b"fgh\nok\n"), vec![Some(b"ok".to_vec())]);
+        assert_eq!(
+            frames(&mut framer, b"fgh\nok\n"),
+            vec![Some(b"ok".to_vec())]
+        );
         assert_eq!(frames(&mut framer, b"toolong\n"), vec![None]);
     }
 
     #[test]
     fn a_crlf_ending_does_not_count_against_the_limit() {
         let mut framer = LineFramer::new(4);
-        assert_eq!(frames(&mut framer, b"abcd\r\n"), vec![Some(b"abcd\r".to_vec())]);
+        assert_eq!(
+            frames(&mut framer, b"abcd\r\n"),
+            vec![Some(b"abcd\r".to_vec())]
+        );
         assert_eq!(frames(&mut framer, b"abcd\r"), vec![]);
         assert_eq!(frames(&mut framer, b"\n"), vec![Some(b"abcd\r".to_vec())]);
         assert_eq!(frames(&mut framer, b"abcde\r\n"), vec![None]);

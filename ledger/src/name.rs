@@ -25,7 +25,9 @@ pub(crate) fn words(name: &AccountName) -> [u64; 8] {
 
 /// Rebuilds a name from a slot's stored words; `None` if they are not a valid name.
 pub(crate) fn from_words(len: u64, words: &[u64; 8]) -> Option<AccountName> {
-    let len = usize::try_from(len).ok().filter(|&l| l <= MAX_ACCOUNT_LEN)?;
+    let len = usize::try_from(len)
+        .ok()
+        .filter(|&l| l <= MAX_ACCOUNT_LEN)?;
     let mut bytes = [0u8; MAX_ACCOUNT_LEN];
     for (chunk, word) in bytes.chunks_exact_mut(8).zip(words) {
         chunk.copy_from_slice(&word.to_ne_bytes());
