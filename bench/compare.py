@@ -12,7 +12,8 @@ Two independent clients:
 
 Environment: REPEAT (3), DURATION seconds per run (2), WARMUP (0.5), QUICK=1 (one repeat,
 1 s runs, fewer cases), OUT (bench/results), SVG (docs/bench-cpu.svg), SKIP_DIAG=1.
-Writes OUT/compare-<time>.json and .md (the tables of docs/BENCHMARKS.md) and the SVG plot.
+Writes OUT/compare-<time>.json and .md (the tables of docs/BENCHMARKS.md) and the SVG plot;
+`compare.py --replot OUT/compare-<time>.json` redraws the plot from a results file.
 """
 import json
 import os
@@ -389,33 +390,64 @@ def table(title, cases, names, results, peers):
     return "\n".join(lines) + "\n"
 
 
-def svg_plot(cases, names, results, path, title):
-    """Grouped horizontal bars: CPU µs per request, one group per case, one bar per server."""
+def svg_plot(sections, path, title):
+    """Grouped horizontal bars on a log scale: server CPU µs per request, one group per case,
+    one bar per server. `sections` is a list of (client label, cases, server names, results)."""
+    import math
     colours = {"forkpool": "#1f77b4", "forkpool-w1": "#7fb2e0", "forkpool-w2": "#aec7e8", "tokio": "#ff7f0e",
                "redis": "#d62728", "c-floor": "#2ca02c"}
-    rows = [(case, [(n, results.get((case, n))) for n in names]) for case in cases]
-    bar_h, gap, left, width = 9, 12, 190, 520
-    vmax = max((r["cpu_us"] for _, rs in rows for _, r in rs if r and r["cpu_us"]), default=1)
-    height = 60 + sum(len([1 for _, r in rs if r]) * bar_h + gap for _, rs in rows) + 20 * len(names)
-    out = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{left + width + 90}" height="{height}" '
+    bar_h, gap, left, width, lo = 9, 12, 230, 520, 0.1
+    values = [r["cpu_us"] for _, cases, names, res in sections for c in cases for n in names
+              for r in [res.get((c, n))] if r and r["cpu_us"]]
+    hi = 10 ** math.ceil(math.log10(max(values, default=1)))
+    scale = lambda v: math.log10(max(v, lo) / lo) / math.log10(hi / lo) * width  # noqa: E731
+    rows = sum(len([1 for n in names if res.get((c, n))]) * bar_h + gap
+               for _, cases, names, res in sections for c in cases)
+    legend = sorted({n for _, _, names, _ in sections for n in names}, key=list(colours).index)
+    height = 70 + rows + 30 * len(sections) + 20 * len(legend)
+    out = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{left + width + 60}" height="{height}" '
            f'font-family="sans-serif" font-size="11">',
+           f'<rect width="100%" height="100%" fill="white"/>',
            f'<text x="10" y="20" font-size="14" font-weight="bold">{title}</text>']
-    y = 40
-    for case, rs in rows:
-        rs = [(n, r) for n, r in rs if r]
-        out.append(f'<text x="{left - 8}" y="{y + len(rs) * bar_h / 2 + 4}" text-anchor="end">{fmt_case(*case)}</text>')
-        for n, r in rs:
-            w = (r["cpu_us"] or 0) / vmax * width
-            out.append(f'<rect x="{left}" y="{y}" width="{w:.1f}" height="{bar_h - 1}" fill="{colours.get(n, "#888")}"/>')
-            out.append(f'<text x="{left + w + 4:.1f}" y="{y + bar_h - 1}" font-size="9">{fmt(r["cpu_us"])}</text>')
-            y += bar_h
-        y += gap
-    for i, n in enumerate(names):
+    y = 50
+    decades = [lo * 10 ** i for i in range(int(round(math.log10(hi / lo))) + 1)]
+    for d in decades:
+        x = left + scale(d)
+        out.append(f'<line x1="{x:.1f}" y1="40" x2="{x:.1f}" y2="{height - 20 * len(legend) - 10}" stroke="#ddd"/>')
+        out.append(f'<text x="{x:.1f}" y="36" font-size="9" text-anchor="middle">{d:g} µs</text>')
+    for client, cases, names, res in sections:
+        out.append(f'<text x="10" y="{y + 12}" font-weight="bold">{client}</text>')
+        y += 24
+        for case in cases:
+            rs = [(n, res.get((case, n))) for n in names if res.get((case, n))]
+            out.append(f'<text x="{left - 8}" y="{y + len(rs) * bar_h / 2 + 4}" text-anchor="end">{fmt_case(*case)}</text>')
+            for n, r in rs:
+                w = scale(r["cpu_us"] or lo)
+                out.append(f'<rect x="{left}" y="{y}" width="{w:.1f}" height="{bar_h - 1}" fill="{colours.get(n, "#888")}"/>')
+                out.append(f'<text x="{left + w + 4:.1f}" y="{y + bar_h - 1}" font-size="9">{fmt(r["cpu_us"])}</text>')
+                y += bar_h
+            y += gap
+    for i, n in enumerate(legend):
         out.append(f'<rect x="{left}" y="{y + 20 * i}" width="12" height="12" fill="{colours.get(n, "#888")}"/>')
         out.append(f'<text x="{left + 18}" y="{y + 20 * i + 10}">{n}</text>')
     out.append("</svg>")
     with open(path, "w") as f:
         f.write("\n".join(out) + "\n")
+
+
+def plot_from(line, resp, line_names, path):
+    svg_plot([("forkpool-bench (every reply checked)", LINE_CASES, line_names, line),
+              ("redis-benchmark (ECHO)", RESP_CASES, ["forkpool", "tokio", "redis", "c-floor"], resp)],
+             path, f"Server CPU µs per request (log scale), median of {REPEAT}")
+
+
+def replot(json_path):
+    """Redraws the SVG from a results file: compare.py --replot bench/results/compare-X.json"""
+    j = json.load(open(json_path))
+    parse = lambda d: {(eval(k.split("|")[0]), k.split("|")[1]): v for k, v in d.items()}  # noqa: E731
+    line, resp = parse(j["line"]), parse(j["resp"])
+    names = [n for n in ["forkpool", "forkpool-w1", "forkpool-w2", "tokio", "c-floor"] if any(k[1] == n for k in line)]
+    plot_from(line, resp, names, SVG)
 
 
 # ---------------------------------------------------------------- main
@@ -503,8 +535,7 @@ def main():
     md = report(line, resp, bank, idle, n_idle, spread.stdout, diag, line_names, result)
     with open(os.path.join(OUT, f"compare-{stamp}.md"), "w") as f:
         f.write(md)
-    svg_plot(LINE_CASES, line_names, line, SVG,
-             "Server CPU µs per request (forkpool-bench client, median of %d)" % REPEAT)
+    plot_from(line, resp, line_names, SVG)
     print(md)
     log(f"wrote {OUT}/compare-{stamp}.md, .json and {SVG} in {time.time() - t_start:.0f} s")
 
@@ -616,4 +647,6 @@ def report(line, resp, bank, idle, n_idle, spread, diag, line_names, result):
 
 
 if __name__ == "__main__":
+    if len(sys.argv) == 3 and sys.argv[1] == "--replot":
+        sys.exit(replot(sys.argv[2]))
     sys.exit(main())
