@@ -14,29 +14,125 @@
 /// valid sequence is copied unchanged. The output may be longer than the input (`ß` → `SS`),
 /// at most three times as long.
 pub fn uppercase_line(bytes: &[u8], out: &mut Vec<u8>) {
+    let start = out.len();
     if bytes.is_ascii() {
-        let start = out.len();
         out.extend_from_slice(bytes);
-        out[start..].make_ascii_uppercase();
-        return;
+    } else {
+        out.reserve(bytes.len());
+        for chunk in bytes.utf8_chunks() {
+            append_uppercasing_non_ascii(chunk.valid(), out);
+            out.extend_from_slice(chunk.invalid());
+        }
     }
-    for chunk in bytes.utf8_chunks() {
-        uppercase_str(chunk.valid(), out);
-        out.extend_from_slice(chunk.invalid());
+    // ASCII letters in one (vectorised) pass. It touches nothing else: every byte of a
+    // multi-byte sequence, and every invalid byte, is 0x80 or above.
+    out[start..].make_ascii_uppercase();
+}
+
+/// Appends `text` with its non-ASCII characters uppercased and its ASCII copied as it is
+/// (the caller uppercases ASCII in bulk). Runs between characters that change are copied
+/// whole, so text without cased non-ASCII characters costs little more than a copy.
+fn append_uppercasing_non_ascii(text: &str, out: &mut Vec<u8>) {
+    let bytes = text.as_bytes();
+    let mut copied = 0;
+    let mut at = 0;
+    UPPER_CACHE.with(|cache| {
+        let mut cache = cache.borrow_mut();
+        while let Some(offset) = first_non_ascii(&bytes[at..]) {
+            let index = at + offset;
+            // Everything from `at` to `index` is ASCII and `at` is a character boundary, so
+            // a character starts at `index`.
+            let Some(c) = text[index..].chars().next() else {
+                break;
+            };
+            at = index + c.len_utf8();
+            let upper = cache.get(c);
+            if upper.changes {
+                out.extend_from_slice(&bytes[copied..index]);
+                out.extend_from_slice(upper.as_slice());
+                copied = at;
+            }
+        }
+    });
+    out.extend_from_slice(&bytes[copied..]);
+}
+
+/// The UTF-8 bytes of a character's uppercase: at most three characters (`ΐ` → `Ϊ́`).
+#[derive(Clone, Copy, Default)]
+struct UpperBytes {
+    bytes: [u8; 12],
+    len: u8,
+    /// The uppercase differs from the character itself.
+    changes: bool,
+}
+
+impl UpperBytes {
+    fn of(c: char) -> UpperBytes {
+        let mut upper = UpperBytes::default();
+        for u in c.to_uppercase() {
+            let start = usize::from(upper.len);
+            let end = start + u.len_utf8();
+            u.encode_utf8(&mut upper.bytes[start..end]);
+            upper.len = end as u8;
+        }
+        let mut own = [0u8; 4];
+        upper.changes = upper.as_slice() != c.encode_utf8(&mut own).as_bytes();
+        upper
+    }
+
+    fn as_slice(&self) -> &[u8] {
+        &self.bytes[..usize::from(self.len)]
     }
 }
 
-fn uppercase_str(text: &str, out: &mut Vec<u8>) {
-    let mut utf8 = [0u8; 4];
-    for c in text.chars() {
-        if c.is_ascii() {
-            out.push(c.to_ascii_uppercase() as u8);
-        } else {
-            for upper in c.to_uppercase() {
-                out.extend_from_slice(upper.encode_utf8(&mut utf8).as_bytes());
-            }
+/// A small direct-mapped cache of uppercase mappings: the standard library looks a mapping
+/// up by binary search (about 50 ns), and text repeats its characters. Per thread, so a
+/// worker process needs no lock; filled on first use.
+struct UpperCache {
+    keys: [u32; UPPER_CACHE_SLOTS],
+    values: [UpperBytes; UPPER_CACHE_SLOTS],
+}
+
+const UPPER_CACHE_SLOTS: usize = 512;
+
+impl UpperCache {
+    fn get(&mut self, c: char) -> UpperBytes {
+        let key = u32::from(c);
+        let slot = (key ^ (key >> 9)) as usize % UPPER_CACHE_SLOTS;
+        // Key 0 (NUL) is ASCII and never looked up, so 0 marks an empty slot.
+        if self.keys[slot] != key {
+            self.keys[slot] = key;
+            self.values[slot] = UpperBytes::of(c);
         }
+        self.values[slot]
     }
+}
+
+thread_local! {
+    static UPPER_CACHE: std::cell::RefCell<UpperCache> = const {
+        std::cell::RefCell::new(UpperCache {
+            keys: [0; UPPER_CACHE_SLOTS],
+            values: [UpperBytes { bytes: [0; 12], len: 0, changes: false }; UPPER_CACHE_SLOTS],
+        })
+    };
+}
+
+/// The index of the first byte of `bytes` that is not ASCII, eight bytes at a time.
+fn first_non_ascii(bytes: &[u8]) -> Option<usize> {
+    const HIGH_BITS: u64 = 0x8080_8080_8080_8080;
+    let mut words = bytes.chunks_exact(8);
+    let mut skipped = 0;
+    for word in words.by_ref() {
+        let word = u64::from_ne_bytes(word.try_into().expect("chunks_exact yields 8 bytes"));
+        if word & HIGH_BITS != 0 {
+            break;
+        }
+        skipped += 8;
+    }
+    bytes[skipped..]
+        .iter()
+        .position(|&b| b >= 0x80)
+        .map(|position| skipped + position)
 }
 
 /// Uppercases a byte stream that arrives in arbitrary pieces.
@@ -380,7 +476,43 @@ mod tests {
         pieces
     }
 
+    /// The plain definition: each valid character through `char::to_uppercase`, each
+    /// invalid byte unchanged. The fast path must give exactly this.
+    fn reference_uppercase(bytes: &[u8]) -> Vec<u8> {
+        let mut out = Vec::new();
+        for chunk in bytes.utf8_chunks() {
+            for c in chunk.valid().chars() {
+                out.extend(c.to_uppercase().collect::<String>().into_bytes());
+            }
+            out.extend_from_slice(chunk.invalid());
+        }
+        out
+    }
+
+    #[test]
+    fn every_code_point_is_uppercased_as_the_definition_says() {
+        let all: String = (0..=0x10FFFFu32).filter_map(char::from_u32).collect();
+        for piece in all.as_bytes().chunks(4096) {
+            let mut fast = Vec::new();
+            uppercase_line(piece, &mut fast);
+            assert_eq!(fast, reference_uppercase(piece));
+        }
+    }
+
     proptest! {
+        #[test]
+        fn the_fast_uppercase_equals_the_plain_definition(
+            bytes in stream(),
+            text in "\\PC{0,40}",
+        ) {
+            let mut fast = Vec::new();
+            uppercase_line(&bytes, &mut fast);
+            prop_assert_eq!(fast, reference_uppercase(&bytes));
+            let mut fast = Vec::new();
+            uppercase_line(text.as_bytes(), &mut fast);
+            prop_assert_eq!(fast, reference_uppercase(text.as_bytes()));
+        }
+
         #[test]
         fn uppercaser_output_does_not_depend_on_read_splits(
             bytes in stream(),
