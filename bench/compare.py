@@ -216,7 +216,7 @@ def run_fpbench(server, mode, c, p, size, extra=()):
         "rps": j["requests_per_sec"], "p50_us": j["latency"]["p50_us"], "p99_us": j["latency"]["p99_us"],
         "cpu_us": j["server_cpu_us_per_request"], "mismatches": j["counters"]["mismatches"],
         "errors": sum(j["counters"][k] for k in ("connect_errors", "resets", "closed", "timeouts")),
-        "exit": r.returncode, "requests": j["requests"],
+        "exit": r.returncode, "requests": j["requests"], "counters": j["counters"],
     }
 
 
