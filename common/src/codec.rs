@@ -34,27 +34,40 @@ pub fn uppercase_line(bytes: &[u8], out: &mut Vec<u8>) {
 /// whole, so text without cased non-ASCII characters costs little more than a copy.
 fn append_uppercasing_non_ascii(text: &str, out: &mut Vec<u8>) {
     let bytes = text.as_bytes();
-    let mut copied = 0;
-    let mut at = 0;
-    UPPER_CACHE.with(|cache| {
+    let start = out.len();
+    // An uppercase is at most three times as long as its character (`ΐ`: 2 bytes to 6).
+    out.resize(start + bytes.len() * 3, 0);
+    let written = UPPER_CACHE.with(|cache| {
         let mut cache = cache.borrow_mut();
-        while let Some(offset) = first_non_ascii(&bytes[at..]) {
-            let index = at + offset;
-            // Everything from `at` to `index` is ASCII and `at` is a character boundary, so
-            // a character starts at `index`.
-            let Some(c) = text[index..].chars().next() else {
+        let buf = &mut out[start..];
+        let (mut read, mut written) = (0, 0);
+        while read < bytes.len() {
+            let byte = bytes[read];
+            if byte < 0x80 {
+                buf[written] = byte;
+                written += 1;
+                read += 1;
+                continue;
+            }
+            // `read` is a character boundary of `text` (every earlier step moved by one
+            // whole character).
+            let Some(c) = text[read..].chars().next() else {
                 break;
             };
-            at = index + c.len_utf8();
+            let len = c.len_utf8();
             let upper = cache.get(c);
-            if upper.changes {
-                out.extend_from_slice(&bytes[copied..index]);
-                out.extend_from_slice(upper.as_slice());
-                copied = at;
-            }
+            let replacement = if upper.changes {
+                upper.as_slice()
+            } else {
+                &bytes[read..read + len]
+            };
+            buf[written..written + replacement.len()].copy_from_slice(replacement);
+            written += replacement.len();
+            read += len;
         }
+        written
     });
-    out.extend_from_slice(&bytes[copied..]);
+    out.truncate(start + written);
 }
 
 /// The UTF-8 bytes of a character's uppercase: at most three characters (`ΐ` → `Ϊ́`).
@@ -89,28 +102,40 @@ impl UpperBytes {
 /// up by binary search (about 50 ns), and text repeats its characters. Per thread, so a
 /// worker process needs no lock; filled on first use.
 struct UpperCache {
+    /// One slot per two-byte character (U+0080 to U+07FF: Latin, Greek, Cyrillic...), where
+    /// most cased text lives; a length of 0 marks a slot not filled yet.
+    two_byte: [UpperBytes; TWO_BYTE_END],
+    /// The other characters, direct-mapped by a hash of the code point.
     keys: [u32; UPPER_CACHE_SLOTS],
     values: [UpperBytes; UPPER_CACHE_SLOTS],
 }
 
+const TWO_BYTE_END: usize = 0x800;
 const UPPER_CACHE_SLOTS: usize = 512;
 
 impl UpperCache {
-    fn get(&mut self, c: char) -> UpperBytes {
+    fn get(&mut self, c: char) -> &UpperBytes {
         let key = u32::from(c);
+        if let Some(slot) = self.two_byte.get_mut(key as usize) {
+            if slot.len == 0 {
+                *slot = UpperBytes::of(c);
+            }
+            return slot;
+        }
         let slot = (key ^ (key >> 9)) as usize % UPPER_CACHE_SLOTS;
-        // Key 0 (NUL) is ASCII and never looked up, so 0 marks an empty slot.
+        // Keys below 0x800 never land here, so 0 marks an empty slot.
         if self.keys[slot] != key {
             self.keys[slot] = key;
             self.values[slot] = UpperBytes::of(c);
         }
-        self.values[slot]
+        &self.values[slot]
     }
 }
 
 thread_local! {
     static UPPER_CACHE: std::cell::RefCell<UpperCache> = const {
         std::cell::RefCell::new(UpperCache {
+            two_byte: [UpperBytes { bytes: [0; 12], len: 0, changes: false }; TWO_BYTE_END],
             keys: [0; UPPER_CACHE_SLOTS],
             values: [UpperBytes { bytes: [0; 12], len: 0, changes: false }; UPPER_CACHE_SLOTS],
         })
