@@ -30,8 +30,7 @@ pub fn uppercase_line(bytes: &[u8], out: &mut Vec<u8>) {
 }
 
 /// Appends `text` with its non-ASCII characters uppercased and its ASCII copied as it is
-/// (the caller uppercases ASCII in bulk). Runs between characters that change are copied
-/// whole, so text without cased non-ASCII characters costs little more than a copy.
+/// (the caller uppercases ASCII in bulk), in one pass into a pre-sized output.
 fn append_uppercasing_non_ascii(text: &str, out: &mut Vec<u8>) {
     let bytes = text.as_bytes();
     let start = out.len();
@@ -140,24 +139,6 @@ thread_local! {
             values: [UpperBytes { bytes: [0; 12], len: 0, changes: false }; UPPER_CACHE_SLOTS],
         })
     };
-}
-
-/// The index of the first byte of `bytes` that is not ASCII, eight bytes at a time.
-fn first_non_ascii(bytes: &[u8]) -> Option<usize> {
-    const HIGH_BITS: u64 = 0x8080_8080_8080_8080;
-    let mut words = bytes.chunks_exact(8);
-    let mut skipped = 0;
-    for word in words.by_ref() {
-        let word = u64::from_ne_bytes(word.try_into().expect("chunks_exact yields 8 bytes"));
-        if word & HIGH_BITS != 0 {
-            break;
-        }
-        skipped += 8;
-    }
-    bytes[skipped..]
-        .iter()
-        .position(|&b| b >= 0x80)
-        .map(|position| skipped + position)
 }
 
 /// Uppercases a byte stream that arrives in arbitrary pieces.
