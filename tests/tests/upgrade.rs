@@ -209,3 +209,34 @@ fn a_socket_passed_by_systemd_socket_activate_is_served() {
     let mut bank = server.connect_bank();
     assert_eq!(request_line(&mut bank, "PING"), "PONG");
 }
+
+#[test]
+fn systemd_hears_ready_reloading_and_stopping_on_its_notify_socket() {
+    let dir = tempfile::tempdir().expect("a temporary directory");
+    let path = dir.path().join("notify.sock");
+    let socket = std::os::unix::net::UnixDatagram::bind(&path).expect("bind a notify socket");
+    socket
+        .set_read_timeout(Some(Duration::from_secs(20)))
+        .expect("set a read timeout");
+    let mut server = Server::builder()
+        .env("NOTIFY_SOCKET", path.to_str().expect("UTF-8 path"))
+        .start();
+    let mut received = String::new();
+    let mut wait_for = |state: &str| {
+        let mut buf = [0u8; 512];
+        while !received.contains(state) {
+            let n = socket.recv(&mut buf).unwrap_or_else(|e| {
+                panic!("no {state} on the notify socket ({e}); got {received:?}")
+            });
+            received.push_str(&String::from_utf8_lossy(&buf[..n]));
+            received.push('\n');
+        }
+    };
+    wait_for("READY=1");
+    wait_for(&format!("MAINPID={}", server.pid));
+    server.signal(Signal::SIGHUP);
+    wait_for("RELOADING=1");
+    server.signal(Signal::SIGTERM);
+    wait_for("STOPPING=1");
+    assert!(server.wait_exit(Duration::from_secs(10)).success());
+}
