@@ -7,7 +7,8 @@ use std::process::{Command, Output};
 use std::time::{Duration, Instant};
 
 use forkpool_testkit::{
-    bench_json as json, binary, json_field as field, json_number as number, Server, Signal,
+    bench_json as json, binary, json_field as field, json_number as number, wait_until, Server,
+    Signal,
 };
 
 fn bench(args: &[&str]) -> Output {
@@ -69,15 +70,26 @@ fn a_lowercasing_server_fails_the_run_with_mismatches_counted() {
 fn a_server_killed_mid_run_ends_the_run_on_time_with_errors_counted() {
     let server = Server::start();
     let addr = server.echo_addr().to_string();
-    let pid = server.pid;
-    let killer = std::thread::spawn(move || {
-        std::thread::sleep(Duration::from_millis(700));
-        let _ = nix::sys::signal::killpg(pid, Signal::SIGKILL);
-    });
     let started = Instant::now();
-    let (report, code) = json(&["--addr", &addr, "-c", "10", "-d", "2", "--timeout", "0.5"]);
+    let run = std::thread::spawn(move || {
+        json(&["--addr", &addr, "-c", "10", "-d", "2", "--timeout", "0.5"])
+    });
+    // Kill the whole server once the run is under way: all ten connections accepted.
+    wait_until(
+        "the run's connections to be accepted",
+        Duration::from_secs(10),
+        || {
+            let accepted = server
+                .output_lines()
+                .iter()
+                .filter(|line| line.contains("accepted echo connection"))
+                .count();
+            (accepted >= 10).then_some(())
+        },
+    );
+    let _ = nix::sys::signal::killpg(server.pid, Signal::SIGKILL);
+    let (report, code) = run.join().expect("the bench thread");
     let took = started.elapsed();
-    killer.join().expect("killer");
     assert!(took < Duration::from_secs(4), "took {took:?}");
     assert_eq!(code, 3, "{report}");
     let errors: f64 = ["connect_errors", "resets", "closed", "timeouts"]
