@@ -1,6 +1,9 @@
-//! The bank run's bracket, over one plain blocking connection: the opening AUDIT, opening the
+//! The bank run's bracket, over a plain blocking connection: the opening AUDIT, opening the
 //! accounts, and the closing AUDIT. Every read and write has a deadline, so a dead server
-//! makes these fail on time instead of hanging.
+//! makes these fail on time instead of hanging. A clean close at a reply boundary (a worker
+//! recycled or replaced: forkpool answers everything it read before closing, and reads
+//! nothing after) is a keep-alive close: the client reconnects and sends the unanswered
+//! requests again; the AUDIT check after opening catches any double deposit.
 
 use std::io::{BufRead, BufReader, Write};
 use std::net::{SocketAddr, TcpStream};
@@ -15,24 +18,58 @@ const SETUP_BATCH: usize = 128;
 
 /// A blocking request/reply connection with a deadline.
 struct LineClient {
+    addr: SocketAddr,
     reader: BufReader<TcpStream>,
     deadline: Instant,
     line: Vec<u8>,
 }
 
+/// The server closed the connection cleanly, at a reply boundary.
+#[derive(Debug, thiserror::Error)]
+#[error("the bank closed the connection")]
+struct ClosedCleanly;
+
 impl LineClient {
     fn connect(addr: SocketAddr, deadline: Instant) -> anyhow::Result<Self> {
-        let left = deadline
-            .saturating_duration_since(Instant::now())
-            .max(Duration::from_millis(1));
-        let stream = TcpStream::connect_timeout(&addr, left)
-            .with_context(|| format!("cannot connect to the bank at {addr}"))?;
-        stream.set_nodelay(true)?;
         Ok(LineClient {
-            reader: BufReader::new(stream),
+            addr,
+            reader: BufReader::new(open(addr, deadline)?),
             deadline,
             line: Vec::new(),
         })
+    }
+
+    fn reconnect(&mut self) -> anyhow::Result<()> {
+        self.reader = BufReader::new(open(self.addr, self.deadline)?);
+        Ok(())
+    }
+
+    /// Sends `reqs` and reads one reply each, reconnecting and re-sending the unanswered
+    /// ones after a clean close.
+    fn exchange(&mut self, reqs: &[Request]) -> anyhow::Result<Vec<Reply>> {
+        let mut replies = Vec::with_capacity(reqs.len());
+        while replies.len() < reqs.len() {
+            let pending = &reqs[replies.len()..];
+            let sent = self.send(pending);
+            let mut closed = sent.is_err();
+            if !closed {
+                for req in pending {
+                    match self.receive(req) {
+                        Ok(reply) => replies.push(reply),
+                        Err(e) if e.is::<ClosedCleanly>() => {
+                            closed = true;
+                            break;
+                        }
+                        Err(e) => return Err(e),
+                    }
+                }
+            }
+            if closed {
+                self.time_left()?;
+                self.reconnect()?;
+            }
+        }
+        Ok(replies)
     }
 
     fn time_left(&self) -> anyhow::Result<Duration> {
@@ -63,19 +100,31 @@ impl LineClient {
             .reader
             .read_until(b'\n', &mut self.line)
             .context("reading from the bank")?;
-        if n == 0 || self.line.pop() != Some(b'\n') {
-            bail!("the bank closed the connection");
+        if n == 0 {
+            return Err(ClosedCleanly.into());
+        }
+        if self.line.pop() != Some(b'\n') {
+            bail!("the bank closed the connection in the middle of a reply");
         }
         parse_reply(req, &self.line).map_err(|e| anyhow!(e))
     }
 
     fn audit(&mut self) -> anyhow::Result<(u128, u64)> {
-        self.send(&[Request::Audit])?;
-        match self.receive(&Request::Audit)? {
-            Reply::Audit { total, accounts } => Ok((total, accounts)),
+        match self.exchange(&[Request::Audit])?.pop() {
+            Some(Reply::Audit { total, accounts }) => Ok((total, accounts)),
             other => bail!("AUDIT answered {other:?}"),
         }
     }
+}
+
+fn open(addr: SocketAddr, deadline: Instant) -> anyhow::Result<TcpStream> {
+    let left = deadline
+        .saturating_duration_since(Instant::now())
+        .max(Duration::from_millis(1));
+    let stream = TcpStream::connect_timeout(&addr, left)
+        .with_context(|| format!("cannot connect to the bank at {addr}"))?;
+    stream.set_nodelay(true)?;
+    Ok(stream)
 }
 
 /// The ledger as the run found it and left it after opening the accounts.
@@ -120,11 +169,9 @@ pub fn open_accounts(
                 amount: opening_balance,
             })
             .collect();
-        c.send(&reqs)?;
-        for req in &reqs {
-            match c.receive(req)? {
-                Reply::Ok(_) => {}
-                other => bail!("opening deposit {req:?} answered {other:?}"),
+        for (req, reply) in reqs.iter().zip(c.exchange(&reqs)?) {
+            if !matches!(reply, Reply::Ok(_)) {
+                bail!("opening deposit {req:?} answered {reply:?}");
             }
         }
     }
@@ -153,6 +200,46 @@ pub fn final_audit(addr: SocketAddr, timeout: Duration) -> anyhow::Result<(u128,
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A bank that answers one request per connection, then closes cleanly (as a worker
+    /// retiring after each request would).
+    fn one_reply_per_connection_bank() -> SocketAddr {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+        let addr = listener.local_addr().expect("address");
+        std::thread::spawn(move || {
+            for stream in listener.incoming().take(16).flatten() {
+                let mut reader = BufReader::new(stream);
+                let mut line = String::new();
+                if reader.read_line(&mut line).is_ok() {
+                    let reply = if line.starts_with("AUDIT") {
+                        "OK 7 1\n"
+                    } else {
+                        "OK 5\n"
+                    };
+                    let _ = reader.get_mut().write_all(reply.as_bytes());
+                }
+                // Close as forkpool does: replies out, write side shut, the rest discarded
+                // until the client's EOF, so the close is never a reset.
+                let _ = reader.get_mut().shutdown(std::net::Shutdown::Write);
+                let _ = std::io::copy(&mut reader, &mut std::io::sink());
+            }
+        });
+        addr
+    }
+
+    #[test]
+    fn a_clean_close_reconnects_and_sends_the_unanswered_requests_again() {
+        let addr = one_reply_per_connection_bank();
+        let mut client =
+            LineClient::connect(addr, Instant::now() + Duration::from_secs(5)).expect("connect");
+        let acct: AccountName = "a".parse().expect("valid");
+        let reqs = [Request::Deposit { acct, amount: 5 }; 3];
+        let replies = client
+            .exchange(&reqs)
+            .expect("three replies over three connections");
+        assert_eq!(replies, vec![Reply::Ok(5); 3]);
+        assert_eq!(client.audit().expect("audit"), (7, 1));
+    }
 
     #[test]
     fn account_names_are_numbered_and_validated() {
