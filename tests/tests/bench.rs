@@ -63,7 +63,10 @@ fn a_lowercasing_server_fails_the_run_with_mismatches_counted() {
     let (report, code) = json(&["--addr", &addr, "-c", "2", "-d", "0.5"]);
     assert_eq!(code, 1);
     assert!(number(&report, "mismatches") > 0.0, "{report}");
-    assert_eq!(number(&report, "mismatches"), number(&report, "replies"));
+    // A line without cased letters (digits, punctuation, CJK) is its own lowercase, so a
+    // few replies of the lowercasing server are right; nearly all are wrong.
+    let (wrong, replies) = (number(&report, "mismatches"), number(&report, "replies"));
+    assert!(wrong <= replies && wrong >= 0.9 * replies, "{report}");
 }
 
 #[test]
