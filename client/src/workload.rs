@@ -84,10 +84,21 @@ pub trait Workload: Send {
     fn lost(&mut self, sent: &Self::Sent);
 
     /// Records a protocol violation that belongs to no request (bytes nobody asked for).
-    fn note_unsolicited(&mut self, input: &[u8]);
+    fn note_unsolicited(&mut self, input: &[u8]) {
+        let samples = self.samples_mut();
+        if samples.len() < MAX_SAMPLES {
+            samples.push(format!(
+                "unsolicited bytes '{}'",
+                escape_for_reply(input, SAMPLE_BYTES)
+            ));
+        }
+    }
 
     /// Printable descriptions of the first wrong replies.
     fn samples(&self) -> &[String];
+
+    /// The same, to add to.
+    fn samples_mut(&mut self) -> &mut Vec<String>;
 }
 
 /// Echo: random lines from a pool, each reply compared with the pool's precomputed uppercase.
@@ -192,17 +203,12 @@ impl Workload for EchoWorkload {
 
     fn lost(&mut self, _sent: &u32) {}
 
-    fn note_unsolicited(&mut self, input: &[u8]) {
-        if self.samples.len() < MAX_SAMPLES {
-            self.samples.push(format!(
-                "unsolicited bytes '{}'",
-                escape_for_reply(input, SAMPLE_BYTES)
-            ));
-        }
-    }
-
     fn samples(&self) -> &[String] {
         &self.samples
+    }
+
+    fn samples_mut(&mut self) -> &mut Vec<String> {
+        &mut self.samples
     }
 }
 
@@ -343,17 +349,12 @@ impl Workload for BankWorkload {
         self.book.record_unknown(req);
     }
 
-    fn note_unsolicited(&mut self, input: &[u8]) {
-        if self.samples.len() < MAX_SAMPLES {
-            self.samples.push(format!(
-                "unsolicited bytes '{}'",
-                escape_for_reply(input, SAMPLE_BYTES)
-            ));
-        }
-    }
-
     fn samples(&self) -> &[String] {
         &self.samples
+    }
+
+    fn samples_mut(&mut self) -> &mut Vec<String> {
+        &mut self.samples
     }
 }
 
