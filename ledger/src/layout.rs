@@ -70,6 +70,18 @@ pub(crate) struct AllocJournal {
     pub(crate) old_count: AtomicU64,
 }
 
+impl AllocJournal {
+    /// Records the before-image of slot `slot` (its tag) and of the account count, then
+    /// marks the journal active (release: the images are visible before the state).
+    pub(crate) fn open(&self, slot: u64, old_tag: u64, old_count: u64) {
+        use std::sync::atomic::Ordering::{Relaxed, Release};
+        self.slot.store(slot, Relaxed);
+        self.old_tag.store(old_tag, Relaxed);
+        self.old_count.store(old_count, Relaxed);
+        self.state.store(ACTIVE, Release);
+    }
+}
+
 /// One lock stripe: the accounts whose hash maps here are read and written only under `lock`.
 #[repr(C, align(128))]
 pub(crate) struct Stripe {

@@ -287,11 +287,7 @@ impl Ledger {
         record.entries[entry].set(s, i, 0, tag);
         self.persist(record);
         crash_point();
-        let journal = &header.journal;
-        journal.slot.store(i, Relaxed);
-        journal.old_tag.store(old_tag, Relaxed);
-        journal.old_count.store(count, Relaxed);
-        journal.state.store(ACTIVE, Release);
+        header.journal.open(i, old_tag, count);
         crash_point();
         let slot = self.slot(i);
         slot.balance.store(0, Relaxed);
@@ -304,7 +300,7 @@ impl Ledger {
         crash_point();
         header.count.store(count + 1, Relaxed);
         crash_point();
-        journal.state.store(IDLE, Release);
+        header.journal.state.store(IDLE, Release);
         crash_point();
         Ok(i)
     }
@@ -333,6 +329,22 @@ impl Ledger {
         }
     }
 
+    /// The common end of DEPOSIT and WITHDRAW, once the undo entry (record entry 0) holds
+    /// the before-image: writes the new balance, moves the stripe total by `(add, sub)`, then
+    /// retires the entry (the commit).
+    fn commit_balance(&self, claim: &Claim<'_>, s: u32, i: u64, new: u64, (add, sub): (u64, u64)) {
+        crash_point();
+        let slot = self.slot(i);
+        slot.balance.store(new, Relaxed);
+        crash_point();
+        self.adjust_total(s, add, sub);
+        self.persist(slot);
+        crash_point();
+        claim.record().entries[0].clear();
+        self.persist(claim.record());
+        crash_point();
+    }
+
     /// Adds `amount` to `acct`, opening it if new. Errors, checked in this order:
     /// `BadAmount`, then `Overflow` (existing account) or `LedgerFull` (new account).
     /// Returns the new balance.
@@ -358,16 +370,7 @@ impl Ledger {
             }
             None => (self.create(&claim, 0, s, acct, tag)?, amount),
         };
-        crash_point();
-        let slot = self.slot(i);
-        slot.balance.store(new, Relaxed);
-        crash_point();
-        self.adjust_total(s, amount, 0);
-        self.persist(slot);
-        crash_point();
-        entry.clear();
-        self.persist(claim.record());
-        crash_point();
+        self.commit_balance(&claim, s, i, new, (amount, 0));
         Ok(new)
     }
 
@@ -389,15 +392,7 @@ impl Ledger {
         let entry = &claim.record().entries[0];
         entry.set(s, i, before, 0);
         self.persist(claim.record());
-        crash_point();
-        slot.balance.store(new, Relaxed);
-        crash_point();
-        self.adjust_total(s, 0, amount);
-        self.persist(slot);
-        crash_point();
-        entry.clear();
-        self.persist(claim.record());
-        crash_point();
+        self.commit_balance(&claim, s, i, new, (0, amount));
         Ok(new)
     }
 

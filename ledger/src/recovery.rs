@@ -51,17 +51,13 @@ impl Ledger {
         }
         let header = self.region.header();
         let count = header.count.load(Relaxed);
-        let journal = &header.journal;
-        journal.slot.store(i, Relaxed);
-        journal.old_tag.store(tag, Relaxed);
-        journal.old_count.store(count, Relaxed);
-        journal.state.store(ACTIVE, Release);
+        header.journal.open(i, tag, count);
         crash_point();
         slot.tag.store(TOMB, Release);
         crash_point();
         header.count.store(count.saturating_sub(1), Relaxed);
         crash_point();
-        journal.state.store(IDLE, Release);
+        header.journal.state.store(IDLE, Release);
         Ok(())
     }
 
