@@ -39,6 +39,8 @@ fn run() -> anyhow::Result<()> {
         Ok(limit) => log::info!("open file limit: {limit}"),
         Err(e) => log::warn!("cannot raise the open file limit: {e}"),
     }
+    // Built once here, the tables are shared by every worker forked from this process.
+    forkpool_common::codec::prepare_uppercase_tables();
     let mut master = master::Master::new(cli, config)?;
     master.run().context("master event loop failed")
 }

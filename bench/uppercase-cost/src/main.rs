@@ -1,13 +1,14 @@
 //! CPU cost of uppercasing one echo line, in process: forkpool's `uppercase_line` (what the
-//! server runs on every request) against two candidates that give the same bytes, on lines
-//! shaped like forkpool-bench's payloads (mostly ASCII, one character in eight multi-byte
-//! UTF-8 from the same sample set) and on all-ASCII lines.
+//! server runs on every request) against the plain definition it must equal (each character
+//! through `char::to_uppercase`, what a straightforward server does) and a bare copy, on
+//! lines shaped like forkpool-bench's payloads (mostly ASCII, one character in eight
+//! multi-byte UTF-8 from the same sample set) and on all-ASCII lines.
 //!
 //! `cargo run --release --manifest-path bench/uppercase-cost/Cargo.toml`
 //!
 //! Times are thread CPU time (schedstat), so other load on the machine inflates them less.
 
-use forkpool_common::codec::uppercase_line;
+use forkpool_common::codec::{prepare_uppercase_tables, uppercase_line};
 
 /// The same characters forkpool-bench mixes into its payloads.
 const UNICODE: &[&str] = &["ß", "é", "ж", "ω", "ǆ", "ﬁ", "ŉ", "ΐ", "ı", "中", "€", "😀"];
@@ -45,91 +46,35 @@ fn line(rng: &mut XorShift, size: usize, multibyte: bool) -> Vec<u8> {
     l
 }
 
-/// Candidate 1: ASCII runs copied and uppercased in bulk; each non-ASCII sequence goes
-/// through `uppercase_line` alone.
-fn ascii_runs(bytes: &[u8], out: &mut Vec<u8>) {
-    let mut rest = bytes;
-    while !rest.is_empty() {
-        let run = rest.iter().position(|&b| b >= 0x80).unwrap_or(rest.len());
-        let start = out.len();
-        out.extend_from_slice(&rest[..run]);
-        out[start..].make_ascii_uppercase();
-        rest = &rest[run..];
-        if rest.is_empty() {
-            break;
-        }
-        let len = sequence_len(rest[0]).min(rest.len());
-        uppercase_line(&rest[..len], out);
-        rest = &rest[len..];
-    }
-}
-
-/// Candidate 2: as candidate 1, plus a precomputed table for two-byte sequences (U+0080 to
-/// U+07FF: Latin, Greek, Cyrillic), where most cased non-ASCII text lives.
-fn ascii_runs_and_table(table: &[([u8; 8], u8)], bytes: &[u8], out: &mut Vec<u8>) {
-    let mut rest = bytes;
-    while !rest.is_empty() {
-        let run = rest.iter().position(|&b| b >= 0x80).unwrap_or(rest.len());
-        let start = out.len();
-        out.extend_from_slice(&rest[..run]);
-        out[start..].make_ascii_uppercase();
-        rest = &rest[run..];
-        if rest.is_empty() {
-            break;
-        }
-        if rest.len() >= 2 && (0xC2..=0xDF).contains(&rest[0]) && rest[1] & 0xC0 == 0x80 {
-            let cp = (usize::from(rest[0] & 0x1F) << 6) | usize::from(rest[1] & 0x3F);
-            let (upper, n) = &table[cp];
-            out.extend_from_slice(&upper[..usize::from(*n)]);
-            rest = &rest[2..];
-            continue;
-        }
-        let len = sequence_len(rest[0]).min(rest.len());
-        uppercase_line(&rest[..len], out);
-        rest = &rest[len..];
-    }
-}
-
-fn sequence_len(lead: u8) -> usize {
-    match lead {
-        0xE0..=0xEF => 3,
-        0xF0..=0xF7 => 4,
-        0xC0..=0xDF => 2,
-        _ => 1,
-    }
-}
-
-fn two_byte_table() -> Vec<([u8; 8], u8)> {
-    (0u32..0x800)
-        .map(|cp| {
-            let mut entry = ([0u8; 8], 0u8);
-            if let Some(c) = char::from_u32(cp) {
-                let upper: String = c.to_uppercase().collect();
-                entry.0[..upper.len()].copy_from_slice(upper.as_bytes());
-                entry.1 = upper.len() as u8;
+/// The definition: each valid character through `char::to_uppercase`, invalid bytes as
+/// they are.
+fn plain_definition(bytes: &[u8], out: &mut Vec<u8>) {
+    for chunk in bytes.utf8_chunks() {
+        for c in chunk.valid().chars() {
+            for upper in c.to_uppercase() {
+                out.extend_from_slice(upper.encode_utf8(&mut [0; 4]).as_bytes());
             }
-            entry
-        })
-        .collect()
+        }
+        out.extend_from_slice(chunk.invalid());
+    }
 }
 
 fn main() {
-    let table = two_byte_table();
+    prepare_uppercase_tables();
     let mut rng = XorShift(0x9E37_79B9_7F4A_7C15);
     println!("{:>8} {:10} {:34} {:>12}", "size", "payload", "uppercaser", "µs per line");
     for size in [16usize, 16 * 1024] {
         for multibyte in [true, false] {
             let lines: Vec<Vec<u8>> = (0..64).map(|_| line(&mut rng, size, multibyte)).collect();
-            let candidates: [(&str, &dyn Fn(&[u8], &mut Vec<u8>)); 4] = [
+            let candidates: [(&str, &dyn Fn(&[u8], &mut Vec<u8>)); 3] = [
                 ("forkpool uppercase_line", &uppercase_line),
-                ("ASCII runs in bulk", &ascii_runs),
-                ("ASCII runs + two-byte table", &|b, o| ascii_runs_and_table(&table, b, o)),
+                ("plain definition (to_uppercase)", &plain_definition),
                 ("memcpy only (lower bound)", &|b, o| o.extend_from_slice(b)),
             ];
             for (name, upper) in candidates {
                 for l in &lines {
                     let (mut want, mut got) = (Vec::new(), Vec::new());
-                    uppercase_line(l, &mut want);
+                    plain_definition(l, &mut want);
                     upper(l, &mut got);
                     assert!(name.starts_with("memcpy") || want == got, "{name} differs");
                 }
