@@ -7,7 +7,7 @@ use std::time::Duration;
 use anyhow::{bail, Context};
 use clap::{Args, Parser, Subcommand};
 
-use crate::load::Mix;
+use crate::load::{Mix, Text};
 
 /// Default address of forkpool's echo service.
 pub const DEFAULT_ECHO_ADDR: &str = "127.0.0.1:7878";
@@ -120,6 +120,10 @@ pub struct EchoArgs {
     /// Bytes per request line on the wire, the final newline included.
     #[arg(long, default_value_t = 16, value_parser = clap::value_parser!(u32).range(1..=16 * 1024 * 1024))]
     pub size: u32,
+    /// What the lines are made of: `mixed` (mostly ASCII, about one character in eight
+    /// multi-byte UTF-8) or `ascii` (for servers that only uppercase ASCII).
+    #[arg(long, value_enum, default_value_t = Text::Mixed)]
+    pub text: Text,
 }
 
 /// `forkpool-bench bank`.

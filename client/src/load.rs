@@ -45,6 +45,18 @@ const UNICODE_SAMPLES: &[&str] = &[
 /// Bytes most payload positions get: lowercase letters, digits, punctuation and space.
 const ASCII_SAMPLES: &[u8] = b"abcdefghijklmnopqrstuvwxyzabcdefghijklmnopqrstuvwxyz0123456789 .,;:!?-_=+*/()[]{}<>@#$%^&~'\"\\|`";
 
+/// What echo payloads are made of.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Text {
+    /// Mostly ASCII, about one character in eight multi-byte UTF-8, each with a different
+    /// uppercasing rule: the work of a Unicode server.
+    Mixed,
+    /// ASCII only (letters, digits, punctuation, space): what an ASCII-only server answers
+    /// right, for comparing with one.
+    Ascii,
+}
+
 /// One echo request line and the reply it must get back.
 #[derive(Debug, Clone)]
 pub struct Payload {
@@ -54,15 +66,15 @@ pub struct Payload {
     pub expected: Vec<u8>,
 }
 
-/// Makes one random line of exactly `size` bytes (the `\n` included): mostly ASCII, about one
-/// character in eight multi-byte UTF-8; the line is always valid UTF-8.
-pub fn random_line(rng: &mut Rng, size: usize) -> Vec<u8> {
+/// Makes one random line of exactly `size` bytes (the `\n` included) made of `text`; the line
+/// is always valid UTF-8.
+pub fn random_line(rng: &mut Rng, size: usize, text: Text) -> Vec<u8> {
     let body = size.saturating_sub(1);
     let mut line = Vec::with_capacity(size);
     while line.len() < body {
         let room = body - line.len();
         let sample = UNICODE_SAMPLES[rng.below(UNICODE_SAMPLES.len() as u64) as usize];
-        if rng.below(8) == 0 && sample.len() <= room {
+        if text == Text::Mixed && rng.below(8) == 0 && sample.len() <= room {
             line.extend_from_slice(sample.as_bytes());
         } else {
             line.push(ASCII_SAMPLES[rng.below(ASCII_SAMPLES.len() as u64) as usize]);
@@ -81,11 +93,11 @@ const POOL_MAX: usize = 1024;
 
 /// A pool of random payloads with their expected replies, built once so that sending and
 /// checking a request costs a copy and a compare, never an allocation.
-pub fn payload_pool(rng: &mut Rng, size: usize) -> Vec<Payload> {
+pub fn payload_pool(rng: &mut Rng, size: usize, text: Text) -> Vec<Payload> {
     let count = (POOL_BYTES / size.max(1)).clamp(POOL_MIN, POOL_MAX);
     (0..count)
         .map(|_| {
-            let line = random_line(rng, size);
+            let line = random_line(rng, size, text);
             let mut expected = Vec::with_capacity(line.len() + line.len() / 2);
             uppercase_line(&line, &mut expected);
             Payload { line, expected }
@@ -220,7 +232,7 @@ mod tests {
         let mut rng = Rng::new(1);
         let mut saw_multibyte = false;
         for size in [1, 2, 3, 5, 16, 100, 16 * 1024] {
-            let line = random_line(&mut rng, size);
+            let line = random_line(&mut rng, size, Text::Mixed);
             assert_eq!(line.len(), size);
             assert_eq!(line.last(), Some(&b'\n'));
             assert!(!line[..size - 1].contains(&b'\n') && !line.contains(&b'\r'));
@@ -231,8 +243,19 @@ mod tests {
     }
 
     #[test]
+    fn ascii_lines_are_ascii_with_the_exact_size() {
+        let mut rng = Rng::new(2);
+        for size in [1, 2, 16, 16 * 1024] {
+            let line = random_line(&mut rng, size, Text::Ascii);
+            assert_eq!(line.len(), size);
+            assert!(line.is_ascii() && line.ends_with(b"\n"));
+            assert_eq!(line.iter().filter(|&&b| b == b'\n').count(), 1);
+        }
+    }
+
+    #[test]
     fn pool_replies_are_the_uppercase() {
-        let pool = payload_pool(&mut Rng::new(3), 64);
+        let pool = payload_pool(&mut Rng::new(3), 64, Text::Mixed);
         assert!(pool.len() >= POOL_MIN);
         for p in &pool {
             let text = std::str::from_utf8(&p.line).expect("utf8");

@@ -4,6 +4,7 @@
 use serde::Serialize;
 
 use crate::book::Book;
+use crate::load::Text;
 use crate::stats::{Counters, LatencySummary};
 
 /// Every figure of a run; `--json` prints exactly this.
@@ -16,6 +17,8 @@ pub struct Report {
     pub threads: usize,
     /// Echo line size in bytes (echo mode).
     pub size: Option<usize>,
+    /// What the echo lines are made of (echo mode).
+    pub text: Option<Text>,
     /// Open-loop rate in requests/s, None in the closed loop.
     pub rate: Option<f64>,
     pub seed: u64,
@@ -125,9 +128,11 @@ impl Report {
             Some(r) => format!("open loop at {r} req/s"),
             None => "closed loop".to_string(),
         };
-        let size = self
-            .size
-            .map_or(String::new(), |b| format!(", {b} B lines"));
+        let size = match (self.size, self.text) {
+            (Some(b), Some(Text::Ascii)) => format!(", {b} B ASCII lines"),
+            (Some(b), _) => format!(", {b} B lines"),
+            (None, _) => String::new(),
+        };
         line(format!(
             "{} {}: {} connections x pipeline {}, {} threads, {shape}{size}, {:.2} s measured after {:.2} s warm-up",
             self.mode, self.addr, self.connections, self.pipeline, self.threads, self.window_s, self.warmup_s

@@ -14,7 +14,7 @@ use crate::bank_setup::{account_names, final_audit, open_accounts};
 use crate::book::Book;
 use crate::cpu::{client_cpu, sample_tree, TreeSample};
 use crate::driver::{self, Clock, Counting, Live, Plan};
-use crate::load::{payload_pool, Rng};
+use crate::load::{payload_pool, Rng, Text};
 use crate::report::{judge, BankReport, Report};
 use crate::stats::{Counters, Latencies};
 use crate::workload::{BankWorkload, EchoWorkload, Workload, MAX_SAMPLES};
@@ -40,9 +40,9 @@ pub fn echo(args: &EchoArgs) -> anyhow::Result<Report> {
     let size = args.size as usize;
     let m = measure(&s, |t| {
         let mut rng = Rng::new(s.seed ^ (t as u64).wrapping_mul(0x9e37_79b9_7f4a_7c15));
-        EchoWorkload::new(payload_pool(&mut rng, size), rng)
+        EchoWorkload::new(payload_pool(&mut rng, size, args.text), rng)
     })?;
-    Ok(report(&s, "echo", Some(size), m, None))
+    Ok(report(&s, "echo", Some((size, args.text)), m, None))
 }
 
 /// Runs `forkpool-bench bank`.
@@ -173,7 +173,7 @@ fn measure<W: Workload, F: Fn(usize) -> W + Sync>(
 fn report<W: Workload>(
     s: &Settings,
     mode: &'static str,
-    size: Option<usize>,
+    lines: Option<(usize, Text)>,
     m: Measured<W>,
     bank: Option<BankReport>,
 ) -> Report {
@@ -194,7 +194,8 @@ fn report<W: Workload>(
         connections: s.connections,
         pipeline: s.pipeline,
         threads: s.threads,
-        size,
+        size: lines.map(|(size, _)| size),
+        text: lines.map(|(_, text)| text),
         rate: s.rate,
         seed: s.seed,
         warmup_s: s.warmup.as_secs_f64(),

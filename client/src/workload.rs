@@ -361,7 +361,7 @@ impl Workload for BankWorkload {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::load::payload_pool;
+    use crate::load::{payload_pool, Text};
     use forkpool_common::bank::{ErrorKind, Reply};
 
     /// Feeds `stream` in pieces of `chunk` bytes against the requests `sent`, returning the
@@ -381,7 +381,7 @@ mod tests {
     }
 
     fn echo() -> EchoWorkload {
-        EchoWorkload::new(payload_pool(&mut Rng::new(5), 40), Rng::new(6))
+        EchoWorkload::new(payload_pool(&mut Rng::new(5), 40, Text::Mixed), Rng::new(6))
     }
 
     #[test]

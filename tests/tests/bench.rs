@@ -45,12 +45,16 @@ fn lowercasing_server() -> SocketAddr {
 fn a_short_echo_run_checks_every_reply_and_finds_none_wrong() {
     let server = Server::start();
     let addr = server.echo_addr().to_string();
-    let (report, code) = json(&[
-        "echo", "--addr", &addr, "-c", "8", "-P", "4", "-d", "1", "--size", "64",
-    ]);
-    assert_eq!(code, 0, "{report}");
-    assert_eq!(number(&report, "mismatches"), 0.0);
-    assert!(number(&report, "requests") > 100.0, "{report}");
+    for text in ["mixed", "ascii"] {
+        let (report, code) = json(&[
+            "echo", "--addr", &addr, "-c", "8", "-P", "4", "-d", "1", "--size", "64", "--text",
+            text,
+        ]);
+        assert_eq!(code, 0, "{report}");
+        assert_eq!(field(&report, "text").as_str(), Some(text), "{report}");
+        assert_eq!(number(&report, "mismatches"), 0.0);
+        assert!(number(&report, "requests") > 100.0, "{report}");
+    }
 }
 
 #[test]
@@ -148,6 +152,7 @@ fn json_output_has_every_field() {
         "pipeline",
         "threads",
         "size",
+        "text",
         "rate",
         "seed",
         "warmup_s",
