@@ -44,23 +44,33 @@ C_FLOOR = os.path.join(ROOT, "target/bench/c-echo")
 
 KIB = 1024
 
-# (connections, pipeline, size) driven by forkpool-bench. Skipped, and why (also in the .md):
-# 1,000 x 16 x 16 KiB keeps 256 MiB in flight and measures socket buffers, not the server;
-# 10,000 connections run only 16 B x pipeline 1 (their cost is the connection count, and
-# each 10,000-connection run spends seconds connecting).
+# (connections, pipeline, size[, text[, rate]]) driven by forkpool-bench: text is "mixed" (one
+# character in eight multi-byte UTF-8, the default) or "ascii" (what the ASCII-only C floor
+# answers right: the like-for-like case), rate an open-loop request rate (latency measured
+# from when each request was due), None for the closed loop. Skipped, and why (also in the
+# .md): 1,000 x 16 x 16 KiB keeps 256 MiB in flight and measures socket buffers, not the
+# server; 10,000 connections run only 16 B x pipeline 1 (their cost is the connection count,
+# and each 10,000-connection run spends seconds connecting).
 LINE_CASES = [
     (1, 1, 16), (1, 16, 16), (1, 1, 16 * KIB), (1, 16, 16 * KIB),
     (50, 1, 16), (50, 16, 16), (50, 1, 16 * KIB), (50, 16, 16 * KIB),
-    (1000, 1, 16), (1000, 16, 16), (1000, 1, 16 * KIB),
+    (50, 1, 16 * KIB, "ascii"), (50, 16, 16 * KIB, "ascii"),
+    (1000, 1, 16), (1000, 16, 16), (1000, 1, 16 * KIB), (1000, 1, 16 * KIB, "ascii"),
     (10000, 1, 16),
+    # Latency below saturation: every server has CPU to spare, so p99 is the server's own.
+    (50, 1, 16, "mixed", 50000), (50, 1, 16, "mixed", 100000),
 ]
 # redis-benchmark cases (it has no duration: -n is sized from the previous repeat's rate).
 RESP_CASES = [
     (1, 1, 16), (50, 1, 16), (50, 16, 16), (1000, 1, 16), (1000, 16, 16),
     (50, 1, 16 * KIB), (10000, 1, 16),
 ]
+# Servers under redis-benchmark. forkpool-w1 too: with one worker, like redis, forkpool leaves
+# redis-benchmark's single thread a core of its own.
+RESP_NAMES = ["redis", "forkpool", "forkpool-w1", "tokio", "c-floor"]
 if QUICK:
-    LINE_CASES = [(1, 1, 16), (50, 1, 16), (50, 16, 16), (50, 1, 16 * KIB), (1000, 1, 16)]
+    LINE_CASES = [(1, 1, 16), (50, 1, 16), (50, 16, 16), (50, 1, 16 * KIB), (50, 1, 16 * KIB, "ascii"),
+                  (1000, 1, 16), (50, 1, 16, "mixed", 50000)]
     RESP_CASES = [(50, 1, 16), (50, 16, 16)]
 
 SKIPPED = [
@@ -198,11 +208,13 @@ def free_port():
 
 # ---------------------------------------------------------------- the two clients
 
-def run_fpbench(server, mode, c, p, size, extra=()):
+def run_fpbench(server, mode, c, p, size, text="mixed", rate=None, extra=()):
     cmd = [FP_BENCH, mode, "--addr", f"127.0.0.1:{server.port}", "-c", str(c), "-P", str(p),
            "-d", str(DURATION), "--warmup", str(WARMUP), "--server-pid", str(server.pid), "--json"]
     if mode == "echo":
-        cmd += ["--size", str(size)]
+        cmd += ["--size", str(size), "--text", text]
+    if rate is not None:
+        cmd += ["--rate", str(rate)]
     if c >= 1000:
         cmd += ["--timeout", "10"]
     cmd += list(extra)
@@ -345,8 +357,13 @@ def med(xs):
     return statistics.median(xs) if xs else None
 
 
-def fmt_case(c, p, size):
-    return f"{c:,} c x P{p} x {'16 KiB' if size == 16 * KIB else f'{size} B'}"
+def fmt_case(c, p, size, text="mixed", rate=None):
+    out = f"{c:,} c x P{p} x {'16 KiB' if size == 16 * KIB else f'{size} B'}"
+    if text == "ascii":
+        out += " ASCII"
+    if rate is not None:
+        out += f" at {rate // 1000:,}k req/s"
+    return out
 
 
 def fmt(x, digits=2):
@@ -368,25 +385,25 @@ def summarise(samples):
 def table(title, cases, names, results, peers):
     lines = [f"### {title}", "",
              "| case | server | req/s | p50 µs | p99 µs | server CPU µs/req | "
-             + " | ".join(f"CPU fp/{p}" for p in peers) + " | " + " | ".join(f"req/s fp/{p}" for p in peers) + " |",
-             "|---|---|---:|---:|---:|---:|" + "---:|" * (2 * len(peers))]
+             + " | ".join(f"{what} fp/{p}" for what in ("CPU", "req/s", "p99") for p in peers) + " |",
+             "|---|---|---:|---:|---:|---:|" + "---:|" * (3 * len(peers))]
     for case in cases:
         fp = results.get((case, "forkpool"))
         for name in names:
             r = results.get((case, name))
             if not r:
                 continue
-            ratios_cpu, ratios_rps = [], []
+            ratios = {"cpu_us": [], "rps": [], "p99_us": []}
             for p in peers:
                 q = results.get((case, p))
-                ok = name == "forkpool" and q and fp and q["cpu_us"] and fp["cpu_us"]
-                ratios_cpu.append(fmt(fp["cpu_us"] / q["cpu_us"]) if ok else "")
-                ratios_rps.append(fmt(fp["rps"] / q["rps"]) if ok and q["rps"] else "")
-            note = " (ASCII only: multi-byte lines counted wrong)" if name == "c-floor" and r["mismatches"] else ""
+                for key, column in ratios.items():
+                    ok = name == "forkpool" and q and fp and q[key] and fp[key]
+                    column.append(fmt(fp[key] / q[key]) if ok else "")
+            note = " (ASCII only: multi-byte lines answered wrong)" if name == "c-floor" and r["mismatches"] else ""
             err = f" ({r['errors']} net errors)" if r["errors"] else ""
             lines.append(f"| {fmt_case(*case)} | {name}{note}{err} | {fmt(r['rps'])} | {fmt(r['p50_us'], 1)} | "
-                         f"{fmt(r['p99_us'], 1)} | {fmt(r['cpu_us'])} | " + " | ".join(ratios_cpu) + " | "
-                         + " | ".join(ratios_rps) + " |")
+                         f"{fmt(r['p99_us'], 1)} | {fmt(r['cpu_us'])} | "
+                         + " | ".join(" | ".join(column) for column in ratios.values()) + " |")
     return "\n".join(lines) + "\n"
 
 
@@ -437,7 +454,7 @@ def svg_plot(sections, path, title):
 
 def plot_from(line, resp, line_names, path):
     svg_plot([("forkpool-bench (every reply checked)", LINE_CASES, line_names, line),
-              ("redis-benchmark (ECHO)", RESP_CASES, ["forkpool", "tokio", "redis", "c-floor"], resp)],
+              ("redis-benchmark (ECHO)", RESP_CASES, RESP_NAMES, resp)],
              path, f"Server CPU µs per request (log scale), median of {REPEAT}")
 
 
@@ -458,7 +475,6 @@ def main():
     datadir = tempfile.mkdtemp(prefix="forkpool-compare-")
     all_servers = servers(datadir)
     line_names = [n for n, s in all_servers.items() if s.line_ok]
-    resp_names = ["redis", "forkpool", "tokio", "c-floor"]
     raw = {"line": {}, "resp": {}, "bank": []}
     t_start = time.time()
     try:
@@ -483,7 +499,7 @@ def main():
                     if b:
                         log(f"  bank transfer=100 50 c x P1   forkpool {b['rps']:>10,.0f} req/s  cpu {b['cpu_us']:.2f} µs/req")
             for case in RESP_CASES:
-                order = resp_names[rep % len(resp_names):] + resp_names[:rep % len(resp_names)]
+                order = RESP_NAMES[rep % len(RESP_NAMES):] + RESP_NAMES[:rep % len(RESP_NAMES)]
                 for name in order:
                     r = run_redis_benchmark(all_servers[name], *case)
                     raw["resp"].setdefault(f"{case}|{name}", []).append(r)
@@ -616,7 +632,7 @@ def report(line, resp, bank, idle, n_idle, spread, diag, line_names, result):
     md.append(table("forkpool-bench as the client (every reply checked)", LINE_CASES, line_names, line,
                     ["c-floor", "tokio"]))
     md.append(table("redis-benchmark as the client (`ECHO hello`, or a 16 KiB argument)", RESP_CASES,
-                    ["forkpool", "tokio", "redis", "c-floor"], resp, ["c-floor", "tokio", "redis"]))
+                    RESP_NAMES, resp, ["c-floor", "tokio", "redis"]))
     echo = line.get(((50, 1, 16), "forkpool"))
     md += ["### Bank TRANSFER over the wire vs echo (forkpool, 50 connections, pipeline 1)", "",
            "| workload | req/s | p99 µs | server CPU µs/req |", "|---|---:|---:|---:|"]

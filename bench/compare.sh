@@ -13,7 +13,7 @@ cd "$(dirname "$0")/.."
 cargo build --release -p forkpool-server -p forkpool-bench
 cargo build --release --manifest-path bench/tokio-echo/Cargo.toml
 mkdir -p target/bench
-cc -O2 -Wall -Wextra -o target/bench/c-echo bench/c-floor/echo.c
+cc -O3 -Wall -Wextra -o target/bench/c-echo bench/c-floor/echo.c
 
 if ! command -v redis-server >/dev/null || ! command -v redis-benchmark >/dev/null; then
     SUDO=""
