@@ -55,7 +55,8 @@ pub struct Cli {
 /// The two services.
 #[derive(Subcommand, Debug)]
 pub enum Mode {
-    /// Uppercase echo: random lines (with multi-byte UTF-8), each reply checked byte for byte.
+    /// Uppercase echo: random lines (multi-byte UTF-8 mixed in, or ASCII only with
+    /// `--text ascii`), each reply checked byte for byte.
     #[command(after_help = EXIT_CODES)]
     Echo(EchoArgs),
     /// Bank: opens accounts, runs a mix of transfers, deposits and withdrawals, then checks
