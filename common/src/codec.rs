@@ -650,6 +650,8 @@ mod tests {
         for c in (0..=0x10FFFFu32).filter_map(char::from_u32) {
             let upper: String = c.to_uppercase().collect();
             assert!(upper.len() <= c.len_utf8() * MAX_GROWTH, "{c:?}");
+            // A Mapping word holds six bytes and the length.
+            assert!(upper.len() <= WORD - 2, "{c:?}");
         }
         let worst = "ΐ".repeat(1000);
         assert_eq!(upper(&worst).len(), worst.len() * MAX_GROWTH);
