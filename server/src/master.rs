@@ -368,9 +368,10 @@ impl Master {
             self.config.graceful_timeout,
             self.workers.len()
         );
-        // A worker that died just now must count as gone before slots are staffed.
-        self.reap_workers();
         self.phase = Phase::Draining { deadline };
+        // A worker that died just now (Ctrl-C signals the whole group, so the workers drain
+        // on their own) must count as gone before slots are staffed.
+        self.reap_workers();
         // During an upgrade the TERM is the new master's "I serve now": its workers already
         // take the connections, so ours hand theirs over at the next request boundary.
         let handover = self.upgrade.take().is_some();
@@ -403,6 +404,7 @@ impl Master {
                 .iter()
                 .any(|w| w.slot == index && w.retiring.is_none())
             {
+                log::info!("slot {index} has no worker: starting one to drain its queue");
                 self.start_worker(index, now);
             }
         }
@@ -541,8 +543,12 @@ impl Master {
 
     fn on_worker_exit(&mut self, worker: Worker, exit: Exit) {
         let (slot_index, pid) = (worker.slot, worker.pid);
-        if worker.retiring.is_some() || matches!(self.phase, Phase::Draining { .. }) {
+        if worker.retiring.is_some() {
             log::info!("worker {slot_index} (pid {pid}) exited after draining: {exit}");
+            return;
+        }
+        if matches!(self.phase, Phase::Draining { .. }) {
+            log::info!("worker {slot_index} (pid {pid}) exited during the drain: {exit}");
             return;
         }
         let own_failure = exit.is_own_failure();

@@ -155,9 +155,9 @@ fn sigint_to_the_whole_process_group_drains_once() {
     assert_eq!(read_line(&mut stream), "CTRL-C");
     nix::sys::signal::killpg(server.pid, Signal::SIGINT).expect("signal the group");
     assert!(server.wait_exit(Duration::from_secs(10)).success());
-    assert!(
-        !server.output().contains("second shutdown signal"),
-        "{}",
-        server.output()
-    );
+    let output = server.output();
+    assert!(!output.contains("second shutdown signal"), "{output}");
+    // Workers that drained on their own signal are not "dead and replaced": that is for a
+    // running pool.
+    assert!(!output.contains("died"), "{output}");
 }
