@@ -136,6 +136,11 @@ impl Conn {
         registry.register(&mut self.stream, self.token, Interest::READABLE)
     }
 
+    /// Is the client part-way through a request (see [`Session::mid_request`])?
+    pub fn mid_request(&self) -> bool {
+        self.session.mid_request()
+    }
+
     /// Is the connection open and idle: no reply pending, not closing?
     pub fn is_quiet(&self) -> bool {
         self.phase == Phase::Open && self.unsent() == 0

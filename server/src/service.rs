@@ -36,9 +36,17 @@ impl ServiceKind {
 pub enum Session {
     /// Uppercase echo: a pure stream transformation, so it streams lines of any length
     /// through in constant memory and needs no line buffer.
-    Echo(Uppercaser),
+    Echo(EchoSession),
     /// Bank: one request per line, one reply line per request, in order.
     Bank(BankSession),
+}
+
+/// An echo connection: the uppercaser's state, and where the client is in its lines.
+#[derive(Debug, Default)]
+pub struct EchoSession {
+    upper: Uppercaser,
+    /// The last byte read was not a newline: part of a line is answered, the rest is due.
+    mid_line: bool,
 }
 
 /// A bank connection: its unfinished request line and the ledger it works on.
@@ -60,7 +68,7 @@ pub struct SessionSettings {
 impl Session {
     pub fn new(kind: ServiceKind, settings: SessionSettings) -> Session {
         match kind {
-            ServiceKind::Echo => Session::Echo(Uppercaser::default()),
+            ServiceKind::Echo => Session::Echo(EchoSession::default()),
             ServiceKind::Bank => Session::Bank(BankSession {
                 framer: LineFramer::new(settings.max_line),
                 ledger: settings.ledger,
@@ -73,8 +81,11 @@ impl Session {
     /// (lines) the input completed.
     pub fn on_input(&mut self, input: &[u8], out: &mut Vec<u8>) -> (Flow, u64) {
         match self {
-            Session::Echo(upper) => {
-                upper.feed(input, out);
+            Session::Echo(echo) => {
+                echo.upper.feed(input, out);
+                if let Some(&last) = input.last() {
+                    echo.mid_line = last != b'\n';
+                }
                 (
                     Flow::Continue,
                     memchr::memchr_iter(b'\n', input).count() as u64,
@@ -102,12 +113,21 @@ impl Session {
         }
     }
 
+    /// Is the client part-way through a request: the start of a line read, its end not yet?
+    /// A connection closed then would cut a reply (echo) or lose a request (bank).
+    pub fn mid_request(&self) -> bool {
+        match self {
+            Session::Echo(echo) => echo.mid_line,
+            Session::Bank(session) => session.framer.buffered() > 0,
+        }
+    }
+
     /// The server closes the connection: echo sends the bytes it held back (an unfinished
     /// UTF-8 sequence, invalid on its own, goes back unchanged). An unfinished bank line is
     /// not a request and gets no reply.
     pub fn on_server_close(&mut self, out: &mut Vec<u8>) {
-        if let Session::Echo(upper) = self {
-            upper.finish(out);
+        if let Session::Echo(echo) = self {
+            echo.upper.finish(out);
         }
     }
 
@@ -115,9 +135,9 @@ impl Session {
     /// as in [`Session::on_input`].
     pub fn on_eof(&mut self, out: &mut Vec<u8>) -> (Flow, u64) {
         let answered = match self {
-            Session::Echo(upper) => {
+            Session::Echo(echo) => {
                 let before = out.len();
-                upper.finish(out);
+                echo.upper.finish(out);
                 out.len() > before
             }
             Session::Bank(session) => match session.framer.finish() {

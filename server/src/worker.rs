@@ -95,10 +95,10 @@ struct Listening {
 
 enum State {
     Serving,
-    /// Listeners are closed; connections close once silent for `quiet`, and all of them by
+    /// Listeners are closed; connections close as `why` says, and all of them by
     /// `deadline`.
     Draining {
-        quiet: Duration,
+        why: Drain,
         deadline: Instant,
     },
 }
@@ -110,8 +110,26 @@ enum Drain {
     Shutdown,
     /// Retiring (max_requests, or SIGUSR1 from the master: reload, TTOU, upgrade) while a
     /// replacement already serves: each connection closes as soon as everything it sent is
-    /// answered (its client reconnects, to the replacement).
+    /// answered and it is not part-way through a request (its client reconnects, to the
+    /// replacement).
     Retire,
+}
+
+impl Drain {
+    /// How long a connection must have been silent before it is closed.
+    fn quiet(self) -> Duration {
+        match self {
+            Drain::Shutdown => DRAIN_QUIET,
+            Drain::Retire => Duration::ZERO,
+        }
+    }
+
+    /// Is a connection part-way through a request left open until the request is whole?
+    /// Retiring, yes: the client is still sending and is not silent. At shutdown a silent
+    /// client (someone typing in `nc`) must not hold the drain up.
+    fn waits_for_whole_requests(self) -> bool {
+        matches!(self, Drain::Retire)
+    }
 }
 
 struct Worker {
@@ -321,12 +339,8 @@ impl Worker {
         }
         // Leave time for the lingering closes before the master's deadline.
         let budget = self.settings.graceful_timeout.mul_f64(0.8);
-        let quiet = match why {
-            Drain::Shutdown => DRAIN_QUIET,
-            Drain::Retire => Duration::ZERO,
-        };
         self.state = State::Draining {
-            quiet,
+            why,
             deadline: now + budget,
         };
         self.cell.set_state(WorkerState::Draining);
@@ -482,27 +496,36 @@ impl Worker {
         if now < self.next_sweep {
             return;
         }
-        let (closing, tick) = match self.state {
+        let (closing, tick, whole_requests) = match self.state {
             State::Serving => (
                 self.settings.idle_timeout.unwrap_or(Duration::MAX),
                 SWEEP_INTERVAL,
+                false,
             ),
-            State::Draining { deadline, .. } if now >= deadline => (Duration::ZERO, DRAIN_TICK),
-            State::Draining { quiet, .. } => (quiet, DRAIN_TICK),
+            State::Draining { deadline, .. } if now >= deadline => {
+                (Duration::ZERO, DRAIN_TICK, false)
+            }
+            State::Draining { why, .. } => {
+                (why.quiet(), DRAIN_TICK, why.waits_for_whole_requests())
+            }
         };
         self.next_sweep = now + tick;
-        self.sweep(now, closing);
+        self.sweep(now, closing, whole_requests);
     }
 
-    /// Closes connections silent for `quiet_for` and ends overdue lingering closes. A silent
-    /// connection with replies its client will not take is dropped: nothing can be saved.
-    fn sweep(&mut self, now: Instant, quiet_for: Duration) {
+    /// Closes connections silent for `quiet_for` (with `whole_requests`, not those part-way
+    /// through a request) and ends overdue lingering closes. A silent connection with replies
+    /// its client will not take is dropped: nothing can be saved.
+    fn sweep(&mut self, now: Instant, quiet_for: Duration, whole_requests: bool) {
         let overdue: Vec<usize> = self
             .conns
             .iter()
             .filter(|(_, conn)| match conn.linger_deadline() {
                 Some(until) => now >= until,
-                None => now.saturating_duration_since(conn.last_active) >= quiet_for,
+                None => {
+                    now.saturating_duration_since(conn.last_active) >= quiet_for
+                        && !(whole_requests && conn.mid_request())
+                }
             })
             .map(|(key, _)| key)
             .collect();

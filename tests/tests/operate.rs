@@ -110,16 +110,14 @@ fn ttin_and_ttou_change_the_worker_count_and_never_go_below_one() {
     assert_eq!(request_line(&mut conn, "still here"), "STILL HERE");
 }
 
-#[test]
-fn a_ttoud_worker_answers_pending_requests_then_closes_cleanly() {
-    let server = Server::start();
-    let workers = server.wait_workers(2, WAIT);
-    // Connections until both workers hold some (reuseport spreads them by hash).
+/// Echo connections until every one of `workers` holds some (reuseport spreads them by
+/// hash), each with the worker that serves it.
+fn connections_on_every_worker(server: &Server, workers: &[Pid]) -> Vec<(TcpStream, Pid)> {
     let mut conns: Vec<(TcpStream, Pid)> = Vec::new();
-    wait_until("connections on both workers", WAIT, || {
+    wait_until("connections on every worker", WAIT, || {
         let conn = server.connect_echo();
         let owner = wait_until("the connection's owner", WAIT, || {
-            socket_owner(&conn, &workers)
+            socket_owner(&conn, workers)
         });
         conns.push((conn, owner));
         workers
@@ -127,6 +125,14 @@ fn a_ttoud_worker_answers_pending_requests_then_closes_cleanly() {
             .all(|w| conns.iter().any(|(_, o)| o == w))
             .then_some(())
     });
+    conns
+}
+
+#[test]
+fn a_ttoud_worker_answers_pending_requests_then_closes_cleanly() {
+    let server = Server::start();
+    let workers = server.wait_workers(2, WAIT);
+    let mut conns = connections_on_every_worker(&server, &workers);
     // A request in flight on every connection (the replies are read only after TTOU), and a
     // long one that takes a while to stream back.
     let long = "x".repeat(256 * 1024);
@@ -153,6 +159,43 @@ fn a_ttoud_worker_answers_pending_requests_then_closes_cleanly() {
             assert_eq!(request_line(conn, "more"), "MORE");
         }
     }
+}
+
+#[test]
+fn a_retiring_worker_waits_for_the_end_of_a_line_it_has_begun() {
+    let server = Server::start();
+    let workers = server.wait_workers(2, WAIT);
+    let mut conns = connections_on_every_worker(&server, &workers);
+    // Half a line on every connection, echoed as it streams through: each worker has read
+    // it, and all it read is answered.
+    for (conn, _) in &mut conns {
+        conn.write_all(b"first half, ").expect("send");
+        let mut echoed = [0u8; 12];
+        conn.read_exact(&mut echoed).expect("the half line's echo");
+        assert_eq!(&echoed, b"FIRST HALF, ");
+    }
+    server.signal(Signal::SIGTTOU);
+    let retiree = wait_until("a worker to start retiring", WAIT, || {
+        let lines = server.output_lines();
+        let line = lines.iter().find(|l| l.contains("] draining "))?;
+        let pid = line.split("pid=").nth(1)?.split(']').next()?.parse().ok()?;
+        Some(Pid::from_raw(pid))
+    });
+    // The rest of each line: the retiring worker must not have closed in the middle of it.
+    for (conn, owner) in &mut conns {
+        conn.write_all(b"second half\n").expect("send");
+        assert_eq!(read_line(conn), "SECOND HALF");
+        if *owner == retiree {
+            let mut rest = Vec::new();
+            let n = conn
+                .read_to_end(&mut rest)
+                .expect("a clean EOF, not a reset");
+            assert_eq!(n, 0, "nothing after the line");
+        } else {
+            assert_eq!(request_line(conn, "more"), "MORE");
+        }
+    }
+    server.wait_workers(1, WAIT);
 }
 
 #[test]
