@@ -128,6 +128,20 @@ fn connections_on_every_worker(server: &Server, workers: &[Pid]) -> Vec<(TcpStre
     conns
 }
 
+/// After its last reply, a connection of a retired worker ends with a clean EOF (nothing
+/// more, no reset); one of a worker still serving answers another request.
+fn assert_closed_cleanly_if_retired(conn: &mut TcpStream, retired: bool) {
+    if retired {
+        let mut rest = Vec::new();
+        let n = conn
+            .read_to_end(&mut rest)
+            .expect("a clean EOF, not a reset");
+        assert_eq!(n, 0, "nothing after the last reply");
+    } else {
+        assert_eq!(request_line(conn, "more"), "MORE");
+    }
+}
+
 #[test]
 fn a_ttoud_worker_answers_pending_requests_then_closes_cleanly() {
     let server = Server::start();
@@ -149,15 +163,7 @@ fn a_ttoud_worker_answers_pending_requests_then_closes_cleanly() {
     for (conn, owner) in &mut conns {
         assert_eq!(read_line(conn), "PENDING");
         assert_eq!(read_line(conn), long_upper);
-        if *owner == left {
-            let mut rest = Vec::new();
-            let n = conn
-                .read_to_end(&mut rest)
-                .expect("a clean EOF, not a reset");
-            assert_eq!(n, 0, "nothing after the last reply");
-        } else {
-            assert_eq!(request_line(conn, "more"), "MORE");
-        }
+        assert_closed_cleanly_if_retired(conn, *owner == left);
     }
 }
 
@@ -185,15 +191,7 @@ fn a_retiring_worker_waits_for_the_end_of_a_line_it_has_begun() {
     for (conn, owner) in &mut conns {
         conn.write_all(b"second half\n").expect("send");
         assert_eq!(read_line(conn), "SECOND HALF");
-        if *owner == retiree {
-            let mut rest = Vec::new();
-            let n = conn
-                .read_to_end(&mut rest)
-                .expect("a clean EOF, not a reset");
-            assert_eq!(n, 0, "nothing after the line");
-        } else {
-            assert_eq!(request_line(conn, "more"), "MORE");
-        }
+        assert_closed_cleanly_if_retired(conn, *owner == retiree);
     }
     server.wait_workers(1, WAIT);
 }
