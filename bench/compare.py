@@ -218,11 +218,16 @@ def run_fpbench(server, mode, c, p, size, text="mixed", rate=None, extra=()):
     if c >= 1000:
         cmd += ["--timeout", "10"]
     cmd += list(extra)
+    return fpbench_summary(cmd, server.name)
+
+
+def fpbench_summary(cmd, label):
+    """Runs a forkpool-bench --json command; its figures, or None if it printed no report."""
     r = subprocess.run(cmd, capture_output=True, text=True, timeout=DURATION + WARMUP + 120)
     try:
         j = json.loads(r.stdout)
     except ValueError:
-        log(f"  {server.name}: forkpool-bench failed ({r.returncode}): {r.stderr.strip()[:300]}")
+        log(f"  {label}: forkpool-bench failed ({r.returncode}): {r.stderr.strip()[:300]}")
         return None
     return {
         "rps": j["requests_per_sec"], "p50_us": j["latency"]["p50_us"], "p99_us": j["latency"]["p99_us"],
@@ -566,16 +571,7 @@ def run_bank(fp, port):
         return None
     cmd = [FP_BENCH, "bank", "--addr", f"127.0.0.1:{port}", "-c", "50", "-P", "1", "--mix", "transfer=100",
            "-d", str(DURATION), "--warmup", str(WARMUP), "--server-pid", str(fp.pid), "--json"]
-    r = subprocess.run(cmd, capture_output=True, text=True, timeout=DURATION + WARMUP + 120)
-    try:
-        j = json.loads(r.stdout)
-    except ValueError:
-        log(f"  bank failed: {r.stderr.strip()[:300]}")
-        return None
-    return {"rps": j["requests_per_sec"], "p50_us": j["latency"]["p50_us"], "p99_us": j["latency"]["p99_us"],
-            "cpu_us": j["server_cpu_us_per_request"], "mismatches": j["counters"]["mismatches"],
-            "errors": sum(j["counters"][k] for k in ("connect_errors", "resets", "closed", "timeouts")),
-            "exit": r.returncode}
+    return fpbench_summary(cmd, "bank")
 
 
 def diagnose(datadir):
