@@ -11,6 +11,7 @@ use forkpool_ledger::{FsyncPolicy, DEFAULT_MAX_ACCOUNTS, MAX_MAX_ACCOUNTS};
 use serde::Deserialize;
 
 use crate::listener::AcceptMode;
+use crate::service::ServiceKind;
 
 pub const DEFAULT_ECHO_ADDR: &str = "127.0.0.1:7878";
 pub const DEFAULT_BANK_ADDR: &str = "127.0.0.1:7879";
@@ -172,6 +173,33 @@ pub enum ConfigError {
 }
 
 impl Config {
+    /// The configured address of `kind`.
+    pub fn addr(&self, kind: ServiceKind) -> SocketAddr {
+        match kind {
+            ServiceKind::Echo => self.echo_addr,
+            ServiceKind::Bank => self.bank_addr,
+        }
+    }
+
+    /// Settings a reload cannot change (the ledger and its capacity, the status address, the
+    /// pid file): taken from the `running` ones, each requested change logged.
+    pub fn keep_fixed_settings(&mut self, running: &Config) {
+        for (name, changed) in [
+            ("ledger", self.ledger != running.ledger),
+            ("max_accounts", self.max_accounts != running.max_accounts),
+            ("status_addr", self.status_addr != running.status_addr),
+            ("pid_file", self.pid_file != running.pid_file),
+        ] {
+            if changed {
+                log::warn!("SIGHUP: {name} cannot change while running; restart to apply it");
+            }
+        }
+        self.ledger.clone_from(&running.ledger);
+        self.max_accounts = running.max_accounts;
+        self.status_addr = running.status_addr;
+        self.pid_file.clone_from(&running.pid_file);
+    }
+
     /// Merges flags over the file named by `--config` (if any) over the defaults.
     pub fn load(cli: &Cli) -> Result<Config, ConfigError> {
         let file = match &cli.config {
@@ -249,43 +277,37 @@ impl Config {
         Ok(config)
     }
 
+    /// Checks every setting against its range (see [`LIMITS`] and the durations' own
+    /// bounds), so that nothing downstream meets a value it cannot handle.
     fn validate(&self) -> Result<(), ConfigError> {
-        check(
-            "workers",
-            self.workers,
-            (1..=MAX_WORKERS).contains(&self.workers),
-            "must be 1 to 1024",
-        )?;
-        check(
-            "backlog",
-            self.backlog,
-            (1..=65_535).contains(&self.backlog),
-            "must be 1 to 65535",
-        )?;
-        check(
-            "max_connections",
-            self.max_connections,
-            self.max_connections >= 1,
-            "must be at least 1",
-        )?;
-        check(
-            "max_line",
-            self.max_line,
-            self.max_line >= 1,
-            "must be at least 1",
-        )?;
-        check(
-            "output_limit",
-            self.output_limit,
-            self.output_limit >= 1,
-            "must be at least 1",
-        )?;
-        check(
-            "max_accounts",
-            self.max_accounts,
-            (1..=MAX_MAX_ACCOUNTS).contains(&self.max_accounts),
-            "must be from 1 to the ledger's limit",
-        )?;
+        let counts = [
+            ("workers", self.workers as u64),
+            ("backlog", u64::from(self.backlog)),
+            ("max_connections", self.max_connections as u64),
+            ("max_line", self.max_line as u64),
+            ("output_limit", self.output_limit as u64),
+            ("max_accounts", self.max_accounts),
+            ("max_requests", self.max_requests),
+            ("max_requests_jitter", self.max_requests_jitter),
+        ];
+        for (name, value) in counts {
+            let limit = Limit::of(name);
+            if !limit.range.contains(&value) {
+                return Err(ConfigError::Invalid {
+                    name: limit.name,
+                    value: value.to_string(),
+                    reason: limit.reason,
+                });
+            }
+        }
+        if let Some(timeout) = self.worker_timeout {
+            check(
+                "worker_timeout",
+                timeout.as_secs_f64(),
+                timeout >= MIN_WORKER_TIMEOUT,
+                "must be 0 (off) or at least 0.1 seconds",
+            )?;
+        }
         check(
             "ledger",
             self.ledger.display(),
@@ -300,6 +322,79 @@ impl Config {
             });
         }
         Ok(())
+    }
+}
+
+/// The accepted range of a numeric setting, and how the error says it.
+pub struct Limit {
+    pub name: &'static str,
+    pub range: std::ops::RangeInclusive<u64>,
+    pub reason: &'static str,
+}
+
+/// Most requests (and jitter) `max_requests` may name: far beyond any worker's life, and small
+/// enough that the sum of the two never overflows.
+pub const MAX_REQUESTS_LIMIT: u64 = 1 << 48;
+/// Longest bank request line a worker will buffer.
+pub const MAX_LINE_LIMIT: u64 = 64 << 20;
+/// Largest per-connection output buffer.
+pub const OUTPUT_LIMIT_LIMIT: u64 = 1 << 30;
+/// Most connections one worker may hold (each is a descriptor).
+pub const MAX_CONNECTIONS_LIMIT: u64 = 1 << 20;
+/// Shortest hang-detection timeout: a worker beats four times per timeout.
+pub const MIN_WORKER_TIMEOUT: Duration = Duration::from_millis(100);
+
+/// Every numeric setting's range, in one table (the validation and its tests read it).
+pub const LIMITS: [Limit; 8] = [
+    Limit {
+        name: "workers",
+        range: 1..=MAX_WORKERS as u64,
+        reason: "must be 1 to 1024",
+    },
+    Limit {
+        name: "backlog",
+        range: 1..=65_535,
+        reason: "must be 1 to 65535",
+    },
+    Limit {
+        name: "max_connections",
+        range: 1..=MAX_CONNECTIONS_LIMIT,
+        reason: "must be 1 to 1048576",
+    },
+    Limit {
+        name: "max_line",
+        range: 1..=MAX_LINE_LIMIT,
+        reason: "must be 1 to 67108864 bytes",
+    },
+    Limit {
+        name: "output_limit",
+        range: 1..=OUTPUT_LIMIT_LIMIT,
+        reason: "must be 1 to 1073741824 bytes",
+    },
+    Limit {
+        name: "max_accounts",
+        range: 1..=MAX_MAX_ACCOUNTS,
+        reason: "must be 1 to 16777216",
+    },
+    Limit {
+        name: "max_requests",
+        range: 0..=MAX_REQUESTS_LIMIT,
+        reason: "must be 0 (never) to 281474976710656",
+    },
+    Limit {
+        name: "max_requests_jitter",
+        range: 0..=MAX_REQUESTS_LIMIT,
+        reason: "must be 0 to 281474976710656",
+    },
+];
+
+impl Limit {
+    /// The limit of the setting `name` (one of [`LIMITS`]).
+    fn of(name: &str) -> &'static Limit {
+        LIMITS
+            .iter()
+            .find(|limit| limit.name == name)
+            .expect("every validated count has an entry in LIMITS")
     }
 }
 
@@ -435,6 +530,91 @@ mod tests {
         };
         let config = Config::merge(&cli, file).unwrap();
         assert_eq!((config.workers, config.backlog), (5, 7));
+    }
+
+    /// Each numeric setting is accepted at both ends of its range and refused just outside,
+    /// with an error naming the setting; the reason states the range it checks.
+    #[test]
+    fn every_numeric_setting_is_checked_at_both_bounds() {
+        let load = |name: &str, value: u64| {
+            let text = format!("{name} = {value}\n");
+            let file = parse_file(Path::new("t.toml"), &text).expect("a TOML integer");
+            Config::merge(&Cli::default(), file)
+        };
+        for limit in &LIMITS {
+            let (low, high) = (*limit.range.start(), *limit.range.end());
+            assert!(load(limit.name, low).is_ok(), "{} = {low}", limit.name);
+            assert!(load(limit.name, high).is_ok(), "{} = {high}", limit.name);
+            assert!(
+                limit.reason.contains(&high.to_string()),
+                "{}: {}",
+                limit.name,
+                limit.reason
+            );
+            let outside = [low.checked_sub(1), high.checked_add(1)];
+            for value in outside.into_iter().flatten() {
+                let err = load(limit.name, value).expect_err(limit.name).to_string();
+                assert!(err.contains(&format!("{} = {value}", limit.name)), "{err}");
+            }
+        }
+    }
+
+    /// The review's crash: a jitter of u64::MAX passed validation, then every worker divided
+    /// by zero.
+    #[test]
+    fn a_huge_max_requests_jitter_is_refused() {
+        let cli = Cli {
+            max_requests: Some(1),
+            max_requests_jitter: Some(u64::MAX),
+            ..Cli::default()
+        };
+        let err = Config::load(&cli).unwrap_err().to_string();
+        assert!(err.contains("max_requests_jitter"), "{err}");
+    }
+
+    #[test]
+    fn durations_are_checked_at_their_bounds() {
+        let with = |cli: Cli| Config::load(&cli).map(|_| ()).map_err(|e| e.to_string());
+        let year = 86_400.0 * 365.0;
+        for value in [0.0, year] {
+            assert!(with(Cli {
+                graceful_timeout: Some(value),
+                ..Cli::default()
+            })
+            .is_ok());
+            assert!(with(Cli {
+                idle_timeout: Some(value),
+                ..Cli::default()
+            })
+            .is_ok());
+        }
+        for value in [-0.5, year + 1.0, f64::NAN, f64::INFINITY] {
+            let err = with(Cli {
+                graceful_timeout: Some(value),
+                ..Cli::default()
+            });
+            assert!(err.unwrap_err().contains("graceful_timeout"));
+            let err = with(Cli {
+                idle_timeout: Some(value),
+                ..Cli::default()
+            });
+            assert!(err.unwrap_err().contains("idle_timeout"));
+        }
+        assert!(with(Cli {
+            worker_timeout: Some(0.0),
+            ..Cli::default()
+        })
+        .is_ok());
+        assert!(with(Cli {
+            worker_timeout: Some(0.1),
+            ..Cli::default()
+        })
+        .is_ok());
+        let err = with(Cli {
+            worker_timeout: Some(0.05),
+            ..Cli::default()
+        });
+        assert!(err.unwrap_err().contains("worker_timeout"));
     }
 
     #[test]

@@ -2,14 +2,17 @@
 //! replaces (a USR2 binary upgrade). Both use systemd's protocol: descriptors 3, 4, ... with
 //! `LISTEN_FDS` (their number), `LISTEN_PID` (the pid meant to use them) and
 //! `LISTEN_FDNAMES` (`echo`, `bank`, and for an upgrade `ledger`). An upgrade also sets
-//! `FORKPOOL_UPGRADE_FROM` to the old master's pid, which the new one signals once ready.
+//! `FORKPOOL_UPGRADE_FROM` to the old master's pid, which the new one signals once ready; it
+//! is believed only from our parent, with the ledger passed.
 
-use std::ffi::OsString;
+use std::ffi::{OsStr, OsString};
 use std::io;
 use std::os::fd::{FromRawFd, OwnedFd, RawFd};
 use std::path::Path;
 
 use nix::unistd::Pid;
+
+use crate::service::ServiceKind;
 
 const UPGRADE_FROM: &str = "FORKPOOL_UPGRADE_FROM";
 /// The first passed descriptor (SD_LISTEN_FDS_START).
@@ -18,36 +21,79 @@ const FIRST_FD: RawFd = 3;
 /// What this process was handed at start.
 #[derive(Debug, Default)]
 pub struct Inherited {
-    pub echo: Vec<OwnedFd>,
-    pub bank: Vec<OwnedFd>,
+    /// Listening sockets, by the service their name says.
+    listeners: Vec<(ServiceKind, OwnedFd)>,
     pub ledger: Option<OwnedFd>,
     /// The master being replaced (binary upgrade), to be told when we are ready.
     pub upgrade_from: Option<Pid>,
 }
 
+impl Inherited {
+    /// Takes the listening sockets passed for `kind`.
+    pub fn take_listeners(&mut self, kind: ServiceKind) -> Vec<OwnedFd> {
+        let (theirs, rest) = std::mem::take(&mut self.listeners)
+            .into_iter()
+            .partition(|(k, _)| *k == kind);
+        self.listeners = rest;
+        theirs.into_iter().map(|(_, fd)| fd).collect()
+    }
+}
+
+/// Why the descriptors and variables handed to this process cannot be used.
+#[derive(Debug, thiserror::Error)]
+pub enum TakeError {
+    #[error("cannot take the passed descriptors (LISTEN_FDS): {0}")]
+    ListenFds(#[source] io::Error),
+    /// `FORKPOOL_UPGRADE_FROM` does not name the master that started us: obeying it would
+    /// SIGTERM an arbitrary process once we are ready.
+    #[error(
+        "{UPGRADE_FROM}={value} is not the master that started this process ({why}); \
+         refusing to start (unset it: only a forkpool master sets it, for a binary upgrade)"
+    )]
+    UntrustedUpgrade { value: String, why: &'static str },
+}
+
 /// Takes the passed descriptors (if `LISTEN_PID` is this process) and clears the variables,
-/// so that no child of ours mistakes them for its own.
-pub fn take() -> io::Result<Inherited> {
-    let mut inherited = Inherited {
-        upgrade_from: std::env::var(UPGRADE_FROM)
-            .ok()
-            .and_then(|pid| pid.parse().ok())
-            .map(Pid::from_raw),
-        ..Inherited::default()
-    };
+/// so that no child of ours mistakes them for its own. `FORKPOOL_UPGRADE_FROM` is trusted only
+/// if it names our parent and that parent passed us the ledger, as an upgrading master does.
+pub fn take() -> Result<Inherited, TakeError> {
+    let upgrade_from = std::env::var_os(UPGRADE_FROM);
     std::env::remove_var(UPGRADE_FROM);
-    for (fd, name) in sd_notify::listen_fds_with_names(true)? {
+    let mut inherited = Inherited::default();
+    for (fd, name) in sd_notify::listen_fds_with_names(true).map_err(TakeError::ListenFds)? {
         // SAFETY: LISTEN_PID named this process, so by the protocol descriptors 3.. are ours,
         // open, and owned by nobody else in this process; each is wrapped exactly once.
         let fd = unsafe { OwnedFd::from_raw_fd(fd) };
-        match name.as_str() {
-            "echo" => inherited.echo.push(fd),
-            "bank" => inherited.bank.push(fd),
-            "ledger" => inherited.ledger = Some(fd),
-            other => log::warn!("ignoring an inherited descriptor named {other:?}"),
+        match (name.as_str(), ServiceKind::named(&name)) {
+            (_, Some(kind)) => inherited.listeners.push((kind, fd)),
+            ("ledger", None) => inherited.ledger = Some(fd),
+            (other, None) => log::warn!("ignoring an inherited descriptor named {other:?}"),
         }
     }
+    if let Some(value) = upgrade_from {
+        inherited.upgrade_from = Some(verify_upgrade_from(&value, inherited.ledger.is_some())?);
+    }
     Ok(inherited)
+}
+
+/// The pid in `value`, if it is our parent and it passed us the ledger.
+fn verify_upgrade_from(value: &OsStr, got_ledger: bool) -> Result<Pid, TakeError> {
+    let untrusted = |why| TakeError::UntrustedUpgrade {
+        value: value.to_string_lossy().into_owned(),
+        why,
+    };
+    let pid = value
+        .to_str()
+        .and_then(|text| text.parse::<i32>().ok())
+        .filter(|&pid| pid > 0)
+        .ok_or_else(|| untrusted("not a process id"))?;
+    if Pid::from_raw(pid) != nix::unistd::getppid() {
+        return Err(untrusted("it is not our parent"));
+    }
+    if !got_ledger {
+        return Err(untrusted("it passed no ledger descriptor"));
+    }
+    Ok(Pid::from_raw(pid))
 }
 
 /// In a freshly forked child: puts `fds` at 3, 4, ... with their names, sets the variables,

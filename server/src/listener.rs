@@ -15,6 +15,10 @@ use std::os::fd::{AsRawFd, OwnedFd, RawFd};
 
 use socket2::{Domain, Socket, Type};
 
+use crate::config::Config;
+use crate::inherit::Inherited;
+use crate::service::ServiceKind;
+
 /// How the workers share a service's address.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum, serde::Deserialize)]
 #[serde(rename_all = "lowercase")]
@@ -37,7 +41,7 @@ pub struct ListenerGroup {
     backlog: u32,
     slots: Vec<TcpListener>,
     /// Passed in by systemd or by the previous master: the address is not ours to change.
-    pub inherited: bool,
+    inherited: bool,
 }
 
 /// Why an inherited descriptor cannot serve as a listener.
@@ -47,6 +51,146 @@ pub enum InheritError {
     NotListening,
     #[error("an inherited socket cannot be used: {source}")]
     Socket { source: io::Error },
+}
+
+/// The listeners of every service, each a [`ListenerGroup`] with one socket per slot.
+#[derive(Debug)]
+pub struct Listeners {
+    groups: Vec<(ServiceKind, ListenerGroup)>,
+}
+
+/// Why the master could not listen at start.
+#[derive(Debug, thiserror::Error)]
+pub enum ListenError {
+    #[error(transparent)]
+    Bind(#[from] BindError),
+    #[error("{service}: {source}")]
+    Inherit {
+        service: &'static str,
+        source: InheritError,
+    },
+}
+
+impl Listeners {
+    /// Every service's listeners: the inherited ones where there are any (socket activation,
+    /// a binary upgrade), else bound to the configured address.
+    pub fn open(config: &Config, inherited: &mut Inherited) -> Result<Listeners, ListenError> {
+        let mut groups = Vec::new();
+        for kind in ServiceKind::ALL {
+            let fds = inherited.take_listeners(kind);
+            let group = if fds.is_empty() {
+                ListenerGroup::bind(
+                    config.addr(kind),
+                    config.workers,
+                    config.backlog,
+                    config.accept,
+                )?
+            } else {
+                let group = ListenerGroup::inherit(fds, config.workers, config.backlog).map_err(
+                    |source| ListenError::Inherit {
+                        service: kind.name(),
+                        source,
+                    },
+                )?;
+                log::info!("{} listens on inherited socket {}", kind.name(), group.addr);
+                group
+            };
+            groups.push((kind, group));
+        }
+        Ok(Listeners { groups })
+    }
+
+    /// The listeners a reload to `new` needs: the sockets of an address that did not change
+    /// are kept (resized to the new pool), so no connection is refused while workers are
+    /// replaced; an inherited socket is always kept (its address is not ours to move; a
+    /// request to move it is logged). Returns `None` if nothing changes.
+    pub fn for_reload(&self, old: &Config, new: &Config) -> Result<Option<Listeners>, BindError> {
+        let slots = self
+            .groups
+            .first()
+            .map_or(0, |(_, group)| group.slots.len());
+        let same = ServiceKind::ALL
+            .iter()
+            .all(|&kind| old.addr(kind) == new.addr(kind))
+            && (slots, old.accept, old.backlog) == (new.workers, new.accept, new.backlog);
+        if same {
+            return Ok(None);
+        }
+        let mut groups = Vec::new();
+        for (kind, group) in &self.groups {
+            let addr = new.addr(*kind);
+            let keep =
+                group.inherited || (new.accept == old.accept && addr_matches(group.addr, addr));
+            if group.inherited && !addr_matches(group.addr, addr) {
+                log::warn!(
+                    "{} listens on an inherited socket ({}): {addr} is ignored until restart",
+                    kind.name(),
+                    group.addr
+                );
+            }
+            let group = if keep {
+                group.resized(new.workers)?
+            } else {
+                ListenerGroup::bind(addr, new.workers, new.backlog, new.accept)?
+            };
+            groups.push((*kind, group));
+        }
+        Ok(Some(Listeners { groups }))
+    }
+
+    /// One listener more per service (TTIN); on failure nothing changes.
+    pub fn add_slot(&mut self) -> Result<(), BindError> {
+        for index in 0..self.groups.len() {
+            let (_, group) = &mut self.groups[index];
+            if let Err(source) = group.add_slot() {
+                let addr = group.addr;
+                for (_, added) in &mut self.groups[..index] {
+                    added.remove_slot();
+                }
+                return Err(BindError { addr, source });
+            }
+        }
+        Ok(())
+    }
+
+    /// The last slot's listeners go (TTOU).
+    pub fn remove_slot(&mut self) {
+        for (_, group) in &mut self.groups {
+            group.remove_slot();
+        }
+    }
+
+    /// Slot `index`'s listener of every service (for the worker forked to serve it).
+    pub fn take_slot(&mut self, index: usize) -> Vec<(ServiceKind, TcpListener)> {
+        self.groups
+            .iter_mut()
+            .filter_map(|(kind, group)| Some((*kind, group.take_slot(index)?)))
+            .collect()
+    }
+
+    /// Closes every listener (the master's copies, at a drain: a queue that nobody accepts
+    /// from must not keep growing).
+    pub fn close(&mut self) {
+        self.groups.clear();
+    }
+
+    /// Every socket with its service's name, to pass to a new binary.
+    pub fn named_fds(&self) -> Vec<(RawFd, &'static str)> {
+        self.groups
+            .iter()
+            .flat_map(|(kind, group)| group.raw_fds().into_iter().map(|fd| (fd, kind.name())))
+            .collect()
+    }
+
+    /// The address each service is bound to.
+    pub fn addrs(&self) -> impl Iterator<Item = (ServiceKind, SocketAddr)> + '_ {
+        self.groups.iter().map(|(kind, group)| (*kind, group.addr))
+    }
+}
+
+/// Does a configured address (possibly port 0) name the socket bound as `bound`?
+fn addr_matches(bound: SocketAddr, configured: SocketAddr) -> bool {
+    bound.ip() == configured.ip() && (configured.port() == 0 || bound.port() == configured.port())
 }
 
 /// Why a service could not listen.

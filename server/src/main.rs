@@ -10,10 +10,12 @@ mod logging;
 mod master;
 mod master_link;
 mod pidfile;
+mod pool;
 mod process;
 mod scoreboard;
 mod service;
 mod status;
+mod upgrade;
 mod worker;
 
 use std::process::ExitCode;
@@ -41,8 +43,12 @@ fn run() -> anyhow::Result<()> {
     }
     // Built once here, the tables are shared by every worker forked from this process.
     forkpool_common::codec::prepare_uppercase_tables();
-    let mut master = master::Master::new(cli, config)?;
-    master.run().context("master event loop failed")
+    let master = master::Master::new(cli, config)?;
+    match master.run().context("master event loop failed")? {
+        master::Outcome::Stopped => Ok(()),
+        // A forked child: the master is gone from this process; serve until told to stop.
+        master::Outcome::Worker(setup) => std::process::exit(worker::run(*setup)),
+    }
 }
 
 /// The error and its causes on one line, without repeating a cause that a message already

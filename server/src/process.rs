@@ -1,6 +1,7 @@
 //! Process control that needs the OS directly: forking with signals blocked, tying a worker's
-//! life to its master, reaping children, raising the descriptor limit. The only `unsafe` of
-//! the supervision code lives here.
+//! life to its master, reaping children, raising the descriptor limit. The `unsafe` of
+//! process control lives here (the scoreboard's shared mapping has its own, in
+//! `scoreboard.rs`).
 
 use nix::sys::resource::{getrlimit, setrlimit, Resource};
 use nix::sys::signal::{kill, SigSet, SigmaskHow, Signal};
@@ -18,18 +19,24 @@ pub enum Forked {
 /// Forks with every signal blocked, so that no handler of the master's runs in the child
 /// before the child has replaced the master's signal handling with its own.
 ///
-/// The caller must be single-threaded (the master is, at every fork): the child then owns a
-/// consistent copy of the heap and of every lock, so it may allocate and log.
-pub fn fork_with_signals_blocked() -> nix::Result<Forked> {
+/// # Safety
+/// The calling process must have exactly one thread (as nix's [`fork`] requires for a child
+/// that does more than async-signal-safe calls): the child then owns a consistent copy of
+/// the heap and of every lock, so it may allocate, log and run ordinary Rust code.
+pub unsafe fn fork_with_signals_blocked() -> nix::Result<Forked> {
+    debug_assert_eq!(
+        thread_count(),
+        Some(1),
+        "fork needs a single-threaded caller"
+    );
     let mut previous = SigSet::empty();
     nix::sys::signal::sigprocmask(
         SigmaskHow::SIG_SETMASK,
         Some(&SigSet::all()),
         Some(&mut previous),
     )?;
-    // SAFETY: the master is single-threaded whenever it forks (it never starts a thread), so
-    // the child is an exact copy with no lock held by a vanished thread; it may run ordinary
-    // Rust code, including allocation.
+    // SAFETY: this function's contract: the caller is single-threaded, so the child is an
+    // exact copy with no lock held by a vanished thread.
     let result = unsafe { fork() };
     match result {
         Ok(ForkResult::Child) => Ok(Forked::Child),
@@ -42,6 +49,13 @@ pub fn fork_with_signals_blocked() -> nix::Result<Forked> {
             Err(e)
         }
     }
+}
+
+/// How many threads this process has (from `/proc/self/task`), if that can be read.
+pub fn thread_count() -> Option<usize> {
+    std::fs::read_dir("/proc/self/task")
+        .ok()
+        .map(Iterator::count)
 }
 
 /// Unblocks every signal (the child's last step of start-up).

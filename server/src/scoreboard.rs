@@ -4,7 +4,8 @@
 //! detection, `/metrics` and `/status`. Nothing on the serving path waits for anyone.
 
 use std::num::NonZeroUsize;
-use std::sync::atomic::{AtomicI32, AtomicPtr, AtomicU32, AtomicU64, AtomicU8, Ordering::Relaxed};
+use std::sync::atomic::{AtomicPtr, AtomicU64, AtomicU8, Ordering::Relaxed};
+use std::time::Duration;
 
 use nix::sys::mman::{mmap_anonymous, MapFlags, ProtFlags};
 use nix::time::{clock_gettime, ClockId};
@@ -23,6 +24,14 @@ pub enum WorkerState {
 }
 
 impl WorkerState {
+    /// The states of a live worker.
+    pub const LIVE: [WorkerState; 4] = [
+        WorkerState::Starting,
+        WorkerState::Idle,
+        WorkerState::Busy,
+        WorkerState::Draining,
+    ];
+
     fn from_u8(value: u8) -> WorkerState {
         match value {
             1 => WorkerState::Starting,
@@ -59,15 +68,12 @@ pub struct ServiceCounters {
 #[derive(Debug, Default)]
 #[repr(C, align(64))]
 pub struct WorkerCell {
-    pub pid: AtomicI32,
-    /// The pool slot the worker serves (for display).
-    pub slot: AtomicU32,
     state: AtomicU8,
-    /// CLOCK_MONOTONIC milliseconds of the last beat.
-    heartbeat_ms: AtomicU64,
+    /// CLOCK_MONOTONIC nanoseconds of the last beat.
+    heartbeat_ns: AtomicU64,
     /// Wall-clock seconds since the epoch at start.
     pub started_unix: AtomicU64,
-    pub services: [ServiceCounters; 2],
+    services: [ServiceCounters; ServiceKind::ALL.len()],
 }
 
 impl WorkerCell {
@@ -81,12 +87,20 @@ impl WorkerCell {
 
     /// Records that the worker is alive now.
     pub fn beat(&self) {
-        self.heartbeat_ms.store(monotonic_ms(), Relaxed);
+        self.heartbeat_ns.store(monotonic_ns(), Relaxed);
     }
 
-    /// Milliseconds since the last beat.
-    pub fn silent_ms(&self) -> u64 {
-        monotonic_ms().saturating_sub(self.heartbeat_ms.load(Relaxed))
+    /// Time since the last beat.
+    pub fn silence(&self) -> Duration {
+        Duration::from_nanos(monotonic_ns().saturating_sub(self.heartbeat_ns.load(Relaxed)))
+    }
+
+    /// Moves the last beat `by` into the past (tests of hang detection).
+    #[cfg(test)]
+    pub fn backdate(&self, by: Duration) {
+        let nanos = u64::try_from(by.as_nanos()).unwrap_or(u64::MAX);
+        self.heartbeat_ns
+            .fetch_sub(nanos.min(monotonic_ns()), Relaxed);
     }
 
     pub fn counters(&self, kind: ServiceKind) -> &ServiceCounters {
@@ -94,10 +108,7 @@ impl WorkerCell {
     }
 
     /// Prepares the cell for a new worker (the master, before it forks).
-    pub fn reset(&self, slot: usize) {
-        self.pid.store(0, Relaxed);
-        self.slot
-            .store(u32::try_from(slot).unwrap_or(u32::MAX), Relaxed);
+    pub fn reset(&self) {
         self.set_state(WorkerState::Starting);
         self.beat();
         let now = std::time::SystemTime::now()
@@ -173,9 +184,9 @@ pub fn beat_from_hook() {
     }
 }
 
-fn monotonic_ms() -> u64 {
+fn monotonic_ns() -> u64 {
     clock_gettime(ClockId::CLOCK_MONOTONIC).map_or(0, |t| {
-        u64::try_from(t.tv_sec()).unwrap_or(0) * 1000
-            + u64::try_from(t.tv_nsec()).unwrap_or(0) / 1_000_000
+        u64::try_from(t.tv_sec()).unwrap_or(0) * 1_000_000_000
+            + u64::try_from(t.tv_nsec()).unwrap_or(0)
     })
 }

@@ -6,6 +6,7 @@ use forkpool_common::codec::{Flow, Frame, LineFramer, Uppercaser};
 use forkpool_ledger::Ledger;
 
 use crate::bank;
+use crate::config::Config;
 
 /// Which service a listener (and so each of its connections) provides.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -15,12 +16,22 @@ pub enum ServiceKind {
 }
 
 impl ServiceKind {
+    /// Every service, in the order of per-service arrays.
+    pub const ALL: [ServiceKind; 2] = [ServiceKind::Echo, ServiceKind::Bank];
+
     /// Position in per-service arrays.
     pub fn index(self) -> usize {
         match self {
             ServiceKind::Echo => 0,
             ServiceKind::Bank => 1,
         }
+    }
+
+    /// The service called `name` (in settings, inherited descriptor names and logs).
+    pub fn named(name: &str) -> Option<ServiceKind> {
+        ServiceKind::ALL
+            .into_iter()
+            .find(|kind| kind.name() == name)
     }
 
     pub fn name(self) -> &'static str {
@@ -59,19 +70,19 @@ pub struct BankSession {
 
 /// What a new connection needs from its worker.
 #[derive(Debug, Clone, Copy)]
-pub struct SessionSettings {
-    /// Longest bank request line.
-    pub max_line: usize,
+pub struct SessionContext {
+    /// The worker's settings (`max_line` for the bank).
+    pub config: &'static Config,
     pub ledger: &'static Ledger,
 }
 
 impl Session {
-    pub fn new(kind: ServiceKind, settings: SessionSettings) -> Session {
+    pub fn new(kind: ServiceKind, context: SessionContext) -> Session {
         match kind {
             ServiceKind::Echo => Session::Echo(EchoSession::default()),
             ServiceKind::Bank => Session::Bank(BankSession {
-                framer: LineFramer::new(settings.max_line),
-                ledger: settings.ledger,
+                framer: LineFramer::new(context.config.max_line),
+                ledger: context.ledger,
             }),
         }
     }

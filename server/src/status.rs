@@ -2,7 +2,6 @@
 //! nothing): `GET /metrics` in the Prometheus text format and `GET /status`, a plain-text
 //! table like Apache's mod_status. One request per connection, answered and closed.
 
-use std::collections::BTreeMap;
 use std::fmt::Write as _;
 use std::io::{self, Read, Write};
 use std::net::SocketAddr;
@@ -12,7 +11,8 @@ use forkpool_ledger::Audit;
 use mio::net::{TcpListener, TcpStream};
 use mio::{Interest, Registry, Token};
 
-use crate::scoreboard::WorkerCell;
+use crate::pool::{RestartCounts, RestartReason};
+use crate::scoreboard::{WorkerCell, WorkerState};
 use crate::service::ServiceKind;
 
 /// Longest request head read; a longer one gets 431.
@@ -34,9 +34,9 @@ pub struct PoolView<'a> {
     pub configured_workers: usize,
     pub workers: &'a [WorkerView],
     /// Worker exits by reason.
-    pub restarts: &'a BTreeMap<&'static str, u64>,
+    pub restarts: &'a RestartCounts,
     /// Requests of workers already gone, per service (so totals never go backwards).
-    pub finished_requests: [u64; 2],
+    pub finished_requests: [u64; ServiceKind::ALL.len()],
     /// A lock-free snapshot of the ledger (not one consistent instant).
     pub ledger: Option<Audit>,
     pub ledger_recoveries: u64,
@@ -65,12 +65,7 @@ impl StatusServer {
         registry: &Registry,
         first_token: usize,
     ) -> io::Result<StatusServer> {
-        let mut listener = TcpListener::bind(addr).map_err(|e| {
-            io::Error::new(
-                e.kind(),
-                format!("cannot listen on status address {addr}: {e}"),
-            )
-        })?;
+        let mut listener = TcpListener::bind(addr)?;
         registry.register(&mut listener, Token(first_token), Interest::READABLE)?;
         Ok(StatusServer {
             addr: listener.local_addr()?,
@@ -235,8 +230,6 @@ fn http(code: u16, content_type: &str, body: &str) -> Vec<u8> {
     .into_bytes()
 }
 
-const SERVICES: [ServiceKind; 2] = [ServiceKind::Echo, ServiceKind::Bank];
-
 /// The Prometheus text exposition.
 pub fn metrics(view: &PoolView<'_>) -> String {
     let mut out = String::new();
@@ -255,12 +248,13 @@ pub fn metrics(view: &PoolView<'_>) -> String {
         "gauge",
         "Live worker processes by state.",
         |b| {
-            for state in ["starting", "idle", "busy", "draining"] {
+            for state in WorkerState::LIVE {
                 let count = view
                     .workers
                     .iter()
-                    .filter(|w| w.cell.state().name() == state)
+                    .filter(|w| w.cell.state() == state)
                     .count();
+                let state = state.name();
                 let _ = writeln!(b, "forkpool_workers{{state=\"{state}\"}} {count}");
             }
         },
@@ -271,11 +265,11 @@ pub fn metrics(view: &PoolView<'_>) -> String {
         "counter",
         "Worker exits by reason.",
         |b| {
-            for reason in ["crashed", "exited", "hung", "killed", "recycled"] {
-                let count = view.restarts.get(reason).copied().unwrap_or(0);
+            for reason in RestartReason::ALL {
                 let _ = writeln!(
                     b,
-                    "forkpool_worker_restarts_total{{reason=\"{reason}\"}} {count}"
+                    "forkpool_worker_restarts_total{{reason=\"{reason}\"}} {}",
+                    view.restarts.get(reason)
                 );
             }
         },
@@ -286,7 +280,7 @@ pub fn metrics(view: &PoolView<'_>) -> String {
         "counter",
         "Requests served (lines), all workers ever.",
         |b| {
-            for kind in SERVICES {
+            for kind in ServiceKind::ALL {
                 let live: u64 = view
                     .workers
                     .iter()
@@ -398,7 +392,7 @@ fn per_worker(
 ) {
     family_block(out, name, kind, help, |b| {
         for worker in view.workers {
-            for service in SERVICES {
+            for service in ServiceKind::ALL {
                 let _ = writeln!(
                     b,
                     "{name}{{slot=\"{}\",pid=\"{}\",service=\"{}\"}} {}",
@@ -452,7 +446,7 @@ pub fn status_table(view: &PoolView<'_>) -> String {
         let cell = worker.cell;
         let echo = cell.counters(ServiceKind::Echo);
         let bank = cell.counters(ServiceKind::Bank);
-        let state = if worker.retiring && cell.state().name() != "draining" {
+        let state = if worker.retiring && cell.state() != WorkerState::Draining {
             "retiring"
         } else {
             cell.state().name()
@@ -463,7 +457,7 @@ pub fn status_table(view: &PoolView<'_>) -> String {
             worker.slot,
             worker.pid,
             state,
-            cell.silent_ms(),
+            cell.silence().as_millis(),
             now_unix.saturating_sub(cell.started_unix.load(Relaxed)),
             echo.open_connections.load(Relaxed),
             echo.requests.load(Relaxed),

@@ -6,6 +6,7 @@
 
 use std::io;
 use std::net::TcpListener as StdListener;
+use std::ops::ControlFlow;
 use std::sync::atomic::Ordering::Relaxed;
 use std::time::{Duration, Instant};
 
@@ -17,11 +18,13 @@ use signal_hook::consts::{SIGINT, SIGQUIT, SIGTERM, SIGUSR1};
 use signal_hook_mio::v1_0::Signals;
 use slab::Slab;
 
-use crate::conn::{Conn, Limits, Readiness, Scratch, Verdict};
+use crate::config::Config;
+use crate::conn::{Conn, Limits, Readiness, Scratch, Verdict, LINGER_TIMEOUT};
+use crate::master_link::LeaveReason;
 use crate::master_link::StatusSender;
 use crate::process;
 use crate::scoreboard::{self, WorkerCell, WorkerState};
-use crate::service::{ServiceKind, Session, SessionSettings};
+use crate::service::{ServiceKind, Session, SessionContext};
 
 /// Everything a worker takes from the master at fork.
 pub struct WorkerSetup {
@@ -35,19 +38,66 @@ pub struct WorkerSetup {
     pub settings: WorkerSettings,
 }
 
-/// The settings a worker needs (a subset of the master's config).
-#[derive(Debug, Clone, Copy)]
+/// What a worker runs with: the master's settings (handed over once, at fork) and what this
+/// worker derives from them.
+#[derive(Debug, Clone)]
 pub struct WorkerSettings {
-    pub max_line: usize,
-    pub max_connections: usize,
-    /// `None`: idle connections stay open.
-    pub idle_timeout: Option<Duration>,
-    pub graceful_timeout: Duration,
-    pub output_limit: usize,
-    /// Requests after which the worker retires (already jittered); `None`: never.
-    pub max_requests: Option<u64>,
+    pub config: Config,
+    /// Requests after which the worker retires (jittered for this worker); `None`: never.
+    max_requests: Option<u64>,
     /// Longest time between two heartbeats (well under the master's worker timeout).
-    pub heartbeat: Duration,
+    heartbeat: Duration,
+    /// How long a drain may take before the remaining connections are dropped: the graceful
+    /// timeout less the lingering close that follows, so the master never kills a worker
+    /// that is closing cleanly.
+    drain_budget: Duration,
+}
+
+impl WorkerSettings {
+    /// The settings of a worker about to be forked from a master running `config`.
+    pub fn new(config: &Config) -> WorkerSettings {
+        WorkerSettings {
+            max_requests: recycle_after(
+                config.max_requests,
+                config.max_requests_jitter,
+                jitter_seed(),
+            ),
+            heartbeat: heartbeat_interval(config.worker_timeout),
+            drain_budget: config.graceful_timeout.saturating_sub(LINGER_TIMEOUT),
+            config: config.clone(),
+        }
+    }
+}
+
+/// How often a worker beats: at least once a second, and four times per worker timeout.
+fn heartbeat_interval(worker_timeout: Option<Duration>) -> Duration {
+    let second = Duration::from_secs(1);
+    worker_timeout.map_or(second, |timeout| (timeout / 4).min(second))
+}
+
+/// The request count after which a worker retires: `max_requests` plus a pseudo-random
+/// number in `0..=jitter` drawn from `seed`; `None` when `max_requests` is 0 (never).
+fn recycle_after(max_requests: u64, jitter: u64, seed: u64) -> Option<u64> {
+    if max_requests == 0 {
+        return None;
+    }
+    let mut x = seed ^ 0x9e37_79b9_7f4a_7c15;
+    x ^= x >> 33;
+    x = x.wrapping_mul(0xff51_afd7_ed55_8ccd);
+    x ^= x >> 33;
+    let extra = match jitter.checked_add(1) {
+        Some(range) => x % range,
+        None => x,
+    };
+    Some(max_requests.saturating_add(extra))
+}
+
+/// A seed that differs between workers forked at nearly the same time (pid and clock).
+fn jitter_seed() -> u64 {
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| u64::from(d.subsec_nanos()));
+    nanos ^ (u64::from(std::process::id()) << 32)
 }
 
 const SIGNAL_TOKEN: Token = Token(usize::MAX - 1);
@@ -138,8 +188,8 @@ struct Worker {
     listeners: Vec<Listening>,
     conns: Slab<Conn>,
     scratch: Scratch,
-    settings: WorkerSettings,
-    sessions: SessionSettings,
+    settings: &'static WorkerSettings,
+    sessions: SessionContext,
     /// To tell the master when this worker retires.
     status: StatusSender,
     state: State,
@@ -158,10 +208,6 @@ impl Worker {
     /// Returns `None` if the master is already gone.
     fn start(setup: WorkerSetup) -> io::Result<Option<Worker>> {
         let mut signals = Signals::new([SIGTERM, SIGINT, SIGQUIT, SIGUSR1])?;
-        setup
-            .cell
-            .pid
-            .store(nix::unistd::getpid().as_raw(), Relaxed);
         scoreboard::set_my_cell(setup.cell);
         // A worker blocked behind a stopped lock holder keeps beating: only the holder hangs.
         forkpool_ledger::set_wait_hook(Some(scoreboard::beat_from_hook));
@@ -184,8 +230,10 @@ impl Worker {
                 registered: true,
             });
         }
-        // The worker maps the ledger for its whole life; connections borrow it.
+        // The worker keeps its ledger mapping and settings for its whole life; sessions
+        // borrow them.
         let ledger: &'static Ledger = Box::leak(Box::new(setup.ledger));
+        let settings: &'static WorkerSettings = Box::leak(Box::new(setup.settings));
         setup.status.send_ready()?;
         setup.cell.set_state(WorkerState::Idle);
         setup.cell.beat();
@@ -197,11 +245,11 @@ impl Worker {
             listeners,
             conns: Slab::new(),
             scratch: Scratch::new(READ_BUFFER_BYTES),
-            sessions: SessionSettings {
-                max_line: setup.settings.max_line,
+            sessions: SessionContext {
+                config: &settings.config,
                 ledger,
             },
-            settings: setup.settings,
+            settings,
             state: State::Serving,
             cell: setup.cell,
             status: setup.status,
@@ -226,7 +274,7 @@ impl Worker {
             for event in events.iter() {
                 match event.token() {
                     SIGNAL_TOKEN => {
-                        if self.on_signals(now) == Quit::Now {
+                        if self.on_signals(now).is_break() {
                             return Ok(());
                         }
                     }
@@ -271,19 +319,19 @@ impl Worker {
         wake.saturating_duration_since(now)
     }
 
-    fn on_signals(&mut self, now: Instant) -> Quit {
-        let mut quit = Quit::Later;
+    fn on_signals(&mut self, now: Instant) -> ControlFlow<()> {
+        let mut quit = ControlFlow::Continue(());
         for signal in self.signals.pending() {
             match signal {
                 // Repeated TERM/INT (Ctrl-C reaches every process of the group, and the
                 // master forwards it too) are one drain; only the master escalates.
-                SIGTERM | SIGINT => self.start_drain(now, Drain::Shutdown),
+                SIGTERM | SIGINT => self.start_drain(now, LeaveReason::Terminated),
                 // The master replaces this worker (reload, TTOU, upgrade): a successor
                 // already serves, so connections go as soon as they are answered.
-                SIGUSR1 => self.start_drain(now, Drain::Retire),
+                SIGUSR1 => self.start_drain(now, LeaveReason::Retired),
                 SIGQUIT => {
                     log::info!("quitting at once");
-                    quit = Quit::Now;
+                    quit = ControlFlow::Break(());
                 }
                 _ => {}
             }
@@ -300,24 +348,29 @@ impl Worker {
         if !matches!(self.state, State::Serving) {
             return;
         }
-        let served: u64 = [ServiceKind::Echo, ServiceKind::Bank]
+        let served: u64 = ServiceKind::ALL
             .iter()
             .map(|kind| self.cell.counters(*kind).requests.load(Relaxed))
             .sum();
         if served >= limit {
             log::info!("served {served} requests: retiring");
-            if let Err(e) = self.status.send_retiring() {
-                log::error!("cannot tell the master about retiring: {e}");
-            }
-            self.start_drain(now, Drain::Retire);
+            self.start_drain(now, LeaveReason::Recycled);
         }
     }
 
-    fn start_drain(&mut self, now: Instant, why: Drain) {
+    /// Stops accepting and drains (once, whatever asks again), telling the master why.
+    fn start_drain(&mut self, now: Instant, reason: LeaveReason) {
         if matches!(self.state, State::Draining { .. }) {
             return;
         }
         log::info!("draining {} connections", self.conns.len());
+        if let Err(e) = self.status.send_leaving(reason) {
+            log::error!("cannot tell the master that this worker drains: {e}");
+        }
+        let why = match reason {
+            LeaveReason::Terminated => Drain::Shutdown,
+            LeaveReason::Recycled | LeaveReason::Retired => Drain::Retire,
+        };
         // At shutdown, connections already in the accept queues were promised service: take
         // them all (bounded by the connection cap: a shared listener may go on filling). A
         // retiring worker leaves them to its successor, which shares the listeners.
@@ -328,6 +381,7 @@ impl Worker {
         for index in 0..queued {
             let room = self
                 .settings
+                .config
                 .max_connections
                 .saturating_sub(self.conns.len());
             self.accept_until_blocked(index, now, room);
@@ -337,11 +391,9 @@ impl Worker {
                 let _ = self.poll.registry().deregister(&mut listening.listener);
             }
         }
-        // Leave time for the lingering closes before the master's deadline.
-        let budget = self.settings.graceful_timeout.mul_f64(0.8);
         self.state = State::Draining {
             why,
-            deadline: now + budget,
+            deadline: now + self.settings.drain_budget,
         };
         self.cell.set_state(WorkerState::Draining);
         self.next_sweep = now;
@@ -353,6 +405,7 @@ impl Worker {
     fn accept_batch(&mut self, index: usize, now: Instant) {
         let room = self
             .settings
+            .config
             .max_connections
             .saturating_sub(self.conns.len())
             .min(ACCEPTS_PER_WAKEUP);
@@ -432,8 +485,8 @@ impl Worker {
         if self.accept_paused_until.is_some_and(|until| now >= until) {
             self.accept_paused_until = None;
         }
-        let accept =
-            self.conns.len() < self.settings.max_connections && self.accept_paused_until.is_none();
+        let accept = self.conns.len() < self.settings.config.max_connections
+            && self.accept_paused_until.is_none();
         for (index, listening) in self.listeners.iter_mut().enumerate() {
             if listening.registered == accept {
                 continue;
@@ -459,7 +512,7 @@ impl Worker {
             return;
         };
         let limits = Limits {
-            output_limit: self.settings.output_limit,
+            output_limit: self.settings.config.output_limit,
         };
         let verdict = conn.on_ready(
             readiness,
@@ -498,7 +551,7 @@ impl Worker {
         }
         let (closing, tick, whole_requests) = match self.state {
             State::Serving => (
-                self.settings.idle_timeout.unwrap_or(Duration::MAX),
+                self.settings.config.idle_timeout.unwrap_or(Duration::MAX),
                 SWEEP_INTERVAL,
                 false,
             ),
@@ -552,15 +605,60 @@ impl Worker {
     }
 }
 
-#[derive(PartialEq, Eq)]
-enum Quit {
-    Now,
-    Later,
-}
-
 fn is_out_of_descriptors(e: &io::Error) -> bool {
     matches!(
         e.raw_os_error(),
         Some(libc::EMFILE | libc::ENFILE | libc::ENOBUFS | libc::ENOMEM)
     )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn recycling_is_off_without_max_requests() {
+        assert_eq!(recycle_after(0, 0, 1), None);
+        assert_eq!(recycle_after(0, 100, 1), None);
+    }
+
+    #[test]
+    fn jitter_adds_at_most_its_range_and_spreads_the_workers() {
+        let limits: Vec<u64> = (0..1000)
+            .map(|seed| recycle_after(100, 9, seed).expect("recycling is on"))
+            .collect();
+        assert!(limits.iter().all(|limit| (100..=109).contains(limit)));
+        let distinct: std::collections::BTreeSet<u64> = limits.into_iter().collect();
+        assert_eq!(distinct.len(), 10, "every value of the range is drawn");
+        assert_eq!(recycle_after(100, 0, 7), Some(100), "no jitter, no change");
+    }
+
+    /// The review's crash: `max + 1` wrapped to 0 and every worker divided by zero.
+    #[test]
+    fn the_largest_jitter_neither_panics_nor_overflows() {
+        for seed in [0, 1, u64::MAX] {
+            let limit = recycle_after(u64::MAX, u64::MAX, seed).expect("recycling is on");
+            assert!(limit >= 1);
+            assert!(recycle_after(1, u64::MAX, seed).expect("on") >= 1);
+        }
+    }
+
+    #[test]
+    fn the_drain_leaves_room_for_the_lingering_close() {
+        let config = Config::load(&crate::config::Cli {
+            graceful_timeout: Some(30.0),
+            ..crate::config::Cli::default()
+        })
+        .expect("valid settings");
+        let settings = WorkerSettings::new(&config);
+        assert_eq!(
+            settings.drain_budget + LINGER_TIMEOUT,
+            config.graceful_timeout
+        );
+        assert_eq!(
+            heartbeat_interval(Some(Duration::from_secs(2))),
+            Duration::from_millis(500)
+        );
+        assert_eq!(heartbeat_interval(None), Duration::from_secs(1));
+    }
 }

@@ -4,7 +4,9 @@
 use std::net::TcpListener;
 use std::time::{Duration, Instant};
 
-use forkpool_testkit::{is_alive, process_state, request_line, wait_until, Server, Signal};
+use forkpool_testkit::{
+    http_request, is_alive, process_state, request_line, wait_until, Server, Signal,
+};
 use nix::sys::signal::kill;
 
 #[test]
@@ -183,4 +185,73 @@ fn settings_come_from_the_config_file_and_flags_win() {
         "{}",
         server.output()
     );
+}
+
+/// The review's crash loop: `max_requests + jitter` wrapped to 0 and every worker panicked
+/// dividing by it, so the pool never became ready and never gave up. The bound is checked at
+/// load time instead.
+#[test]
+fn a_jitter_beyond_its_bound_is_refused_at_start() {
+    let mut server = Server::builder()
+        .args([
+            "--max-requests",
+            "1",
+            "--max-requests-jitter",
+            "18446744073709551615",
+        ])
+        .spawn();
+    assert!(!server.wait_exit(Duration::from_secs(10)).success());
+    let output = server.output();
+    assert!(
+        output.contains("invalid setting max_requests_jitter = 18446744073709551615"),
+        "{output}"
+    );
+    assert!(!output.contains("panicked"), "{output}");
+}
+
+/// Each retirement by `max_requests` reaches the master once, by one channel: the metrics
+/// count one recycled restart per retired worker (the scoreboard's "draining" state, read
+/// first, once made the count come out low).
+#[test]
+fn every_recycled_worker_is_counted_once() {
+    const LIMIT: usize = 3;
+    const RETIREMENTS: usize = 12;
+    let server = Server::builder()
+        .args([
+            "--workers",
+            "1",
+            "--max-requests",
+            &LIMIT.to_string(),
+            "--status-addr",
+            "127.0.0.1:0",
+        ])
+        .start();
+    for round in 0..RETIREMENTS {
+        let retiring = server.wait_workers(1, Duration::from_secs(10));
+        for _ in 0..LIMIT {
+            let mut stream = server.connect_echo();
+            assert_eq!(request_line(&mut stream, "hello"), "HELLO");
+        }
+        wait_until(
+            &format!("retirement {} to be counted", round + 1),
+            Duration::from_secs(10),
+            || (recycled(&server) == round + 1).then_some(()),
+        );
+        wait_until(
+            "the retired worker to exit",
+            Duration::from_secs(10),
+            || (!server.workers().contains(&retiring[0])).then_some(()),
+        );
+    }
+    assert_eq!(recycled(&server), RETIREMENTS);
+}
+
+/// `forkpool_worker_restarts_total{reason="recycled"}` from the status page.
+fn recycled(server: &Server) -> usize {
+    let (code, body) = http_request(server.status_addr(), "GET", "/metrics");
+    assert_eq!(code, 200);
+    body.lines()
+        .find_map(|line| line.strip_prefix("forkpool_worker_restarts_total{reason=\"recycled\"} "))
+        .and_then(|count| count.parse().ok())
+        .unwrap_or_else(|| panic!("no recycled count in {body}"))
 }

@@ -240,3 +240,35 @@ fn systemd_hears_ready_reloading_and_stopping_on_its_notify_socket() {
     wait_for("STOPPING=1");
     assert!(server.wait_exit(Duration::from_secs(10)).success());
 }
+
+/// `FORKPOOL_UPGRADE_FROM` names the master a new binary replaces and SIGTERMs once ready. Set
+/// by anyone but that master (our parent, passing us the ledger), it is refused: the server
+/// must not kill an arbitrary process.
+#[test]
+fn an_upgrade_variable_not_set_by_our_parent_is_refused() {
+    let mut bystander = Command::new("sleep")
+        .arg("60")
+        .spawn()
+        .expect("start a bystander process");
+    let bystander_pid = bystander.id().to_string();
+    for value in [bystander_pid.as_str(), "1", "not-a-pid"] {
+        let mut server = Server::builder()
+            .env("FORKPOOL_UPGRADE_FROM", value)
+            .spawn();
+        assert!(
+            !server.wait_exit(Duration::from_secs(10)).success(),
+            "{value}: the server started"
+        );
+        let output = server.output();
+        assert!(
+            output.contains(&format!("FORKPOOL_UPGRADE_FROM={value} is not the master")),
+            "{output}"
+        );
+    }
+    assert!(
+        matches!(bystander.try_wait(), Ok(None)),
+        "the bystander was killed"
+    );
+    let _ = bystander.kill();
+    let _ = bystander.wait();
+}
