@@ -200,31 +200,19 @@ pub fn final_audit(addr: SocketAddr, timeout: Duration) -> anyhow::Result<(u128,
 #[cfg(test)]
 mod tests {
     use super::*;
+    use forkpool_testkit::{line_server, LineReply};
 
     /// A bank that answers one request per connection, then closes cleanly (as a worker
     /// retiring after each request would).
     fn one_reply_per_connection_bank() -> SocketAddr {
-        let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
-        let addr = listener.local_addr().expect("address");
-        std::thread::spawn(move || {
-            for stream in listener.incoming().take(16).flatten() {
-                let mut reader = BufReader::new(stream);
-                let mut line = String::new();
-                if reader.read_line(&mut line).is_ok() {
-                    let reply = if line.starts_with("AUDIT") {
-                        "OK 7 1\n"
-                    } else {
-                        "OK 5\n"
-                    };
-                    let _ = reader.get_mut().write_all(reply.as_bytes());
-                }
-                // Close as forkpool does: replies out, write side shut, the rest discarded
-                // until the client's EOF, so the close is never a reset.
-                let _ = reader.get_mut().shutdown(std::net::Shutdown::Write);
-                let _ = std::io::copy(&mut reader, &mut std::io::sink());
-            }
-        });
-        addr
+        line_server(|_, line| {
+            let reply: &[u8] = if line.starts_with(b"AUDIT") {
+                b"OK 7 1\n"
+            } else {
+                b"OK 5\n"
+            };
+            LineReply::Close(reply.to_vec())
+        })
     }
 
     #[test]

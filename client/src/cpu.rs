@@ -14,14 +14,14 @@ use std::time::Duration;
 
 /// CPU time (user + system) this process used so far, all threads included.
 pub fn client_cpu() -> Duration {
-    // SAFETY: getrusage only writes into the struct we pass, which is plain old data.
-    let mut usage: libc::rusage = unsafe { std::mem::zeroed() };
-    // SAFETY: RUSAGE_SELF with a valid pointer cannot fail.
-    unsafe { libc::getrusage(libc::RUSAGE_SELF, &mut usage) };
-    let tv = |t: libc::timeval| {
-        Duration::from_secs(t.tv_sec.max(0) as u64) + Duration::from_micros(t.tv_usec.max(0) as u64)
-    };
-    tv(usage.ru_utime) + tv(usage.ru_stime)
+    use nix::sys::resource::{getrusage, UsageWho};
+    // RUSAGE_SELF cannot fail; zero if it somehow does.
+    use nix::sys::time::TimeValLike;
+    let micros =
+        |t: nix::sys::time::TimeVal| Duration::from_micros(t.num_microseconds().max(0) as u64);
+    getrusage(UsageWho::RUSAGE_SELF).map_or(Duration::ZERO, |usage| {
+        micros(usage.user_time()) + micros(usage.system_time())
+    })
 }
 
 /// The fields of `/proc/PID/stat` used here.
@@ -65,10 +65,15 @@ pub struct TreeSample {
     pub processes: usize,
 }
 
+/// The clock tick of /proc's times (`sysconf(_SC_CLK_TCK)`, 100 on Linux if unknown).
 fn ticks_per_second() -> u64 {
-    // SAFETY: sysconf has no preconditions.
-    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) };
-    u64::try_from(hz).ok().filter(|&hz| hz > 0).unwrap_or(100)
+    use nix::unistd::{sysconf, SysconfVar};
+    sysconf(SysconfVar::CLK_TCK)
+        .ok()
+        .flatten()
+        .and_then(|hz| u64::try_from(hz).ok())
+        .filter(|&hz| hz > 0)
+        .unwrap_or(100)
 }
 
 /// CPU time used so far by `root` and every live descendant (plus reaped children's, see the

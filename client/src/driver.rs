@@ -672,8 +672,7 @@ mod tests {
     use super::*;
     use crate::load::{Payload, Rng};
     use crate::workload::{BankWorkload, EchoWorkload};
-    use std::io::{BufRead, BufReader};
-    use std::net::{Shutdown, TcpListener};
+    use forkpool_testkit::{line_server, LineReply};
 
     /// How a test server ends each connection after answering `answered` lines.
     #[derive(Clone, Copy)]
@@ -688,39 +687,12 @@ mod tests {
     /// A loopback server that uppercases (echo) or answers `OK 1` (bank) for `answered` lines
     /// per connection, then ends the connection as `ending` says.
     fn closing_server(answered: usize, ending: Ending, bank: bool) -> SocketAddr {
-        let listener = TcpListener::bind("127.0.0.1:0").expect("bind");
-        let addr = listener.local_addr().expect("addr");
-        std::thread::spawn(move || {
-            for stream in listener.incoming().flatten() {
-                std::thread::spawn(move || {
-                    let mut writer = stream.try_clone().expect("clone");
-                    let mut reader = BufReader::new(stream);
-                    let mut line = Vec::new();
-                    for _ in 0..answered {
-                        line.clear();
-                        if reader.read_until(b'\n', &mut line).unwrap_or(0) == 0 {
-                            return;
-                        }
-                        let reply = if bank {
-                            b"OK 1\n".to_vec()
-                        } else {
-                            line.to_ascii_uppercase()
-                        };
-                        if writer.write_all(&reply).is_err() {
-                            return;
-                        }
-                    }
-                    line.clear();
-                    let _ = reader.read_until(b'\n', &mut line);
-                    if let Ending::MidReply = ending {
-                        let _ = writer.write_all(b"O");
-                    }
-                    let _ = writer.shutdown(Shutdown::Write);
-                    let _ = std::io::copy(&mut reader, &mut std::io::sink());
-                });
-            }
-        });
-        addr
+        line_server(move |index, line| match (index < answered, &ending) {
+            (true, _) if bank => LineReply::Answer(b"OK 1\n".to_vec()),
+            (true, _) => LineReply::Answer(line.to_ascii_uppercase()),
+            (false, Ending::CleanAfterUnanswered) => LineReply::Close(Vec::new()),
+            (false, Ending::MidReply) => LineReply::Close(b"O".to_vec()),
+        })
     }
 
     fn plan(addr: SocketAddr, window: Duration) -> Plan {

@@ -5,63 +5,46 @@
 //! latency. The timerfd wakes the poll at the due time instead.
 
 use std::io;
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::os::fd::{AsFd, AsRawFd};
 use std::time::Duration;
 
 use mio::unix::SourceFd;
 use mio::{Interest, Registry, Token};
+use nix::sys::time::TimeSpec;
+use nix::sys::timerfd::{ClockId, Expiration, TimerFd, TimerFlags, TimerSetTimeFlags};
 
 /// A one-shot monotonic timer whose expiry makes its poll token readable.
 pub struct Timer {
-    fd: OwnedFd,
+    fd: TimerFd,
 }
 
 impl Timer {
     /// Creates the timer and registers it under `token`.
     pub fn new(registry: &Registry, token: Token) -> io::Result<Self> {
-        // SAFETY: timerfd_create takes no pointers; a negative result is checked below.
-        let raw = unsafe {
-            libc::timerfd_create(
-                libc::CLOCK_MONOTONIC,
-                libc::TFD_NONBLOCK | libc::TFD_CLOEXEC,
-            )
-        };
-        if raw < 0 {
-            return Err(io::Error::last_os_error());
-        }
-        // SAFETY: `raw` is a fresh descriptor that nothing else owns.
-        let fd = unsafe { OwnedFd::from_raw_fd(raw) };
-        registry.register(&mut SourceFd(&fd.as_raw_fd()), token, Interest::READABLE)?;
+        let fd = TimerFd::new(
+            ClockId::CLOCK_MONOTONIC,
+            TimerFlags::TFD_NONBLOCK | TimerFlags::TFD_CLOEXEC,
+        )?;
+        registry.register(
+            &mut SourceFd(&fd.as_fd().as_raw_fd()),
+            token,
+            Interest::READABLE,
+        )?;
         Ok(Timer { fd })
     }
 
     /// Fires once, `after` from now (at least 1 ns: zero would disarm it).
     pub fn arm(&self, after: Duration) -> io::Result<()> {
-        let after = after.max(Duration::from_nanos(1));
-        let spec = libc::itimerspec {
-            it_interval: libc::timespec {
-                tv_sec: 0,
-                tv_nsec: 0,
-            },
-            it_value: libc::timespec {
-                tv_sec: after.as_secs().try_into().unwrap_or(libc::time_t::MAX),
-                tv_nsec: after.subsec_nanos().into(),
-            },
-        };
-        // SAFETY: `spec` is a valid itimerspec; the old value is not asked for (null).
-        let rc =
-            unsafe { libc::timerfd_settime(self.fd.as_raw_fd(), 0, &spec, std::ptr::null_mut()) };
-        if rc < 0 {
-            return Err(io::Error::last_os_error());
-        }
+        let after = TimeSpec::from_duration(after.max(Duration::from_nanos(1)));
+        self.fd
+            .set(Expiration::OneShot(after), TimerSetTimeFlags::empty())?;
         Ok(())
     }
 
     /// Consumes an expiry so the next one makes the descriptor readable again.
     pub fn clear(&self) {
-        let mut expirations = [0u8; 8];
-        // SAFETY: reads at most 8 bytes into an 8-byte buffer; EAGAIN (nothing expired) is fine.
-        unsafe { libc::read(self.fd.as_raw_fd(), expirations.as_mut_ptr().cast(), 8) };
+        // On this non-blocking timer, "nothing expired" is EAGAIN: nothing to consume.
+        let _ = self.fd.wait();
     }
 }
 

@@ -411,3 +411,215 @@ fn write_some(stream: &mut TcpStream, bytes: &[u8]) -> io::Result<usize> {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::{Cli, Config};
+    use crate::service::{ServiceKind, SessionContext};
+    use forkpool_ledger::{Ledger, LedgerOptions};
+    use mio::{Events, Poll};
+    use std::net::{TcpListener, TcpStream as StdStream};
+
+    const TOKEN: Token = Token(7);
+    const WAIT: Duration = Duration::from_secs(5);
+    /// One poll of the test's loop.
+    const STEP: Duration = Duration::from_millis(20);
+
+    /// A connection of `kind` over loopback: the server side as a registered `Conn`, and
+    /// the client's socket.
+    struct Pair {
+        poll: Poll,
+        events: Events,
+        conn: Conn,
+        client: StdStream,
+        scratch: Scratch,
+        limits: Limits,
+    }
+
+    fn pair(kind: ServiceKind, output_limit: usize) -> Pair {
+        let listener = TcpListener::bind("127.0.0.1:0").expect("bind loopback");
+        let client = StdStream::connect(listener.local_addr().expect("bound")).expect("connect");
+        client
+            .set_read_timeout(Some(WAIT))
+            .expect("set a read timeout");
+        let (server, _) = listener.accept().expect("accept");
+        server.set_nonblocking(true).expect("non-blocking");
+        let dir = Box::leak(Box::new(
+            tempfile::tempdir().expect("a temporary directory"),
+        ));
+        let ledger = Ledger::open(
+            &dir.path().join("ledger.bin"),
+            &LedgerOptions {
+                max_accounts: 16,
+                ..LedgerOptions::default()
+            },
+        )
+        .expect("a fresh ledger");
+        let config = Config::load(&Cli::default()).expect("default settings");
+        let context = SessionContext {
+            config: Box::leak(Box::new(config)),
+            ledger: Box::leak(Box::new(ledger)),
+        };
+        let counters: &'static ServiceCounters = Box::leak(Box::default());
+        let poll = Poll::new().expect("a poll");
+        let mut conn = Conn::new(
+            TcpStream::from_std(server),
+            TOKEN,
+            Session::new(kind, context),
+            counters,
+            Instant::now(),
+        );
+        conn.register(poll.registry()).expect("register");
+        Pair {
+            poll,
+            events: Events::with_capacity(8),
+            conn,
+            client,
+            scratch: Scratch::new(64 * 1024),
+            limits: Limits { output_limit },
+        }
+    }
+
+    impl Pair {
+        /// Waits up to one STEP for the connection's events and lets it handle them.
+        fn step(&mut self) -> Verdict {
+            self.poll.poll(&mut self.events, Some(STEP)).expect("poll");
+            let mut readiness = Readiness::default();
+            for event in self.events.iter() {
+                readiness.readable |= event.is_readable();
+                readiness.read_closed |= event.is_read_closed() || event.is_error();
+                readiness.writable |= event.is_writable();
+            }
+            self.conn.on_ready(
+                readiness,
+                &mut self.scratch,
+                self.limits,
+                self.poll.registry(),
+                Instant::now(),
+            )
+        }
+
+        /// Steps until `done` says so (panics after WAIT); returns the last verdict.
+        fn drive_until(
+            &mut self,
+            what: &str,
+            mut done: impl FnMut(&Conn, Verdict) -> bool,
+        ) -> Verdict {
+            let deadline = Instant::now() + WAIT;
+            loop {
+                let verdict = self.step();
+                if done(&self.conn, verdict) {
+                    return verdict;
+                }
+                assert!(Instant::now() < deadline, "no {what} within {WAIT:?}");
+            }
+        }
+    }
+
+    #[test]
+    fn a_line_read_is_answered_and_counted() {
+        let mut pair = pair(ServiceKind::Echo, 1 << 20);
+        pair.client.write_all(b"hello\n").expect("send");
+        pair.drive_until("request", |conn, _| {
+            conn.counters().requests.load(Relaxed) == 1
+        });
+        let mut reply = [0u8; 6];
+        pair.client.read_exact(&mut reply).expect("read the reply");
+        assert_eq!(&reply, b"HELLO\n");
+        assert_eq!(pair.conn.counters().bytes_in.load(Relaxed), 6);
+        assert_eq!(pair.conn.counters().bytes_out.load(Relaxed), 6);
+        assert!(pair.conn.is_quiet());
+    }
+
+    #[test]
+    fn a_client_that_does_not_read_stops_being_read_from_until_it_does() {
+        const LIMIT: usize = 4096;
+        let mut pair = pair(ServiceKind::Echo, LIMIT);
+        pair.client
+            .set_nonblocking(true)
+            .expect("a non-blocking client");
+        let mut line = vec![b'x'; 1023];
+        line.push(b'\n');
+        let mut sent = 0usize;
+        let deadline = Instant::now() + WAIT;
+        // Send without reading until the connection stops reading.
+        while !pair.conn.read_paused {
+            assert!(Instant::now() < deadline, "the connection kept reading");
+            loop {
+                match pair.client.write(&line) {
+                    Ok(n) => sent += n,
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+                    Err(e) => panic!("send: {e}"),
+                }
+            }
+            pair.step();
+        }
+        // Held replies are bounded by the limit plus one read's worth, not by what was sent.
+        assert!(
+            pair.conn.unsent() <= LIMIT + pair.scratch.read.len(),
+            "{} bytes held",
+            pair.conn.unsent()
+        );
+        let mut received = Vec::new();
+        let mut buf = vec![0u8; 64 * 1024];
+        while received.len() < sent {
+            assert!(
+                Instant::now() < deadline + WAIT,
+                "only {} of {sent} bytes back",
+                received.len()
+            );
+            match pair.client.read(&mut buf) {
+                Ok(0) => panic!("the server closed"),
+                Ok(n) => received.extend_from_slice(&buf[..n]),
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                    pair.step();
+                }
+                Err(e) => panic!("receive: {e}"),
+            }
+        }
+        assert_eq!(received.len(), sent);
+        assert!(received
+            .chunks(1024)
+            .all(|chunk| chunk[..1023].iter().all(|&b| b == b'X')));
+    }
+
+    #[test]
+    fn quit_is_answered_then_the_write_side_closes_and_the_close_lingers() {
+        let mut pair = pair(ServiceKind::Bank, 1 << 20);
+        pair.client.write_all(b"PING\nQUIT\nPING\n").expect("send");
+        pair.drive_until("lingering close", |conn, _| {
+            conn.linger_deadline().is_some()
+        });
+        let mut replies = Vec::new();
+        pair.client
+            .read_to_end(&mut replies)
+            .expect("a clean end of stream");
+        assert_eq!(replies, b"PONG\nBYE\n", "nothing after BYE, then EOF");
+        pair.client
+            .shutdown(std::net::Shutdown::Write)
+            .expect("half-close");
+        let verdict = pair.drive_until("close", |_, verdict| verdict == Verdict::Close);
+        assert_eq!(verdict, Verdict::Close);
+    }
+
+    #[test]
+    fn the_clients_eof_answers_its_last_line_and_closes() {
+        let mut pair = pair(ServiceKind::Bank, 1 << 20);
+        pair.client.write_all(b"DEPOSIT carol 3").expect("send");
+        pair.client
+            .shutdown(std::net::Shutdown::Write)
+            .expect("half-close");
+        pair.drive_until("close", |_, verdict| verdict == Verdict::Close);
+        // The worker drops a connection it is told to close.
+        let Pair {
+            conn, mut client, ..
+        } = pair;
+        drop(conn);
+        let mut replies = Vec::new();
+        client
+            .read_to_end(&mut replies)
+            .expect("a clean end of stream");
+        assert_eq!(replies, b"OK 3\n");
+    }
+}

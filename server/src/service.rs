@@ -180,3 +180,122 @@ fn answer_line(ledger: &Ledger, line: &[u8], out: &mut Vec<u8>) -> Flow {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::Cli;
+    use forkpool_ledger::LedgerOptions;
+
+    /// A context with `max_line` and a fresh ledger, kept for the test process's life (a
+    /// session borrows both for `'static`, as in a worker).
+    fn context(max_line: usize) -> SessionContext {
+        let dir = Box::leak(Box::new(
+            tempfile::tempdir().expect("a temporary directory"),
+        ));
+        let options = LedgerOptions {
+            max_accounts: 16,
+            ..LedgerOptions::default()
+        };
+        let ledger =
+            Ledger::open(&dir.path().join("ledger.bin"), &options).expect("a fresh ledger");
+        let config = Config::load(&Cli {
+            max_line: Some(max_line),
+            max_accounts: Some(16),
+            ..Cli::default()
+        })
+        .expect("valid settings");
+        SessionContext {
+            config: Box::leak(Box::new(config)),
+            ledger: Box::leak(Box::new(ledger)),
+        }
+    }
+
+    /// Feeds `pieces` one by one; returns everything written, the last flow and the count of
+    /// requests completed.
+    fn feed(session: &mut Session, pieces: &[&[u8]]) -> (Vec<u8>, Flow, u64) {
+        let (mut out, mut flow, mut requests) = (Vec::new(), Flow::Continue, 0);
+        for piece in pieces {
+            let (f, n) = session.on_input(piece, &mut out);
+            flow = f;
+            requests += n;
+        }
+        (out, flow, requests)
+    }
+
+    #[test]
+    fn echo_streams_uppercase_and_knows_when_it_is_mid_line() {
+        let mut echo = Session::new(ServiceKind::Echo, context(64));
+        let (out, flow, requests) = feed(&mut echo, &[b"stra\xc3", b"\x9fe\nhal"]);
+        assert_eq!(
+            (out.as_slice(), flow, requests),
+            (&b"STRASSE\nHAL"[..], Flow::Continue, 1)
+        );
+        assert!(echo.mid_request(), "the line 'hal' is unfinished");
+        let (out, _, _) = feed(&mut echo, &[b"f\n"]);
+        assert_eq!(out, b"F\n");
+        assert!(!echo.mid_request());
+    }
+
+    #[test]
+    fn echo_gives_back_a_cut_utf8_sequence_when_the_server_closes() {
+        let mut echo = Session::new(ServiceKind::Echo, context(64));
+        let (out, _, _) = feed(&mut echo, &[b"a\xc3"]);
+        assert_eq!(out, b"A", "the lead byte is held back");
+        let mut rest = Vec::new();
+        echo.on_server_close(&mut rest);
+        assert_eq!(rest, b"\xc3");
+    }
+
+    #[test]
+    fn echo_answers_an_unterminated_last_line_at_eof_and_stops() {
+        let mut echo = Session::new(ServiceKind::Echo, context(64));
+        let mut out = Vec::new();
+        assert_eq!(
+            echo.on_eof(&mut out),
+            (Flow::Stop, 0),
+            "nothing left: no request"
+        );
+        let (out, _, _) = feed(&mut echo, &[b"tail"]);
+        assert_eq!(out, b"TAIL");
+    }
+
+    #[test]
+    fn bank_answers_each_line_in_order_across_reads() {
+        let mut bank = Session::new(ServiceKind::Bank, context(64));
+        let (out, flow, requests) = feed(
+            &mut bank,
+            &[b"DEPOSIT alice 10\r\nPI", b"NG\nBALANCE ", b"alice\n"],
+        );
+        assert_eq!(out, b"OK 10\nPONG\nOK 10\n");
+        assert_eq!((flow, requests), (Flow::Continue, 3));
+        assert!(!bank.mid_request());
+        feed(&mut bank, &[b"AUD"]);
+        assert!(bank.mid_request(), "half a request is buffered");
+    }
+
+    #[test]
+    fn bank_quit_and_an_overlong_line_stop_the_session_after_their_reply() {
+        let mut bank = Session::new(ServiceKind::Bank, context(64));
+        let (out, flow, _) = feed(&mut bank, &[b"QUIT\nPING\n"]);
+        assert_eq!((out.as_slice(), flow), (&b"BYE\n"[..], Flow::Stop));
+        let mut bank = Session::new(ServiceKind::Bank, context(8));
+        let (out, flow, requests) = feed(&mut bank, &[b"BALANCE alice\n"]);
+        assert_eq!(flow, Flow::Stop);
+        assert_eq!(requests, 1);
+        assert!(out.starts_with(b"ERR line-too-long "), "{out:?}");
+        assert!(out.ends_with(b"\n") && out.iter().filter(|&&b| b == b'\n').count() == 1);
+    }
+
+    #[test]
+    fn bank_answers_an_unterminated_last_line_at_eof() {
+        let mut bank = Session::new(ServiceKind::Bank, context(64));
+        feed(&mut bank, &[b"DEPOSIT bob 5"]);
+        let mut out = Vec::new();
+        assert_eq!(bank.on_eof(&mut out), (Flow::Stop, 1));
+        assert_eq!(out, b"OK 5\n");
+        let mut none = Vec::new();
+        bank.on_server_close(&mut none);
+        assert!(none.is_empty(), "a bank session holds nothing back");
+    }
+}

@@ -92,6 +92,44 @@ fn build_binaries() -> PathBuf {
     profile_dir
 }
 
+/// Fragments of the server's log lines that tests wait for or check the absence of. Each one
+/// appears in a log call of the server's source (`log_phrases_are_the_servers` checks it),
+/// so a change of wording breaks that test instead of silently weakening another.
+pub mod log_phrase {
+    /// A worker took a connection of the service (debug level): `accepted echo connection`.
+    const ACCEPTED: &str = "accepted {} connection";
+    pub const ACCEPTED_ECHO: &str = "accepted echo connection";
+    pub const ACCEPTED_BANK: &str = "accepted bank connection";
+    /// The master starts a drain (SIGTERM/SIGINT).
+    pub const DRAINING: &str = "draining: waiting up to";
+    /// The master's pool is complete (`N workers serving`), logged before the ready line.
+    pub const WORKERS_SERVING: &str = "workers serving";
+    /// The master took a second TERM/INT for "stop now".
+    pub const SECOND_SHUTDOWN: &str = "second shutdown signal";
+    /// A worker of a running pool died and is replaced.
+    pub const WORKER_DIED: &str = "died: ";
+    /// The master forked a worker (`worker N started (pid P)`).
+    pub const WORKER_STARTED: &str = " started (pid ";
+    /// The master killed a worker for missing its heartbeats.
+    pub const NO_HEARTBEAT: &str = "sent no heartbeat";
+    /// The drain ran out of time.
+    pub const GRACEFUL_TIMEOUT: &str = "graceful timeout: killing";
+    /// A USR2 upgrade did not complete.
+    pub const UPGRADE_FAILED: &str = "upgrade failed";
+    /// Every phrase as it stands in the server's source, for the check against it.
+    pub const ALL: [&str; 9] = [
+        ACCEPTED,
+        DRAINING,
+        WORKERS_SERVING,
+        SECOND_SHUTDOWN,
+        WORKER_DIED,
+        WORKER_STARTED,
+        NO_HEARTBEAT,
+        GRACEFUL_TIMEOUT,
+        UPGRADE_FAILED,
+    ];
+}
+
 /// Options for starting a server; every test gets its own ledger and short timeouts.
 pub struct ServerBuilder {
     args: Vec<String>,
@@ -392,6 +430,22 @@ impl Server {
         status
     }
 
+    /// Waits until the server's output contains `phrase` (one of [`log_phrase`]'s, so the
+    /// wording is checked against the server's source), e.g. that a connection has reached a
+    /// worker.
+    pub fn wait_log(&self, phrase: &str, timeout: Duration) {
+        wait_until(&format!("the server to log {phrase:?}"), timeout, || {
+            self.output().contains(phrase).then_some(())
+        });
+    }
+
+    /// Has the server logged `phrase` (one of [`log_phrase`]'s)? Used for checks that a
+    /// line does NOT appear: the phrase is kept in step with the server's source by a test,
+    /// so such a check cannot pass because the wording changed.
+    pub fn has_logged(&self, phrase: &str) -> bool {
+        self.output().contains(phrase)
+    }
+
     /// Waits for the next ready line (e.g. a new master's after SIGUSR2) and returns it.
     pub fn next_ready_line(&self, timeout: Duration) -> String {
         self.ready_rx.recv_timeout(timeout).unwrap_or_else(|_| {
@@ -470,6 +524,60 @@ pub fn connect(addr: SocketAddr) -> TcpStream {
         .expect("set a read timeout");
     stream.set_nodelay(true).expect("set TCP_NODELAY");
     stream
+}
+
+/// How a [`line_server`] answers one request line.
+pub enum LineReply {
+    /// Write these bytes and read the next line.
+    Answer(Vec<u8>),
+    /// Write these bytes (possibly none), then close the way forkpool does: the write side
+    /// shut down, the rest of the input read and discarded until the client's EOF, so the
+    /// close is never a reset.
+    Close(Vec<u8>),
+}
+
+/// A throwaway loopback line server for client tests, a thread per connection: line `n`
+/// (from 0, with its `\n`) of each connection is answered as `answer(n, line)` says.
+pub fn line_server(
+    answer: impl Fn(usize, &[u8]) -> LineReply + Send + Sync + 'static,
+) -> SocketAddr {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind loopback");
+    let addr = listener.local_addr().expect("the bound address");
+    let answer = Arc::new(answer);
+    std::thread::spawn(move || {
+        for stream in listener.incoming().flatten() {
+            let answer = Arc::clone(&answer);
+            std::thread::spawn(move || serve_lines(stream, &*answer));
+        }
+    });
+    addr
+}
+
+fn serve_lines(stream: TcpStream, answer: &dyn Fn(usize, &[u8]) -> LineReply) {
+    let Ok(mut writer) = stream.try_clone() else {
+        return;
+    };
+    let mut reader = BufReader::new(stream);
+    let mut line = Vec::new();
+    for index in 0.. {
+        line.clear();
+        if reader.read_until(b'\n', &mut line).unwrap_or(0) == 0 {
+            return;
+        }
+        match answer(index, &line) {
+            LineReply::Answer(bytes) => {
+                if writer.write_all(&bytes).is_err() {
+                    return;
+                }
+            }
+            LineReply::Close(bytes) => {
+                let _ = writer.write_all(&bytes);
+                let _ = writer.shutdown(std::net::Shutdown::Write);
+                let _ = std::io::copy(&mut reader, &mut std::io::sink());
+                return;
+            }
+        }
+    }
 }
 
 /// Sends `request` while reading replies on another thread (a client that only writes
@@ -655,4 +763,22 @@ pub fn tool(name: &str) -> Option<PathBuf> {
         eprintln!("skipping: {name} is not installed");
     }
     found
+}
+
+#[cfg(test)]
+mod tests {
+    /// Every phrase of [`super::log_phrase`] is written by the server: it appears in a
+    /// source file of `server/src` (phrases built from a format string appear as they are
+    /// in it).
+    #[test]
+    fn log_phrases_are_the_servers() {
+        let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../server/src");
+        let source: String = std::fs::read_dir(&dir)
+            .expect("the server's source directory")
+            .filter_map(|entry| std::fs::read_to_string(entry.ok()?.path()).ok())
+            .collect();
+        for phrase in super::log_phrase::ALL {
+            assert!(source.contains(phrase), "the server never logs {phrase:?}");
+        }
+    }
 }

@@ -1,14 +1,13 @@
 //! forkpool-bench against real servers: it checks every reply, fails on wrong ones, survives a
 //! server that dies, reports the server's CPU, and its JSON carries every figure.
 
-use std::io::{BufRead, BufReader, Write};
-use std::net::{SocketAddr, TcpListener};
+use std::net::SocketAddr;
 use std::process::{Command, Output};
 use std::time::{Duration, Instant};
 
 use forkpool_testkit::{
-    bench_json as json, binary, json_field as field, json_number as number, wait_until, Server,
-    Signal,
+    bench_json as json, binary, json_field as field, json_number as number, line_server,
+    log_phrase, wait_until, LineReply, Server, Signal,
 };
 
 fn bench(args: &[&str]) -> Output {
@@ -20,25 +19,7 @@ fn bench(args: &[&str]) -> Output {
 
 /// A deliberately wrong echo server: it lowercases.
 fn lowercasing_server() -> SocketAddr {
-    let listener = TcpListener::bind("127.0.0.1:0").expect("bind");
-    let addr = listener.local_addr().expect("addr");
-    std::thread::spawn(move || {
-        for stream in listener.incoming().flatten() {
-            std::thread::spawn(move || {
-                let mut writer = stream.try_clone().expect("clone");
-                let mut reader = BufReader::new(stream);
-                let mut line = Vec::new();
-                while reader.read_until(b'\n', &mut line).is_ok_and(|n| n > 0) {
-                    line.make_ascii_lowercase();
-                    if writer.write_all(&line).is_err() {
-                        return;
-                    }
-                    line.clear();
-                }
-            });
-        }
-    });
-    addr
+    line_server(|_, line| LineReply::Answer(line.to_ascii_lowercase()))
 }
 
 #[test]
@@ -89,7 +70,7 @@ fn a_server_killed_mid_run_ends_the_run_on_time_with_errors_counted() {
             let accepted = server
                 .output_lines()
                 .iter()
-                .filter(|line| line.contains("accepted echo connection"))
+                .filter(|line| line.contains(log_phrase::ACCEPTED_ECHO))
                 .count();
             (accepted >= 10).then_some(())
         },

@@ -6,7 +6,7 @@ use std::io::{Read, Write};
 use std::net::TcpListener;
 use std::time::{Duration, Instant};
 
-use forkpool_testkit::{http_request, request_line, wait_until, Server, Signal};
+use forkpool_testkit::{http_request, log_phrase, request_line, wait_until, Server, Signal};
 use nix::sys::signal::kill;
 
 #[test]
@@ -36,16 +36,7 @@ fn a_bank_client_that_never_pauses_does_not_starve_its_neighbours() {
             }
         }
     });
-    wait_until(
-        "the flood to reach the worker",
-        Duration::from_secs(5),
-        || {
-            server
-                .output()
-                .contains("accepted bank connection")
-                .then_some(())
-        },
-    );
+    server.wait_log(log_phrase::ACCEPTED_BANK, Duration::from_secs(5));
     let mut slowest = Duration::ZERO;
     for _ in 0..10 {
         let started = Instant::now();
@@ -61,7 +52,7 @@ fn a_bank_client_that_never_pauses_does_not_starve_its_neighbours() {
     stop.store(true, std::sync::atomic::Ordering::Relaxed);
     drop(server.connect_bank());
     assert!(
-        !server.output().contains("sent no heartbeat"),
+        !server.output().contains(log_phrase::NO_HEARTBEAT),
         "a busy worker was taken for a hung one:\n{}",
         server.output()
     );

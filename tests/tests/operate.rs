@@ -12,7 +12,7 @@ use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use forkpool_testkit::{
-    bench_json, binary, http_request, is_alive, json_number, process_state, read_line,
+    bench_json, binary, http_request, is_alive, json_number, log_phrase, process_state, read_line,
     request_line, socket_owner, tool, wait_until, Server, Signal,
 };
 use nix::sys::signal::kill;
@@ -43,6 +43,13 @@ fn log_count(server: &Server, text: &str) -> usize {
         .iter()
         .filter(|l| l.contains(text))
         .count()
+}
+
+/// Did the master kill `pid` for missing its heartbeats?
+fn reported_hung(server: &Server, pid: Pid) -> bool {
+    server
+        .output()
+        .contains(&format!("(pid {pid}) {}", log_phrase::NO_HEARTBEAT))
 }
 
 /// Waits until the server has answered `n` echo requests (the load is under way).
@@ -240,15 +247,10 @@ fn a_stopped_worker_is_killed_and_replaced_within_the_timeout() {
     eprintln!("hung worker replaced after {took:?} (--worker-timeout 1)");
     assert!(took <= Duration::from_secs(3), "took {took:?}");
     assert!(replaced.contains(&workers[1]), "the healthy worker stays");
-    assert_eq!(
-        log_count(&server, "sent no heartbeat"),
-        1,
-        "{}",
-        server.output()
-    );
-    assert!(server
-        .output()
-        .contains(&format!("(pid {stopped}) sent no heartbeat")));
+    // Only the stopped worker was taken for a hung one (on a loaded machine a replacement
+    // slow to start may be too, which is the timeout doing its job).
+    assert!(reported_hung(&server, stopped), "{}", server.output());
+    assert!(!reported_hung(&server, workers[1]), "{}", server.output());
     let mut conn = server.connect_echo();
     assert_eq!(request_line(&mut conn, "alive"), "ALIVE");
 }
@@ -324,12 +326,8 @@ fn a_worker_waiting_for_a_stopped_lock_holder_is_not_killed() {
     let mut bank = server.connect_bank();
     assert!(request_line(&mut bank, "BALANCE bench-0").starts_with("OK "));
     assert!(is_alive(waiter), "{}", server.output());
-    assert_eq!(
-        log_count(&server, "sent no heartbeat"),
-        1,
-        "{}",
-        server.output()
-    );
+    assert!(reported_hung(&server, holder), "{}", server.output());
+    assert!(!reported_hung(&server, waiter), "{}", server.output());
     assert!(server.workers().contains(&waiter));
     let _ = kill(load_pid, Signal::SIGKILL);
     let _ = load.wait();

@@ -5,7 +5,7 @@ use std::net::TcpListener;
 use std::time::{Duration, Instant};
 
 use forkpool_testkit::{
-    http_request, is_alive, process_state, request_line, wait_until, Server, Signal,
+    http_request, is_alive, log_phrase, process_state, request_line, wait_until, Server, Signal,
 };
 use nix::sys::signal::kill;
 
@@ -99,7 +99,7 @@ fn an_address_in_use_is_a_clear_error_with_no_child_left() {
     );
     assert!(!output.contains("panicked"), "{output}");
     assert!(
-        !output.contains("worker 0 started"),
+        !output.contains(log_phrase::WORKER_STARTED),
         "a worker was forked: {output}"
     );
 }
@@ -180,10 +180,11 @@ fn settings_come_from_the_config_file_and_flags_win() {
         ])
         .start();
     server.wait_workers(1, Duration::from_secs(5));
-    assert!(
-        server.output().contains("1 workers serving"),
-        "{}",
-        server.output()
+    // The master logs this (stderr) just before the ready line (stdout): the two streams
+    // are read apart, so the log line may arrive after the ready line.
+    server.wait_log(
+        &format!("1 {}", log_phrase::WORKERS_SERVING),
+        Duration::from_secs(5),
     );
 }
 

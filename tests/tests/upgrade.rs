@@ -6,7 +6,7 @@ use std::net::TcpListener;
 use std::process::Command;
 use std::time::Duration;
 
-use forkpool_testkit::{binary, request_line, tool, wait_until, Server, Signal};
+use forkpool_testkit::{binary, log_phrase, request_line, tool, wait_until, Server, Signal};
 
 /// Runs forkpool-bench against `addr` in the background; returns its exit status and output.
 fn bench(
@@ -71,16 +71,7 @@ fn sigusr2_under_load_hands_over_to_a_new_master_without_a_failed_request() {
     drop(stream);
     let echo_load = bench("echo", server.echo_addr(), 4);
     let bank_load = bench("bank", server.bank_addr(), 4);
-    wait_until(
-        "the load to reach the workers",
-        Duration::from_secs(5),
-        || {
-            server
-                .output()
-                .contains("accepted bank connection")
-                .then_some(())
-        },
-    );
+    server.wait_log(log_phrase::ACCEPTED_BANK, Duration::from_secs(5));
     server.signal(Signal::SIGUSR2);
     let new_line = server.next_ready_line(Duration::from_secs(20));
     let new_pid = ready_pid(&new_line);
@@ -144,11 +135,7 @@ fn a_failed_upgrade_leaves_the_old_master_serving() {
     )
     .expect("make it executable");
     server.signal(Signal::SIGUSR2);
-    wait_until(
-        "the old master to report the failed upgrade",
-        Duration::from_secs(10),
-        || server.output().contains("upgrade failed").then_some(()),
-    );
+    server.wait_log(log_phrase::UPGRADE_FAILED, Duration::from_secs(10));
     let pid = std::fs::read_to_string(&pid_file).expect("the pid file is back in place");
     assert_eq!(pid.trim(), server.pid.to_string());
     let mut stream = server.connect_echo();
