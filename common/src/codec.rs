@@ -90,6 +90,23 @@ impl Uppercaser {
         self.held_len = 0;
     }
 
+    /// The bytes held back: the start of a UTF-8 sequence cut by the end of the last piece
+    /// (at most 3). With [`Uppercaser::resume`], another process continues the stream.
+    pub fn held(&self) -> &[u8] {
+        &self.held[..usize::from(self.held_len)]
+    }
+
+    /// An uppercaser that continues a stream whose [`Uppercaser::held`] bytes were `held`;
+    /// `None` if they are not the unfinished start of a UTF-8 sequence (as `held` never is).
+    pub fn resume(held: &[u8]) -> Option<Uppercaser> {
+        if !held.is_empty() && !is_unfinished_sequence(held) {
+            return None;
+        }
+        let mut upper = Uppercaser::default();
+        upper.hold(held);
+        Some(upper)
+    }
+
     fn hold(&mut self, tail: &[u8]) {
         self.held[..tail.len()].copy_from_slice(tail);
         self.held_len = tail.len() as u8;
@@ -230,6 +247,23 @@ impl LineFramer {
     pub fn buffered(&self) -> usize {
         self.partial.len()
     }
+
+    /// The unfinished line held so far, `None` while an overlong line is being discarded.
+    /// With [`LineFramer::resume`], another process continues the stream.
+    pub fn partial(&self) -> Option<&[u8]> {
+        (!self.discarding).then_some(&self.partial)
+    }
+
+    /// A framer for lines of at most `max_line` bytes that continues a stream whose
+    /// [`LineFramer::partial`] was `partial`. A `partial` already longer than `max_line` (a
+    /// stream that moved to a process with a smaller limit) is refused when its line ends.
+    pub fn resume(max_line: usize, partial: Vec<u8>) -> LineFramer {
+        LineFramer {
+            max_line,
+            partial,
+            discarding: false,
+        }
+    }
 }
 
 /// Does the line made of `partial` then `line` end in `\r` (a CRLF ending, which does not
@@ -242,6 +276,54 @@ fn ends_with_cr(partial: &[u8], line: &[u8]) -> bool {
 mod tests {
     use super::*;
     use proptest::prelude::*;
+
+    #[test]
+    fn an_uppercaser_resumed_from_its_held_bytes_continues_the_stream() {
+        let input = "aß€😀z".as_bytes();
+        for cut in 0..=input.len() {
+            let mut first = Uppercaser::default();
+            let mut out = Vec::new();
+            first.feed(&input[..cut], &mut out);
+            let mut second = Uppercaser::resume(first.held()).expect("held bytes resume");
+            second.feed(&input[cut..], &mut out);
+            second.finish(&mut out);
+            assert_eq!(out, "ASS€😀Z".as_bytes(), "cut at {cut}");
+        }
+        assert!(Uppercaser::resume(b"a").is_none(), "not a cut sequence");
+        assert!(
+            Uppercaser::resume(b"\xc3\xa9").is_none(),
+            "a whole sequence"
+        );
+        assert!(Uppercaser::resume(b"\xff").is_none());
+    }
+
+    #[test]
+    fn a_framer_resumed_from_its_partial_line_continues_the_stream() {
+        let mut first = LineFramer::new(16);
+        let mut lines = Vec::new();
+        first.feed(b"one\ntw", |frame| {
+            lines.push(format!("{frame:?}"));
+            Flow::Continue
+        });
+        let partial = first.partial().expect("not discarding").to_vec();
+        let mut second = LineFramer::resume(16, partial);
+        second.feed(b"o\n", |frame| {
+            lines.push(format!("{frame:?}"));
+            Flow::Continue
+        });
+        assert_eq!(lines, ["Line([111, 110, 101])", "Line([116, 119, 111])"]);
+        let mut smaller = LineFramer::resume(2, b"abc".to_vec());
+        let mut frames = Vec::new();
+        smaller.feed(b"d\n", |frame| {
+            frames.push(frame == Frame::TooLong);
+            Flow::Continue
+        });
+        assert_eq!(
+            frames,
+            [true],
+            "an inherited line over the new limit is refused"
+        );
+    }
 
     fn upper(s: &str) -> String {
         let mut out = Vec::new();

@@ -9,6 +9,7 @@
 
 use std::io::{self, Read, Write};
 use std::net::Shutdown;
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd};
 use std::sync::atomic::Ordering::Relaxed;
 use std::time::{Duration, Instant};
 
@@ -16,6 +17,7 @@ use forkpool_common::codec::Flow;
 use mio::net::TcpStream;
 use mio::{Interest, Registry, Token};
 
+use crate::handover::ConnState;
 use crate::scoreboard::ServiceCounters;
 use crate::service::Session;
 
@@ -55,6 +57,9 @@ pub struct Limits {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Phase {
     Open,
+    /// Offered to a successor (retiring worker): deregistered, neither read nor written,
+    /// until the master says whether the successor took it.
+    Offered,
     /// Send the pending replies, then shut down the write side and linger.
     Closing,
     /// Write side shut down; reading and discarding until EOF or the deadline.
@@ -99,6 +104,9 @@ pub struct Conn {
     read_paused: bool,
     /// The read budget ran out: the worker must come back next turn.
     turn_spent: bool,
+    /// A retiring worker found no successor for it: it is served here to a request
+    /// boundary, then closed.
+    staying: bool,
     phase: Phase,
     /// When bytes last moved either way (for the idle timeout and the drain).
     pub last_active: Instant,
@@ -123,8 +131,28 @@ impl Conn {
             peer_closed: false,
             read_paused: false,
             turn_spent: false,
+            staying: false,
             phase: Phase::Open,
             last_active: now,
+        }
+    }
+
+    /// A connection continued from another worker: its unsent replies and whether its
+    /// client has sent EOF come with it. Input may already wait in the socket (no readiness
+    /// edge will announce it), so the first drive reads to the end.
+    pub fn adopt(
+        stream: TcpStream,
+        token: Token,
+        session: Session,
+        counters: &'static ServiceCounters,
+        state: &ConnState,
+        now: Instant,
+    ) -> Conn {
+        Conn {
+            pending: state.pending.clone(),
+            peer_closed: state.peer_closed,
+            read_paused: true,
+            ..Conn::new(stream, token, session, counters, now)
         }
     }
 
@@ -132,8 +160,70 @@ impl Conn {
         self.counters
     }
 
+    /// Registers the socket (for writable too while replies are pending).
     pub fn register(&mut self, registry: &Registry) -> io::Result<()> {
-        registry.register(&mut self.stream, self.token, Interest::READABLE)
+        self.wants_writable = self.unsent() > 0;
+        let interest = if self.wants_writable {
+            Interest::READABLE | Interest::WRITABLE
+        } else {
+            Interest::READABLE
+        };
+        registry.register(&mut self.stream, self.token, interest)
+    }
+
+    /// May this connection be offered to a successor now? Only an open one the successor
+    /// can continue (a closing one finishes here) that has not come back already.
+    pub fn may_be_offered(&self) -> bool {
+        self.phase == Phase::Open && !self.staying
+    }
+
+    /// Offers the connection to a successor: its socket leaves this worker's poll (the
+    /// registration belongs to the shared open file description) and nothing is read from
+    /// it any more. Returns its state, to travel with the descriptor.
+    pub fn offer(&mut self, registry: &Registry) -> io::Result<ConnState> {
+        registry.deregister(&mut self.stream)?;
+        self.phase = Phase::Offered;
+        Ok(ConnState {
+            session: self.session.export(),
+            pending: self.pending[self.sent..].to_vec(),
+            peer_closed: self.peer_closed,
+        })
+    }
+
+    /// No successor took it: it is served here again (to a request boundary, then closed),
+    /// starting with whatever input waits in the socket.
+    pub fn take_back(&mut self, registry: &Registry) -> io::Result<()> {
+        self.phase = Phase::Open;
+        self.staying = true;
+        self.read_paused = true;
+        self.register(registry)
+    }
+
+    /// Is it waiting for a successor's answer?
+    pub fn is_offered(&self) -> bool {
+        self.phase == Phase::Offered
+    }
+
+    /// Was it offered and taken back (so it is closed at a request boundary)?
+    pub fn is_staying(&self) -> bool {
+        self.staying
+    }
+
+    /// Has the client sent bytes that nobody has read yet (or EOF)?
+    pub fn input_waiting(&self) -> bool {
+        use nix::sys::socket::{recv, MsgFlags};
+        let mut byte = [0u8; 1];
+        recv(
+            self.stream.as_raw_fd(),
+            &mut byte,
+            MsgFlags::MSG_PEEK | MsgFlags::MSG_DONTWAIT,
+        )
+        .is_ok()
+    }
+
+    /// The socket, to pass to a successor with the state [`Conn::offer`] returned.
+    pub fn socket(&self) -> BorrowedFd<'_> {
+        self.stream.as_fd()
     }
 
     /// Is the client part-way through a request (see [`Session::mid_request`])?
@@ -212,6 +302,9 @@ impl Conn {
         registry: &Registry,
         now: Instant,
     ) -> io::Result<Verdict> {
+        if self.phase == Phase::Offered {
+            return Ok(Verdict::Keep);
+        }
         if let Phase::Lingering { .. } = self.phase {
             return self.discard_input(scratch, now);
         }

@@ -32,14 +32,15 @@ pub enum AcceptMode {
     Shared,
 }
 
-/// The listeners of one service: one per worker slot, all bound to the same address.
+/// The listeners of one service, all bound to the same address: in reuseport mode at least
+/// one per worker slot, in shared mode one for all.
 #[derive(Debug)]
 pub struct ListenerGroup {
     /// The address actually bound (port 0 resolved).
     pub addr: SocketAddr,
     mode: AcceptMode,
     backlog: u32,
-    slots: Vec<TcpListener>,
+    sockets: Vec<TcpListener>,
     /// Passed in by systemd or by the previous master: the address is not ours to change.
     inherited: bool,
 }
@@ -53,10 +54,12 @@ pub enum InheritError {
     Socket { source: io::Error },
 }
 
-/// The listeners of every service, each a [`ListenerGroup`] with one socket per slot.
+/// The listeners of every service, each a [`ListenerGroup`], and the pool size that decides
+/// which worker slot accepts from which socket.
 #[derive(Debug)]
 pub struct Listeners {
     groups: Vec<(ServiceKind, ListenerGroup)>,
+    pool_size: usize,
 }
 
 /// Why the master could not listen at start.
@@ -97,22 +100,21 @@ impl Listeners {
             };
             groups.push((kind, group));
         }
-        Ok(Listeners { groups })
+        Ok(Listeners {
+            groups,
+            pool_size: config.workers,
+        })
     }
 
     /// The listeners a reload to `new` needs: the sockets of an address that did not change
-    /// are kept (resized to the new pool), so no connection is refused while workers are
+    /// are kept (all of them), so no connection is refused or reset while workers are
     /// replaced; an inherited socket is always kept (its address is not ours to move; a
     /// request to move it is logged). Returns `None` if nothing changes.
     pub fn for_reload(&self, old: &Config, new: &Config) -> Result<Option<Listeners>, BindError> {
-        let slots = self
-            .groups
-            .first()
-            .map_or(0, |(_, group)| group.slots.len());
         let same = ServiceKind::ALL
             .iter()
             .all(|&kind| old.addr(kind) == new.addr(kind))
-            && (slots, old.accept, old.backlog) == (new.workers, new.accept, new.backlog);
+            && (self.pool_size, old.accept, old.backlog) == (new.workers, new.accept, new.backlog);
         if same {
             return Ok(None);
         }
@@ -135,37 +137,49 @@ impl Listeners {
             };
             groups.push((*kind, group));
         }
-        Ok(Some(Listeners { groups }))
+        Ok(Some(Listeners {
+            groups,
+            pool_size: new.workers,
+        }))
     }
 
-    /// One listener more per service (TTIN); on failure nothing changes.
-    pub fn add_slot(&mut self) -> Result<(), BindError> {
-        for index in 0..self.groups.len() {
-            let (_, group) = &mut self.groups[index];
-            if let Err(source) = group.add_slot() {
-                let addr = group.addr;
-                for (_, added) in &mut self.groups[..index] {
-                    added.remove_slot();
-                }
-                return Err(BindError { addr, source });
+    /// A new pool size (TTIN, TTOU): binds what a larger pool needs (no socket is ever
+    /// closed) and returns the slots (below the new size) whose sockets changed: their
+    /// workers must be replaced to accept from the right ones. On failure nothing changes.
+    pub fn resize(&mut self, count: usize) -> Result<Vec<usize>, BindError> {
+        for (_, group) in &mut self.groups {
+            group.grow_to(count).map_err(|source| BindError {
+                addr: group.addr,
+                source,
+            })?;
+        }
+        let old = self.pool_size;
+        self.pool_size = count;
+        Ok((0..count)
+            .filter(|&slot| {
+                self.groups.iter().any(|(_, group)| {
+                    let before: Vec<_> =
+                        group.assigned(slot, old).map(AsRawFd::as_raw_fd).collect();
+                    let after: Vec<_> = group
+                        .assigned(slot, count)
+                        .map(AsRawFd::as_raw_fd)
+                        .collect();
+                    before != after
+                })
+            })
+            .collect())
+    }
+
+    /// The listeners of every service that slot `slot` accepts from (for the worker forked to
+    /// serve it): duplicates, the master keeps its own.
+    pub fn for_slot(&self, slot: usize) -> io::Result<Vec<(ServiceKind, TcpListener)>> {
+        let mut listeners = Vec::new();
+        for (kind, group) in &self.groups {
+            for socket in group.assigned(slot, self.pool_size) {
+                listeners.push((*kind, socket.try_clone()?));
             }
         }
-        Ok(())
-    }
-
-    /// The last slot's listeners go (TTOU).
-    pub fn remove_slot(&mut self) {
-        for (_, group) in &mut self.groups {
-            group.remove_slot();
-        }
-    }
-
-    /// Slot `index`'s listener of every service (for the worker forked to serve it).
-    pub fn take_slot(&mut self, index: usize) -> Vec<(ServiceKind, TcpListener)> {
-        self.groups
-            .iter_mut()
-            .filter_map(|(kind, group)| Some((*kind, group.take_slot(index)?)))
-            .collect()
+        Ok(listeners)
     }
 
     /// Closes every listener (the master's copies, at a drain: a queue that nobody accepts
@@ -202,7 +216,7 @@ pub struct BindError {
 }
 
 impl ListenerGroup {
-    /// Binds `count` listeners to `addr`.
+    /// Binds listeners to `addr` for a pool of `count` slots.
     ///
     /// `SO_REUSEPORT` would let this group silently join the group of another server already
     /// listening there; a plain bind first fails with "address in use" in that case.
@@ -222,25 +236,23 @@ impl ListenerGroup {
             addr: first.local_addr().map_err(error)?,
             mode,
             backlog,
-            slots: vec![first],
+            sockets: vec![first],
             inherited: false,
         };
-        while group.slots.len() < count {
-            group.add_slot().map_err(error)?;
-        }
+        group.grow_to(count).map_err(error)?;
         Ok(group)
     }
 
-    /// A group made of inherited listening sockets (socket activation, or a binary upgrade),
-    /// resized to `count` slots. One socket without `SO_REUSEPORT` (what systemd passes) is
-    /// shared by every worker; `SO_REUSEPORT` sockets (a previous master's slots) stay one
-    /// per slot, and more are bound beside them if needed.
+    /// A group made of inherited listening sockets (socket activation, or a binary upgrade)
+    /// for a pool of `count` slots. One socket without `SO_REUSEPORT` (what systemd passes)
+    /// is shared by every worker; `SO_REUSEPORT` sockets (a previous master's) are all kept,
+    /// and more are bound beside them if the pool needs more.
     pub fn inherit(
         fds: Vec<OwnedFd>,
         count: usize,
         backlog: u32,
     ) -> Result<ListenerGroup, InheritError> {
-        let mut slots = Vec::with_capacity(fds.len());
+        let mut sockets = Vec::with_capacity(fds.len());
         let mut reuse_port = true;
         for fd in fds {
             let socket = Socket::from(fd);
@@ -253,9 +265,9 @@ impl ListenerGroup {
             reuse_port &= socket.reuse_port().map_err(fd_error)?;
             socket.set_nonblocking(true).map_err(fd_error)?;
             socket.set_cloexec(true).map_err(fd_error)?;
-            slots.push(TcpListener::from(socket));
+            sockets.push(TcpListener::from(socket));
         }
-        let first = slots.first().ok_or(InheritError::NotListening)?;
+        let first = sockets.first().ok_or(InheritError::NotListening)?;
         let addr = first
             .local_addr()
             .map_err(|source| InheritError::Socket { source })?;
@@ -264,44 +276,48 @@ impl ListenerGroup {
         } else {
             AcceptMode::Shared
         };
-        slots.truncate(if mode == AcceptMode::Shared { 1 } else { count });
-        let group = ListenerGroup {
+        let mut group = ListenerGroup {
             addr,
             mode,
             backlog,
-            slots,
+            sockets,
             inherited: true,
         };
         group
-            .resized(count)
-            .map_err(|e| InheritError::Socket { source: e.source })
+            .grow_to(count)
+            .map_err(|source| InheritError::Socket { source })?;
+        Ok(group)
     }
 
-    /// Adds a listener for one more worker slot (TTIN).
-    pub fn add_slot(&mut self) -> io::Result<()> {
-        let listener = self.new_slot()?;
-        self.slots.push(listener);
+    /// Makes sure a pool of `count` slots has a socket per slot (reuseport; a shared group
+    /// has its one socket). Sockets are never closed while the group lives: closing one
+    /// would reset the connections queued on it.
+    pub fn grow_to(&mut self, count: usize) -> io::Result<()> {
+        while self.mode == AcceptMode::ReusePort && self.sockets.len() < count {
+            self.sockets.push(bind_one(self.addr, self.backlog, true)?);
+        }
         Ok(())
     }
 
-    /// Closes the last slot's listener (TTOU): the kernel stops routing to it once its
-    /// draining worker has closed its copy too.
-    pub fn remove_slot(&mut self) {
-        self.slots.pop();
+    /// The sockets a pool of `count` slots gives to slot `slot`: in reuseport mode every
+    /// socket whose index is `slot` modulo `count` (so a socket left by a smaller pool is
+    /// served too), in shared mode the one socket.
+    fn assigned(&self, slot: usize, count: usize) -> impl Iterator<Item = &TcpListener> {
+        let shared = self.mode == AcceptMode::Shared;
+        self.sockets
+            .iter()
+            .enumerate()
+            .filter(move |(index, _)| shared || index % count.max(1) == slot)
+            .map(|(_, socket)| socket)
     }
 
     /// The descriptors to hand to a new binary (a binary upgrade).
     pub fn raw_fds(&self) -> Vec<RawFd> {
-        self.slots.iter().map(AsRawFd::as_raw_fd).collect()
+        self.sockets.iter().map(AsRawFd::as_raw_fd).collect()
     }
 
-    /// The listener of slot `index` (in a forked worker).
-    pub fn take_slot(&mut self, index: usize) -> Option<TcpListener> {
-        (index < self.slots.len()).then(|| self.slots.swap_remove(index))
-    }
-
-    /// A group on the same sockets with `count` slots (a reload): the sockets kept are shared
-    /// with this group, so their queues carry over without a refused connection.
+    /// A group on the same sockets for a pool of `count` slots (a reload): every socket is
+    /// shared with this group, so their queues carry over without a refused connection.
     pub fn resized(&self, count: usize) -> Result<ListenerGroup, BindError> {
         let error = |source| BindError {
             addr: self.addr,
@@ -311,27 +327,14 @@ impl ListenerGroup {
             addr: self.addr,
             mode: self.mode,
             backlog: self.backlog,
-            slots: Vec::with_capacity(count),
+            sockets: Vec::with_capacity(count),
             inherited: self.inherited,
         };
-        for listener in self.slots.iter().take(count) {
-            group.slots.push(listener.try_clone().map_err(error)?);
+        for socket in &self.sockets {
+            group.sockets.push(socket.try_clone().map_err(error)?);
         }
-        while group.slots.len() < count {
-            group.add_slot().map_err(error)?;
-        }
+        group.grow_to(count).map_err(error)?;
         Ok(group)
-    }
-
-    fn new_slot(&self) -> io::Result<TcpListener> {
-        match self.mode {
-            AcceptMode::ReusePort => bind_one(self.addr, self.backlog, true),
-            AcceptMode::Shared => self
-                .slots
-                .first()
-                .ok_or_else(|| io::Error::other("the shared listener is closed"))?
-                .try_clone(),
-        }
     }
 }
 

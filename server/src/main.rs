@@ -2,8 +2,11 @@
 //! one clear line on stderr and a non-zero exit status.
 
 mod bank;
+mod broker;
+mod channel;
 mod config;
 mod conn;
+mod handover;
 mod inherit;
 mod listener;
 mod logging;

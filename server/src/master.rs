@@ -14,9 +14,9 @@ use std::ffi::OsString;
 use std::io::{self, Write};
 use std::ops::ControlFlow;
 use std::path::PathBuf;
+use std::sync::atomic::Ordering::Relaxed;
 use std::time::{Duration, Instant};
 
-use mio::unix::SourceFd;
 use mio::{Events, Interest, Poll, Token};
 use nix::sys::signal::Signal;
 use nix::unistd::Pid;
@@ -27,22 +27,30 @@ use signal_hook_mio::v1_0::Signals;
 
 use forkpool_ledger::{Ledger, LedgerOptions};
 
+use crate::broker::{Broker, Candidate, Routing, WorkerNews};
+use crate::channel::{self, Channel};
 use crate::config::{Cli, Config, MAX_WORKERS};
 use crate::inherit;
 use crate::listener::{ListenError, Listeners};
-use crate::master_link::{self, LeaveReason, Message, StatusReceiver, StatusSender};
+use crate::master_link::{LeaveReason, FORMAT_VERSION};
 use crate::pidfile::PidFile;
-use crate::pool::{ExitVerdict, Pool, WorkerPhase, MAX_BACKOFF};
+use crate::pool::{ExitVerdict, Pool, ServiceTotals, WorkerPhase, MAX_BACKOFF};
 use crate::process::{self, Exit, Forked};
-use crate::scoreboard::WorkerCell;
+use crate::service::ServiceKind;
 use crate::status::{PoolView, StatusServer, WorkerView};
 use crate::upgrade::{Takeover, Upgrade};
 use crate::worker::{WorkerSettings, WorkerSetup};
 
 const SIGNAL_TOKEN: Token = Token(0);
-const STATUS_PIPE_TOKEN: Token = Token(1);
+/// The link to the other master of a binary upgrade.
+const PEER_TOKEN: Token = Token(1);
 /// Tokens of the status page's listener and connections start here.
 const STATUS_HTTP_TOKENS: usize = 16;
+/// Worker links: this plus the worker's scoreboard cell index.
+const LINK_TOKENS: usize = 1 << 16;
+/// Set (to a number) by tests only: the hand-over format version a new master announces to
+/// the old one, to simulate an upgrade between binaries that do not speak the same format.
+const ANNOUNCED_VERSION_VAR: &str = "FORKPOOL_TEST_HANDOVER_VERSION";
 /// How often the scoreboard is inspected (heartbeats, overdue retirees).
 const INSPECTION_INTERVAL: Duration = Duration::from_millis(250);
 /// Scoreboard cells: room for a full pool plus as many workers retiring.
@@ -51,9 +59,11 @@ const SCOREBOARD_CELLS: usize = 2 * MAX_WORKERS;
 /// What the master is doing.
 enum Phase {
     Running,
-    /// Graceful shutdown: no respawns; workers drain until `deadline`.
+    /// Graceful shutdown: no respawns; workers drain until `deadline`. `routing` says where
+    /// their connections may go: nowhere (a shutdown), or to the new master (an upgrade).
     Draining {
         deadline: Instant,
+        routing: Routing,
     },
 }
 
@@ -69,8 +79,16 @@ pub enum Outcome {
 struct MasterIo {
     poll: Poll,
     signals: Signals,
-    status_pipe: StatusReceiver,
     status_http: Option<StatusServer>,
+}
+
+/// What woke the master, besides signals.
+#[derive(Default)]
+struct Wakeup {
+    /// Readiness of the status page's sockets.
+    status: Vec<Token>,
+    /// Readiness of worker links and the peer link: (token, writable).
+    links: Vec<(Token, bool)>,
 }
 
 pub struct Master {
@@ -78,8 +96,9 @@ pub struct Master {
     cli: Cli,
     config: Config,
     io: MasterIo,
-    /// The workers' end of the status pipe, handed to each new worker.
-    status_sender: StatusSender,
+    /// The links to the workers (and to the other master of an upgrade), and the live
+    /// connections passed between them.
+    broker: Broker,
     /// The bank ledger, opened (and recovered) before any fork; every worker inherits the
     /// mapping. The master itself never takes a ledger lock.
     ledger: Ledger,
@@ -174,10 +193,19 @@ impl Master {
             audit.total,
             config.fsync
         );
-        let (io, status_sender) = MasterIo::new(config.status_addr)?;
+        let io = MasterIo::new(config.status_addr)?;
+        let mut broker = Broker::new();
+        if let Some(fd) = inherited.handover.take() {
+            broker.add_predecessor(
+                PEER_TOKEN,
+                Channel::from_fd(fd),
+                announced_version(),
+                io.poll.registry(),
+            );
+        }
         Ok(Master {
             io,
-            status_sender,
+            broker,
             ledger,
             listeners,
             pool: Pool::new(config.workers, SCOREBOARD_CELLS).map_err(StartError::Scoreboard)?,
@@ -200,8 +228,8 @@ impl Master {
     pub fn run(mut self) -> io::Result<Outcome> {
         let mut events = Events::with_capacity(64);
         loop {
-            if let Some((slot, cell)) = self.start_due_workers() {
-                return Ok(Outcome::Worker(Box::new(self.into_worker(slot, cell))));
+            if let Some(child) = self.start_due_workers() {
+                return Ok(Outcome::Worker(Box::new(self.into_worker(child)?)));
             }
             self.announce_ready();
             self.complete_takeover();
@@ -209,9 +237,12 @@ impl Master {
                 self.remove_pid_file();
                 return Ok(Outcome::Stopped);
             }
-            let http_events = self.wait(&mut events)?;
-            for message in self.io.status_pipe.messages() {
-                self.on_message(message);
+            let wakeup = self.wait(&mut events)?;
+            for (token, writable) in wakeup.links {
+                let news = self
+                    .broker
+                    .on_event(token, writable, self.io.poll.registry());
+                self.on_news(news);
             }
             let signals: Vec<i32> = self.io.signals.pending().collect();
             for signal in signals {
@@ -224,23 +255,31 @@ impl Master {
             self.reap_children();
             self.check_upgrade_deadline();
             self.inspect_workers();
-            self.serve_status(&http_events);
+            self.dispatch_connections();
+            self.serve_status(&wakeup.status);
         }
     }
 
-    /// Sleeps until an event or the next timer; returns the status page's events.
-    fn wait(&mut self, events: &mut Events) -> io::Result<Vec<Token>> {
+    /// Sleeps until an event or the next timer; returns what woke it (signals are read
+    /// from their own source).
+    fn wait(&mut self, events: &mut Events) -> io::Result<Wakeup> {
         let timeout = self.next_timeout(Instant::now());
         if let Err(e) = self.io.poll.poll(events, timeout) {
             if e.kind() != io::ErrorKind::Interrupted {
                 return Err(e);
             }
         }
-        Ok(events
-            .iter()
-            .map(|event| event.token())
-            .filter(|token| token.0 >= STATUS_HTTP_TOKENS)
-            .collect())
+        let mut wakeup = Wakeup::default();
+        for event in events.iter() {
+            match event.token() {
+                SIGNAL_TOKEN => {}
+                token if token == PEER_TOKEN || token.0 >= LINK_TOKENS => {
+                    wakeup.links.push((token, event.is_writable()));
+                }
+                token => wakeup.status.push(token),
+            }
+        }
+        Ok(wakeup)
     }
 
     fn on_signal(&mut self, signal: i32) -> ControlFlow<()> {
@@ -267,10 +306,12 @@ impl Master {
         ControlFlow::Continue(())
     }
 
-    fn on_message(&mut self, message: Message) {
-        match message {
-            Message::Ready(pid) => self.pool.mark_ready(pid),
-            Message::Leaving(pid, reason) => self.on_worker_leaving(pid, reason),
+    fn on_news(&mut self, news: Vec<(Pid, WorkerNews)>) {
+        for (pid, item) in news {
+            match item {
+                WorkerNews::Ready => self.pool.mark_ready(pid),
+                WorkerNews::Leaving(reason) => self.on_worker_leaving(pid, reason),
+            }
         }
     }
 
@@ -303,13 +344,18 @@ impl Master {
             self.config.graceful_timeout,
             self.pool.workers().len()
         );
-        self.phase = Phase::Draining { deadline };
+        // During an upgrade the TERM is the new master's "I serve now": its workers already
+        // take the connections, so ours retire (hand them over) instead of draining.
+        let handover = self.upgrade.take().is_some();
+        let routing = if handover {
+            Routing::ToSuccessor
+        } else {
+            Routing::Nowhere
+        };
+        self.phase = Phase::Draining { deadline, routing };
         // A worker that died just now (Ctrl-C signals the whole group, so the workers drain
         // on their own) must count as gone before slots are staffed.
         self.reap_children();
-        // During an upgrade the TERM is the new master's "I serve now": its workers already
-        // take the connections, so ours retire (hand over) instead of draining.
-        let handover = self.upgrade.take().is_some();
         let order = if handover {
             log::info!("handing over to the new master");
             Signal::SIGUSR1
@@ -343,7 +389,7 @@ impl Master {
     }
 
     fn drain_finished(&mut self) -> bool {
-        let Phase::Draining { deadline } = self.phase else {
+        let Phase::Draining { deadline, .. } = self.phase else {
             return false;
         };
         if self.pool.workers().is_empty() {
@@ -363,12 +409,13 @@ impl Master {
 
     fn next_timeout(&self, now: Instant) -> Option<Duration> {
         let drain = match self.phase {
-            Phase::Draining { deadline } => Some(deadline),
+            Phase::Draining { deadline, .. } => Some(deadline),
             Phase::Running => None,
         };
         let inspection = (!self.pool.workers().is_empty()).then_some(self.next_inspection);
         let upgrade = self.upgrade.as_ref().map(|u| u.deadline);
-        [self.pool.next_start(), drain, inspection, upgrade]
+        let parcels = self.broker.next_deadline();
+        [self.pool.next_start(), drain, inspection, upgrade, parcels]
             .into_iter()
             .flatten()
             .min()
@@ -436,6 +483,12 @@ impl Master {
     }
 
     fn on_worker_exit(&mut self, pid: Pid, exit: Exit) {
+        // What it said before it died counts; the connections offered to it go elsewhere.
+        if let Some(worker) = self.pool.workers().iter().find(|w| w.pid == pid) {
+            let token = link_token(worker.cell_index);
+            let news = self.broker.worker_gone(token, self.io.poll.registry());
+            self.on_news(news);
+        }
         let draining = matches!(self.phase, Phase::Draining { .. });
         let Some((worker, verdict)) = self.pool.on_exit(pid, exit, draining) else {
             log::info!("reaped process {pid}: {exit}");
@@ -447,7 +500,18 @@ impl Master {
                 log::info!("worker {slot} (pid {pid}) exited during the drain: {exit}");
             }
             ExitVerdict::Expected => {
-                log::info!("worker {slot} (pid {pid}) exited after retiring: {exit}");
+                let totals = ServiceKind::ALL.map(|kind| ServiceTotals::of(worker.cell.counters(kind)));
+                let handed_over: u64 = totals.iter().map(|t| t.handed_over).sum();
+                let closed: u64 = totals.iter().map(|t| t.closed_by_replacement).sum();
+                let took = match worker.phase {
+                    WorkerPhase::Retiring { since, .. } => since.elapsed(),
+                    _ => Duration::ZERO,
+                };
+                log::info!(
+                    "worker {slot} (pid {pid}) exited after retiring: {exit}; {handed_over} \
+                     connections handed over, {closed} closed, {} ms after it retired",
+                    took.as_millis()
+                );
             }
             ExitVerdict::Replace {
                 delay, crashes, ..
@@ -495,30 +559,44 @@ impl Master {
         }
     }
 
-    /// TTIN: one more slot, with its own listeners, started at once.
+    /// TTIN: one more slot, started at once.
     fn add_slot(&mut self) {
         if self.pool.size() >= MAX_WORKERS {
             log::warn!("SIGTTIN: already at {MAX_WORKERS} workers");
             return;
         }
-        if let Err(e) = self.listeners.add_slot() {
-            log::error!("SIGTTIN: {e}");
-            return;
+        match self.listeners.resize(self.pool.size() + 1) {
+            Ok(moved) => {
+                self.pool.add_slot();
+                self.retire_slots(moved);
+                log::info!("SIGTTIN: {} workers", self.pool.size());
+            }
+            Err(e) => log::error!("SIGTTIN: {e}"),
         }
-        self.pool.add_slot();
-        log::info!("SIGTTIN: {} workers", self.pool.size());
     }
 
-    /// TTOU: one slot fewer (never below 1); its worker retires.
+    /// TTOU: one slot fewer (never below 1); its worker retires, handing its connections
+    /// over, and its sockets go to the slots that remain (none is closed: that would reset
+    /// the connections queued on it).
     fn remove_slot(&mut self) {
         if self.pool.size() <= 1 {
             log::warn!("SIGTTOU: keeping the last worker");
             return;
         }
-        let slot = self.pool.remove_last_slot();
-        self.listeners.remove_slot();
-        self.retire(self.pool.holders_of(slot));
+        let removed = self.pool.remove_last_slot();
+        match self.listeners.resize(self.pool.size()) {
+            Ok(moved) => self.retire_slots(moved),
+            Err(e) => log::error!("SIGTTOU: {e}"),
+        }
+        self.retire(self.pool.holders_of(removed));
         log::info!("SIGTTOU: {} workers", self.pool.size());
+    }
+
+    /// Replaces the workers of `slots`, whose sockets changed with the pool's size.
+    fn retire_slots(&mut self, slots: Vec<usize>) {
+        for slot in slots {
+            self.retire(self.pool.holders_of(slot));
+        }
     }
 
     /// Retires `workers`: each stops accepting and leaves once its clients are served.
@@ -563,8 +641,16 @@ impl Master {
             );
             return;
         }
+        let (ours, theirs) = match channel::pair() {
+            Ok(pair) => pair,
+            Err(e) => {
+                log::error!("SIGUSR2: upgrade refused: cannot make its link: {e}");
+                return;
+            }
+        };
         let mut fds = self.listeners.named_fds();
         fds.push((std::os::fd::AsRawFd::as_raw_fd(&self.ledger), "ledger"));
+        fds.push((theirs.raw_fd(), "handover"));
         match Upgrade::start(
             &self.exe,
             &self.args,
@@ -579,6 +665,8 @@ impl Master {
                     upgrade.pid
                 );
                 self.upgrade = Some(upgrade);
+                self.broker
+                    .add_successor(PEER_TOKEN, ours, self.io.poll.registry());
             }
             Err(e) => log::error!("SIGUSR2: upgrade refused: {e}"),
         }
@@ -603,25 +691,76 @@ impl Master {
     fn abandon_upgrade(&mut self, exited: bool) {
         if let Some(upgrade) = self.upgrade.take() {
             upgrade.abandon(self.pid_file.as_mut(), exited);
+            self.broker.drop_successor(self.io.poll.registry());
         }
     }
 
-    /// Forks a worker for each slot that is due one. Returns `Some` in the child (its slot and
-    /// scoreboard cell); the parent records the worker and returns `None`.
-    fn start_due_workers(&mut self) -> Option<(usize, &'static WorkerCell)> {
+    /// Passes connections offered by retiring workers on, as the phase allows: to a serving
+    /// worker with room, to the new master after an upgrade, or back to their origin.
+    fn dispatch_connections(&mut self) {
+        if !self.broker.has_waiting() {
+            return;
+        }
+        let routing = match self.phase {
+            Phase::Running => Routing::Local,
+            Phase::Draining { routing, .. } => routing,
+        };
+        let max = self.config.max_connections;
+        let candidates: Vec<Candidate> = self
+            .pool
+            .workers()
+            .iter()
+            .filter(|w| w.phase == WorkerPhase::Serving)
+            .map(|w| Candidate {
+                token: link_token(w.cell_index),
+                connections: ServiceKind::ALL
+                    .iter()
+                    .map(|&kind| w.cell.counters(kind).open_connections.load(Relaxed) as usize)
+                    .sum(),
+            })
+            .filter(|c| c.connections < max)
+            .collect();
+        self.broker
+            .dispatch(routing, &candidates, self.io.poll.registry());
+    }
+
+    /// Forks a worker for each slot that is due one. Returns `Some` in the child; the parent
+    /// records the worker and returns `None`.
+    fn start_due_workers(&mut self) -> Option<NewWorker> {
         let draining = matches!(self.phase, Phase::Draining { .. });
         for slot in self.pool.due_slots(Instant::now()) {
-            let Some(cell) = self.pool.free_cell() else {
+            let Some((cell_index, _)) = self.pool.free_cell() else {
                 log::warn!("no scoreboard cell free for worker {slot}: too many workers retiring");
                 self.pool.retry_slot(slot, INSPECTION_INTERVAL);
                 continue;
             };
+            let (ours, theirs) = match channel::pair() {
+                Ok(pair) => pair,
+                Err(e) => {
+                    log::error!("cannot make a link for worker {slot}: {e}; retrying");
+                    self.pool.retry_slot(slot, MAX_BACKOFF);
+                    continue;
+                }
+            };
             // SAFETY: the master never starts a thread, so it is single-threaded here.
             match unsafe { process::fork_with_signals_blocked() } {
-                Ok(Forked::Child) => return Some((slot, cell)),
+                Ok(Forked::Child) => {
+                    return Some(NewWorker {
+                        slot,
+                        cell_index,
+                        link: theirs,
+                    })
+                }
                 Ok(Forked::Parent(pid)) => {
                     log::info!("worker {slot} started (pid {pid})");
-                    self.pool.add_worker(pid, slot, cell);
+                    self.pool.add_worker(pid, slot, cell_index);
+                    let registry = self.io.poll.registry();
+                    if let Err(e) =
+                        self.broker
+                            .add_worker(link_token(cell_index), pid, ours, registry)
+                    {
+                        log::error!("cannot watch worker {slot}'s link: {e}");
+                    }
                     if draining {
                         // Started to drain its slot's queue: it drains from the start (the
                         // signal waits, blocked, until the worker handles it).
@@ -645,19 +784,19 @@ impl Master {
     /// In a freshly forked child: keeps what the worker of `slot` needs and drops the rest of
     /// the master (its poll, its signal registrations, the status pipe's reading end, the
     /// other slots' listeners, the pid file's descriptor).
-    fn into_worker(mut self, slot: usize, cell: &'static WorkerCell) -> WorkerSetup {
+    fn into_worker(mut self, child: NewWorker) -> io::Result<WorkerSetup> {
         if let Some(pid_file) = self.pid_file.take() {
             pid_file.forget();
         }
-        WorkerSetup {
-            slot,
+        Ok(WorkerSetup {
+            slot: child.slot,
             master: self.pid,
-            listeners: self.listeners.take_slot(slot),
-            status: self.status_sender,
+            listeners: self.listeners.for_slot(child.slot)?,
+            link: child.link,
             ledger: self.ledger,
-            cell,
+            cell: self.pool.cell(child.cell_index),
             settings: WorkerSettings::new(&self.config),
-        }
+        })
     }
 
     /// Answers status-page connections from the scoreboard.
@@ -684,7 +823,7 @@ impl Master {
             configured_workers: self.pool.size(),
             workers: &workers,
             restarts: self.pool.restarts(),
-            finished_requests: self.pool.finished_requests(),
+            finished: self.pool.finished(),
             ledger: Some(self.ledger.approximate_audit()),
             ledger_recoveries: self.ledger.recoveries(),
         };
@@ -693,10 +832,8 @@ impl Master {
 }
 
 impl MasterIo {
-    /// The master's poll with its signals, the workers' status pipe and the status page.
-    fn new(
-        status_addr: Option<std::net::SocketAddr>,
-    ) -> Result<(MasterIo, StatusSender), StartError> {
+    /// The master's poll with its signals and the status page.
+    fn new(status_addr: Option<std::net::SocketAddr>) -> Result<MasterIo, StartError> {
         let event_loop = StartError::EventLoop;
         let poll = Poll::new().map_err(event_loop)?;
         let mut signals = Signals::new([
@@ -706,28 +843,40 @@ impl MasterIo {
         poll.registry()
             .register(&mut signals, SIGNAL_TOKEN, Interest::READABLE)
             .map_err(event_loop)?;
-        let (status_pipe, status_sender) = master_link::status_pipe().map_err(event_loop)?;
-        poll.registry()
-            .register(
-                &mut SourceFd(&status_pipe.raw_fd()),
-                STATUS_PIPE_TOKEN,
-                Interest::READABLE,
-            )
-            .map_err(event_loop)?;
         let status_http = status_addr
             .map(|addr| {
                 StatusServer::bind(addr, poll.registry(), STATUS_HTTP_TOKENS)
                     .map_err(|source| StartError::Status { addr, source })
             })
             .transpose()?;
-        let io = MasterIo {
+        Ok(MasterIo {
             poll,
             signals,
-            status_pipe,
             status_http,
-        };
-        Ok((io, status_sender))
+        })
     }
+}
+
+/// What a freshly forked worker takes with it out of the master's loop.
+struct NewWorker {
+    slot: usize,
+    cell_index: usize,
+    /// The worker's end of its link to the master.
+    link: Channel,
+}
+
+/// The poll token of the link of the worker on scoreboard cell `cell_index`.
+fn link_token(cell_index: usize) -> Token {
+    Token(LINK_TOKENS + cell_index)
+}
+
+/// The hand-over format version this master announces to the old one after an upgrade:
+/// ours, unless a test sets [`ANNOUNCED_VERSION_VAR`] to pretend otherwise.
+fn announced_version() -> u8 {
+    std::env::var(ANNOUNCED_VERSION_VAR)
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(FORMAT_VERSION)
 }
 
 /// Tells systemd (if it started us with `Type=notify`) about a state change.

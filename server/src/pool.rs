@@ -127,8 +127,9 @@ struct Slot {
 pub struct Worker {
     pub pid: Pid,
     pub slot: usize,
-    /// Its scoreboard cell.
+    /// Its scoreboard cell, and that cell's index (which also names its link).
     pub cell: &'static WorkerCell,
+    pub cell_index: usize,
     started: Instant,
     pub phase: WorkerPhase,
 }
@@ -152,8 +153,33 @@ pub struct Pool {
     workers: Vec<Worker>,
     scoreboard: Scoreboard,
     restarts: RestartCounts,
-    /// Requests served by workers already reaped, per service (totals never go backwards).
-    finished_requests: [u64; ServiceKind::ALL.len()],
+    /// What workers already reaped did, per service (totals never go backwards).
+    finished: [ServiceTotals; ServiceKind::ALL.len()],
+}
+
+/// Counts of one service that outlive the workers that made them.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct ServiceTotals {
+    pub requests: u64,
+    pub handed_over: u64,
+    pub closed_by_replacement: u64,
+}
+
+impl ServiceTotals {
+    /// A worker's counters for one service.
+    pub fn of(counters: &crate::scoreboard::ServiceCounters) -> ServiceTotals {
+        ServiceTotals {
+            requests: counters.requests.load(Relaxed),
+            handed_over: counters.handed_over.load(Relaxed),
+            closed_by_replacement: counters.closed_by_replacement.load(Relaxed),
+        }
+    }
+
+    pub fn add(&mut self, other: ServiceTotals) {
+        self.requests += other.requests;
+        self.handed_over += other.handed_over;
+        self.closed_by_replacement += other.closed_by_replacement;
+    }
 }
 
 impl Pool {
@@ -165,7 +191,7 @@ impl Pool {
             workers: Vec::new(),
             scoreboard: Scoreboard::new(cells)?,
             restarts: RestartCounts::default(),
-            finished_requests: [0; ServiceKind::ALL.len()],
+            finished: [ServiceTotals::default(); ServiceKind::ALL.len()],
         };
         pool.resize(size);
         Ok(pool)
@@ -184,8 +210,9 @@ impl Pool {
         &self.restarts
     }
 
-    pub fn finished_requests(&self) -> [u64; ServiceKind::ALL.len()] {
-        self.finished_requests
+    /// Per service, what the workers reaped so far did.
+    pub fn finished(&self) -> [ServiceTotals; ServiceKind::ALL.len()] {
+        self.finished
     }
 
     /// Replaces the slots with `size` fresh ones, each due a worker now (a reload: every
@@ -249,22 +276,24 @@ impl Pool {
         staffed
     }
 
-    /// A free scoreboard cell for a new worker, reset; `None` if every cell is in use.
-    pub fn free_cell(&self) -> Option<&'static WorkerCell> {
-        let cell = (0..self.scoreboard.capacity())
-            .map(|i| self.scoreboard.cell(i))
-            .find(|cell| !self.workers.iter().any(|w| std::ptr::eq(w.cell, *cell)))?;
+    /// A free scoreboard cell for a new worker, reset, with its index; `None` if every cell
+    /// is in use.
+    pub fn free_cell(&self) -> Option<(usize, &'static WorkerCell)> {
+        let index = (0..self.scoreboard.capacity())
+            .find(|&i| !self.workers.iter().any(|w| w.cell_index == i))?;
+        let cell = self.scoreboard.cell(index);
         cell.reset();
-        Some(cell)
+        Some((index, cell))
     }
 
-    /// Records a worker just forked for `slot` on `cell`.
-    pub fn add_worker(&mut self, pid: Pid, slot: usize, cell: &'static WorkerCell) {
+    /// Records a worker just forked for `slot` on cell `cell_index`.
+    pub fn add_worker(&mut self, pid: Pid, slot: usize, cell_index: usize) {
         self.slots[slot].start_at = None;
         self.workers.push(Worker {
             pid,
             slot,
-            cell,
+            cell: self.scoreboard.cell(cell_index),
+            cell_index,
             started: Instant::now(),
             phase: WorkerPhase::Starting,
         });
@@ -277,6 +306,11 @@ impl Pool {
 
     pub fn worker_mut(&mut self, pid: Pid) -> Option<&mut Worker> {
         self.workers.iter_mut().find(|w| w.pid == pid)
+    }
+
+    /// Scoreboard cell `index` (for the worker forked onto it).
+    pub fn cell(&self, index: usize) -> &'static WorkerCell {
+        self.scoreboard.cell(index)
     }
 
     /// The worker told the master it serves.
@@ -379,8 +413,7 @@ impl Pool {
         let index = self.workers.iter().position(|w| w.pid == pid)?;
         let worker = self.workers.swap_remove(index);
         for kind in ServiceKind::ALL {
-            self.finished_requests[kind.index()] +=
-                worker.cell.counters(kind).requests.load(Relaxed);
+            self.finished[kind.index()].add(ServiceTotals::of(worker.cell.counters(kind)));
         }
         worker.cell.set_state(WorkerState::Free);
         if shutting_down || !worker.phase.holds_slot() {
@@ -447,7 +480,7 @@ mod tests {
 
     fn start(pool: &mut Pool, slot: usize, pid: i32) -> Pid {
         let pid = Pid::from_raw(pid);
-        let cell = pool.free_cell().expect("a free cell");
+        let (cell, _) = pool.free_cell().expect("a free cell");
         pool.add_worker(pid, slot, cell);
         pid
     }

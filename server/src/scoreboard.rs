@@ -62,6 +62,10 @@ pub struct ServiceCounters {
     pub requests: AtomicU64,
     pub bytes_in: AtomicU64,
     pub bytes_out: AtomicU64,
+    /// Connections this worker passed to a successor while retiring.
+    pub handed_over: AtomicU64,
+    /// Connections this worker closed because it was replaced (a hand-over was impossible).
+    pub closed_by_replacement: AtomicU64,
 }
 
 /// One worker's cell. All-zero bytes are a valid, free cell.
@@ -122,6 +126,8 @@ impl WorkerCell {
                 &counters.requests,
                 &counters.bytes_in,
                 &counters.bytes_out,
+                &counters.handed_over,
+                &counters.closed_by_replacement,
             ] {
                 counter.store(0, Relaxed);
             }

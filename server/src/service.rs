@@ -7,6 +7,7 @@ use forkpool_ledger::Ledger;
 
 use crate::bank;
 use crate::config::Config;
+use crate::handover::SessionState;
 
 /// Which service a listener (and so each of its connections) provides.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -131,6 +132,34 @@ impl Session {
             Session::Echo(echo) => echo.mid_line,
             Session::Bank(session) => session.framer.buffered() > 0,
         }
+    }
+
+    /// The state another worker needs to continue this session (see `handover.rs`).
+    pub fn export(&self) -> SessionState {
+        match self {
+            Session::Echo(echo) => SessionState::Echo {
+                held: echo.upper.held().to_vec(),
+                mid_line: echo.mid_line,
+            },
+            Session::Bank(session) => SessionState::Bank {
+                partial: session.framer.partial().unwrap_or_default().to_vec(),
+            },
+        }
+    }
+
+    /// Continues a session exported by another worker; `None` if the state is not one a
+    /// session can be in (e.g. held bytes that are no cut UTF-8 sequence).
+    pub fn resume(state: SessionState, context: SessionContext) -> Option<Session> {
+        Some(match state {
+            SessionState::Echo { held, mid_line } => Session::Echo(EchoSession {
+                upper: Uppercaser::resume(&held)?,
+                mid_line,
+            }),
+            SessionState::Bank { partial } => Session::Bank(BankSession {
+                framer: LineFramer::resume(context.config.max_line, partial),
+                ledger: context.ledger,
+            }),
+        })
     }
 
     /// The server closes the connection: echo sends the bytes it held back (an unfinished

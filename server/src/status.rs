@@ -11,7 +11,7 @@ use forkpool_ledger::Audit;
 use mio::net::{TcpListener, TcpStream};
 use mio::{Interest, Registry, Token};
 
-use crate::pool::{RestartCounts, RestartReason};
+use crate::pool::{RestartCounts, RestartReason, ServiceTotals};
 use crate::scoreboard::{WorkerCell, WorkerState};
 use crate::service::ServiceKind;
 
@@ -35,8 +35,8 @@ pub struct PoolView<'a> {
     pub workers: &'a [WorkerView],
     /// Worker exits by reason.
     pub restarts: &'a RestartCounts,
-    /// Requests of workers already gone, per service (so totals never go backwards).
-    pub finished_requests: [u64; ServiceKind::ALL.len()],
+    /// What workers already gone did, per service (so totals never go backwards).
+    pub finished: [ServiceTotals; ServiceKind::ALL.len()],
     /// A lock-free snapshot of the ledger (not one consistent instant).
     pub ledger: Option<Audit>,
     pub ledger_recoveries: u64,
@@ -274,27 +274,35 @@ pub fn metrics(view: &PoolView<'_>) -> String {
             }
         },
     );
-    family_block(
-        &mut out,
-        "forkpool_requests_total",
-        "counter",
-        "Requests served (lines), all workers ever.",
-        |b| {
+    let totals = service_totals(view);
+    for (name, help, value) in [
+        (
+            "forkpool_requests_total",
+            "Requests served (lines), all workers ever.",
+            (|t: &ServiceTotals| t.requests) as fn(&ServiceTotals) -> u64,
+        ),
+        (
+            "forkpool_connections_handed_over_total",
+            "Connections a replaced worker passed to a successor, all workers ever.",
+            |t| t.handed_over,
+        ),
+        (
+            "forkpool_connections_closed_by_replacement_total",
+            "Connections closed because their worker was replaced (no successor took them).",
+            |t| t.closed_by_replacement,
+        ),
+    ] {
+        family_block(&mut out, name, "counter", help, |b| {
             for kind in ServiceKind::ALL {
-                let live: u64 = view
-                    .workers
-                    .iter()
-                    .map(|w| w.cell.counters(kind).requests.load(Relaxed))
-                    .sum();
-                let total = live + view.finished_requests[kind.index()];
                 let _ = writeln!(
                     b,
-                    "forkpool_requests_total{{service=\"{}\"}} {total}",
-                    kind.name()
+                    "{name}{{service=\"{}\"}} {}",
+                    kind.name(),
+                    value(&totals[kind.index()])
                 );
             }
-        },
-    );
+        });
+    }
     per_worker(
         &mut out,
         view,
@@ -369,6 +377,17 @@ pub fn metrics(view: &PoolView<'_>) -> String {
         },
     );
     out
+}
+
+/// Per service, the live workers' counts plus those of the workers already gone.
+fn service_totals(view: &PoolView<'_>) -> [ServiceTotals; ServiceKind::ALL.len()] {
+    let mut totals = view.finished;
+    for worker in view.workers {
+        for kind in ServiceKind::ALL {
+            totals[kind.index()].add(ServiceTotals::of(worker.cell.counters(kind)));
+        }
+    }
+    totals
 }
 
 fn family_block(

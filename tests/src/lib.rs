@@ -772,11 +772,24 @@ mod tests {
     /// in it).
     #[test]
     fn log_phrases_are_the_servers() {
-        let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../server/src");
-        let source: String = std::fs::read_dir(&dir)
-            .expect("the server's source directory")
-            .filter_map(|entry| std::fs::read_to_string(entry.ok()?.path()).ok())
-            .collect();
+        fn read_tree(dir: &std::path::Path, into: &mut String) {
+            for entry in std::fs::read_dir(dir)
+                .expect("a source directory")
+                .flatten()
+            {
+                let path = entry.path();
+                if path.is_dir() {
+                    read_tree(&path, into);
+                } else if let Ok(text) = std::fs::read_to_string(&path) {
+                    into.push_str(&text);
+                }
+            }
+        }
+        let mut source = String::new();
+        read_tree(
+            &std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../server/src"),
+            &mut source,
+        );
         for phrase in super::log_phrase::ALL {
             assert!(source.contains(phrase), "the server never logs {phrase:?}");
         }

@@ -1,8 +1,14 @@
-//! The worker process: one `mio` event loop over its slot's listeners, its connections and
-//! its signals. It accepts until the listener is drained (or its connection cap is reached),
-//! lets each connection do its I/O, closes idle connections, and on SIGTERM drains: it takes
-//! what is already queued on its listeners, closes them, answers what its clients have sent,
-//! closes every connection gracefully and exits 0.
+//! The worker process: one `mio` event loop over its slot's listeners, its connections, its
+//! link to the master and its signals. It accepts until the listener is drained (or its
+//! connection cap is reached), lets each connection do its I/O, and closes idle connections.
+//!
+//! It leaves in one of two ways. On SIGTERM it drains: it takes what is already queued on its
+//! listeners, closes them, answers what its clients have sent, closes every connection
+//! gracefully and exits 0. Retiring (SIGUSR1 from the master, or its `max_requests` served)
+//! while a successor serves, it hands its connections over instead (`handover` below): each
+//! goes, with its state, to a worker that stays, and the client notices nothing; it exits as
+//! soon as every connection is handed over. A connection that finds no successor is served
+//! here to a request boundary and closed.
 
 use std::io;
 use std::net::TcpListener as StdListener;
@@ -12,16 +18,17 @@ use std::time::{Duration, Instant};
 
 use forkpool_ledger::Ledger;
 use mio::net::TcpListener;
+use mio::unix::SourceFd;
 use mio::{Events, Interest, Poll, Token};
 use nix::unistd::Pid;
 use signal_hook::consts::{SIGINT, SIGQUIT, SIGTERM, SIGUSR1};
 use signal_hook_mio::v1_0::Signals;
 use slab::Slab;
 
+use crate::channel::Channel;
 use crate::config::Config;
 use crate::conn::{Conn, Limits, Readiness, Scratch, Verdict, LINGER_TIMEOUT};
-use crate::master_link::LeaveReason;
-use crate::master_link::StatusSender;
+use crate::master_link::{LeaveReason, Message};
 use crate::process;
 use crate::scoreboard::{self, WorkerCell, WorkerState};
 use crate::service::{ServiceKind, Session, SessionContext};
@@ -31,7 +38,8 @@ pub struct WorkerSetup {
     pub slot: usize,
     pub master: Pid,
     pub listeners: Vec<(ServiceKind, StdListener)>,
-    pub status: StatusSender,
+    /// This worker's end of its link to the master.
+    pub link: Channel,
     pub ledger: Ledger,
     /// This worker's scoreboard cell.
     pub cell: &'static WorkerCell,
@@ -100,9 +108,14 @@ fn jitter_seed() -> u64 {
     nanos ^ (u64::from(std::process::id()) << 32)
 }
 
+mod link;
+
 const SIGNAL_TOKEN: Token = Token(usize::MAX - 1);
-/// Connection tokens start here; lower tokens are listeners.
-const FIRST_CONN_TOKEN: usize = 64;
+/// The link to the master.
+const LINK_TOKEN: Token = Token(usize::MAX - 2);
+/// Connection tokens start here; lower tokens are listeners (a slot may accept from the
+/// sockets of every slot of a larger pool that shrank).
+const FIRST_CONN_TOKEN: usize = 1 << 16;
 /// Bytes read from a socket at once.
 const READ_BUFFER_BYTES: usize = 64 * 1024;
 const EVENTS_CAPACITY: usize = 1024;
@@ -145,8 +158,7 @@ struct Listening {
 
 enum State {
     Serving,
-    /// Listeners are closed; connections close as `why` says, and all of them by
-    /// `deadline`.
+    /// Listeners are closed; connections go as `why` says, and all of them by `deadline`.
     Draining {
         why: Drain,
         deadline: Instant,
@@ -154,32 +166,27 @@ enum State {
 }
 
 /// Why a worker drains.
-#[derive(Clone, Copy)]
+#[derive(Clone, Copy, PartialEq, Eq)]
 enum Drain {
-    /// SIGTERM: input still on its way is answered (connections close after a quiet spell).
+    /// SIGTERM: input still on its way is answered; a connection closes after a quiet spell.
     Shutdown,
     /// Retiring (max_requests, or SIGUSR1 from the master: reload, TTOU, upgrade) while a
-    /// replacement already serves: each connection closes as soon as everything it sent is
-    /// answered and it is not part-way through a request (its client reconnects, to the
-    /// replacement).
+    /// successor already serves: every connection is handed over.
     Retire,
 }
 
-impl Drain {
-    /// How long a connection must have been silent before it is closed.
-    fn quiet(self) -> Duration {
-        match self {
-            Drain::Shutdown => DRAIN_QUIET,
-            Drain::Retire => Duration::ZERO,
-        }
-    }
-
-    /// Is a connection part-way through a request left open until the request is whole?
-    /// Retiring, yes: the client is still sending and is not silent. At shutdown a silent
-    /// client (someone typing in `nc`) must not hold the drain up.
-    fn waits_for_whole_requests(self) -> bool {
-        matches!(self, Drain::Retire)
-    }
+/// Which connections a sweep closes.
+#[derive(Clone, Copy)]
+enum Sweep {
+    /// Serving: those silent for the idle timeout.
+    Idle(Duration),
+    /// Shutting down: those silent for [`DRAIN_QUIET`].
+    Shutdown,
+    /// Retiring: those taken back from a failed hand-over, once answered and at a request
+    /// boundary with nothing unread.
+    Retire,
+    /// The drain's deadline passed: all.
+    All,
 }
 
 struct Worker {
@@ -190,8 +197,10 @@ struct Worker {
     scratch: Scratch,
     settings: &'static WorkerSettings,
     sessions: SessionContext,
-    /// To tell the master when this worker retires.
-    status: StatusSender,
+    /// To the master: readiness, leaving, connections handed over and adopted.
+    link: Channel,
+    /// The link is registered for writable (messages wait in its outbox).
+    link_writable: bool,
     state: State,
     cell: &'static WorkerCell,
     /// Accepting failed for lack of descriptors (logged once until an accept succeeds).
@@ -234,7 +243,13 @@ impl Worker {
         // borrow them.
         let ledger: &'static Ledger = Box::leak(Box::new(setup.ledger));
         let settings: &'static WorkerSettings = Box::leak(Box::new(setup.settings));
-        setup.status.send_ready()?;
+        let mut link = setup.link;
+        poll.registry().register(
+            &mut SourceFd(&link.raw_fd()),
+            LINK_TOKEN,
+            Interest::READABLE,
+        )?;
+        crate::master_link::send(&mut link, &Message::Ready, None)?;
         setup.cell.set_state(WorkerState::Idle);
         setup.cell.beat();
         log::debug!("serving");
@@ -252,7 +267,8 @@ impl Worker {
             settings,
             state: State::Serving,
             cell: setup.cell,
-            status: setup.status,
+            link,
+            link_writable: false,
             accept_paused_until: None,
             another_turn: Vec::new(),
             short_of_descriptors: false,
@@ -278,6 +294,7 @@ impl Worker {
                             return Ok(());
                         }
                     }
+                    LINK_TOKEN => self.on_link(event.is_writable(), now),
                     Token(index) if index < FIRST_CONN_TOKEN => self.accept_batch(index, now),
                     Token(token) => {
                         let readiness = Readiness {
@@ -301,7 +318,8 @@ impl Worker {
                 });
             }
             self.retire_if_done(now);
-            if matches!(self.state, State::Draining { .. }) && self.conns.is_empty() {
+            self.offer_connections();
+            if self.finished() {
                 log::info!("drained, exiting");
                 return Ok(());
             }
@@ -364,21 +382,15 @@ impl Worker {
             return;
         }
         log::info!("draining {} connections", self.conns.len());
-        if let Err(e) = self.status.send_leaving(reason) {
-            log::error!("cannot tell the master that this worker drains: {e}");
-        }
+        self.tell_master(&Message::Leaving(reason), None);
         let why = match reason {
             LeaveReason::Terminated => Drain::Shutdown,
             LeaveReason::Recycled | LeaveReason::Retired => Drain::Retire,
         };
-        // At shutdown, connections already in the accept queues were promised service: take
-        // them all (bounded by the connection cap: a shared listener may go on filling). A
-        // retiring worker leaves them to its successor, which shares the listeners.
-        let queued = match why {
-            Drain::Shutdown => self.listeners.len(),
-            Drain::Retire => 0,
-        };
-        for index in 0..queued {
+        // Connections already in the accept queues were promised service: take them all
+        // (bounded by the connection cap: a shared listener may go on filling), to drain or
+        // to hand over (a slot removed by TTOU closes its listener: its queue would be lost).
+        for index in 0..self.listeners.len() {
             let room = self
                 .settings
                 .config
@@ -549,35 +561,47 @@ impl Worker {
         if now < self.next_sweep {
             return;
         }
-        let (closing, tick, whole_requests) = match self.state {
+        let (sweep, tick) = match self.state {
             State::Serving => (
-                self.settings.config.idle_timeout.unwrap_or(Duration::MAX),
+                Sweep::Idle(self.settings.config.idle_timeout.unwrap_or(Duration::MAX)),
                 SWEEP_INTERVAL,
-                false,
             ),
-            State::Draining { deadline, .. } if now >= deadline => {
-                (Duration::ZERO, DRAIN_TICK, false)
-            }
-            State::Draining { why, .. } => {
-                (why.quiet(), DRAIN_TICK, why.waits_for_whole_requests())
-            }
+            State::Draining { deadline, .. } if now >= deadline => (Sweep::All, DRAIN_TICK),
+            State::Draining {
+                why: Drain::Shutdown,
+                ..
+            } => (Sweep::Shutdown, DRAIN_TICK),
+            State::Draining {
+                why: Drain::Retire, ..
+            } => (Sweep::Retire, DRAIN_TICK),
         };
         self.next_sweep = now + tick;
-        self.sweep(now, closing, whole_requests);
+        self.sweep(now, sweep);
     }
 
-    /// Closes connections silent for `quiet_for` (with `whole_requests`, not those part-way
-    /// through a request) and ends overdue lingering closes. A silent connection with replies
-    /// its client will not take is dropped: nothing can be saved.
-    fn sweep(&mut self, now: Instant, quiet_for: Duration, whole_requests: bool) {
+    /// Closes the connections `sweep` names and ends overdue lingering closes. A silent
+    /// connection with replies its client will not take is dropped: nothing can be saved.
+    fn sweep(&mut self, now: Instant, sweep: Sweep) {
         let overdue: Vec<usize> = self
             .conns
             .iter()
-            .filter(|(_, conn)| match conn.linger_deadline() {
-                Some(until) => now >= until,
-                None => {
-                    now.saturating_duration_since(conn.last_active) >= quiet_for
-                        && !(whole_requests && conn.mid_request())
+            .filter(|(_, conn)| match (conn.linger_deadline(), sweep) {
+                (Some(until), _) => now >= until,
+                (None, Sweep::All) => true,
+                (None, _) if conn.is_offered() => false,
+                (None, Sweep::Idle(quiet)) => {
+                    now.saturating_duration_since(conn.last_active) >= quiet
+                }
+                (None, Sweep::Shutdown) => {
+                    now.saturating_duration_since(conn.last_active) >= DRAIN_QUIET
+                }
+                // Never close a connection with input unread because of a replacement: it
+                // is read and answered first.
+                (None, Sweep::Retire) => {
+                    conn.is_staying()
+                        && conn.is_quiet()
+                        && !conn.mid_request()
+                        && !conn.input_waiting()
                 }
             })
             .map(|(key, _)| key)
@@ -593,6 +617,9 @@ impl Worker {
             // Replies a client does not take cannot be saved: an idle connection in that
             // state, or any at the drain's deadline, is dropped.
             let hopeless = !conn.is_quiet() && (!draining || past_deadline);
+            if conn.is_staying() && conn.linger_deadline().is_none() {
+                conn.counters().closed_by_replacement.fetch_add(1, Relaxed);
+            }
             let verdict = if conn.linger_deadline().is_some() || hopeless {
                 Verdict::Close
             } else {

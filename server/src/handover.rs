@@ -1,0 +1,223 @@
+//! What a connection is, apart from its socket, when it moves to another worker: the
+//! protocol state its session holds (echo: the start of a UTF-8 sequence cut by a read, and
+//! whether a line is under way; bank: the unfinished request line) and the replies its client
+//! has not taken yet. The socket itself travels as a descriptor; bytes the client sent that
+//! nobody has read stay in it for the successor.
+//!
+//! [`ConnState::encode`] / [`ConnState::decode`] are the wire form, part of the versioned
+//! format of `master_link.rs`. A state too large for one channel message (a long unfinished
+//! line, a megabyte of unsent replies) travels in a memfd instead.
+
+use std::fs::File;
+use std::io::{self, Read, Seek, Write};
+use std::os::fd::OwnedFd;
+
+use crate::service::ServiceKind;
+
+/// States up to this size travel inside the channel message; larger ones in a memfd.
+pub const INLINE_STATE_BYTES: usize = 32 * 1024;
+/// The largest state a successor accepts (an unfinished line at the largest `max_line`,
+/// plus unsent replies at the largest `output_limit` and one read's worth).
+pub const MAX_STATE_BYTES: u64 = 1 << 31;
+
+/// The protocol state of one connection.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum SessionState {
+    Echo {
+        /// The start of a UTF-8 sequence cut by the end of the last read (at most 3 bytes).
+        held: Vec<u8>,
+        /// A line is under way (its start answered, its end not yet read).
+        mid_line: bool,
+    },
+    Bank {
+        /// The unfinished request line.
+        partial: Vec<u8>,
+    },
+}
+
+/// Everything a successor needs to continue a connection.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConnState {
+    pub session: SessionState,
+    /// Replies written by the predecessor that the socket has not taken yet.
+    pub pending: Vec<u8>,
+    /// The client has sent EOF: the successor answers what is left and closes.
+    pub peer_closed: bool,
+}
+
+/// Why a received state cannot be used.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+#[error("malformed connection state: {0}")]
+pub struct BadState(pub &'static str);
+
+const ECHO: u8 = 1;
+const BANK: u8 = 2;
+const PEER_CLOSED: u8 = 1;
+const MID_LINE: u8 = 2;
+
+impl ConnState {
+    pub fn service(&self) -> ServiceKind {
+        match self.session {
+            SessionState::Echo { .. } => ServiceKind::Echo,
+            SessionState::Bank { .. } => ServiceKind::Bank,
+        }
+    }
+
+    /// The wire form: service, flags, then the session's bytes and the pending replies, each
+    /// with a u64 little-endian length.
+    pub fn encode(&self) -> Vec<u8> {
+        let (service, mut flags, session) = match &self.session {
+            SessionState::Echo { held, mid_line } => {
+                (ECHO, if *mid_line { MID_LINE } else { 0 }, held)
+            }
+            SessionState::Bank { partial } => (BANK, 0, partial),
+        };
+        if self.peer_closed {
+            flags |= PEER_CLOSED;
+        }
+        let mut out = Vec::with_capacity(18 + session.len() + self.pending.len());
+        out.extend_from_slice(&[service, flags]);
+        for field in [session, &self.pending] {
+            out.extend_from_slice(&(field.len() as u64).to_le_bytes());
+            out.extend_from_slice(field);
+        }
+        out
+    }
+
+    pub fn decode(bytes: &[u8]) -> Result<ConnState, BadState> {
+        let mut reader = Fields(bytes);
+        let [service, flags] = reader.take::<2>()?;
+        if flags & !(PEER_CLOSED | MID_LINE) != 0 {
+            return Err(BadState("unknown flags"));
+        }
+        let session = reader.field()?;
+        let pending = reader.field()?;
+        if !reader.0.is_empty() {
+            return Err(BadState("trailing bytes"));
+        }
+        let session = match service {
+            ECHO if session.len() <= 3 => SessionState::Echo {
+                held: session,
+                mid_line: flags & MID_LINE != 0,
+            },
+            BANK if flags & MID_LINE == 0 => SessionState::Bank { partial: session },
+            _ => return Err(BadState("unknown service or inconsistent session")),
+        };
+        Ok(ConnState {
+            session,
+            pending,
+            peer_closed: flags & PEER_CLOSED != 0,
+        })
+    }
+}
+
+/// A cursor over the wire form.
+struct Fields<'a>(&'a [u8]);
+
+impl Fields<'_> {
+    fn take<const N: usize>(&mut self) -> Result<[u8; N], BadState> {
+        let head = self.0.get(..N).ok_or(BadState("cut short"))?;
+        let array = <[u8; N]>::try_from(head).map_err(|_| BadState("cut short"))?;
+        self.0 = &self.0[N..];
+        Ok(array)
+    }
+
+    fn field(&mut self) -> Result<Vec<u8>, BadState> {
+        let len = usize::try_from(u64::from_le_bytes(self.take::<8>()?))
+            .map_err(|_| BadState("length out of range"))?;
+        let bytes = self.0.get(..len).ok_or(BadState("cut short"))?.to_vec();
+        self.0 = &self.0[len..];
+        Ok(bytes)
+    }
+}
+
+/// Puts an encoded state too large for a message into a new memfd (read back with
+/// [`read_memfd`]).
+pub fn write_memfd(state: &[u8]) -> io::Result<OwnedFd> {
+    use nix::sys::memfd::{memfd_create, MemFdCreateFlag};
+    let fd = memfd_create(c"forkpool-handover", MemFdCreateFlag::MFD_CLOEXEC)?;
+    let mut file = File::from(fd);
+    file.write_all(state)?;
+    Ok(OwnedFd::from(file))
+}
+
+/// Reads a state written by [`write_memfd`], refusing one larger than [`MAX_STATE_BYTES`].
+pub fn read_memfd(fd: OwnedFd) -> io::Result<Vec<u8>> {
+    let mut file = File::from(fd);
+    let len = file.metadata()?.len();
+    if len > MAX_STATE_BYTES {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidData,
+            "handed-over state too large",
+        ));
+    }
+    file.rewind()?;
+    let mut bytes = Vec::with_capacity(len as usize);
+    file.take(len).read_to_end(&mut bytes)?;
+    Ok(bytes)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn states() -> Vec<ConnState> {
+        vec![
+            ConnState {
+                session: SessionState::Echo {
+                    held: vec![0xe2, 0x82],
+                    mid_line: true,
+                },
+                pending: b"HALF A REPLY".to_vec(),
+                peer_closed: false,
+            },
+            ConnState {
+                session: SessionState::Bank {
+                    partial: b"DEPOSIT al".to_vec(),
+                },
+                pending: Vec::new(),
+                peer_closed: true,
+            },
+        ]
+    }
+
+    #[test]
+    fn a_state_round_trips() {
+        for state in states() {
+            assert_eq!(ConnState::decode(&state.encode()), Ok(state));
+        }
+    }
+
+    #[test]
+    fn every_cut_and_every_flipped_byte_is_refused_or_decodes_to_a_valid_state() {
+        for state in states() {
+            let bytes = state.encode();
+            for cut in 0..bytes.len() {
+                assert!(ConnState::decode(&bytes[..cut]).is_err(), "cut at {cut}");
+            }
+            for i in 0..bytes.len() {
+                for flip in [0x01, 0x80, 0xff] {
+                    let mut damaged = bytes.clone();
+                    damaged[i] ^= flip;
+                    if let Ok(decoded) = ConnState::decode(&damaged) {
+                        assert_eq!(ConnState::decode(&decoded.encode()), Ok(decoded));
+                    }
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn a_large_state_goes_through_a_memfd() {
+        let state = ConnState {
+            session: SessionState::Bank {
+                partial: vec![b'x'; 100_000],
+            },
+            pending: vec![b'Y'; 1 << 20],
+            peer_closed: false,
+        };
+        let fd = write_memfd(&state.encode()).expect("a memfd");
+        let bytes = read_memfd(fd).expect("read it back");
+        assert_eq!(ConnState::decode(&bytes), Ok(state));
+    }
+}
