@@ -31,6 +31,8 @@ pub struct Channel {
     socket: OwnedFd,
     /// Messages the peer could not take yet, oldest first, with their descriptors.
     outbox: VecDeque<(Vec<u8>, Vec<OwnedFd>)>,
+    /// Where messages are received (allocated once: most messages are a few bytes).
+    inbox: Vec<u8>,
 }
 
 /// A message as received.
@@ -63,6 +65,7 @@ impl Channel {
         Channel {
             socket,
             outbox: VecDeque::new(),
+            inbox: vec![0; MAX_MESSAGE_BYTES],
         }
     }
 
@@ -111,10 +114,9 @@ impl Channel {
     /// The next message, `None` if there is none now. End of stream (the peer closed its end)
     /// is an `UnexpectedEof` error.
     pub fn recv(&mut self) -> io::Result<Option<Received>> {
-        let mut buf = vec![0u8; MAX_MESSAGE_BYTES];
         let mut space = nix::cmsg_space!([RawFd; MAX_FDS]);
         let (len, flags, raw_fds) = loop {
-            let mut iov = [IoSliceMut::new(&mut buf)];
+            let mut iov = [IoSliceMut::new(&mut self.inbox)];
             match recvmsg::<()>(
                 self.socket.as_raw_fd(),
                 &mut iov,
@@ -144,9 +146,8 @@ impl Channel {
         if len == 0 && fds.is_empty() {
             return Err(io::ErrorKind::UnexpectedEof.into());
         }
-        buf.truncate(len);
         Ok(Some(Received {
-            bytes: buf,
+            bytes: self.inbox[..len].to_vec(),
             fds,
             truncated: flags.intersects(MsgFlags::MSG_CTRUNC | MsgFlags::MSG_TRUNC),
         }))

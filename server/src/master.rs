@@ -57,6 +57,7 @@ const INSPECTION_INTERVAL: Duration = Duration::from_millis(250);
 const SCOREBOARD_CELLS: usize = 2 * MAX_WORKERS;
 
 /// What the master is doing.
+#[derive(Clone, Copy)]
 enum Phase {
     Running,
     /// Graceful shutdown: no respawns; workers drain until `deadline`. `routing` says where
@@ -496,20 +497,23 @@ impl Master {
         };
         let slot = worker.slot;
         match verdict {
-            ExitVerdict::Expected if draining => {
-                log::info!("worker {slot} (pid {pid}) exited during the drain: {exit}");
-            }
             ExitVerdict::Expected => {
-                let totals = ServiceKind::ALL.map(|kind| ServiceTotals::of(worker.cell.counters(kind)));
+                let totals =
+                    ServiceKind::ALL.map(|kind| ServiceTotals::of(worker.cell.counters(kind)));
                 let handed_over: u64 = totals.iter().map(|t| t.handed_over).sum();
                 let closed: u64 = totals.iter().map(|t| t.closed_by_replacement).sum();
-                let took = match worker.phase {
-                    WorkerPhase::Retiring { since, .. } => since.elapsed(),
-                    _ => Duration::ZERO,
+                let (how, since) = match (worker.phase, self.phase) {
+                    (WorkerPhase::Retiring { since, .. }, _) => ("after retiring", Some(since)),
+                    (_, Phase::Draining { deadline, .. }) => (
+                        "during the drain",
+                        deadline.checked_sub(self.config.graceful_timeout),
+                    ),
+                    _ => ("after its slot went away", None),
                 };
+                let took = since.map_or(Duration::ZERO, |since| since.elapsed());
                 log::info!(
-                    "worker {slot} (pid {pid}) exited after retiring: {exit}; {handed_over} \
-                     connections handed over, {closed} closed, {} ms after it retired",
+                    "worker {slot} (pid {pid}) exited {how}: {exit}; {handed_over} connections \
+                     handed over, {closed} closed by the replacement, {} ms after it was told",
                     took.as_millis()
                 );
             }

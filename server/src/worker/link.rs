@@ -16,7 +16,7 @@ use mio::net::TcpStream;
 use mio::unix::SourceFd;
 use mio::{Interest, Token};
 
-use super::{Drain, State, Worker, FIRST_CONN_TOKEN, LINK_TOKEN};
+use super::{State, Worker, FIRST_CONN_TOKEN, LINK_TOKEN};
 use crate::conn::{Conn, Readiness};
 use crate::handover::ConnState;
 use crate::master_link::{self, Incoming, Message};
@@ -86,18 +86,10 @@ impl Worker {
         }
     }
 
-    /// Retiring: offers every connection that a successor can continue. Each leaves this
-    /// worker's poll first and is not read again unless it comes back.
+    /// Retiring (once, when the drain starts): offers every connection that a successor can
+    /// continue. Each leaves this worker's poll first and is not read again unless it comes
+    /// back. A connection already closing finishes here.
     pub(super) fn offer_connections(&mut self) {
-        if !matches!(
-            self.state,
-            State::Draining {
-                why: Drain::Retire,
-                ..
-            }
-        ) {
-            return;
-        }
         let keys: Vec<usize> = self
             .conns
             .iter()

@@ -318,7 +318,6 @@ impl Worker {
                 });
             }
             self.retire_if_done(now);
-            self.offer_connections();
             if self.finished() {
                 log::info!("drained, exiting");
                 return Ok(());
@@ -409,6 +408,9 @@ impl Worker {
         };
         self.cell.set_state(WorkerState::Draining);
         self.next_sweep = now;
+        if why == Drain::Retire {
+            self.offer_connections();
+        }
     }
 
     /// Accepts a bounded batch, so that a burst is shared with the other workers (on a shared
