@@ -1,11 +1,12 @@
 //! The binary upgrade (`USR2`), from both sides.
 //!
-//! The old master starts the binary on disk as its child, passing every listener and the
-//! ledger by descriptor (systemd's protocol, see `inherit.rs`), and moves its pid file to
-//! `PATH.oldbin` as nginx does. It serves on meanwhile. The new master opens the passed
-//! sockets and the ledger (without recovery: the old workers are using it), starts its own
-//! workers, and once they serve it *takes over*: it sends the old master `SIGTERM`, and the
-//! old master drains. If the new master exits, or is not ready within [`UPGRADE_TIMEOUT`], the
+//! The old master starts the binary on disk as its child, passing every listener, the ledger
+//! and one end of a link by descriptor (systemd's protocol, see `inherit.rs`), and moves its
+//! pid file to `PATH.oldbin` as nginx does. It serves on meanwhile. The new master opens the
+//! passed sockets and the ledger (without recovery: the old workers are using it), starts its
+//! own workers, and once they serve it *takes over*: it sends the old master `SIGTERM`, and
+//! the old workers hand their connections over the link to the new master's workers (see
+//! `broker.rs`) and exit. If the new master exits, or is not ready within [`UPGRADE_TIMEOUT`], the
 //! old master kills it, puts its pid file back and carries on as if nothing happened.
 
 use std::ffi::OsString;
@@ -16,6 +17,7 @@ use std::time::{Duration, Instant};
 use nix::sys::signal::Signal;
 use nix::unistd::Pid;
 
+use crate::channel::{self, Channel};
 use crate::inherit;
 use crate::pidfile::{PidFile, PidFileError};
 use crate::process::{self, Forked};
@@ -37,19 +39,25 @@ pub enum UpgradeError {
     PidFile(#[from] PidFileError),
     #[error("cannot fork the new master: {0}")]
     Fork(nix::Error),
+    #[error("cannot make the link to the new master: {0}")]
+    Link(std::io::Error),
 }
 
 impl Upgrade {
-    /// Starts `exe` with `args` as the new master, handing it `fds` (descriptor and name)
-    /// and `master` (this process) as the master it replaces. The pid file, if any, moves to
-    /// `PATH.oldbin` first (and back if the fork fails).
+    /// Starts `exe` with `args` as the new master, handing it `fds` (descriptor and name),
+    /// `master` (this process) as the master it replaces, and one end of a link on which the
+    /// old workers' connections will pass (returned: the other end). The pid file, if any,
+    /// moves to `PATH.oldbin` first (and back if the fork fails).
     pub fn start(
         exe: &Path,
         args: &[OsString],
         fds: &[(RawFd, &str)],
         master: Pid,
         pid_file: Option<&mut PidFile>,
-    ) -> Result<Upgrade, UpgradeError> {
+    ) -> Result<(Upgrade, Channel), UpgradeError> {
+        let (ours, theirs) = channel::pair().map_err(UpgradeError::Link)?;
+        let mut fds = fds.to_vec();
+        fds.push((theirs.raw_fd(), "handover"));
         let mut pid_file = pid_file;
         if let Some(file) = pid_file.as_deref_mut() {
             file.move_aside()?;
@@ -57,14 +65,17 @@ impl Upgrade {
         // SAFETY: only the master calls this, and the master never starts a thread.
         match unsafe { process::fork_with_signals_blocked() } {
             Ok(Forked::Child) => {
-                let error = inherit::exec_with_fds(exe, args, fds, master);
+                let error = inherit::exec_with_fds(exe, args, &fds, master);
                 eprintln!("forkpool-server: cannot start {}: {error}", exe.display());
                 std::process::exit(127);
             }
-            Ok(Forked::Parent(pid)) => Ok(Upgrade {
-                pid,
-                deadline: Instant::now() + UPGRADE_TIMEOUT,
-            }),
+            Ok(Forked::Parent(pid)) => Ok((
+                Upgrade {
+                    pid,
+                    deadline: Instant::now() + UPGRADE_TIMEOUT,
+                },
+                ours,
+            )),
             Err(e) => {
                 put_back(pid_file);
                 Err(UpgradeError::Fork(e))

@@ -17,22 +17,19 @@ use std::path::PathBuf;
 use std::sync::atomic::Ordering::Relaxed;
 use std::time::{Duration, Instant};
 
-use mio::{Events, Interest, Poll, Token};
+use mio::{Events, Poll, Token};
 use nix::sys::signal::Signal;
 use nix::unistd::Pid;
-use signal_hook::consts::{
-    SIGCHLD, SIGHUP, SIGINT, SIGQUIT, SIGTERM, SIGTTIN, SIGTTOU, SIGUSR1, SIGUSR2,
-};
+use signal_hook::consts::{SIGHUP, SIGINT, SIGQUIT, SIGTERM, SIGTTIN, SIGTTOU, SIGUSR2};
 use signal_hook_mio::v1_0::Signals;
 
-use forkpool_ledger::{Ledger, LedgerOptions};
+use forkpool_ledger::Ledger;
 
 use crate::broker::{Broker, Candidate, Routing, WorkerNews};
 use crate::channel::{self, Channel};
 use crate::config::{Cli, Config, MAX_WORKERS};
-use crate::inherit;
-use crate::listener::{ListenError, Listeners};
-use crate::master_link::{LeaveReason, FORMAT_VERSION};
+use crate::listener::Listeners;
+use crate::master_link::LeaveReason;
 use crate::pidfile::PidFile;
 use crate::pool::{ExitVerdict, Pool, ServiceTotals, WorkerPhase, MAX_BACKOFF};
 use crate::process::{self, Exit, Forked};
@@ -40,6 +37,8 @@ use crate::service::ServiceKind;
 use crate::status::{PoolView, StatusServer, WorkerView};
 use crate::upgrade::{Takeover, Upgrade};
 use crate::worker::{WorkerSettings, WorkerSetup};
+
+mod start;
 
 const SIGNAL_TOKEN: Token = Token(0);
 /// The link to the other master of a binary upgrade.
@@ -123,107 +122,7 @@ pub struct Master {
     takeover: Option<Takeover>,
 }
 
-/// Why the master could not start; each names what failed.
-#[derive(Debug, thiserror::Error)]
-pub enum StartError {
-    #[error(transparent)]
-    Listen(#[from] ListenError),
-    #[error(transparent)]
-    Ledger(#[from] forkpool_ledger::LedgerError),
-    #[error(transparent)]
-    PidFile(#[from] crate::pidfile::PidFileError),
-    #[error(transparent)]
-    Inherit(#[from] inherit::TakeError),
-    #[error("cannot find this program's path (needed for USR2 upgrades): {0}")]
-    CurrentExe(#[source] io::Error),
-    #[error("cannot set up the master's event loop: {0}")]
-    EventLoop(#[source] io::Error),
-    #[error("cannot listen on status address {addr}: {source}")]
-    Status {
-        addr: std::net::SocketAddr,
-        #[source]
-        source: io::Error,
-    },
-    #[error("cannot map the scoreboard: {0}")]
-    Scoreboard(#[source] nix::Error),
-}
-
 impl Master {
-    /// Claims the pid file, binds every listener and opens the ledger; nothing is forked.
-    pub fn new(cli: Cli, config: Config) -> Result<Master, StartError> {
-        let mut pid_file = config.pid_file.as_deref().map(PidFile::claim).transpose()?;
-        match Master::open(cli, config) {
-            Ok(master) => Ok(Master {
-                pid_file: pid_file.take(),
-                ..master
-            }),
-            Err(e) => {
-                // The file was created (or taken over) for a master that never started.
-                if let Some(pid_file) = pid_file {
-                    pid_file.remove();
-                }
-                Err(e)
-            }
-        }
-    }
-
-    fn open(cli: Cli, config: Config) -> Result<Master, StartError> {
-        let exe = std::env::current_exe().map_err(StartError::CurrentExe)?;
-        let args: Vec<OsString> = std::env::args_os().skip(1).collect();
-        let mut inherited = inherit::take()?;
-        let listeners = Listeners::open(&config, &mut inherited)?;
-        let ledger = match inherited.ledger.take() {
-            // A binary upgrade: the old master's workers use the ledger right now, so its
-            // locks must not be re-initialised nor recovery run.
-            Some(fd) => Ledger::adopt(fd, &config.ledger, config.fsync)?,
-            None => Ledger::open(
-                &config.ledger,
-                &LedgerOptions {
-                    max_accounts: config.max_accounts,
-                    fsync: config.fsync,
-                    ..LedgerOptions::default()
-                },
-            )?,
-        };
-        // A lock-free read: after an upgrade the old master's workers hold the locks.
-        let audit = ledger.approximate_audit();
-        log::info!(
-            "ledger {}: {} accounts, total {}, fsync {}",
-            config.ledger.display(),
-            audit.accounts,
-            audit.total,
-            config.fsync
-        );
-        let io = MasterIo::new(config.status_addr)?;
-        let mut broker = Broker::new();
-        if let Some(fd) = inherited.handover.take() {
-            broker.add_predecessor(
-                PEER_TOKEN,
-                Channel::from_fd(fd),
-                announced_version(),
-                io.poll.registry(),
-            );
-        }
-        Ok(Master {
-            io,
-            broker,
-            ledger,
-            listeners,
-            pool: Pool::new(config.workers, SCOREBOARD_CELLS).map_err(StartError::Scoreboard)?,
-            phase: Phase::Running,
-            pid: nix::unistd::getpid(),
-            pid_file: None,
-            announced: false,
-            next_inspection: Instant::now(),
-            exe,
-            args,
-            upgrade: None,
-            takeover: inherited.upgrade_from.map(Takeover::new),
-            cli,
-            config,
-        })
-    }
-
     /// Supervises until shutdown. In a forked worker it returns at once with the worker's
     /// setup, leaving the master's loop and tables behind.
     pub fn run(mut self) -> io::Result<Outcome> {
@@ -645,16 +544,8 @@ impl Master {
             );
             return;
         }
-        let (ours, theirs) = match channel::pair() {
-            Ok(pair) => pair,
-            Err(e) => {
-                log::error!("SIGUSR2: upgrade refused: cannot make its link: {e}");
-                return;
-            }
-        };
         let mut fds = self.listeners.named_fds();
         fds.push((std::os::fd::AsRawFd::as_raw_fd(&self.ledger), "ledger"));
-        fds.push((theirs.raw_fd(), "handover"));
         match Upgrade::start(
             &self.exe,
             &self.args,
@@ -662,7 +553,7 @@ impl Master {
             self.pid,
             self.pid_file.as_mut(),
         ) {
-            Ok(upgrade) => {
+            Ok((upgrade, link)) => {
                 log::info!(
                     "SIGUSR2: started {} as the new master (pid {})",
                     self.exe.display(),
@@ -670,7 +561,7 @@ impl Master {
                 );
                 self.upgrade = Some(upgrade);
                 self.broker
-                    .add_successor(PEER_TOKEN, ours, self.io.poll.registry());
+                    .add_successor(PEER_TOKEN, link, self.io.poll.registry());
             }
             Err(e) => log::error!("SIGUSR2: upgrade refused: {e}"),
         }
@@ -835,32 +726,6 @@ impl Master {
     }
 }
 
-impl MasterIo {
-    /// The master's poll with its signals and the status page.
-    fn new(status_addr: Option<std::net::SocketAddr>) -> Result<MasterIo, StartError> {
-        let event_loop = StartError::EventLoop;
-        let poll = Poll::new().map_err(event_loop)?;
-        let mut signals = Signals::new([
-            SIGTERM, SIGINT, SIGQUIT, SIGCHLD, SIGHUP, SIGTTIN, SIGTTOU, SIGUSR1, SIGUSR2,
-        ])
-        .map_err(event_loop)?;
-        poll.registry()
-            .register(&mut signals, SIGNAL_TOKEN, Interest::READABLE)
-            .map_err(event_loop)?;
-        let status_http = status_addr
-            .map(|addr| {
-                StatusServer::bind(addr, poll.registry(), STATUS_HTTP_TOKENS)
-                    .map_err(|source| StartError::Status { addr, source })
-            })
-            .transpose()?;
-        Ok(MasterIo {
-            poll,
-            signals,
-            status_http,
-        })
-    }
-}
-
 /// What a freshly forked worker takes with it out of the master's loop.
 struct NewWorker {
     slot: usize,
@@ -872,15 +737,6 @@ struct NewWorker {
 /// The poll token of the link of the worker on scoreboard cell `cell_index`.
 fn link_token(cell_index: usize) -> Token {
     Token(LINK_TOKENS + cell_index)
-}
-
-/// The hand-over format version this master announces to the old one after an upgrade:
-/// ours, unless a test sets [`ANNOUNCED_VERSION_VAR`] to pretend otherwise.
-fn announced_version() -> u8 {
-    std::env::var(ANNOUNCED_VERSION_VAR)
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(FORMAT_VERSION)
 }
 
 /// Tells systemd (if it started us with `Type=notify`) about a state change.

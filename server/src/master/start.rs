@@ -1,0 +1,168 @@
+//! How the master comes to be: the pid file claimed, the passed descriptors taken, every
+//! listener bound, the ledger opened (and recovered), the event loop and the status page set
+//! up, the link to the master this one replaces opened. Nothing is forked here; any failure is
+//! a [`StartError`] naming what failed, and leaves nothing behind.
+
+use std::ffi::OsString;
+use std::io;
+use std::time::Instant;
+
+use mio::{Interest, Poll};
+use signal_hook::consts::{
+    SIGCHLD, SIGHUP, SIGINT, SIGQUIT, SIGTERM, SIGTTIN, SIGTTOU, SIGUSR1, SIGUSR2,
+};
+use signal_hook_mio::v1_0::Signals;
+
+use forkpool_ledger::{Ledger, LedgerOptions};
+
+use super::{
+    Master, MasterIo, Phase, ANNOUNCED_VERSION_VAR, PEER_TOKEN, SCOREBOARD_CELLS, SIGNAL_TOKEN,
+    STATUS_HTTP_TOKENS,
+};
+use crate::broker::Broker;
+use crate::channel::Channel;
+use crate::config::{Cli, Config};
+use crate::inherit;
+use crate::listener::{ListenError, Listeners};
+use crate::master_link::FORMAT_VERSION;
+use crate::pidfile::PidFile;
+use crate::pool::Pool;
+use crate::status::StatusServer;
+use crate::upgrade::Takeover;
+
+/// Why the master could not start; each names what failed.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    #[error(transparent)]
+    Listen(#[from] ListenError),
+    #[error(transparent)]
+    Ledger(#[from] forkpool_ledger::LedgerError),
+    #[error(transparent)]
+    PidFile(#[from] crate::pidfile::PidFileError),
+    #[error(transparent)]
+    Inherit(#[from] inherit::TakeError),
+    #[error("cannot find this program's path (needed for USR2 upgrades): {0}")]
+    CurrentExe(#[source] io::Error),
+    #[error("cannot set up the master's event loop: {0}")]
+    EventLoop(#[source] io::Error),
+    #[error("cannot listen on status address {addr}: {source}")]
+    Status {
+        addr: std::net::SocketAddr,
+        #[source]
+        source: io::Error,
+    },
+    #[error("cannot map the scoreboard: {0}")]
+    Scoreboard(#[source] nix::Error),
+}
+
+impl Master {
+    /// Claims the pid file, binds every listener and opens the ledger; nothing is forked.
+    pub fn new(cli: Cli, config: Config) -> Result<Master, StartError> {
+        let mut pid_file = config.pid_file.as_deref().map(PidFile::claim).transpose()?;
+        match Master::open(cli, config) {
+            Ok(master) => Ok(Master {
+                pid_file: pid_file.take(),
+                ..master
+            }),
+            Err(e) => {
+                // The file was created (or taken over) for a master that never started.
+                if let Some(pid_file) = pid_file {
+                    pid_file.remove();
+                }
+                Err(e)
+            }
+        }
+    }
+
+    fn open(cli: Cli, config: Config) -> Result<Master, StartError> {
+        let exe = std::env::current_exe().map_err(StartError::CurrentExe)?;
+        let args: Vec<OsString> = std::env::args_os().skip(1).collect();
+        let mut inherited = inherit::take()?;
+        let listeners = Listeners::open(&config, &mut inherited)?;
+        let ledger = match inherited.ledger.take() {
+            // A binary upgrade: the old master's workers use the ledger right now, so its
+            // locks must not be re-initialised nor recovery run.
+            Some(fd) => Ledger::adopt(fd, &config.ledger, config.fsync)?,
+            None => Ledger::open(
+                &config.ledger,
+                &LedgerOptions {
+                    max_accounts: config.max_accounts,
+                    fsync: config.fsync,
+                    ..LedgerOptions::default()
+                },
+            )?,
+        };
+        // A lock-free read: after an upgrade the old master's workers hold the locks.
+        let audit = ledger.approximate_audit();
+        log::info!(
+            "ledger {}: {} accounts, total {}, fsync {}",
+            config.ledger.display(),
+            audit.accounts,
+            audit.total,
+            config.fsync
+        );
+        let io = MasterIo::new(config.status_addr)?;
+        let mut broker = Broker::new();
+        if let Some(fd) = inherited.handover.take() {
+            broker.add_predecessor(
+                PEER_TOKEN,
+                Channel::from_fd(fd),
+                announced_version(),
+                io.poll.registry(),
+            );
+        }
+        Ok(Master {
+            io,
+            broker,
+            ledger,
+            listeners,
+            pool: Pool::new(config.workers, SCOREBOARD_CELLS).map_err(StartError::Scoreboard)?,
+            phase: Phase::Running,
+            pid: nix::unistd::getpid(),
+            pid_file: None,
+            announced: false,
+            next_inspection: Instant::now(),
+            exe,
+            args,
+            upgrade: None,
+            takeover: inherited.upgrade_from.map(Takeover::new),
+            cli,
+            config,
+        })
+    }
+}
+
+impl MasterIo {
+    /// The master's poll with its signals and the status page.
+    fn new(status_addr: Option<std::net::SocketAddr>) -> Result<MasterIo, StartError> {
+        let event_loop = StartError::EventLoop;
+        let poll = Poll::new().map_err(event_loop)?;
+        let mut signals = Signals::new([
+            SIGTERM, SIGINT, SIGQUIT, SIGCHLD, SIGHUP, SIGTTIN, SIGTTOU, SIGUSR1, SIGUSR2,
+        ])
+        .map_err(event_loop)?;
+        poll.registry()
+            .register(&mut signals, SIGNAL_TOKEN, Interest::READABLE)
+            .map_err(event_loop)?;
+        let status_http = status_addr
+            .map(|addr| {
+                StatusServer::bind(addr, poll.registry(), STATUS_HTTP_TOKENS)
+                    .map_err(|source| StartError::Status { addr, source })
+            })
+            .transpose()?;
+        Ok(MasterIo {
+            poll,
+            signals,
+            status_http,
+        })
+    }
+}
+
+/// The hand-over format version this master announces to the old one after an upgrade:
+/// ours, unless a test sets [`ANNOUNCED_VERSION_VAR`] to pretend otherwise.
+fn announced_version() -> u8 {
+    std::env::var(ANNOUNCED_VERSION_VAR)
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(FORMAT_VERSION)
+}
