@@ -34,6 +34,8 @@ pub const MAX_WORKERS: usize = 1024;
 #[derive(Debug, Parser, Default)]
 #[command(name = "forkpool-server", version, about, long_about = None)]
 pub struct Cli {
+    #[command(subcommand)]
+    pub command: Option<Command>,
     /// TOML file with settings (same names as the flags, with `_` for `-`).
     #[arg(long, value_name = "FILE")]
     pub config: Option<PathBuf>,
@@ -101,6 +103,19 @@ pub struct Cli {
     /// not a power loss) or `always` (on disk before the reply). [default: never]
     #[arg(long, value_name = "POLICY")]
     pub fsync: Option<FsyncPolicy>,
+}
+
+/// Tools that run instead of the server.
+#[derive(Debug, clap::Subcommand)]
+pub enum Command {
+    /// Print a new random bank token (256 bits) and the users-file entry with its SHA-256.
+    GenToken {
+        /// The user's name (account-name rules: 1-64 of A-Z a-z 0-9 _ . -).
+        name: String,
+        /// The user's rights.
+        #[arg(long, value_enum, default_value = "read")]
+        rights: crate::users::Rights,
+    },
 }
 
 /// The settings file: every field optional, unknown names rejected (a typo is an error,

@@ -19,6 +19,8 @@ mod status;
 #[allow(dead_code)]
 mod tls;
 mod upgrade;
+#[allow(dead_code)]
+mod users;
 mod worker;
 
 use std::process::ExitCode;
@@ -39,6 +41,9 @@ fn main() -> ExitCode {
 
 fn run() -> anyhow::Result<()> {
     let cli = config::Cli::parse();
+    if let Some(config::Command::GenToken { name, rights }) = &cli.command {
+        return users::print_new_token(name, *rights);
+    }
     let config = config::Config::load(&cli)?;
     match process::raise_nofile_limit() {
         Ok(limit) => log::info!("open file limit: {limit}"),
