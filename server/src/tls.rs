@@ -27,6 +27,9 @@ use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 use rustls::{ServerConfig, ServerConnection};
 
+use crate::config::Config;
+use crate::service::ServiceKind;
+
 /// The PEM files of one service's certificate chain (leaf first) and private key.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct TlsFiles {
@@ -197,6 +200,53 @@ impl ReloadableTls {
                     self.files.cert.display()
                 );
                 Err(e)
+            }
+        }
+    }
+}
+
+/// Every service's TLS configuration (`None`: plain text), loaded at start and reloaded on
+/// SIGHUP.
+#[derive(Debug)]
+pub struct ServiceTls {
+    /// By [`ServiceKind::index`].
+    services: [Option<ReloadableTls>; 2],
+}
+
+impl ServiceTls {
+    /// Loads the files `config` names; any bad file is an error (the server does not start).
+    pub fn load(config: &Config) -> Result<ServiceTls, CertError> {
+        let mut services = [None, None];
+        for kind in ServiceKind::ALL {
+            if let Some(files) = config.tls(kind) {
+                services[kind.index()] = Some(ReloadableTls::load(files.clone())?);
+            }
+        }
+        Ok(ServiceTls { services })
+    }
+
+    /// The configuration of `kind`'s new connections, if it speaks TLS.
+    pub fn get(&self, kind: ServiceKind) -> Option<&Arc<ServerConfig>> {
+        self.services[kind.index()]
+            .as_ref()
+            .map(ReloadableTls::config)
+    }
+
+    /// Re-reads each TLS service's files as `config` names them (a bad file keeps the current
+    /// certificate, logged). Whether a service speaks TLS at all cannot change while running
+    /// (its clients would all break): such a request is logged and ignored.
+    pub fn reload(&mut self, config: &Config) {
+        for kind in ServiceKind::ALL {
+            match (&mut self.services[kind.index()], config.tls(kind)) {
+                (Some(tls), Some(files)) => {
+                    let _ = tls.reload(files);
+                }
+                (None, None) => {}
+                (current, _) => log::warn!(
+                    "SIGHUP: {} cannot switch TLS {} while running; restart to apply it",
+                    kind.name(),
+                    if current.is_some() { "off" } else { "on" }
+                ),
             }
         }
     }
@@ -934,6 +984,33 @@ mod tests {
             assert!(message.contains(says), "{message}");
             assert!(message.contains(&names.display().to_string()), "{message}");
         }
+    }
+
+    #[test]
+    fn services_get_their_own_configuration_and_cannot_switch_tls_on_reload() {
+        let pki = TestPki::new();
+        let bank = pki.issue("bank", &["localhost"], Validity::Current);
+        let other = pki.issue("other", &["localhost"], Validity::Current);
+        let with_bank_tls = |cert: &CertFiles| crate::config::Cli {
+            bank_tls_cert: Some(cert.cert.clone()),
+            bank_tls_key: Some(cert.key.clone()),
+            ..crate::config::Cli::default()
+        };
+        let config = Config::load(&with_bank_tls(&bank)).expect("valid settings");
+        let mut tls = ServiceTls::load(&config).expect("valid certificate");
+        assert!(tls.get(ServiceKind::Echo).is_none());
+        let first = Arc::clone(tls.get(ServiceKind::Bank).expect("bank speaks TLS"));
+        tls.reload(&Config::load(&with_bank_tls(&other)).expect("valid settings"));
+        let second = Arc::clone(tls.get(ServiceKind::Bank).expect("still TLS"));
+        assert!(
+            !Arc::ptr_eq(&first, &second),
+            "new files, new configuration"
+        );
+        tls.reload(&Config::load(&crate::config::Cli::default()).expect("defaults"));
+        let kept = tls
+            .get(ServiceKind::Bank)
+            .expect("TLS cannot be switched off by a reload");
+        assert!(Arc::ptr_eq(&second, kept));
     }
 
     #[test]

@@ -686,6 +686,19 @@ mod tests {
             .to_string()
     }
 
+    /// deploy/users.toml parses, and its example tokens authenticate.
+    #[test]
+    fn the_example_users_file_is_valid() {
+        let path = Path::new(concat!(env!("CARGO_MANIFEST_DIR"), "/../deploy/users.toml"));
+        let users = Users::load(path).expect("deploy/users.toml is valid");
+        assert!(users
+            .authenticate(&name("alice"), &token("example-alice-token"))
+            .is_some());
+        let auditor = users.authenticate(&name("auditor"), &token("example-auditor-token"));
+        assert_eq!(auditor.map(|u| u.rights), Some(Rights::Read));
+        assert_eq!(users.by_uid(1001).map(|u| u.name), Some(name("auditor")));
+    }
+
     #[test]
     fn sha256_is_the_standard_one() {
         assert_eq!(
