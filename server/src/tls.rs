@@ -505,6 +505,9 @@ mod tests {
         assert!(reply.iter().enumerate().all(|(i, &b)| b == (i % 251) as u8));
         client.conn.send_close_notify();
         client.flush().expect("send close_notify");
+        // Wait for the server's close_notify: closing first would make its alert a reset.
+        let mut rest = Vec::new();
+        client.read_to_end(&mut rest).expect("a clean end");
         drop(client);
         assert!(matches!(
             server.join().expect("server thread"),
