@@ -2,12 +2,14 @@
 //! nothing here touches the network.
 
 use std::net::{SocketAddr, ToSocketAddrs};
+use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{bail, Context};
 use clap::{Args, Parser, Subcommand};
 
 use crate::load::{Mix, Text};
+use crate::tls::{ClientTls, Trust};
 
 /// Default address of forkpool's echo service.
 pub const DEFAULT_ECHO_ADDR: &str = "127.0.0.1:7878";
@@ -111,6 +113,24 @@ pub struct LoadArgs {
     /// Seed of the payload and operation generator (the same seed gives the same requests).
     #[arg(long)]
     pub seed: Option<u64>,
+    /// Speak TLS to the server (needs --tls-ca or --tls-insecure).
+    #[arg(long)]
+    pub tls: bool,
+    /// With --tls: trust the CA certificates (PEM) in this file.
+    #[arg(
+        long,
+        value_name = "FILE",
+        requires = "tls",
+        conflicts_with = "tls_insecure"
+    )]
+    pub tls_ca: Option<std::path::PathBuf>,
+    /// With --tls: accept any certificate (self-signed test certificates; no protection
+    /// against a man in the middle).
+    #[arg(long, requires = "tls")]
+    pub tls_insecure: bool,
+    /// With --tls: the name the certificate must carry. [default: the host of --addr]
+    #[arg(long, value_name = "NAME", requires = "tls")]
+    pub tls_server_name: Option<String>,
 }
 
 /// `forkpool-bench echo`.
@@ -160,6 +180,8 @@ pub struct Settings {
     pub timeout: Duration,
     pub server_pid: Option<u32>,
     pub seed: u64,
+    /// `--tls`: how to start each connection's session.
+    pub tls: Option<Arc<ClientTls>>,
 }
 
 /// When the measured window ends.
@@ -187,6 +209,25 @@ fn seconds(name: &str, value: f64) -> anyhow::Result<Duration> {
 }
 
 impl LoadArgs {
+    /// The TLS settings of `--tls`, the server name defaulting to the host of `addr_text`.
+    fn client_tls(&self, addr_text: &str) -> anyhow::Result<Option<ClientTls>> {
+        if !self.tls {
+            return Ok(None);
+        }
+        let trust = match (&self.tls_ca, self.tls_insecure) {
+            (Some(ca), false) => Trust::CaFile(ca),
+            (None, true) => Trust::Insecure,
+            _ => bail!("--tls needs --tls-ca FILE or --tls-insecure"),
+        };
+        let host = addr_text
+            .rsplit_once(':')
+            .map_or(addr_text, |(host, _)| host)
+            .trim_start_matches('[')
+            .trim_end_matches(']');
+        let name = self.tls_server_name.as_deref().unwrap_or(host);
+        ClientTls::new(trust, name).map(Some)
+    }
+
     /// Checks the combination of flags and resolves the address.
     pub fn settings(&self, default_addr: &str) -> anyhow::Result<Settings> {
         let addr_text = self.addr.as_deref().unwrap_or(default_addr);
@@ -223,7 +264,9 @@ impl LoadArgs {
                 .unwrap_or_default();
             t.as_nanos() as u64 ^ u64::from(std::process::id()).rotate_left(32)
         });
+        let tls = self.client_tls(addr_text)?.map(Arc::new);
         Ok(Settings {
+            tls,
             addr,
             connections,
             pipeline: self.pipeline as usize,

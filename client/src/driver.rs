@@ -27,12 +27,14 @@ use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use forkpool_common::tls::Transport;
 use mio::net::TcpStream;
 use mio::{Events, Interest, Poll, Token};
 
 use crate::load::Schedule;
 use crate::stats::{Counters, Latencies};
 use crate::timer::Timer;
+use crate::tls::ClientTls;
 use crate::workload::{ReplyProgress, Verdict, Workload};
 
 /// Bytes read per `read` call (one buffer per thread).
@@ -78,6 +80,8 @@ pub struct Live {
 /// One thread's share of the work.
 pub struct Plan {
     pub addr: SocketAddr,
+    /// `--tls`: each connection starts a session with these settings.
+    pub tls: Option<Arc<ClientTls>>,
     pub connections: usize,
     pub pipeline: usize,
     /// Open loop at this many requests per second (this thread's share); closed loop if None.
@@ -121,7 +125,7 @@ enum State {
 }
 
 struct Conn<S> {
-    stream: Option<TcpStream>,
+    stream: Option<Transport>,
     state: State,
     /// Requests not yet written, from `out_pos` on.
     out: Vec<u8>,
@@ -410,8 +414,9 @@ impl<W: Workload> Driver<W> {
             return;
         };
         let mut written = 0u64;
-        let mut failed = false;
-        while c.out_pos < c.out.len() {
+        // TLS records the socket refused before (the handshake too) go out first.
+        let mut failed = stream.flush().is_err();
+        while !failed && c.out_pos < c.out.len() {
             match stream.write(&c.out[c.out_pos..]) {
                 Ok(n) => {
                     c.out_pos += n;
@@ -559,7 +564,11 @@ impl<W: Workload> Driver<W> {
     }
 
     fn connect(&mut self, i: usize, now: Instant) {
-        match TcpStream::connect(self.plan.addr) {
+        let transport = TcpStream::connect(self.plan.addr).and_then(|tcp| match &self.plan.tls {
+            None => Ok(Transport::Plain(tcp)),
+            Some(tls) => tls.transport(tcp).map_err(io::Error::other),
+        });
+        match transport {
             Ok(mut stream) => {
                 let registered = self.poll.registry().register(
                     &mut stream,
@@ -581,7 +590,7 @@ impl<W: Workload> Driver<W> {
     }
 
     fn finish_connect(&mut self, i: usize, now: Instant) {
-        let Some(stream) = self.conns[i].stream.as_ref() else {
+        let Some(stream) = self.conns[i].stream.as_ref().map(Transport::tcp) else {
             return;
         };
         let outcome = match stream.take_error() {
@@ -699,6 +708,7 @@ mod tests {
         let start = Instant::now();
         Plan {
             addr,
+            tls: None,
             connections: 2,
             pipeline: 4,
             rate: None,

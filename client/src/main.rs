@@ -14,6 +14,7 @@ mod report;
 mod run;
 mod stats;
 mod timer;
+mod tls;
 mod workload;
 
 use std::process::ExitCode;

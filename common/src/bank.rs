@@ -15,6 +15,7 @@
 //! | `AUDIT` | `OK <total> <accounts>` |
 //! | `PING` | `PONG` |
 //! | `QUIT` | `BYE` |
+//! | `AUTH <user> <token>` | `OK <user>` |
 //!
 //! Any request may instead be answered `ERR <kind> <detail>`, `<kind>` being one of the words of
 //! [`ErrorKind`].
@@ -28,6 +29,10 @@
 //! - An account name is 1 to 64 bytes of `[A-Za-z0-9_.-]`.
 //! - An amount is a string of ASCII decimal digits (leading zeros allowed) whose value is 1 to
 //!   2^63-1. No sign, no fraction, no exponent.
+//! - A user name follows the account-name rules (a separate namespace: the user `alice` and
+//!   the account `alice` are unrelated until the users file says otherwise).
+//! - A token is 1 to 64 bytes of printable ASCII other than the blank (`!` to `~`). A token is
+//!   a secret: no reply and no `Debug` output ever quotes it.
 //!
 //! # Order of checks
 //! [`parse_request`] reports the first failure in this order, so every line has exactly one
@@ -36,12 +41,12 @@
 //! 2. an unknown verb is `unknown-command` (its arguments are not looked at);
 //! 3. a wrong number of fields is `bad-request` (the fields themselves are not looked at);
 //! 4. the fields, left to right: an invalid name is `bad-account`, an invalid amount
-//!    `bad-amount`;
+//!    `bad-amount`, an invalid user name or token `bad-request` (the token unquoted);
 //! 5. `TRANSFER` from an account to itself is `same-account`. The parser rejects it so that the
 //!    ledger never sees such a request; whether the account exists does not matter.
 //!
 //! Every other failure kind (`no-such-account`, `insufficient-funds`, `overflow`, `ledger-full`,
-//! `line-too-long`) is decided by the server, which builds the reply with [`Reply::error`].
+//! `line-too-long`, `denied`) is decided by the server, which builds the reply with [`Reply::error`].
 //!
 //! # Hostile input
 //! Any byte sequence (invalid UTF-8, NUL bytes, megabytes of digits) parses to a value without
@@ -63,6 +68,9 @@ pub const MAX_QUOTED_INPUT_BYTES: usize = 32;
 /// Longest error detail [`Reply::write_to`] writes, in bytes after escaping.
 pub const MAX_DETAIL_BYTES: usize = 200;
 
+/// Longest AUTH token, in bytes (a 256-bit token in hex is exactly this long).
+pub const MAX_TOKEN_LEN: usize = 64;
+
 /// A validated account name: 1 to [`MAX_ACCOUNT_LEN`] bytes of `[A-Za-z0-9_.-]`,
 /// case-sensitive.
 ///
@@ -76,31 +84,32 @@ pub struct AccountName {
     len: u8,
 }
 
-/// Why a byte string is not an [`AccountName`].
+/// Why a byte string is not an [`AccountName`] (or a [`UserName`], which follows the same
+/// rules).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
-pub enum InvalidAccountName {
+pub enum InvalidName {
     /// The name has no bytes.
-    #[error("account name is empty")]
+    #[error("the name is empty")]
     Empty,
     /// The name is longer than [`MAX_ACCOUNT_LEN`] bytes.
-    #[error("account name is {0} bytes long, the limit is {MAX_ACCOUNT_LEN}")]
+    #[error("the name is {0} bytes long, the limit is {MAX_ACCOUNT_LEN}")]
     TooLong(usize),
     /// The name contains a byte outside `[A-Za-z0-9_.-]`.
-    #[error("account name contains the byte 0x{0:02x}; allowed are A-Z a-z 0-9 _ . -")]
+    #[error("the name contains the byte 0x{0:02x}; allowed are A-Z a-z 0-9 _ . -")]
     BadByte(u8),
 }
 
 impl AccountName {
     /// Validates `name`. Never panics, whatever the input.
-    pub fn new(name: &[u8]) -> Result<Self, InvalidAccountName> {
+    pub fn new(name: &[u8]) -> Result<Self, InvalidName> {
         if name.is_empty() {
-            return Err(InvalidAccountName::Empty);
+            return Err(InvalidName::Empty);
         }
         if name.len() > MAX_ACCOUNT_LEN {
-            return Err(InvalidAccountName::TooLong(name.len()));
+            return Err(InvalidName::TooLong(name.len()));
         }
         if let Some(&bad) = name.iter().find(|&&b| !is_account_byte(b)) {
-            return Err(InvalidAccountName::BadByte(bad));
+            return Err(InvalidName::BadByte(bad));
         }
         let mut bytes = [0u8; MAX_ACCOUNT_LEN];
         bytes[..name.len()].copy_from_slice(name);
@@ -164,10 +173,100 @@ impl fmt::Debug for AccountName {
 }
 
 impl FromStr for AccountName {
-    type Err = InvalidAccountName;
+    type Err = InvalidName;
 
     fn from_str(s: &str) -> Result<Self, Self::Err> {
         AccountName::new(s.as_bytes())
+    }
+}
+
+/// A validated bank user name (AUTH, the users file): the same alphabet and length as an
+/// [`AccountName`], in its own namespace.
+#[derive(Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct UserName(AccountName);
+
+impl UserName {
+    /// Validates `name` with the account-name rules. Never panics.
+    pub fn new(name: &[u8]) -> Result<Self, InvalidName> {
+        AccountName::new(name).map(UserName)
+    }
+
+    /// The name as text.
+    pub fn as_str(&self) -> &str {
+        self.0.as_str()
+    }
+}
+
+impl fmt::Display for UserName {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl fmt::Debug for UserName {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "UserName({:?})", self.as_str())
+    }
+}
+
+impl FromStr for UserName {
+    type Err = InvalidName;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        UserName::new(s.as_bytes())
+    }
+}
+
+/// The secret of an AUTH request: 1 to [`MAX_TOKEN_LEN`] bytes of `!` to `~`, stored inline.
+/// Its `Debug` shows only its length, so logging a [`Request`] cannot leak it.
+#[derive(Clone, Copy, PartialEq, Eq, Hash)]
+pub struct AuthToken {
+    /// Only `bytes[..len]` is meaningful; the rest is kept zero.
+    bytes: [u8; MAX_TOKEN_LEN],
+    /// 1..=MAX_TOKEN_LEN.
+    len: u8,
+}
+
+/// Why a byte string is not an [`AuthToken`]. The messages never quote the token.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum InvalidToken {
+    #[error("the token is empty")]
+    Empty,
+    #[error("the token is {0} bytes long, the limit is {MAX_TOKEN_LEN}")]
+    TooLong(usize),
+    #[error("the token contains a byte outside printable ASCII")]
+    BadByte,
+}
+
+impl AuthToken {
+    /// Validates `token`. Never panics.
+    pub fn new(token: &[u8]) -> Result<Self, InvalidToken> {
+        if token.is_empty() {
+            return Err(InvalidToken::Empty);
+        }
+        if token.len() > MAX_TOKEN_LEN {
+            return Err(InvalidToken::TooLong(token.len()));
+        }
+        if !token.iter().all(|b| (0x21..=0x7e).contains(b)) {
+            return Err(InvalidToken::BadByte);
+        }
+        let mut bytes = [0u8; MAX_TOKEN_LEN];
+        bytes[..token.len()].copy_from_slice(token);
+        Ok(AuthToken {
+            bytes,
+            len: token.len() as u8,
+        })
+    }
+
+    /// The token's bytes (to hash them; never to print them).
+    pub fn as_bytes(&self) -> &[u8] {
+        &self.bytes[..usize::from(self.len)]
+    }
+}
+
+impl fmt::Debug for AuthToken {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "AuthToken(<{} bytes, not shown>)", self.len)
     }
 }
 
@@ -192,6 +291,8 @@ pub enum Request {
     Ping,
     /// `QUIT`: the server answers `BYE` and closes.
     Quit,
+    /// `AUTH <user> <token>`: become `user` on this connection (when the server has users).
+    Auth { user: UserName, token: AuthToken },
 }
 
 impl Request {
@@ -205,6 +306,7 @@ impl Request {
             Request::Audit => "AUDIT",
             Request::Ping => "PING",
             Request::Quit => "QUIT",
+            Request::Auth { .. } => "AUTH",
         }
     }
 
@@ -224,6 +326,10 @@ impl Request {
                 push_u64_field(out, *amount);
             }
             Request::Balance { acct } => push_field(out, acct.as_bytes()),
+            Request::Auth { user, token } => {
+                push_field(out, user.as_str().as_bytes());
+                push_field(out, token.as_bytes());
+            }
             Request::Audit | Request::Ping | Request::Quit => {}
         }
         out.push(b'\n');
@@ -282,11 +388,14 @@ pub enum ErrorKind {
     /// `internal`: the server could not serve the request (a damaged ledger lock); nothing
     /// changed, and the operator has been told.
     Internal,
+    /// `denied`: authentication failed or is required, or the user lacks the right; nothing
+    /// changed.
+    Denied,
 }
 
 impl ErrorKind {
     /// Every kind, in declaration order.
-    pub const ALL: [ErrorKind; 11] = [
+    pub const ALL: [ErrorKind; 12] = [
         ErrorKind::UnknownCommand,
         ErrorKind::BadRequest,
         ErrorKind::BadAccount,
@@ -298,6 +407,7 @@ impl ErrorKind {
         ErrorKind::Overflow,
         ErrorKind::LedgerFull,
         ErrorKind::Internal,
+        ErrorKind::Denied,
     ];
 
     /// The protocol word, e.g. `"bad-amount"`.
@@ -314,6 +424,7 @@ impl ErrorKind {
             ErrorKind::Overflow => "overflow",
             ErrorKind::LedgerFull => "ledger-full",
             ErrorKind::Internal => "internal",
+            ErrorKind::Denied => "denied",
         }
     }
 }
@@ -475,6 +586,10 @@ pub fn parse_request(line: &[u8]) -> Result<Request, ProtocolError> {
         Verb::Audit => Request::Audit,
         Verb::Ping => Request::Ping,
         Verb::Quit => Request::Quit,
+        Verb::Auth => Request::Auth {
+            user: parse_user(fields[1])?,
+            token: parse_token(fields[2])?,
+        },
     };
     Ok(req)
 }
@@ -489,10 +604,11 @@ enum Verb {
     Audit,
     Ping,
     Quit,
+    Auth,
 }
 
 impl Verb {
-    const ALL: [Verb; 7] = [
+    const ALL: [Verb; 8] = [
         Verb::Deposit,
         Verb::Withdraw,
         Verb::Transfer,
@@ -500,6 +616,7 @@ impl Verb {
         Verb::Audit,
         Verb::Ping,
         Verb::Quit,
+        Verb::Auth,
     ];
 
     fn parse(word: &[u8]) -> Option<Verb> {
@@ -517,12 +634,13 @@ impl Verb {
             Verb::Audit => "AUDIT",
             Verb::Ping => "PING",
             Verb::Quit => "QUIT",
+            Verb::Auth => "AUTH",
         }
     }
 
     fn arity(self) -> usize {
         match self {
-            Verb::Deposit | Verb::Withdraw => 2,
+            Verb::Deposit | Verb::Withdraw | Verb::Auth => 2,
             Verb::Transfer => 3,
             Verb::Balance => 1,
             Verb::Audit | Verb::Ping | Verb::Quit => 0,
@@ -534,6 +652,7 @@ impl Verb {
             Verb::Deposit | Verb::Withdraw => " (<acct> <amount>)",
             Verb::Transfer => " (<from> <to> <amount>)",
             Verb::Balance => " (<acct>)",
+            Verb::Auth => " (<user> <token>)",
             Verb::Audit | Verb::Ping | Verb::Quit => "",
         }
     }
@@ -546,6 +665,21 @@ fn parse_account(field: &[u8]) -> Result<AccountName, ProtocolError> {
             format!("invalid account name '{}': {why}", quote(field)),
         )
     })
+}
+
+fn parse_user(field: &[u8]) -> Result<UserName, ProtocolError> {
+    UserName::new(field).map_err(|why| {
+        ProtocolError::new(
+            ErrorKind::BadRequest,
+            format!("invalid user name '{}': {why}", quote(field)),
+        )
+    })
+}
+
+/// The token is a secret: the error says what is wrong with it, never what it was.
+fn parse_token(field: &[u8]) -> Result<AuthToken, ProtocolError> {
+    AuthToken::new(field)
+        .map_err(|why| ProtocolError::new(ErrorKind::BadRequest, format!("invalid token: {why}")))
 }
 
 /// Parses an amount field: ASCII digits only, value 1..=[`MAX_AMOUNT`]. Leading zeros are
@@ -590,6 +724,8 @@ pub enum Reply {
     Pong,
     /// `BYE`: answer to QUIT, after which the server closes.
     Bye,
+    /// `OK <user>`: AUTH succeeded; the connection now acts as `user`.
+    Authenticated(UserName),
     /// `ERR <kind> <detail>`.
     Err { kind: ErrorKind, detail: String },
 }
@@ -627,6 +763,10 @@ impl Reply {
             }
             Reply::Pong => out.extend_from_slice(b"PONG"),
             Reply::Bye => out.extend_from_slice(b"BYE"),
+            Reply::Authenticated(user) => {
+                out.extend_from_slice(b"OK ");
+                out.extend_from_slice(user.as_str().as_bytes());
+            }
             Reply::Err { kind, detail } => {
                 out.extend_from_slice(b"ERR ");
                 out.extend_from_slice(kind.as_str().as_bytes());
@@ -691,6 +831,7 @@ pub fn parse_reply(req: &Request, line: &[u8]) -> Result<Reply, ReplyParseError>
         Request::Audit => "OK <total> <accounts> or ERR <kind> <detail>",
         Request::Ping => "PONG or ERR <kind> <detail>",
         Request::Quit => "BYE or ERR <kind> <detail>",
+        Request::Auth { .. } => "OK <user> or ERR <kind> <detail>",
     };
     let fail = || ReplyParseError {
         line: quote(line),
@@ -715,6 +856,10 @@ pub fn parse_reply(req: &Request, line: &[u8]) -> Result<Reply, ReplyParseError>
     let reply = match req {
         Request::Ping => (line == b"PONG").then_some(Reply::Pong),
         Request::Quit => (line == b"BYE").then_some(Reply::Bye),
+        Request::Auth { .. } => line
+            .strip_prefix(b"OK ")
+            .and_then(|name| UserName::new(name).ok())
+            .map(Reply::Authenticated),
         _ => {
             let mut nums = line
                 .strip_prefix(b"OK ")
@@ -799,27 +944,18 @@ mod tests {
 
     #[test]
     fn account_names_reject_empty_long_and_foreign_bytes() {
-        assert_eq!(AccountName::new(b""), Err(InvalidAccountName::Empty));
+        assert_eq!(AccountName::new(b""), Err(InvalidName::Empty));
         assert_eq!(
             AccountName::new("x".repeat(65).as_bytes()),
-            Err(InvalidAccountName::TooLong(65))
+            Err(InvalidName::TooLong(65))
         );
-        assert_eq!(
-            AccountName::new(b"a b"),
-            Err(InvalidAccountName::BadByte(b' '))
-        );
-        assert_eq!(
-            AccountName::new(b"a/b"),
-            Err(InvalidAccountName::BadByte(b'/'))
-        );
+        assert_eq!(AccountName::new(b"a b"), Err(InvalidName::BadByte(b' ')));
+        assert_eq!(AccountName::new(b"a/b"), Err(InvalidName::BadByte(b'/')));
         assert_eq!(
             AccountName::new("é".as_bytes()),
-            Err(InvalidAccountName::BadByte(0xc3))
+            Err(InvalidName::BadByte(0xc3))
         );
-        assert_eq!(
-            AccountName::new(b"a\0"),
-            Err(InvalidAccountName::BadByte(0))
-        );
+        assert_eq!(AccountName::new(b"a\0"), Err(InvalidName::BadByte(0)));
     }
 
     #[test]
@@ -980,7 +1116,7 @@ mod tests {
             err(b"DEPOSIT a/b 1"),
             (
                 ErrorKind::BadAccount,
-                "invalid account name 'a/b': account name contains the byte 0x2f; \
+                "invalid account name 'a/b': the name contains the byte 0x2f; \
                  allowed are A-Z a-z 0-9 _ . -"
                     .to_string()
             )
@@ -991,7 +1127,7 @@ mod tests {
             (
                 ErrorKind::BadAccount,
                 format!(
-                    "invalid account name '{}...': account name is 65 bytes long, the limit is 64",
+                    "invalid account name '{}...': the name is 65 bytes long, the limit is 64",
                     "y".repeat(32)
                 )
             )
@@ -1085,7 +1221,10 @@ mod tests {
             "same-account",
             "overflow",
             "ledger-full",
+            "internal",
+            "denied",
         ];
+        assert_eq!(words.len(), ErrorKind::ALL.len());
         for (kind, word) in ErrorKind::ALL.into_iter().zip(words) {
             assert_eq!(kind.as_str(), word);
             assert_eq!(kind.to_string(), word);
@@ -1173,7 +1312,7 @@ mod tests {
         let e = parse_request(b"BALANCE \xff").expect_err("bad name");
         assert_eq!(
             reply_line(&e.into()),
-            "ERR bad-account invalid account name '\\xff': account name contains the byte \
+            "ERR bad-account invalid account name '\\xff': the name contains the byte \
              0xff; allowed are A-Z a-z 0-9 _ . -\n"
         );
         assert_eq!(
@@ -1278,6 +1417,87 @@ mod tests {
         );
     }
 
+    #[test]
+    fn auth_parses_a_user_and_a_token() {
+        let req = parse_request(b"auth alice s3cr3t!~\r").expect("valid AUTH");
+        let Request::Auth { user, token } = req else {
+            panic!("not AUTH: {req:?}");
+        };
+        assert_eq!(user.as_str(), "alice");
+        assert_eq!(token.as_bytes(), b"s3cr3t!~");
+        assert_eq!(request_line(&req), "AUTH alice s3cr3t!~\n");
+        let longest = "t".repeat(MAX_TOKEN_LEN);
+        assert!(parse_request(format!("AUTH a {longest}").as_bytes()).is_ok());
+    }
+
+    #[test]
+    fn malformed_auth_lines_are_bad_requests_that_never_quote_the_token() {
+        assert_eq!(
+            err(b"AUTH alice"),
+            (
+                ErrorKind::BadRequest,
+                "AUTH takes 2 arguments (<user> <token>), got 1".to_string()
+            )
+        );
+        assert_eq!(kind(b"AUTH a b c"), ErrorKind::BadRequest);
+        assert_eq!(
+            err(b"AUTH al/ce tok"),
+            (
+                ErrorKind::BadRequest,
+                "invalid user name 'al/ce': the name contains the byte 0x2f; \
+                 allowed are A-Z a-z 0-9 _ . -"
+                    .to_string()
+            )
+        );
+        let secret = "Zq".repeat(MAX_TOKEN_LEN);
+        let (kind, detail) = err(format!("AUTH alice {secret}").as_bytes());
+        assert_eq!(kind, ErrorKind::BadRequest);
+        assert_eq!(
+            detail,
+            "invalid token: the token is 128 bytes long, the limit is 64"
+        );
+        let (_, detail) = err(b"AUTH alice Zq\xffZq");
+        assert_eq!(
+            detail,
+            "invalid token: the token contains a byte outside printable ASCII"
+        );
+        assert!(!detail.contains("Zq"));
+    }
+
+    #[test]
+    fn a_token_never_shows_in_debug_output() {
+        let req = parse_request(b"AUTH alice hunter2").expect("valid AUTH");
+        let shown = format!("{req:?}");
+        assert!(!shown.contains("hunter2"), "{shown}");
+        assert!(shown.contains("alice"), "{shown}");
+    }
+
+    #[test]
+    fn auth_replies_name_the_user() {
+        let req = parse_request(b"AUTH alice t").expect("valid AUTH");
+        let alice = UserName::new(b"alice").expect("valid name");
+        assert_eq!(reply_line(&Reply::Authenticated(alice)), "OK alice\n");
+        assert_eq!(
+            parse_reply(&req, b"OK alice"),
+            Ok(Reply::Authenticated(alice))
+        );
+        assert_eq!(
+            parse_reply(&req, b"ERR denied invalid user or token"),
+            Ok(Reply::error(ErrorKind::Denied, "invalid user or token"))
+        );
+        for bad in [&b"OK"[..], b"OK ", b"OK a/b", b"OK 1 2", b"PONG"] {
+            assert!(parse_reply(&req, bad).is_err(), "{bad:?} accepted");
+        }
+    }
+
+    fn user_strategy() -> impl Strategy<Value = UserName> {
+        "[A-Za-z0-9_.-]{1,64}".prop_map(|s| UserName::new(s.as_bytes()).expect("valid name"))
+    }
+
+    fn token_strategy() -> impl Strategy<Value = AuthToken> {
+        "[!-~]{1,64}".prop_map(|s| AuthToken::new(s.as_bytes()).expect("valid token"))
+    }
+
     fn account_strategy() -> impl Strategy<Value = AccountName> {
         "[A-Za-z0-9_.-]{1,64}".prop_map(|s| acct(&s))
     }
@@ -1299,6 +1519,8 @@ mod tests {
             Just(Request::Audit),
             Just(Request::Ping),
             Just(Request::Quit),
+            (user_strategy(), token_strategy())
+                .prop_map(|(user, token)| Request::Auth { user, token }),
         ]
     }
 
@@ -1323,6 +1545,7 @@ mod tests {
                     .boxed(),
                 Request::Ping => Just(Reply::Pong).boxed(),
                 Request::Quit => Just(Reply::Bye).boxed(),
+                Request::Auth { .. } => user_strategy().prop_map(Reply::Authenticated).boxed(),
             };
             (Just(req), prop_oneof![ok, err.clone()])
         })
@@ -1338,7 +1561,7 @@ mod tests {
 
         #[test]
         fn near_miss_lines_never_panic(
-            verb in "(?i)(deposit|withdraw|transfer|balance|audit|ping|quit|x)",
+            verb in "(?i)(deposit|withdraw|transfer|balance|audit|ping|quit|auth|x)",
             fields in proptest::collection::vec("[ -~\\t\\x00\\xff]{0,25}", 0..5),
         ) {
             let line = format!("{verb} {}", fields.join(" "));

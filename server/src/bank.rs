@@ -2,10 +2,16 @@
 //! it went as a protocol reply. Parsing and reply formatting are `forkpool-common`'s; the
 //! ledger's guarantees (atomic, crash-safe) are `forkpool-ledger`'s.
 
-use forkpool_common::bank::{AccountName, Reply, Request};
+use forkpool_common::bank::{AccountName, ErrorKind, Reply, Request};
 use forkpool_ledger::{Ledger, OpError};
 
-/// Carries out `request`. QUIT is the caller's business (it closes the connection).
+/// Detail of the answer to AUTH on a server without users (as Redis answers AUTH without a
+/// password configured): there is nobody to become.
+pub const NO_USERS_DETAIL: &str = "no users are configured on this server";
+
+/// Carries out `request`. QUIT is the caller's business (it closes the connection). AUTH is
+/// answered here only for a server without users (`ERR denied`); with users, the session
+/// handles AUTH (see `users::ConnAuth`) and never passes it on.
 pub fn execute(ledger: &Ledger, request: &Request) -> Reply {
     match *request {
         Request::Deposit { acct, amount } => {
@@ -30,6 +36,7 @@ pub fn execute(ledger: &Ledger, request: &Request) -> Reply {
         ),
         Request::Ping => Reply::Pong,
         Request::Quit => Reply::Bye,
+        Request::Auth { .. } => Reply::error(ErrorKind::Denied, NO_USERS_DETAIL),
     }
 }
 

@@ -2,8 +2,10 @@
 //! [`Config`]. Flags win over the file, the file wins over the defaults, and the defaults live
 //! here only (`deploy/forkpool.toml` documents the same values; a test keeps them in step).
 
+use std::fmt;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
+use std::str::FromStr;
 use std::time::Duration;
 
 use clap::Parser;
@@ -12,6 +14,7 @@ use serde::Deserialize;
 
 use crate::listener::AcceptMode;
 use crate::service::ServiceKind;
+use crate::tls::TlsFiles;
 
 pub const DEFAULT_ECHO_ADDR: &str = "127.0.0.1:7878";
 pub const DEFAULT_BANK_ADDR: &str = "127.0.0.1:7879";
@@ -25,6 +28,61 @@ pub const DEFAULT_WORKER_TIMEOUT_SECS: f64 = 30.0;
 pub const DEFAULT_LEDGER_PATH: &str = "./data/ledger.bin";
 /// The most worker processes one master will run (a bound on everything sized per worker).
 pub const MAX_WORKERS: usize = 1024;
+/// The prefix of a Unix-socket address in the settings.
+pub const UNIX_PREFIX: &str = "unix:";
+/// Longest Unix socket path, in bytes (`sun_path` holds 108 bytes with the final NUL).
+pub const MAX_UNIX_PATH_BYTES: usize = 107;
+
+/// Where a service listens: a TCP address, or a Unix socket path (`unix:/path`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ListenAddr {
+    Tcp(SocketAddr),
+    Unix(PathBuf),
+}
+
+/// A listening address that does not parse.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{0}")]
+pub struct BadListenAddr(&'static str);
+
+impl FromStr for ListenAddr {
+    type Err = BadListenAddr;
+
+    fn from_str(text: &str) -> Result<Self, Self::Err> {
+        match text.strip_prefix(UNIX_PREFIX) {
+            Some("") => Err(BadListenAddr(
+                "a Unix socket address needs a path: unix:/PATH",
+            )),
+            Some(path) if path.len() > MAX_UNIX_PATH_BYTES => Err(BadListenAddr(
+                "a Unix socket path is at most 107 bytes long",
+            )),
+            Some(path) => Ok(ListenAddr::Unix(PathBuf::from(path))),
+            None => text.parse().map(ListenAddr::Tcp).map_err(|_| {
+                BadListenAddr("expected IP:PORT (e.g. 127.0.0.1:7878 or [::1]:7878) or unix:/PATH")
+            }),
+        }
+    }
+}
+
+impl fmt::Display for ListenAddr {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            ListenAddr::Tcp(addr) => write!(f, "{addr}"),
+            ListenAddr::Unix(path) => write!(f, "{UNIX_PREFIX}{}", path.display()),
+        }
+    }
+}
+
+impl ListenAddr {
+    /// Reachable only from this machine: a loopback address or a Unix socket. (0.0.0.0 and
+    /// :: are every address, not loopback.)
+    pub fn is_local(&self) -> bool {
+        match self {
+            ListenAddr::Tcp(addr) => addr.ip().to_canonical().is_loopback(),
+            ListenAddr::Unix(_) => true,
+        }
+    }
+}
 
 /// Pre-forking TCP server: an uppercase echo service and a shared-memory bank ledger.
 ///
@@ -34,16 +92,46 @@ pub const MAX_WORKERS: usize = 1024;
 #[derive(Debug, Parser, Default)]
 #[command(name = "forkpool-server", version, about, long_about = None)]
 pub struct Cli {
+    #[command(subcommand)]
+    pub command: Option<Command>,
     /// TOML file with settings (same names as the flags, with `_` for `-`).
     #[arg(long, value_name = "FILE")]
     pub config: Option<PathBuf>,
-    /// Address of the echo service (IPv4 or [IPv6]:port; port 0 picks a free port).
-    /// [default: 127.0.0.1:7878]
+    /// Address of the echo service (IPv4 or [IPv6]:port; port 0 picks a free port; or
+    /// unix:/PATH). [default: 127.0.0.1:7878]
     #[arg(long, value_name = "ADDR")]
-    pub echo_addr: Option<SocketAddr>,
+    pub echo_addr: Option<ListenAddr>,
     /// Address of the bank service. [default: 127.0.0.1:7879]
     #[arg(long, value_name = "ADDR")]
-    pub bank_addr: Option<SocketAddr>,
+    pub bank_addr: Option<ListenAddr>,
+    /// Certificate chain (PEM, leaf first) that turns on TLS for the echo service; needs
+    /// --echo-tls-key. [default: none, plain text]
+    #[arg(long, value_name = "FILE")]
+    pub echo_tls_cert: Option<PathBuf>,
+    /// Private key (PEM) of --echo-tls-cert.
+    #[arg(long, value_name = "FILE")]
+    pub echo_tls_key: Option<PathBuf>,
+    /// Certificate chain (PEM) that turns on TLS for the bank; needs --bank-tls-key.
+    /// [default: none, plain text]
+    #[arg(long, value_name = "FILE")]
+    pub bank_tls_cert: Option<PathBuf>,
+    /// Private key (PEM) of --bank-tls-cert.
+    #[arg(long, value_name = "FILE")]
+    pub bank_tls_key: Option<PathBuf>,
+    /// Bank users (TOML): with it, bank clients must AUTH and are held to their rights.
+    /// Re-read on SIGHUP. [default: none, everyone may do everything]
+    #[arg(long, value_name = "FILE")]
+    pub users_file: Option<PathBuf>,
+    /// Let the bank listen beyond loopback without a users file (anyone who reaches it may
+    /// move money). Without it such a start is refused.
+    #[arg(long)]
+    pub bank_open: bool,
+    /// Permissions of the Unix socket files, in octal (e.g. 0660). [default: per umask]
+    #[arg(long, value_name = "MODE")]
+    pub socket_mode: Option<String>,
+    /// Group (name or number) given to the Unix socket files. [default: the server's]
+    #[arg(long, value_name = "GROUP")]
+    pub socket_group: Option<String>,
     /// Number of worker processes. [default: number of CPUs]
     #[arg(long, value_name = "N")]
     pub workers: Option<usize>,
@@ -103,6 +191,19 @@ pub struct Cli {
     pub fsync: Option<FsyncPolicy>,
 }
 
+/// Tools that run instead of the server.
+#[derive(Debug, clap::Subcommand)]
+pub enum Command {
+    /// Print a new random bank token (256 bits) and the users-file entry with its SHA-256.
+    GenToken {
+        /// The user's name (account-name rules: 1-64 of A-Z a-z 0-9 _ . -).
+        name: String,
+        /// The user's rights.
+        #[arg(long, value_enum, default_value = "read")]
+        rights: crate::users::Rights,
+    },
+}
+
 /// The settings file: every field optional, unknown names rejected (a typo is an error,
 /// not a silently ignored setting).
 #[derive(Debug, Default, Deserialize)]
@@ -110,6 +211,14 @@ pub struct Cli {
 pub struct FileConfig {
     pub echo_addr: Option<String>,
     pub bank_addr: Option<String>,
+    pub echo_tls_cert: Option<PathBuf>,
+    pub echo_tls_key: Option<PathBuf>,
+    pub bank_tls_cert: Option<PathBuf>,
+    pub bank_tls_key: Option<PathBuf>,
+    pub users_file: Option<PathBuf>,
+    pub bank_open: Option<bool>,
+    pub socket_mode: Option<String>,
+    pub socket_group: Option<String>,
     pub workers: Option<usize>,
     pub backlog: Option<u32>,
     pub graceful_timeout: Option<f64>,
@@ -131,8 +240,17 @@ pub struct FileConfig {
 /// Every setting, validated.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Config {
-    pub echo_addr: SocketAddr,
-    pub bank_addr: SocketAddr,
+    pub echo_addr: ListenAddr,
+    pub bank_addr: ListenAddr,
+    /// `None`: the echo service speaks plain text.
+    pub echo_tls: Option<TlsFiles>,
+    /// `None`: the bank speaks plain text.
+    pub bank_tls: Option<TlsFiles>,
+    /// `None`: no users; the bank behaves as without authentication.
+    pub users_file: Option<PathBuf>,
+    /// The protected-mode opt-out (see [`check_protected_mode`]).
+    pub bank_open: bool,
+    pub unix_socket: UnixSocketSettings,
     pub workers: usize,
     pub backlog: u32,
     pub graceful_timeout: Duration,
@@ -170,14 +288,71 @@ pub enum ConfigError {
         value: String,
         reason: &'static str,
     },
+    #[error("{given} is set but {missing} is not: a TLS certificate needs its key and back")]
+    TlsHalf {
+        given: &'static str,
+        missing: &'static str,
+    },
+    #[error(
+        "protected mode: the bank listens on {addr}, beyond this machine, with no users_file; \
+         set users_file, or bank_open = true to let anyone who reaches it move money"
+    )]
+    Unprotected { addr: ListenAddr },
+    #[error("{name} = {addr}: Unix socket addresses are not served yet (only TCP addresses are)")]
+    UnixNotServed {
+        name: &'static str,
+        addr: ListenAddr,
+    },
+}
+
+/// How Unix socket files are created (for `unix:/path` addresses).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct UnixSocketSettings {
+    /// Permission bits (e.g. 0o660); `None`: as the umask leaves them.
+    pub mode: Option<u32>,
+    /// Group name or number; `None`: the server's group.
+    pub group: Option<String>,
+}
+
+/// Protected mode (Redis' idea): a bank reachable beyond this machine with no users refuses
+/// to start unless `bank_open` says so. Run at load, and again by whoever learns the real
+/// address (an inherited socket).
+pub fn check_protected_mode(
+    bank_addr: &ListenAddr,
+    users_file: Option<&Path>,
+    bank_open: bool,
+) -> Result<(), ConfigError> {
+    if bank_addr.is_local() || users_file.is_some() || bank_open {
+        return Ok(());
+    }
+    Err(ConfigError::Unprotected {
+        addr: bank_addr.clone(),
+    })
 }
 
 impl Config {
-    /// The configured address of `kind`.
+    /// The configured TCP address of `kind`. Unix addresses are refused at load until the
+    /// listeners serve them (see [`Config::listen_addr`]).
     pub fn addr(&self, kind: ServiceKind) -> SocketAddr {
+        match self.listen_addr(kind) {
+            ListenAddr::Tcp(addr) => *addr,
+            ListenAddr::Unix(_) => unreachable!("validate() refuses Unix addresses for now"),
+        }
+    }
+
+    /// The configured address of `kind`, TCP or Unix.
+    pub fn listen_addr(&self, kind: ServiceKind) -> &ListenAddr {
         match kind {
-            ServiceKind::Echo => self.echo_addr,
-            ServiceKind::Bank => self.bank_addr,
+            ServiceKind::Echo => &self.echo_addr,
+            ServiceKind::Bank => &self.bank_addr,
+        }
+    }
+
+    /// The certificate and key of `kind`, if it speaks TLS.
+    pub fn tls(&self, kind: ServiceKind) -> Option<&TlsFiles> {
+        match kind {
+            ServiceKind::Echo => self.echo_tls.as_ref(),
+            ServiceKind::Bank => self.bank_tls.as_ref(),
         }
     }
 
@@ -213,16 +388,42 @@ impl Config {
         let config = Config {
             echo_addr: pick_addr(
                 "echo_addr",
-                cli.echo_addr,
+                cli.echo_addr.clone(),
                 file.echo_addr,
                 DEFAULT_ECHO_ADDR,
             )?,
             bank_addr: pick_addr(
                 "bank_addr",
-                cli.bank_addr,
+                cli.bank_addr.clone(),
                 file.bank_addr,
                 DEFAULT_BANK_ADDR,
             )?,
+            echo_tls: pick_tls(
+                (
+                    "echo_tls_cert",
+                    cli.echo_tls_cert.clone().or(file.echo_tls_cert),
+                ),
+                (
+                    "echo_tls_key",
+                    cli.echo_tls_key.clone().or(file.echo_tls_key),
+                ),
+            )?,
+            bank_tls: pick_tls(
+                (
+                    "bank_tls_cert",
+                    cli.bank_tls_cert.clone().or(file.bank_tls_cert),
+                ),
+                (
+                    "bank_tls_key",
+                    cli.bank_tls_key.clone().or(file.bank_tls_key),
+                ),
+            )?,
+            users_file: cli.users_file.clone().or(file.users_file),
+            bank_open: cli.bank_open || file.bank_open.unwrap_or(false),
+            unix_socket: UnixSocketSettings {
+                mode: pick_socket_mode(cli.socket_mode.clone().or(file.socket_mode))?,
+                group: cli.socket_group.clone().or(file.socket_group),
+            },
             workers: cli.workers.or(file.workers).unwrap_or_else(default_workers),
             backlog: cli.backlog.or(file.backlog).unwrap_or(DEFAULT_BACKLOG),
             graceful_timeout: seconds(
@@ -314,14 +515,26 @@ impl Config {
             !self.ledger.as_os_str().is_empty(),
             "must not be empty",
         )?;
-        if self.echo_addr == self.bank_addr && self.echo_addr.port() != 0 {
+        let same_port = matches!(&self.echo_addr, ListenAddr::Tcp(addr) if addr.port() == 0);
+        if self.echo_addr == self.bank_addr && !same_port {
             return Err(ConfigError::Invalid {
                 name: "bank_addr",
                 value: self.bank_addr.to_string(),
                 reason: "must differ from echo_addr",
             });
         }
-        Ok(())
+        for (name, addr) in [
+            ("echo_addr", &self.echo_addr),
+            ("bank_addr", &self.bank_addr),
+        ] {
+            if let ListenAddr::Unix(_) = addr {
+                return Err(ConfigError::UnixNotServed {
+                    name,
+                    addr: addr.clone(),
+                });
+            }
+        }
+        check_protected_mode(&self.bank_addr, self.users_file.as_deref(), self.bank_open)
     }
 }
 
@@ -420,23 +633,41 @@ fn default_workers() -> usize {
 
 /// The flag if given, else the file's value, else the default. A malformed file value is an
 /// error even when a flag overrides it: the file is wrong either way.
-fn pick_addr(
+fn pick_addr<A: AddrSetting>(
     name: &'static str,
-    flag: Option<SocketAddr>,
+    flag: Option<A>,
     file: Option<String>,
     default: &str,
-) -> Result<SocketAddr, ConfigError> {
+) -> Result<A, ConfigError> {
     let parse = |text: &str| {
-        text.parse().map_err(|_| ConfigError::Invalid {
+        A::parse_setting(text).map_err(|reason| ConfigError::Invalid {
             name,
             value: text.to_string(),
-            reason: "expected IP:PORT, e.g. 127.0.0.1:7878 or [::1]:7878",
+            reason,
         })
     };
     let from_file = file.as_deref().map(parse).transpose()?;
     match (flag, from_file) {
         (Some(addr), _) | (None, Some(addr)) => Ok(addr),
         (None, None) => parse(default),
+    }
+}
+
+/// An address as a setting: parsed from text, or the reason it does not parse.
+trait AddrSetting: Sized {
+    fn parse_setting(text: &str) -> Result<Self, &'static str>;
+}
+
+impl AddrSetting for SocketAddr {
+    fn parse_setting(text: &str) -> Result<Self, &'static str> {
+        text.parse()
+            .map_err(|_| "expected IP:PORT, e.g. 127.0.0.1:7878 or [::1]:7878")
+    }
+}
+
+impl AddrSetting for ListenAddr {
+    fn parse_setting(text: &str) -> Result<Self, &'static str> {
+        text.parse().map_err(|e: BadListenAddr| e.0)
     }
 }
 
@@ -449,6 +680,41 @@ fn pick_optional_addr(
         (None, None) => Ok(None),
         (flag, file) => pick_addr(name, flag, file, "").map(Some),
     }
+}
+
+/// A certificate and its key, both or neither.
+fn pick_tls(
+    (cert_name, cert): (&'static str, Option<PathBuf>),
+    (key_name, key): (&'static str, Option<PathBuf>),
+) -> Result<Option<TlsFiles>, ConfigError> {
+    match (cert, key) {
+        (None, None) => Ok(None),
+        (Some(cert), Some(key)) => Ok(Some(TlsFiles { cert, key })),
+        (Some(_), None) => Err(ConfigError::TlsHalf {
+            given: cert_name,
+            missing: key_name,
+        }),
+        (None, Some(_)) => Err(ConfigError::TlsHalf {
+            given: key_name,
+            missing: cert_name,
+        }),
+    }
+}
+
+/// Octal permission bits, e.g. "0660" or "660", at most 0777.
+fn pick_socket_mode(text: Option<String>) -> Result<Option<u32>, ConfigError> {
+    let Some(text) = text else {
+        return Ok(None);
+    };
+    u32::from_str_radix(&text, 8)
+        .ok()
+        .filter(|&mode| mode <= 0o777 && !text.is_empty())
+        .map(Some)
+        .ok_or(ConfigError::Invalid {
+            name: "socket_mode",
+            value: text,
+            reason: "expected octal permission bits from 0 to 0777, e.g. \"0660\"",
+        })
 }
 
 fn pick_fsync(flag: Option<FsyncPolicy>, file: Option<String>) -> Result<FsyncPolicy, ConfigError> {
@@ -615,6 +881,165 @@ mod tests {
             ..Cli::default()
         });
         assert!(err.unwrap_err().contains("worker_timeout"));
+    }
+
+    /// Every setting the loader knows, as serde lists them when it meets an unknown one.
+    fn loader_keys() -> std::collections::BTreeSet<String> {
+        let err = parse_file(Path::new("t.toml"), "not_a_setting = 1\n").unwrap_err();
+        let message = err.to_string();
+        let expected = message
+            .split_once("expected one of")
+            .map(|(_, list)| list)
+            .unwrap_or_else(|| panic!("serde lists the fields: {message}"));
+        expected
+            .split('`')
+            .skip(1)
+            .step_by(2)
+            .map(str::to_string)
+            .collect()
+    }
+
+    /// Every setting appears in deploy/forkpool.toml, set (at its default) or, for settings
+    /// without a default value, commented out as `# name = ...`.
+    #[test]
+    fn the_example_config_file_lists_every_setting() {
+        let path = concat!(env!("CARGO_MANIFEST_DIR"), "/../deploy/forkpool.toml");
+        let text = std::fs::read_to_string(path).expect("deploy/forkpool.toml exists");
+        let listed: std::collections::BTreeSet<String> = text
+            .lines()
+            .map(|line| line.trim_start_matches('#').trim_start())
+            .filter_map(|line| line.split_once(" = ").map(|(key, _)| key))
+            .filter(|key| key.bytes().all(|b| b.is_ascii_lowercase() || b == b'_'))
+            .map(str::to_string)
+            .collect();
+        let keys = loader_keys();
+        assert!(keys.len() > 20, "{keys:?}");
+        let missing: Vec<_> = keys.difference(&listed).collect();
+        assert!(
+            missing.is_empty(),
+            "not in deploy/forkpool.toml: {missing:?}"
+        );
+        let unknown: Vec<_> = listed.difference(&keys).collect();
+        assert!(unknown.is_empty(), "not settings: {unknown:?}");
+    }
+
+    fn load_text(text: &str) -> Result<Config, String> {
+        let file = parse_file(Path::new("t.toml"), text).map_err(|e| e.to_string())?;
+        Config::merge(&Cli::default(), file).map_err(|e| e.to_string())
+    }
+
+    #[test]
+    fn listen_addresses_are_tcp_or_unix_paths() {
+        assert_eq!(
+            "127.0.0.1:1".parse(),
+            Ok(ListenAddr::Tcp("127.0.0.1:1".parse().unwrap()))
+        );
+        assert_eq!(
+            "unix:/run/fp/bank.sock".parse(),
+            Ok(ListenAddr::Unix("/run/fp/bank.sock".into()))
+        );
+        let unix = ListenAddr::Unix("/run/x.sock".into());
+        assert_eq!(unix.to_string(), "unix:/run/x.sock");
+        assert_eq!(unix.to_string().parse(), Ok(unix));
+        for bad in ["unix:", "localhost:80", "", "unix"] {
+            assert!(bad.parse::<ListenAddr>().is_err(), "{bad:?}");
+        }
+        let long = format!("unix:/{}", "a".repeat(MAX_UNIX_PATH_BYTES));
+        assert!(long.parse::<ListenAddr>().is_err());
+        let err = load_text("echo_addr = \"unix:\"\n").unwrap_err();
+        assert!(
+            err.contains("echo_addr = unix:") && err.contains("needs a path"),
+            "{err}"
+        );
+        // Until the listeners serve them, Unix addresses are refused, not ignored.
+        let err = load_text("bank_addr = \"unix:/tmp/b.sock\"\n").unwrap_err();
+        assert!(err.contains("bank_addr = unix:/tmp/b.sock"), "{err}");
+    }
+
+    #[test]
+    fn a_certificate_without_its_key_is_an_error_naming_both() {
+        let err = load_text("echo_tls_cert = \"c.pem\"\n").unwrap_err();
+        assert!(
+            err.contains("echo_tls_cert") && err.contains("echo_tls_key"),
+            "{err}"
+        );
+        let err = load_text("bank_tls_key = \"k.pem\"\n").unwrap_err();
+        assert!(
+            err.contains("bank_tls_key") && err.contains("bank_tls_cert"),
+            "{err}"
+        );
+        let config =
+            load_text("bank_tls_cert = \"c.pem\"\nbank_tls_key = \"k.pem\"\n").expect("a pair");
+        let files = config.tls(ServiceKind::Bank).expect("bank TLS");
+        assert_eq!(
+            (files.cert.as_path(), files.key.as_path()),
+            (Path::new("c.pem"), Path::new("k.pem"))
+        );
+        assert!(config.tls(ServiceKind::Echo).is_none());
+        let cli = Cli {
+            echo_tls_cert: Some("flag.pem".into()),
+            ..Cli::default()
+        };
+        let file = parse_file(Path::new("t.toml"), "echo_tls_key = \"k.pem\"\n").unwrap();
+        let config = Config::merge(&cli, file).expect("flag and file make a pair");
+        assert_eq!(
+            config.tls(ServiceKind::Echo).map(|f| f.cert.clone()),
+            Some("flag.pem".into())
+        );
+    }
+
+    /// The bank beyond loopback needs users or the explicit opt-out; loopback, IPv4-mapped
+    /// loopback and Unix sockets do not.
+    #[test]
+    fn protected_mode_refuses_an_open_bank_beyond_loopback() {
+        for addr in [
+            "0.0.0.0:7879",
+            "[::]:7879",
+            "192.0.2.10:7879",
+            "[2001:db8::1]:1",
+        ] {
+            let text = format!("bank_addr = \"{addr}\"\n");
+            let err = load_text(&text).unwrap_err();
+            assert!(
+                err.contains("bank_open") && err.contains("users_file"),
+                "{err}"
+            );
+            assert!(!err.contains('\n'), "one line: {err}");
+            load_text(&format!("{text}bank_open = true\n")).expect("opted out");
+            load_text(&format!("{text}users_file = \"u.toml\"\n")).expect("with users");
+            let cli = Cli {
+                bank_open: true,
+                ..Cli::default()
+            };
+            let file = parse_file(Path::new("t.toml"), &text).unwrap();
+            Config::merge(&cli, file).expect("--bank-open");
+        }
+        for addr in [
+            "127.0.0.1:0",
+            "127.9.9.9:1",
+            "[::1]:0",
+            "[::ffff:127.0.0.1]:0",
+        ] {
+            load_text(&format!("bank_addr = \"{addr}\"\n")).expect(addr);
+        }
+        assert!(ListenAddr::Unix("/run/b.sock".into()).is_local());
+        check_protected_mode(&ListenAddr::Unix("/b".into()), None, false).expect("a Unix socket");
+        // The echo service moves no money.
+        load_text("echo_addr = \"0.0.0.0:0\"\n").expect("echo anywhere");
+    }
+
+    #[test]
+    fn socket_mode_is_octal_up_to_0777() {
+        for (text, mode) in [("0660", 0o660), ("600", 0o600), ("0", 0), ("0777", 0o777)] {
+            let config = load_text(&format!("socket_mode = \"{text}\"\n")).expect(text);
+            assert_eq!(config.unix_socket.mode, Some(mode), "{text}");
+        }
+        for bad in ["0778", "1777", "rw-rw----", "", "-1", "0x1ff"] {
+            let err = load_text(&format!("socket_mode = \"{bad}\"\n")).unwrap_err();
+            assert!(err.contains("socket_mode"), "{err}");
+        }
+        let config = load_text("socket_group = \"forkpool\"\n").expect("a group");
+        assert_eq!(config.unix_socket.group.as_deref(), Some("forkpool"));
     }
 
     #[test]

@@ -18,7 +18,14 @@ mod process;
 mod scoreboard;
 mod service;
 mod status;
+// Issue 17's building blocks, each unit-tested; the worker's connection path wires them next.
+#[allow(dead_code)]
+mod tls;
+#[allow(dead_code)]
+mod unix_listener;
 mod upgrade;
+#[allow(dead_code)]
+mod users;
 mod worker;
 
 use std::process::ExitCode;
@@ -39,6 +46,9 @@ fn main() -> ExitCode {
 
 fn run() -> anyhow::Result<()> {
     let cli = config::Cli::parse();
+    if let Some(config::Command::GenToken { name, rights }) = &cli.command {
+        return users::print_new_token(name, *rights);
+    }
     let config = config::Config::load(&cli)?;
     match process::raise_nofile_limit() {
         Ok(limit) => log::info!("open file limit: {limit}"),

@@ -51,6 +51,12 @@ fn every_request_kind_gets_its_exact_reply() {
             ),
             ("DEPOSIT A-Z_a.z-09 0000000000000000000000000000007", "OK 7"),
             ("TRANSFER A-Z_a.z-09 bob 7", "OK 0 8"),
+            // Without a users file there is nobody to become, and nothing is refused.
+            (
+                "AUTH alice 0123456789abcdef",
+                "ERR denied no users are configured on this server",
+            ),
+            ("BALANCE bob", "OK 8"),
         ],
     );
     assert_eq!(request_line(&mut bank, "QUIT"), "BYE");
