@@ -590,7 +590,7 @@ impl<W: Workload> Driver<W> {
     }
 
     fn finish_connect(&mut self, i: usize, now: Instant) {
-        let Some(stream) = self.conns[i].stream.as_ref().map(Transport::tcp) else {
+        let Some(stream) = self.conns[i].stream.as_ref().and_then(Transport::tcp) else {
             return;
         };
         let outcome = match stream.take_error() {

@@ -15,7 +15,9 @@
 use std::io::{self, Read, Write};
 use std::net::Shutdown;
 
-use mio::net::TcpStream;
+use std::os::fd::{AsFd, BorrowedFd};
+
+use mio::net::{TcpStream, UnixStream};
 use mio::{Interest, Registry, Token};
 use rustls::Connection;
 
@@ -217,6 +219,8 @@ impl TlsStream {
 ///   [`Transport::read_discard`], which reads the socket itself (the session may be broken).
 pub enum Transport {
     Plain(TcpStream),
+    /// A Unix-socket connection (plain text: TLS is for what crosses a network).
+    Unix(UnixStream),
     Tls(Box<TlsStream>),
 }
 
@@ -228,7 +232,7 @@ impl Transport {
     /// Is a TLS handshake still under way?
     pub fn handshaking(&self) -> bool {
         match self {
-            Transport::Plain(_) => false,
+            Transport::Plain(_) | Transport::Unix(_) => false,
             Transport::Tls(tls) => tls.handshaking(),
         }
     }
@@ -236,21 +240,25 @@ impl Transport {
     /// Are encrypted bytes waiting for the socket?
     pub fn wants_write(&self) -> bool {
         match self {
-            Transport::Plain(_) => false,
+            Transport::Plain(_) | Transport::Unix(_) => false,
             Transport::Tls(tls) => tls.wants_write(),
         }
     }
 
-    pub fn tcp(&self) -> &TcpStream {
+    /// The TCP socket underneath, if it is one.
+    pub fn tcp(&self) -> Option<&TcpStream> {
         match self {
-            Transport::Plain(tcp) => tcp,
-            Transport::Tls(tls) => tls.tcp(),
+            Transport::Plain(tcp) => Some(tcp),
+            Transport::Unix(_) => None,
+            Transport::Tls(tls) => Some(tls.tcp()),
         }
     }
 
-    fn tcp_mut(&mut self) -> &mut TcpStream {
+    /// The socket itself, as a mio event source.
+    fn source(&mut self) -> &mut dyn mio::event::Source {
         match self {
             Transport::Plain(tcp) => tcp,
+            Transport::Unix(unix) => unix,
             Transport::Tls(tls) => &mut tls.tcp,
         }
     }
@@ -259,13 +267,28 @@ impl Transport {
     pub fn shutdown_write(&mut self) -> io::Result<()> {
         match self {
             Transport::Plain(tcp) => tcp.shutdown(Shutdown::Write),
+            Transport::Unix(unix) => unix.shutdown(Shutdown::Write),
             Transport::Tls(tls) => tls.shutdown(),
         }
     }
 
     /// Reads raw bytes from the socket, bypassing TLS: for discarding input while lingering.
     pub fn read_discard(&mut self, buf: &mut [u8]) -> io::Result<usize> {
-        self.tcp_mut().read(buf)
+        match self {
+            Transport::Plain(tcp) => tcp.read(buf),
+            Transport::Unix(unix) => unix.read(buf),
+            Transport::Tls(tls) => tls.tcp.read(buf),
+        }
+    }
+}
+
+impl AsFd for Transport {
+    fn as_fd(&self) -> BorrowedFd<'_> {
+        match self {
+            Transport::Plain(tcp) => tcp.as_fd(),
+            Transport::Unix(unix) => unix.as_fd(),
+            Transport::Tls(tls) => tls.tcp.as_fd(),
+        }
     }
 }
 
@@ -273,6 +296,7 @@ impl Read for Transport {
     fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
         let tls = match self {
             Transport::Plain(tcp) => return tcp.read(buf),
+            Transport::Unix(unix) => return unix.read(buf),
             Transport::Tls(tls) => tls,
         };
         let mut filled = 0;
@@ -296,6 +320,7 @@ impl Write for Transport {
     fn write(&mut self, data: &[u8]) -> io::Result<usize> {
         match self {
             Transport::Plain(tcp) => tcp.write(data),
+            Transport::Unix(unix) => unix.write(data),
             Transport::Tls(tls) => match tls.write_plain(data)? {
                 0 if !data.is_empty() => Err(io::ErrorKind::WouldBlock.into()),
                 n => Ok(n),
@@ -306,7 +331,7 @@ impl Write for Transport {
     /// Sends the TLS records waiting for the socket (nothing to do for a plain socket).
     fn flush(&mut self) -> io::Result<()> {
         match self {
-            Transport::Plain(_) => Ok(()),
+            Transport::Plain(_) | Transport::Unix(_) => Ok(()),
             Transport::Tls(tls) => tls.flush_tls(),
         }
     }
@@ -319,7 +344,7 @@ impl mio::event::Source for Transport {
         token: Token,
         interests: Interest,
     ) -> io::Result<()> {
-        self.tcp_mut().register(registry, token, interests)
+        self.source().register(registry, token, interests)
     }
 
     fn reregister(
@@ -328,10 +353,10 @@ impl mio::event::Source for Transport {
         token: Token,
         interests: Interest,
     ) -> io::Result<()> {
-        self.tcp_mut().reregister(registry, token, interests)
+        self.source().reregister(registry, token, interests)
     }
 
     fn deregister(&mut self, registry: &Registry) -> io::Result<()> {
-        self.tcp_mut().deregister(registry)
+        self.source().deregister(registry)
     }
 }

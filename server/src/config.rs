@@ -298,8 +298,11 @@ pub enum ConfigError {
          set users_file, or bank_open = true to let anyone who reaches it move money"
     )]
     Unprotected { addr: ListenAddr },
-    #[error("{name} = {addr}: Unix socket addresses are not served yet (only TCP addresses are)")]
-    UnixNotServed {
+    #[error(
+        "{name} = {addr}: TLS is for connections that cross a network; a Unix socket is served \
+         in plain text (remove the service's TLS certificate or listen on TCP)"
+    )]
+    TlsOnUnixSocket {
         name: &'static str,
         addr: ListenAddr,
     },
@@ -331,15 +334,6 @@ pub fn check_protected_mode(
 }
 
 impl Config {
-    /// The configured TCP address of `kind`. Unix addresses are refused at load until the
-    /// listeners serve them (see [`Config::listen_addr`]).
-    pub fn addr(&self, kind: ServiceKind) -> SocketAddr {
-        match self.listen_addr(kind) {
-            ListenAddr::Tcp(addr) => *addr,
-            ListenAddr::Unix(_) => unreachable!("validate() refuses Unix addresses for now"),
-        }
-    }
-
     /// The configured address of `kind`, TCP or Unix.
     pub fn listen_addr(&self, kind: ServiceKind) -> &ListenAddr {
         match kind {
@@ -523,12 +517,13 @@ impl Config {
                 reason: "must differ from echo_addr",
             });
         }
-        for (name, addr) in [
-            ("echo_addr", &self.echo_addr),
-            ("bank_addr", &self.bank_addr),
+        for (name, kind) in [
+            ("echo_addr", ServiceKind::Echo),
+            ("bank_addr", ServiceKind::Bank),
         ] {
-            if let ListenAddr::Unix(_) = addr {
-                return Err(ConfigError::UnixNotServed {
+            let addr = self.listen_addr(kind);
+            if matches!(addr, ListenAddr::Unix(_)) && self.tls(kind).is_some() {
+                return Err(ConfigError::TlsOnUnixSocket {
                     name,
                     addr: addr.clone(),
                 });
@@ -951,9 +946,16 @@ mod tests {
             err.contains("echo_addr = unix:") && err.contains("needs a path"),
             "{err}"
         );
-        // Until the listeners serve them, Unix addresses are refused, not ignored.
-        let err = load_text("bank_addr = \"unix:/tmp/b.sock\"\n").unwrap_err();
-        assert!(err.contains("bank_addr = unix:/tmp/b.sock"), "{err}");
+        load_text("bank_addr = \"unix:/tmp/b.sock\"\n").expect("a Unix bank");
+        // TLS is for TCP: on a Unix socket it is refused, not ignored.
+        let err = load_text(
+            "bank_addr = \"unix:/tmp/b.sock\"\nbank_tls_cert = \"c.pem\"\nbank_tls_key = \"k.pem\"\n",
+        )
+        .unwrap_err();
+        assert!(
+            err.contains("bank_addr = unix:/tmp/b.sock") && err.contains("TLS"),
+            "{err}"
+        );
     }
 
     #[test]

@@ -8,18 +8,17 @@
 //! is copied into the connection.
 
 use std::io::{self, Read, Write};
-use std::net::Shutdown;
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd};
 use std::sync::atomic::Ordering::Relaxed;
 use std::time::{Duration, Instant};
 
 use forkpool_common::codec::Flow;
-use mio::net::TcpStream;
 use mio::{Interest, Registry, Token};
 
 use crate::handover::ConnState;
 use crate::scoreboard::ServiceCounters;
 use crate::service::Session;
+use crate::tls::{tls_failure, Transport};
 
 /// How long a closing connection keeps reading (and discarding) after its last reply, so
 /// that unread request bytes do not turn the close into a reset that destroys the replies.
@@ -87,7 +86,7 @@ pub enum Verdict {
 }
 
 pub struct Conn {
-    stream: TcpStream,
+    stream: Transport,
     token: Token,
     session: Session,
     /// This worker's counters for the connection's service (scoreboard).
@@ -114,7 +113,7 @@ pub struct Conn {
 
 impl Conn {
     pub fn new(
-        stream: TcpStream,
+        stream: Transport,
         token: Token,
         session: Session,
         counters: &'static ServiceCounters,
@@ -141,7 +140,7 @@ impl Conn {
     /// client has sent EOF come with it. Input may already wait in the socket (no readiness
     /// edge will announce it), so the first drive reads to the end.
     pub fn adopt(
-        stream: TcpStream,
+        stream: Transport,
         token: Token,
         session: Session,
         counters: &'static ServiceCounters,
@@ -172,9 +171,30 @@ impl Conn {
     }
 
     /// May this connection be offered to a successor now? Only an open one the successor
-    /// can continue (a closing one finishes here) that has not come back already.
+    /// can continue (a closing one finishes here) that has not come back already. A TLS
+    /// session lives in this process's memory: it cannot move with its descriptor.
     pub fn may_be_offered(&self) -> bool {
-        self.phase == Phase::Open && !self.staying
+        self.phase == Phase::Open && !self.staying && !self.stream.is_tls()
+    }
+
+    /// Retiring: a connection that cannot be handed over (an open TLS session) is served
+    /// here to a request boundary, then closed, like one no successor took.
+    pub fn stay_if_unmovable(&mut self) {
+        if self.phase == Phase::Open && self.stream.is_tls() {
+            self.staying = true;
+        }
+    }
+
+    /// Not this turn (the worker's handshake budget is spent): whatever readiness came is
+    /// remembered, and the worker drives it next turn.
+    pub fn defer_to_next_turn(&mut self) {
+        self.read_paused = true;
+        self.turn_spent = true;
+    }
+
+    /// Is a TLS handshake under way (CPU work the worker bounds per turn)?
+    pub fn handshaking(&self) -> bool {
+        self.stream.handshaking()
     }
 
     /// Offers the connection to a successor: its socket leaves this worker's poll (the
@@ -214,7 +234,7 @@ impl Conn {
         use nix::sys::socket::{recv, MsgFlags};
         let mut byte = [0u8; 1];
         recv(
-            self.stream.as_raw_fd(),
+            self.stream.as_fd().as_raw_fd(),
             &mut byte,
             MsgFlags::MSG_PEEK | MsgFlags::MSG_DONTWAIT,
         )
@@ -259,13 +279,22 @@ impl Conn {
         registry: &Registry,
         now: Instant,
     ) -> Verdict {
-        match self.drive(readiness, scratch, limits, registry, now) {
+        let handshaking = self.stream.handshaking();
+        let verdict = match self.drive(readiness, scratch, limits, registry, now) {
             Ok(verdict) => verdict,
             Err(e) => {
+                let failed_handshake = tls_failure(&e).is_some_and(|tls| tls.is_handshake());
+                if failed_handshake {
+                    self.counters.tls_handshake_failures.fetch_add(1, Relaxed);
+                }
                 log::debug!("connection closed on error: {e}");
-                Verdict::Close
+                return Verdict::Close;
             }
+        };
+        if handshaking && !self.stream.handshaking() {
+            self.counters.tls_handshakes.fetch_add(1, Relaxed);
         }
+        verdict
     }
 
     /// Starts a graceful close: pending replies go out, then the write side is shut down.
@@ -399,8 +428,10 @@ impl Conn {
         Ok(())
     }
 
-    /// Writes pending replies until done or the socket is full.
+    /// Writes pending replies until done or the socket is full (TLS: and the records the
+    /// session holds).
     fn flush(&mut self, now: Instant) -> io::Result<()> {
+        flush_records(&mut self.stream)?;
         while self.unsent() > 0 {
             let written = write_some(&mut self.stream, &self.pending[self.sent..])?;
             if written == 0 {
@@ -410,6 +441,7 @@ impl Conn {
             self.last_active = now;
             self.counters.bytes_out.fetch_add(written as u64, Relaxed);
         }
+        flush_records(&mut self.stream)?;
         // Fully sent: release the buffer so an idle connection holds no memory.
         self.pending = Vec::new();
         self.sent = 0;
@@ -420,8 +452,13 @@ impl Conn {
         self.pending.len() - self.sent
     }
 
+    /// Nothing waits to be written: no reply, and no TLS record the socket has not taken.
+    fn all_sent(&self) -> bool {
+        self.unsent() == 0 && !self.stream.wants_write()
+    }
+
     fn update_interest(&mut self, registry: &Registry) -> io::Result<()> {
-        let wants = self.unsent() > 0;
+        let wants = !self.all_sent();
         if wants != self.wants_writable {
             let interest = if wants {
                 Interest::READABLE | Interest::WRITABLE
@@ -436,7 +473,7 @@ impl Conn {
 
     /// Once every reply is out: close after the client's EOF, or shut down and linger.
     fn after_flush(&mut self, scratch: &mut Scratch, now: Instant) -> io::Result<Verdict> {
-        if self.unsent() > 0 {
+        if !self.all_sent() {
             return Ok(Verdict::Keep);
         }
         if self.peer_closed {
@@ -444,7 +481,7 @@ impl Conn {
             return Ok(Verdict::Close);
         }
         if self.phase == Phase::Closing {
-            self.stream.shutdown(Shutdown::Write)?;
+            self.stream.shutdown_write()?;
             self.phase = Phase::Lingering {
                 until: now + LINGER_TIMEOUT,
                 discarded: 0,
@@ -467,7 +504,7 @@ impl Conn {
             return Ok(Verdict::Close);
         }
         loop {
-            match self.stream.read(&mut scratch.read) {
+            match self.stream.read_discard(&mut scratch.read) {
                 Ok(0) => return Ok(Verdict::Close),
                 Ok(n) => {
                     discarded += n;
@@ -493,8 +530,17 @@ enum ReadOutcome {
     More,
 }
 
+/// Sends the TLS records a session holds (nothing for a plain socket); a full socket is not
+/// an error (writable interest brings us back).
+fn flush_records(stream: &mut Transport) -> io::Result<()> {
+    match stream.flush() {
+        Err(e) if e.kind() == io::ErrorKind::WouldBlock => Ok(()),
+        other => other,
+    }
+}
+
 /// One write; 0 if the socket is full.
-fn write_some(stream: &mut TcpStream, bytes: &[u8]) -> io::Result<usize> {
+fn write_some(stream: &mut Transport, bytes: &[u8]) -> io::Result<usize> {
     loop {
         match stream.write(bytes) {
             Ok(n) => return Ok(n),
@@ -510,6 +556,7 @@ mod tests {
     use super::*;
     use crate::config::{Cli, Config};
     use crate::service::{ServiceKind, SessionContext};
+    use crate::users::PeerKey;
     use forkpool_ledger::{Ledger, LedgerOptions};
     use mio::{Events, Poll};
     use std::net::{TcpListener, TcpStream as StdStream};
@@ -553,13 +600,16 @@ mod tests {
         let context = SessionContext {
             config: Box::leak(Box::new(config)),
             ledger: Box::leak(Box::new(ledger)),
+            users: None,
+            throttle: Box::leak(Box::default()),
         };
         let counters: &'static ServiceCounters = Box::leak(Box::default());
         let poll = Poll::new().expect("a poll");
+        let peer = PeerKey::Ip(server.peer_addr().expect("a peer").ip());
         let mut conn = Conn::new(
-            TcpStream::from_std(server),
+            Transport::Plain(mio::net::TcpStream::from_std(server)),
             TOKEN,
-            Session::new(kind, context),
+            Session::new(kind, context, peer, counters),
             counters,
             Instant::now(),
         );

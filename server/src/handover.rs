@@ -12,6 +12,8 @@ use std::fs::File;
 use std::io::{self, Read, Seek, Write};
 use std::os::fd::OwnedFd;
 
+use forkpool_common::bank::UserName;
+
 use crate::service::ServiceKind;
 
 /// States up to this size travel inside the channel message; larger ones in a memfd.
@@ -32,6 +34,8 @@ pub enum SessionState {
     Bank {
         /// The unfinished request line.
         partial: Vec<u8>,
+        /// The user the connection authenticated as, with its token's digest.
+        user: Option<(UserName, [u8; 32])>,
     },
 }
 
@@ -63,21 +67,27 @@ impl ConnState {
         }
     }
 
-    /// The wire form: service, flags, then the session's bytes and the pending replies, each
+    /// The wire form: service, flags, then the session's bytes, the pending replies and the
+    /// authenticated user (its name then its token's 32-byte digest; empty if none), each
     /// with a u64 little-endian length.
     pub fn encode(&self) -> Vec<u8> {
-        let (service, mut flags, session) = match &self.session {
+        let (service, mut flags, session, user) = match &self.session {
             SessionState::Echo { held, mid_line } => {
-                (ECHO, if *mid_line { MID_LINE } else { 0 }, held)
+                (ECHO, if *mid_line { MID_LINE } else { 0 }, held, Vec::new())
             }
-            SessionState::Bank { partial } => (BANK, 0, partial),
+            SessionState::Bank { partial, user } => {
+                let user = user.map_or_else(Vec::new, |(name, digest)| {
+                    [name.as_str().as_bytes(), &digest].concat()
+                });
+                (BANK, 0, partial, user)
+            }
         };
         if self.peer_closed {
             flags |= PEER_CLOSED;
         }
-        let mut out = Vec::with_capacity(18 + session.len() + self.pending.len());
+        let mut out = Vec::with_capacity(26 + session.len() + self.pending.len() + user.len());
         out.extend_from_slice(&[service, flags]);
-        for field in [session, &self.pending] {
+        for field in [session, &self.pending, &user] {
             out.extend_from_slice(&(field.len() as u64).to_le_bytes());
             out.extend_from_slice(field);
         }
@@ -92,15 +102,19 @@ impl ConnState {
         }
         let session = reader.field()?;
         let pending = reader.field()?;
+        let user = reader.field()?;
         if !reader.0.is_empty() {
             return Err(BadState("trailing bytes"));
         }
         let session = match service {
-            ECHO if session.len() <= 3 => SessionState::Echo {
+            ECHO if session.len() <= 3 && user.is_empty() => SessionState::Echo {
                 held: session,
                 mid_line: flags & MID_LINE != 0,
             },
-            BANK if flags & MID_LINE == 0 => SessionState::Bank { partial: session },
+            BANK if flags & MID_LINE == 0 => SessionState::Bank {
+                partial: session,
+                user: decode_user(&user)?,
+            },
             _ => return Err(BadState("unknown service or inconsistent session")),
         };
         Ok(ConnState {
@@ -109,6 +123,20 @@ impl ConnState {
             peer_closed: flags & PEER_CLOSED != 0,
         })
     }
+}
+
+/// An authenticated user from its wire form (empty: none).
+fn decode_user(bytes: &[u8]) -> Result<Option<(UserName, [u8; 32])>, BadState> {
+    if bytes.is_empty() {
+        return Ok(None);
+    }
+    let split = bytes
+        .len()
+        .checked_sub(32)
+        .ok_or(BadState("user cut short"))?;
+    let name = UserName::new(&bytes[..split]).map_err(|_| BadState("user name"))?;
+    let digest = <[u8; 32]>::try_from(&bytes[split..]).map_err(|_| BadState("user digest"))?;
+    Ok(Some((name, digest)))
 }
 
 /// A cursor over the wire form.
@@ -174,9 +202,18 @@ mod tests {
             ConnState {
                 session: SessionState::Bank {
                     partial: b"DEPOSIT al".to_vec(),
+                    user: None,
                 },
                 pending: Vec::new(),
                 peer_closed: true,
+            },
+            ConnState {
+                session: SessionState::Bank {
+                    partial: Vec::new(),
+                    user: Some((UserName::new(b"alice").expect("a name"), [7; 32])),
+                },
+                pending: b"OK alice\n".to_vec(),
+                peer_closed: false,
             },
         ]
     }
@@ -212,6 +249,7 @@ mod tests {
         let state = ConnState {
             session: SessionState::Bank {
                 partial: vec![b'x'; 100_000],
+                user: None,
             },
             pending: vec![b'Y'; 1 << 20],
             peer_closed: false,

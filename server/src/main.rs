@@ -18,13 +18,9 @@ mod process;
 mod scoreboard;
 mod service;
 mod status;
-// Issue 17's building blocks, each unit-tested; the worker's connection path wires them next.
-#[allow(dead_code)]
 mod tls;
-#[allow(dead_code)]
 mod unix_listener;
 mod upgrade;
-#[allow(dead_code)]
 mod users;
 mod worker;
 

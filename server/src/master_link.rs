@@ -258,6 +258,7 @@ mod tests {
         ConnState {
             session: SessionState::Bank {
                 partial: vec![b'p'; partial],
+                user: None,
             },
             pending: b"OK 1\n".to_vec(),
             peer_closed: false,

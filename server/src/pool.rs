@@ -4,13 +4,12 @@
 //! worker's exit counts as it does); it signals no process and forks nothing.
 
 use std::fmt;
-use std::sync::atomic::Ordering::Relaxed;
 use std::time::{Duration, Instant};
 
 use nix::unistd::Pid;
 
 use crate::process::Exit;
-use crate::scoreboard::{Scoreboard, WorkerCell, WorkerState};
+use crate::scoreboard::{Scoreboard, ServiceTotals, WorkerCell, WorkerState};
 use crate::service::ServiceKind;
 
 /// A worker that fails on its own within this time of starting counts as a crash loop.
@@ -155,31 +154,6 @@ pub struct Pool {
     restarts: RestartCounts,
     /// What workers already reaped did, per service (totals never go backwards).
     finished: [ServiceTotals; ServiceKind::ALL.len()],
-}
-
-/// Counts of one service that outlive the workers that made them.
-#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
-pub struct ServiceTotals {
-    pub requests: u64,
-    pub handed_over: u64,
-    pub closed_by_replacement: u64,
-}
-
-impl ServiceTotals {
-    /// A worker's counters for one service.
-    pub fn of(counters: &crate::scoreboard::ServiceCounters) -> ServiceTotals {
-        ServiceTotals {
-            requests: counters.requests.load(Relaxed),
-            handed_over: counters.handed_over.load(Relaxed),
-            closed_by_replacement: counters.closed_by_replacement.load(Relaxed),
-        }
-    }
-
-    pub fn add(&mut self, other: ServiceTotals) {
-        self.requests += other.requests;
-        self.handed_over += other.handed_over;
-        self.closed_by_replacement += other.closed_by_replacement;
-    }
 }
 
 impl Pool {

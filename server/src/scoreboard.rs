@@ -66,6 +66,78 @@ pub struct ServiceCounters {
     pub handed_over: AtomicU64,
     /// Connections this worker closed because it was replaced (a hand-over was impossible).
     pub closed_by_replacement: AtomicU64,
+    /// TLS handshakes completed, and failed (a plain-text client, a distrustful one, ...).
+    pub tls_handshakes: AtomicU64,
+    pub tls_handshake_failures: AtomicU64,
+    /// Bank AUTH outcomes, and requests denied for lack of rights or authentication.
+    pub auth_accepted: AtomicU64,
+    pub auth_failed: AtomicU64,
+    pub auth_throttled: AtomicU64,
+    pub denied: AtomicU64,
+}
+
+/// The counters of [`ServiceCounters`] that outlive the worker (summed into totals when it
+/// is reaped), as opposed to gauges like open connections.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Lasting {
+    Requests,
+    HandedOver,
+    ClosedByReplacement,
+    TlsHandshakes,
+    TlsHandshakeFailures,
+    AuthAccepted,
+    AuthFailed,
+    AuthThrottled,
+    Denied,
+}
+
+impl Lasting {
+    pub const ALL: [Lasting; 9] = [
+        Lasting::Requests,
+        Lasting::HandedOver,
+        Lasting::ClosedByReplacement,
+        Lasting::TlsHandshakes,
+        Lasting::TlsHandshakeFailures,
+        Lasting::AuthAccepted,
+        Lasting::AuthFailed,
+        Lasting::AuthThrottled,
+        Lasting::Denied,
+    ];
+
+    fn counter(self, counters: &ServiceCounters) -> &AtomicU64 {
+        match self {
+            Lasting::Requests => &counters.requests,
+            Lasting::HandedOver => &counters.handed_over,
+            Lasting::ClosedByReplacement => &counters.closed_by_replacement,
+            Lasting::TlsHandshakes => &counters.tls_handshakes,
+            Lasting::TlsHandshakeFailures => &counters.tls_handshake_failures,
+            Lasting::AuthAccepted => &counters.auth_accepted,
+            Lasting::AuthFailed => &counters.auth_failed,
+            Lasting::AuthThrottled => &counters.auth_throttled,
+            Lasting::Denied => &counters.denied,
+        }
+    }
+}
+
+/// The lasting counts of one service, summed over workers (live or gone).
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct ServiceTotals([u64; Lasting::ALL.len()]);
+
+impl ServiceTotals {
+    /// A worker's counts for one service.
+    pub fn of(counters: &ServiceCounters) -> ServiceTotals {
+        ServiceTotals(Lasting::ALL.map(|count| count.counter(counters).load(Relaxed)))
+    }
+
+    pub fn get(&self, count: Lasting) -> u64 {
+        self.0[count as usize]
+    }
+
+    pub fn add(&mut self, other: ServiceTotals) {
+        for (mine, theirs) in self.0.iter_mut().zip(other.0) {
+            *mine += theirs;
+        }
+    }
 }
 
 /// One worker's cell. All-zero bytes are a valid, free cell.
@@ -128,6 +200,12 @@ impl WorkerCell {
                 &counters.bytes_out,
                 &counters.handed_over,
                 &counters.closed_by_replacement,
+                &counters.tls_handshakes,
+                &counters.tls_handshake_failures,
+                &counters.auth_accepted,
+                &counters.auth_failed,
+                &counters.auth_throttled,
+                &counters.denied,
             ] {
                 counter.store(0, Relaxed);
             }

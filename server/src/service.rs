@@ -1,6 +1,10 @@
 //! The services a connection can speak, as byte-in/bytes-out sessions: the worker hands a
 //! session whatever it read and sends whatever the session wrote. No socket here.
 
+use std::cell::RefCell;
+use std::sync::atomic::Ordering::Relaxed;
+use std::time::Instant;
+
 use forkpool_common::bank::{parse_request, ErrorKind, Reply, Request};
 use forkpool_common::codec::{Flow, Frame, LineFramer, Uppercaser};
 use forkpool_ledger::Ledger;
@@ -8,6 +12,8 @@ use forkpool_ledger::Ledger;
 use crate::bank;
 use crate::config::Config;
 use crate::handover::SessionState;
+use crate::scoreboard::ServiceCounters;
+use crate::users::{AuthOutcome, AuthThrottle, ConnAuth, PeerKey, Users};
 
 /// Which service a listener (and so each of its connections) provides.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -61,12 +67,27 @@ pub struct EchoSession {
     mid_line: bool,
 }
 
-/// A bank connection: its unfinished request line and the ledger it works on.
+/// A bank connection: its unfinished request line, the ledger it works on, and who it is.
 #[derive(Debug)]
 pub struct BankSession {
     framer: LineFramer,
     /// The worker's ledger, mapped for the worker's whole life.
     ledger: &'static Ledger,
+    access: Access,
+}
+
+/// The bank's access control for one connection. Without a users file every request is
+/// served (protected mode keeps such a bank on this machine); with one, a connection may do
+/// what its user's rights allow once it has authenticated (AUTH, or its Unix peer's uid).
+#[derive(Debug)]
+struct Access {
+    users: Option<&'static Users>,
+    /// The worker's failed-AUTH limits per peer.
+    throttle: &'static RefCell<AuthThrottle>,
+    auth: ConnAuth,
+    peer: PeerKey,
+    /// Where AUTH outcomes and denials are counted.
+    counters: &'static ServiceCounters,
 }
 
 /// What a new connection needs from its worker.
@@ -75,15 +96,55 @@ pub struct SessionContext {
     /// The worker's settings (`max_line` for the bank).
     pub config: &'static Config,
     pub ledger: &'static Ledger,
+    /// The bank's users, if a users file is configured.
+    pub users: Option<&'static Users>,
+    /// Failed AUTHs per peer, for the whole worker (one thread: a `RefCell` is enough).
+    pub throttle: &'static RefCell<AuthThrottle>,
 }
 
 impl Session {
-    pub fn new(kind: ServiceKind, context: SessionContext) -> Session {
+    /// A new connection of `kind` from `peer` (a Unix peer whose uid maps to a user is
+    /// authenticated as that user); its outcomes are counted in `counters`.
+    pub fn new(
+        kind: ServiceKind,
+        context: SessionContext,
+        peer: PeerKey,
+        counters: &'static ServiceCounters,
+    ) -> Session {
+        let auth = match (context.users, peer) {
+            (Some(users), PeerKey::Uid(uid)) => ConnAuth::for_peer_uid(users, uid),
+            _ => ConnAuth::new(),
+        };
+        Session::open(
+            kind,
+            context,
+            peer,
+            counters,
+            auth,
+            LineFramer::new(context.config.max_line),
+        )
+    }
+
+    fn open(
+        kind: ServiceKind,
+        context: SessionContext,
+        peer: PeerKey,
+        counters: &'static ServiceCounters,
+        auth: ConnAuth,
+        framer: LineFramer,
+    ) -> Session {
         match kind {
             ServiceKind::Echo => Session::Echo(EchoSession::default()),
             ServiceKind::Bank => Session::Bank(BankSession {
-                framer: LineFramer::new(context.config.max_line),
+                framer,
                 ledger: context.ledger,
+                access: Access {
+                    users: context.users,
+                    throttle: context.throttle,
+                    auth,
+                    peer,
+                    counters,
+                },
             }),
         }
     }
@@ -104,12 +165,12 @@ impl Session {
                 )
             }
             Session::Bank(session) => {
-                let ledger = session.ledger;
+                let (ledger, access) = (session.ledger, &mut session.access);
                 let mut requests = 0;
                 let flow = session.framer.feed(input, |frame| {
                     requests += 1;
                     match frame {
-                        Frame::Line(line) => answer_line(ledger, line, out),
+                        Frame::Line(line) => answer_line(ledger, access, line, out),
                         Frame::TooLong => {
                             Reply::error(
                                 ErrorKind::LineTooLong,
@@ -143,22 +204,34 @@ impl Session {
             },
             Session::Bank(session) => SessionState::Bank {
                 partial: session.framer.partial().unwrap_or_default().to_vec(),
+                user: session.access.auth.export(),
             },
         }
     }
 
-    /// Continues a session exported by another worker; `None` if the state is not one a
-    /// session can be in (e.g. held bytes that are no cut UTF-8 sequence).
-    pub fn resume(state: SessionState, context: SessionContext) -> Option<Session> {
+    /// Continues a session exported by another worker, for the connection from `peer`;
+    /// `None` if the state is not one a session can be in (e.g. held bytes that are no cut
+    /// UTF-8 sequence). An authenticated bank connection stays so if this worker's users
+    /// still have its user with the same token.
+    pub fn resume(
+        state: SessionState,
+        context: SessionContext,
+        peer: PeerKey,
+        counters: &'static ServiceCounters,
+    ) -> Option<Session> {
         Some(match state {
             SessionState::Echo { held, mid_line } => Session::Echo(EchoSession {
                 upper: Uppercaser::resume(&held)?,
                 mid_line,
             }),
-            SessionState::Bank { partial } => Session::Bank(BankSession {
-                framer: LineFramer::resume(context.config.max_line, partial),
-                ledger: context.ledger,
-            }),
+            SessionState::Bank { partial, user } => {
+                let auth = match context.users {
+                    Some(users) => ConnAuth::resume(users, user),
+                    None => ConnAuth::new(),
+                };
+                let framer = LineFramer::resume(context.config.max_line, partial);
+                Session::open(ServiceKind::Bank, context, peer, counters, auth, framer)
+            }
         })
     }
 
@@ -182,7 +255,7 @@ impl Session {
             }
             Session::Bank(session) => match session.framer.finish() {
                 Some(line) => {
-                    answer_line(session.ledger, &line, out);
+                    answer_line(session.ledger, &mut session.access, &line, out);
                     true
                 }
                 None => false,
@@ -192,20 +265,64 @@ impl Session {
     }
 }
 
-/// Answers one bank request line; QUIT stops the connection after its `BYE`.
-fn answer_line(ledger: &Ledger, line: &[u8], out: &mut Vec<u8>) -> Flow {
-    match parse_request(line) {
-        Ok(request) => {
-            bank::execute(ledger, &request).write_to(out);
-            if request == Request::Quit {
+/// Answers one bank request line; QUIT stops the connection after its `BYE`, and so does
+/// the AUTH failure that exhausts the connection's tries.
+fn answer_line(ledger: &Ledger, access: &mut Access, line: &[u8], out: &mut Vec<u8>) -> Flow {
+    let request = match parse_request(line) {
+        Ok(request) => request,
+        Err(error) => {
+            Reply::from(error).write_to(out);
+            return Flow::Continue;
+        }
+    };
+    if let Some((reply, flow)) = access.screen(&request) {
+        reply.write_to(out);
+        return flow;
+    }
+    bank::execute(ledger, &request).write_to(out);
+    if request == Request::Quit {
+        Flow::Stop
+    } else {
+        Flow::Continue
+    }
+}
+
+impl Access {
+    /// Answers `request` here if access control decides it (AUTH with users configured, or
+    /// a request beyond the connection's rights); `None`: the bank serves it.
+    fn screen(&mut self, request: &Request) -> Option<(Reply, Flow)> {
+        let users = self.users?;
+        if let Request::Auth { user, token } = request {
+            // One thread per worker and no re-entry: the throttle is never borrowed twice.
+            let mut throttle = self.throttle.borrow_mut();
+            let answer =
+                self.auth
+                    .auth(users, &mut throttle, self.peer, user, token, Instant::now());
+            let counter = match answer.outcome {
+                AuthOutcome::Accepted => &self.counters.auth_accepted,
+                AuthOutcome::Failed => &self.counters.auth_failed,
+                AuthOutcome::Throttled => &self.counters.auth_throttled,
+            };
+            counter.fetch_add(1, Relaxed);
+            let flow = if answer.close {
                 Flow::Stop
             } else {
                 Flow::Continue
-            }
+            };
+            return Some((answer.reply, flow));
         }
-        Err(error) => {
-            Reply::from(error).write_to(out);
-            Flow::Continue
+        match self.auth.check(users, request) {
+            Ok(()) => None,
+            Err(denied) => {
+                self.counters.denied.fetch_add(1, Relaxed);
+                let user = self.auth.user_name();
+                log::debug!(
+                    "{} from {} ({user:?}): denied: {denied}",
+                    request.verb(),
+                    self.peer
+                );
+                Some((denied.reply(), Flow::Continue))
+            }
         }
     }
 }
@@ -237,7 +354,15 @@ mod tests {
         SessionContext {
             config: Box::leak(Box::new(config)),
             ledger: Box::leak(Box::new(ledger)),
+            users: None,
+            throttle: Box::leak(Box::default()),
         }
+    }
+
+    /// A session of `kind` from a loopback client, with `max_line` and a fresh ledger.
+    fn session(kind: ServiceKind, max_line: usize) -> Session {
+        let peer = PeerKey::Ip(std::net::Ipv4Addr::LOCALHOST.into());
+        Session::new(kind, context(max_line), peer, Box::leak(Box::default()))
     }
 
     /// Feeds `pieces` one by one; returns everything written, the last flow and the count of
@@ -254,7 +379,7 @@ mod tests {
 
     #[test]
     fn echo_streams_uppercase_and_knows_when_it_is_mid_line() {
-        let mut echo = Session::new(ServiceKind::Echo, context(64));
+        let mut echo = session(ServiceKind::Echo, 64);
         let (out, flow, requests) = feed(&mut echo, &[b"stra\xc3", b"\x9fe\nhal"]);
         assert_eq!(
             (out.as_slice(), flow, requests),
@@ -268,7 +393,7 @@ mod tests {
 
     #[test]
     fn echo_gives_back_a_cut_utf8_sequence_when_the_server_closes() {
-        let mut echo = Session::new(ServiceKind::Echo, context(64));
+        let mut echo = session(ServiceKind::Echo, 64);
         let (out, _, _) = feed(&mut echo, &[b"a\xc3"]);
         assert_eq!(out, b"A", "the lead byte is held back");
         let mut rest = Vec::new();
@@ -278,7 +403,7 @@ mod tests {
 
     #[test]
     fn echo_answers_an_unterminated_last_line_at_eof_and_stops() {
-        let mut echo = Session::new(ServiceKind::Echo, context(64));
+        let mut echo = session(ServiceKind::Echo, 64);
         let mut out = Vec::new();
         assert_eq!(
             echo.on_eof(&mut out),
@@ -291,7 +416,7 @@ mod tests {
 
     #[test]
     fn bank_answers_each_line_in_order_across_reads() {
-        let mut bank = Session::new(ServiceKind::Bank, context(64));
+        let mut bank = session(ServiceKind::Bank, 64);
         let (out, flow, requests) = feed(
             &mut bank,
             &[b"DEPOSIT alice 10\r\nPI", b"NG\nBALANCE ", b"alice\n"],
@@ -305,10 +430,10 @@ mod tests {
 
     #[test]
     fn bank_quit_and_an_overlong_line_stop_the_session_after_their_reply() {
-        let mut bank = Session::new(ServiceKind::Bank, context(64));
+        let mut bank = session(ServiceKind::Bank, 64);
         let (out, flow, _) = feed(&mut bank, &[b"QUIT\nPING\n"]);
         assert_eq!((out.as_slice(), flow), (&b"BYE\n"[..], Flow::Stop));
-        let mut bank = Session::new(ServiceKind::Bank, context(8));
+        let mut bank = session(ServiceKind::Bank, 8);
         let (out, flow, requests) = feed(&mut bank, &[b"BALANCE alice\n"]);
         assert_eq!(flow, Flow::Stop);
         assert_eq!(requests, 1);
@@ -318,7 +443,7 @@ mod tests {
 
     #[test]
     fn bank_answers_an_unterminated_last_line_at_eof() {
-        let mut bank = Session::new(ServiceKind::Bank, context(64));
+        let mut bank = session(ServiceKind::Bank, 64);
         feed(&mut bank, &[b"DEPOSIT bob 5"]);
         let mut out = Vec::new();
         assert_eq!(bank.on_eof(&mut out), (Flow::Stop, 1));

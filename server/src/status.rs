@@ -11,8 +11,8 @@ use forkpool_ledger::Audit;
 use mio::net::{TcpListener, TcpStream};
 use mio::{Interest, Registry, Token};
 
-use crate::pool::{RestartCounts, RestartReason, ServiceTotals};
-use crate::scoreboard::{WorkerCell, WorkerState};
+use crate::pool::{RestartCounts, RestartReason};
+use crate::scoreboard::{Lasting, ServiceTotals, WorkerCell, WorkerState};
 use crate::service::ServiceKind;
 
 /// Longest request head read; a longer one gets 431.
@@ -275,34 +275,67 @@ pub fn metrics(view: &PoolView<'_>) -> String {
         },
     );
     let totals = service_totals(view);
-    for (name, help, value) in [
+    for (name, help, count) in [
         (
             "forkpool_requests_total",
             "Requests served (lines), all workers ever.",
-            (|t: &ServiceTotals| t.requests) as fn(&ServiceTotals) -> u64,
+            Lasting::Requests,
         ),
         (
             "forkpool_connections_handed_over_total",
             "Connections a replaced worker passed to a successor, all workers ever.",
-            |t| t.handed_over,
+            Lasting::HandedOver,
         ),
         (
             "forkpool_connections_closed_by_replacement_total",
             "Connections closed because their worker was replaced (no successor took them).",
-            |t| t.closed_by_replacement,
+            Lasting::ClosedByReplacement,
+        ),
+        (
+            "forkpool_tls_handshakes_total",
+            "TLS handshakes completed.",
+            Lasting::TlsHandshakes,
+        ),
+        (
+            "forkpool_tls_handshake_failures_total",
+            "TLS handshakes that failed (plain-text or distrustful clients, garbage).",
+            Lasting::TlsHandshakeFailures,
         ),
     ] {
         family_block(&mut out, name, "counter", help, |b| {
             for kind in ServiceKind::ALL {
-                let _ = writeln!(
-                    b,
-                    "{name}{{service=\"{}\"}} {}",
-                    kind.name(),
-                    value(&totals[kind.index()])
-                );
+                let value = totals[kind.index()].get(count);
+                let _ = writeln!(b, "{name}{{service=\"{}\"}} {value}", kind.name());
             }
         });
     }
+    let bank = totals[ServiceKind::Bank.index()];
+    family_block(
+        &mut out,
+        "forkpool_bank_auth_total",
+        "counter",
+        "Bank AUTH requests by outcome (throttled: refused unchecked, too many failures).",
+        |b| {
+            for (result, count) in [
+                ("accepted", Lasting::AuthAccepted),
+                ("failed", Lasting::AuthFailed),
+                ("throttled", Lasting::AuthThrottled),
+            ] {
+                let value = bank.get(count);
+                let _ = writeln!(b, "forkpool_bank_auth_total{{result=\"{result}\"}} {value}");
+            }
+        },
+    );
+    family_block(
+        &mut out,
+        "forkpool_bank_denied_total",
+        "counter",
+        "Bank requests denied: not authenticated, or beyond the user's rights.",
+        |b| {
+            let value = bank.get(Lasting::Denied);
+            let _ = writeln!(b, "forkpool_bank_denied_total {value}");
+        },
+    );
     per_worker(
         &mut out,
         view,

@@ -11,7 +11,7 @@ use std::io;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-pub use forkpool_common::tls::{TlsError, TlsStream, Transport};
+pub use forkpool_common::tls::{tls_failure, TlsError, TlsStream, Transport};
 use mio::net::TcpStream;
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer};
@@ -170,6 +170,7 @@ impl ReloadableTls {
     }
 
     /// The files the current configuration was read from.
+    #[cfg(test)]
     pub fn files(&self) -> &TlsFiles {
         &self.files
     }

@@ -461,6 +461,7 @@ impl AuthThrottle {
     }
 
     /// How many peers are remembered.
+    #[cfg(test)]
     pub fn peers(&self) -> usize {
         self.windows.len()
     }
@@ -533,6 +534,26 @@ impl ConnAuth {
             }),
             failures: 0,
         }
+    }
+
+    /// Who the connection is, for a successor worker (lossless hand-over): the user's name
+    /// and the digest of the token it authenticated with.
+    pub fn export(&self) -> Option<(UserName, [u8; 32])> {
+        self.user.as_ref().map(|a| (a.user.name, a.user.digest))
+    }
+
+    /// A connection handed over by another worker, authenticated there as `exported`: it
+    /// stays authenticated if `users` still has that user with that token, and is logged out
+    /// otherwise (removed, or given a new token: the same rule as [`ConnAuth::check`]).
+    pub fn resume(users: &Users, exported: Option<(UserName, [u8; 32])>) -> ConnAuth {
+        let user = exported.and_then(|(name, digest)| {
+            let user = users.get(&name).filter(|user| user.digest == digest)?;
+            Some(Authenticated {
+                user: Arc::clone(user),
+                generation: users.generation,
+            })
+        });
+        ConnAuth { user, failures: 0 }
     }
 
     /// The user the connection acts as, if any (as of the last check).

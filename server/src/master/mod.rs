@@ -15,6 +15,7 @@ use std::io::{self, Write};
 use std::ops::ControlFlow;
 use std::path::PathBuf;
 use std::sync::atomic::Ordering::Relaxed;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use mio::{Events, Poll, Token};
@@ -31,11 +32,14 @@ use crate::config::{Cli, Config, MAX_WORKERS};
 use crate::listener::Listeners;
 use crate::master_link::LeaveReason;
 use crate::pidfile::PidFile;
-use crate::pool::{ExitVerdict, Pool, ServiceTotals, WorkerPhase, MAX_BACKOFF};
+use crate::pool::{ExitVerdict, Pool, WorkerPhase, MAX_BACKOFF};
 use crate::process::{self, Exit, Forked};
+use crate::scoreboard::{Lasting, ServiceTotals};
 use crate::service::ServiceKind;
 use crate::status::{PoolView, StatusServer, WorkerView};
+use crate::tls::ServiceTls;
 use crate::upgrade::{Takeover, Upgrade};
+use crate::users::Users;
 use crate::worker::{WorkerSettings, WorkerSetup};
 
 mod start;
@@ -102,6 +106,11 @@ pub struct Master {
     /// The bank ledger, opened (and recovered) before any fork; every worker inherits the
     /// mapping. The master itself never takes a ledger lock.
     ledger: Ledger,
+    /// The TLS services' certificates, loaded at start and re-read on HUP (a bad file keeps
+    /// the current one); each new worker gets them.
+    tls: ServiceTls,
+    /// The bank's users (a users file), re-read on HUP; each new worker gets them.
+    users: Option<Arc<Users>>,
     /// The master holds every slot's sockets for its whole life, so connections queued for
     /// a slot whose worker died wait for the replacement instead of being reset.
     listeners: Listeners,
@@ -399,8 +408,11 @@ impl Master {
             ExitVerdict::Expected => {
                 let totals =
                     ServiceKind::ALL.map(|kind| ServiceTotals::of(worker.cell.counters(kind)));
-                let handed_over: u64 = totals.iter().map(|t| t.handed_over).sum();
-                let closed: u64 = totals.iter().map(|t| t.closed_by_replacement).sum();
+                let handed_over: u64 = totals.iter().map(|t| t.get(Lasting::HandedOver)).sum();
+                let closed: u64 = totals
+                    .iter()
+                    .map(|t| t.get(Lasting::ClosedByReplacement))
+                    .sum();
                 let (how, since) = match (worker.phase, self.phase) {
                     (WorkerPhase::Retiring { since, .. }, _) => ("after retiring", Some(since)),
                     (_, Phase::Draining { deadline, .. }) => (
@@ -526,9 +538,12 @@ impl Master {
     fn apply_reload(&mut self) -> anyhow::Result<()> {
         let mut new = Config::load(&self.cli)?;
         new.keep_fixed_settings(&self.config);
+        let users = start::load_users(&new)?;
         if let Some(listeners) = self.listeners.for_reload(&self.config, &new)? {
             self.listeners = listeners;
         }
+        self.tls.reload(&new);
+        self.users = users;
         self.config = new;
         self.retire(self.pool.holders());
         self.pool.resize(self.config.workers);
@@ -690,7 +705,7 @@ impl Master {
             link: child.link,
             ledger: self.ledger,
             cell: self.pool.cell(child.cell_index),
-            settings: WorkerSettings::new(&self.config),
+            settings: WorkerSettings::new(&self.config, &self.tls, self.users.as_ref()),
         })
     }
 

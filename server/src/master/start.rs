@@ -5,6 +5,7 @@
 
 use std::ffi::OsString;
 use std::io;
+use std::sync::Arc;
 use std::time::Instant;
 
 use mio::{Interest, Poll};
@@ -21,14 +22,17 @@ use super::{
 };
 use crate::broker::Broker;
 use crate::channel::Channel;
-use crate::config::{Cli, Config};
+use crate::config::{check_protected_mode, Cli, Config};
 use crate::inherit;
 use crate::listener::{ListenError, Listeners};
 use crate::master_link::FORMAT_VERSION;
 use crate::pidfile::PidFile;
 use crate::pool::Pool;
+use crate::service::ServiceKind;
 use crate::status::StatusServer;
+use crate::tls::ServiceTls;
 use crate::upgrade::Takeover;
+use crate::users::{Users, UsersError};
 
 /// Why the master could not start; each names what failed.
 #[derive(Debug, thiserror::Error)]
@@ -53,6 +57,12 @@ pub enum StartError {
     },
     #[error("cannot map the scoreboard: {0}")]
     Scoreboard(#[source] nix::Error),
+    #[error(transparent)]
+    Tls(#[from] crate::tls::CertError),
+    #[error(transparent)]
+    Users(#[from] crate::users::UsersError),
+    #[error(transparent)]
+    Unprotected(#[from] crate::config::ConfigError),
 }
 
 impl Master {
@@ -77,8 +87,17 @@ impl Master {
     fn open(cli: Cli, config: Config) -> Result<Master, StartError> {
         let exe = std::env::current_exe().map_err(StartError::CurrentExe)?;
         let args: Vec<OsString> = std::env::args_os().skip(1).collect();
+        let tls = ServiceTls::load(&config)?;
+        let users = load_users(&config)?;
         let mut inherited = inherit::take()?;
         let listeners = Listeners::open(&config, &mut inherited)?;
+        // An inherited bank socket's address is systemd's (or the old master's), not ours:
+        // protected mode applies to the address really served.
+        for (kind, addr) in listeners.addrs() {
+            if kind == ServiceKind::Bank {
+                check_protected_mode(addr, config.users_file.as_deref(), config.bank_open)?;
+            }
+        }
         let ledger = match inherited.ledger.take() {
             // A binary upgrade: the old master's workers use the ledger right now, so its
             // locks must not be re-initialised nor recovery run.
@@ -114,6 +133,8 @@ impl Master {
         Ok(Master {
             io,
             broker,
+            tls,
+            users,
             ledger,
             listeners,
             pool: Pool::new(config.workers, SCOREBOARD_CELLS).map_err(StartError::Scoreboard)?,
@@ -165,4 +186,14 @@ fn announced_version() -> u8 {
         .ok()
         .and_then(|v| v.parse().ok())
         .unwrap_or(FORMAT_VERSION)
+}
+
+/// The bank's users, if `config` names a users file.
+pub(super) fn load_users(config: &Config) -> Result<Option<Arc<Users>>, UsersError> {
+    let Some(path) = config.users_file.as_deref() else {
+        return Ok(None);
+    };
+    let users = Users::load(path)?;
+    log::info!("users file {}: {} users", path.display(), users.len());
+    Ok(Some(Arc::new(users)))
 }

@@ -12,10 +12,10 @@ use std::os::fd::{BorrowedFd, OwnedFd};
 use std::sync::atomic::Ordering::Relaxed;
 use std::time::Instant;
 
-use mio::net::TcpStream;
 use mio::unix::SourceFd;
 use mio::{Interest, Token};
 
+use super::accept::adopted_socket;
 use super::{State, Worker, FIRST_CONN_TOKEN, LINK_TOKEN};
 use crate::conn::{Conn, Readiness};
 use crate::handover::ConnState;
@@ -90,6 +90,9 @@ impl Worker {
     /// continue. Each leaves this worker's poll first and is not read again unless it comes
     /// back. A connection already closing finishes here.
     pub(super) fn offer_connections(&mut self) {
+        for (_, conn) in self.conns.iter_mut() {
+            conn.stay_if_unmovable();
+        }
         let keys: Vec<usize> = self
             .conns
             .iter()
@@ -159,18 +162,20 @@ impl Worker {
     /// it) while this worker leaves too, is at its connection cap, or gets a state no
     /// session can continue.
     fn adopt(&mut self, id: u64, state: &ConnState, socket: OwnedFd, now: Instant) {
+        let kind = state.service();
+        let counters = self.cell.counters(kind);
         let at_cap = self.conns.len() >= self.settings.config.max_connections;
-        let session = Session::resume(state.session.clone(), self.sessions);
-        let (true, Some(session)) = (matches!(self.state, State::Serving) && !at_cap, session)
-        else {
+        let serving = matches!(self.state, State::Serving) && !at_cap;
+        let adopted = adopted_socket(socket).ok().and_then(|(stream, peer)| {
+            let session = Session::resume(state.session.clone(), self.sessions, peer, counters)?;
+            Some((stream, session))
+        });
+        let (true, Some((stream, session))) = (serving, adopted) else {
             self.tell_master(&Message::Refused { id }, None);
             return;
         };
-        let kind = state.service();
         let entry = self.conns.vacant_entry();
         let key = entry.key();
-        let counters = self.cell.counters(kind);
-        let stream = TcpStream::from_std(std::net::TcpStream::from(socket));
         let mut conn = Conn::adopt(
             stream,
             Token(key + FIRST_CONN_TOKEN),

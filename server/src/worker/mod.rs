@@ -10,17 +10,18 @@
 //! soon as every connection is handed over. A connection that finds no successor is served
 //! here to a request boundary and closed.
 
+use std::cell::RefCell;
 use std::io;
-use std::net::TcpListener as StdListener;
 use std::ops::ControlFlow;
 use std::sync::atomic::Ordering::Relaxed;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use forkpool_ledger::Ledger;
-use mio::net::TcpListener;
 use mio::unix::SourceFd;
 use mio::{Events, Interest, Poll, Token};
 use nix::unistd::Pid;
+use rustls::ServerConfig;
 use signal_hook::consts::{SIGINT, SIGQUIT, SIGTERM, SIGUSR1};
 use signal_hook_mio::v1_0::Signals;
 use slab::Slab;
@@ -28,16 +29,24 @@ use slab::Slab;
 use crate::channel::Channel;
 use crate::config::Config;
 use crate::conn::{Conn, Limits, Readiness, Scratch, Verdict, LINGER_TIMEOUT};
+use crate::listener::ListeningSocket;
 use crate::master_link::{LeaveReason, Message};
 use crate::process;
 use crate::scoreboard::{self, WorkerCell, WorkerState};
-use crate::service::{ServiceKind, Session, SessionContext};
+use crate::service::{ServiceKind, SessionContext};
+use crate::tls::ServiceTls;
+use crate::users::{AuthThrottle, Users};
+
+mod accept;
+mod link;
+
+use accept::Listening;
 
 /// Everything a worker takes from the master at fork.
 pub struct WorkerSetup {
     pub slot: usize,
     pub master: Pid,
-    pub listeners: Vec<(ServiceKind, StdListener)>,
+    pub listeners: Vec<(ServiceKind, ListeningSocket)>,
     /// This worker's end of its link to the master.
     pub link: Channel,
     pub ledger: Ledger,
@@ -51,6 +60,10 @@ pub struct WorkerSetup {
 #[derive(Debug, Clone)]
 pub struct WorkerSettings {
     pub config: Config,
+    /// Each TLS service's configuration (certificate and key as loaded by the master).
+    tls: [Option<Arc<ServerConfig>>; ServiceKind::ALL.len()],
+    /// The bank's users, if a users file is configured.
+    users: Option<Arc<Users>>,
     /// Requests after which the worker retires (jittered for this worker); `None`: never.
     max_requests: Option<u64>,
     /// Longest time between two heartbeats (well under the master's worker timeout).
@@ -62,9 +75,12 @@ pub struct WorkerSettings {
 }
 
 impl WorkerSettings {
-    /// The settings of a worker about to be forked from a master running `config`.
-    pub fn new(config: &Config) -> WorkerSettings {
+    /// The settings of a worker about to be forked from a master running `config`, with
+    /// the certificates and users the master has loaded.
+    pub fn new(config: &Config, tls: &ServiceTls, users: Option<&Arc<Users>>) -> WorkerSettings {
         WorkerSettings {
+            tls: ServiceKind::ALL.map(|kind| tls.get(kind).cloned()),
+            users: users.cloned(),
             max_requests: recycle_after(
                 config.max_requests,
                 config.max_requests_jitter,
@@ -74,6 +90,13 @@ impl WorkerSettings {
             drain_budget: config.graceful_timeout.saturating_sub(LINGER_TIMEOUT),
             config: config.clone(),
         }
+    }
+}
+
+impl WorkerSettings {
+    /// The TLS configuration of `kind`'s connections, if it speaks TLS.
+    pub fn tls(&self, kind: ServiceKind) -> Option<&Arc<ServerConfig>> {
+        self.tls[kind.index()].as_ref()
     }
 }
 
@@ -108,8 +131,6 @@ fn jitter_seed() -> u64 {
     nanos ^ (u64::from(std::process::id()) << 32)
 }
 
-mod link;
-
 const SIGNAL_TOKEN: Token = Token(usize::MAX - 1);
 /// The link to the master.
 const LINK_TOKEN: Token = Token(usize::MAX - 2);
@@ -125,10 +146,8 @@ const SWEEP_INTERVAL: Duration = Duration::from_secs(1);
 /// been silent before it is closed (input still on its way is answered first).
 const DRAIN_TICK: Duration = Duration::from_millis(50);
 const DRAIN_QUIET: Duration = Duration::from_millis(250);
-/// Connections taken from a listener per wake-up.
-const ACCEPTS_PER_WAKEUP: usize = 32;
-/// After too many open files, accepting pauses this long instead of spinning.
-const ACCEPT_PAUSE: Duration = Duration::from_millis(100);
+/// TLS handshakes driven per turn of the loop; more wait for the next turn.
+const HANDSHAKES_PER_TURN: usize = 8;
 
 /// Runs a worker until it has drained or is told to quit; returns its exit status.
 pub fn run(setup: WorkerSetup) -> i32 {
@@ -148,12 +167,6 @@ pub fn run(setup: WorkerSetup) -> i32 {
             1
         }
     }
-}
-
-struct Listening {
-    kind: ServiceKind,
-    listener: TcpListener,
-    registered: bool,
 }
 
 enum State {
@@ -207,6 +220,8 @@ struct Worker {
     short_of_descriptors: bool,
     /// Connections with input left unread because their turn was over.
     another_turn: Vec<usize>,
+    /// TLS handshakes this turn may still drive (see [`HANDSHAKES_PER_TURN`]).
+    handshakes_left: usize,
     /// Accepting paused after EMFILE/ENFILE until then.
     accept_paused_until: Option<Instant>,
     next_sweep: Instant,
@@ -229,15 +244,10 @@ impl Worker {
         poll.registry()
             .register(&mut signals, SIGNAL_TOKEN, Interest::READABLE)?;
         let mut listeners = Vec::new();
-        for (index, (kind, listener)) in setup.listeners.into_iter().enumerate() {
-            let mut listener = TcpListener::from_std(listener);
-            poll.registry()
-                .register(&mut listener, Token(index), Interest::READABLE)?;
-            listeners.push(Listening {
-                kind,
-                listener,
-                registered: true,
-            });
+        for (index, (kind, socket)) in setup.listeners.into_iter().enumerate() {
+            let mut listening = Listening::new(kind, socket);
+            listening.watch(poll.registry(), Token(index))?;
+            listeners.push(listening);
         }
         // The worker keeps its ledger mapping and settings for its whole life; sessions
         // borrow them.
@@ -263,6 +273,8 @@ impl Worker {
             sessions: SessionContext {
                 config: &settings.config,
                 ledger,
+                users: settings.users.as_deref(),
+                throttle: Box::leak(Box::new(RefCell::new(AuthThrottle::default()))),
             },
             settings,
             state: State::Serving,
@@ -271,6 +283,7 @@ impl Worker {
             link_writable: false,
             accept_paused_until: None,
             another_turn: Vec::new(),
+            handshakes_left: HANDSHAKES_PER_TURN,
             short_of_descriptors: false,
             next_sweep: now + SWEEP_INTERVAL,
         }))
@@ -287,6 +300,7 @@ impl Worker {
                 return Err(e);
             }
             let now = Instant::now();
+            self.handshakes_left = HANDSHAKES_PER_TURN;
             for event in events.iter() {
                 match event.token() {
                     SIGNAL_TOKEN => {
@@ -398,9 +412,7 @@ impl Worker {
             self.accept_until_blocked(index, now, room);
         }
         for mut listening in self.listeners.drain(..) {
-            if listening.registered {
-                let _ = self.poll.registry().deregister(&mut listening.listener);
-            }
+            let _ = listening.unwatch(self.poll.registry());
         }
         self.state = State::Draining {
             why,
@@ -413,118 +425,22 @@ impl Worker {
         }
     }
 
-    /// Accepts a bounded batch, so that a burst is shared with the other workers (on a shared
-    /// listener) and the connections already open keep being served. A listener left
-    /// non-empty is re-armed: re-registering reports it ready again.
-    fn accept_batch(&mut self, index: usize, now: Instant) {
-        let room = self
-            .settings
-            .config
-            .max_connections
-            .saturating_sub(self.conns.len())
-            .min(ACCEPTS_PER_WAKEUP);
-        let drained = self.accept_until_blocked(index, now, room);
-        self.pause_or_resume_accepting(now);
-        if !drained {
-            if let Some(listening) = self.listeners.get_mut(index).filter(|l| l.registered) {
-                if let Err(e) = self.poll.registry().reregister(
-                    &mut listening.listener,
-                    Token(index),
-                    Interest::READABLE,
-                ) {
-                    log::error!("cannot re-arm the {} listener: {e}", listening.kind.name());
-                }
-            }
-        }
-    }
-
-    /// Accepts until the queue is empty (returns true) or `room` connections were taken or
-    /// accepting must pause (returns false).
-    fn accept_until_blocked(&mut self, index: usize, now: Instant, mut room: usize) -> bool {
-        let Some(listening) = self.listeners.get(index) else {
-            return true;
-        };
-        let kind = listening.kind;
-        while room > 0 {
-            match self.listeners[index].listener.accept() {
-                Ok((stream, peer)) => {
-                    room -= 1;
-                    if std::mem::take(&mut self.short_of_descriptors) {
-                        log::info!("accepting again");
-                    }
-                    log::debug!("accepted {} connection from {peer}", kind.name());
-                    self.add_conn(stream, kind, now);
-                }
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return true,
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-                Err(e) if is_out_of_descriptors(&e) => {
-                    if !self.short_of_descriptors {
-                        log::warn!("accept: {e}; pausing accepts for {ACCEPT_PAUSE:?} at a time");
-                        self.short_of_descriptors = true;
-                    }
-                    self.accept_paused_until = Some(now + ACCEPT_PAUSE);
-                    return false;
-                }
-                // The client gave up while queued (ECONNABORTED and the like): next one.
-                Err(e) => log::debug!("accept: {e}"),
-            }
-        }
-        false
-    }
-
-    fn add_conn(&mut self, stream: mio::net::TcpStream, kind: ServiceKind, now: Instant) {
-        let entry = self.conns.vacant_entry();
-        let token = Token(entry.key() + FIRST_CONN_TOKEN);
-        let counters = self.cell.counters(kind);
-        let mut conn = Conn::new(
-            stream,
-            token,
-            Session::new(kind, self.sessions),
-            counters,
-            now,
-        );
-        if let Err(e) = conn.register(self.poll.registry()) {
-            log::warn!("cannot register a connection: {e}");
-            return;
-        }
-        counters.accepted.fetch_add(1, Relaxed);
-        counters.open_connections.fetch_add(1, Relaxed);
-        entry.insert(conn);
-    }
-
-    /// Deregisters the listeners while at the connection cap or after EMFILE (so that the
-    /// queue waits instead of waking us in a loop), and registers them again when a slot
-    /// frees: registering reports a non-empty queue at once.
-    fn pause_or_resume_accepting(&mut self, now: Instant) {
-        if self.accept_paused_until.is_some_and(|until| now >= until) {
-            self.accept_paused_until = None;
-        }
-        let accept = self.conns.len() < self.settings.config.max_connections
-            && self.accept_paused_until.is_none();
-        for (index, listening) in self.listeners.iter_mut().enumerate() {
-            if listening.registered == accept {
-                continue;
-            }
-            let registry = self.poll.registry();
-            let result = if accept {
-                registry.register(&mut listening.listener, Token(index), Interest::READABLE)
-            } else {
-                registry.deregister(&mut listening.listener)
-            };
-            match result {
-                Ok(()) => listening.registered = accept,
-                Err(e) => log::error!(
-                    "cannot change accepting on {} listener: {e}",
-                    listening.kind.name()
-                ),
-            }
-        }
-    }
-
     fn on_conn_event(&mut self, key: usize, readiness: Readiness, now: Instant) {
         let Some(conn) = self.conns.get_mut(key) else {
             return;
         };
+        // A TLS handshake is CPU work: a bounded number per turn, so that a burst of new
+        // TLS clients cannot starve the established connections.
+        if conn.handshaking() {
+            if self.handshakes_left == 0 {
+                conn.defer_to_next_turn();
+                if !self.another_turn.contains(&key) {
+                    self.another_turn.push(key);
+                }
+                return;
+            }
+            self.handshakes_left -= 1;
+        }
         let limits = Limits {
             output_limit: self.settings.config.output_limit,
         };
@@ -634,13 +550,6 @@ impl Worker {
     }
 }
 
-fn is_out_of_descriptors(e: &io::Error) -> bool {
-    matches!(
-        e.raw_os_error(),
-        Some(libc::EMFILE | libc::ENFILE | libc::ENOBUFS | libc::ENOMEM)
-    )
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -679,7 +588,8 @@ mod tests {
             ..crate::config::Cli::default()
         })
         .expect("valid settings");
-        let settings = WorkerSettings::new(&config);
+        let tls = ServiceTls::load(&config).expect("no TLS configured");
+        let settings = WorkerSettings::new(&config, &tls, None);
         assert_eq!(
             settings.drain_budget + LINGER_TIMEOUT,
             config.graceful_timeout
