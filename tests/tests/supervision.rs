@@ -1,6 +1,7 @@
 //! Supervision: dead workers are reaped and replaced, the master's death takes the workers
 //! with it, and start-up failures are one clear line and a non-zero exit.
 
+use std::io::Read;
 use std::net::TcpListener;
 use std::time::{Duration, Instant};
 
@@ -177,10 +178,22 @@ fn settings_come_from_the_config_file_and_flags_win() {
             "1",
         ])
         .start();
+    // The flag wins: one worker. The master logs this line on stderr while the ready line
+    // goes to stdout; the harness reads the two pipes on separate threads, so the log line
+    // may arrive after the ready line: wait for it.
     server.wait_workers(1, Duration::from_secs(5));
-    assert!(
-        server.output().contains("1 workers serving"),
-        "{}",
-        server.output()
+    wait_until(
+        "the master to log 1 workers serving",
+        Duration::from_secs(5),
+        || server.output().contains("1 workers serving").then_some(()),
     );
+    // The file's idle_timeout applies (the harness passes no flag for it): an idle
+    // connection is closed by the server, which the harness's 300 s default would not do.
+    let mut stream = server.connect_echo();
+    assert_eq!(request_line(&mut stream, "idle soon"), "IDLE SOON");
+    let mut rest = Vec::new();
+    let read = stream
+        .read_to_end(&mut rest)
+        .expect("the server closes the idle connection");
+    assert_eq!((read, rest), (0, Vec::new()), "nothing but EOF");
 }
