@@ -1,7 +1,7 @@
 //! The services a connection can speak, as byte-in/bytes-out sessions: the worker hands a
 //! session whatever it read and sends whatever the session wrote. No socket here.
 
-use forkpool_common::bank::{parse_request, ErrorKind, Reply, Request};
+use forkpool_common::bank::{parse_request, ProtocolError, Reply, Request};
 use forkpool_common::codec::{Flow, Frame, LineFramer, Uppercaser};
 use forkpool_ledger::Ledger;
 
@@ -92,18 +92,14 @@ impl Session {
                 )
             }
             Session::Bank(session) => {
-                let ledger = session.ledger;
+                let (ledger, max_line) = (session.ledger, session.framer.max_line());
                 let mut requests = 0;
                 let flow = session.framer.feed(input, |frame| {
                     requests += 1;
                     match frame {
                         Frame::Line(line) => answer_line(ledger, line, out),
                         Frame::TooLong => {
-                            Reply::error(
-                                ErrorKind::LineTooLong,
-                                "request lines are limited in length; closing",
-                            )
-                            .write_to(out);
+                            Reply::from(ProtocolError::line_too_long(max_line)).write_to(out);
                             Flow::Stop
                         }
                     }
