@@ -35,13 +35,15 @@ fn main() -> ExitCode {
 fn run() -> anyhow::Result<()> {
     let cli = config::Cli::parse();
     let config = config::Config::load(&cli)?;
-    match process::raise_nofile_limit() {
-        Ok(limit) => log::info!("open file limit: {limit}"),
-        Err(e) => log::warn!("cannot raise the open file limit: {e}"),
-    }
+    let nofile = process::raise_nofile_limit();
     // Built once here, the tables are shared by every worker forked from this process.
     forkpool_common::codec::prepare_uppercase_tables();
     let mut master = master::Master::new(cli, config)?;
+    // Logged once the start can no longer fail: a failed start is one line on stderr.
+    match nofile {
+        Ok(limit) => log::info!("open file limit: {limit}"),
+        Err(e) => log::warn!("cannot raise the open file limit: {e}"),
+    }
     master.run().context("master event loop failed")
 }
 

@@ -177,6 +177,28 @@ impl Master {
         let args: Vec<std::ffi::OsString> = std::env::args_os().skip(1).collect();
         let mut inherited = inherit::take()?;
         let services = listen(&config, &mut inherited)?;
+        let poll = Poll::new()?;
+        let mut signals = Signals::new([
+            SIGTERM, SIGINT, SIGQUIT, SIGCHLD, SIGHUP, SIGTTIN, SIGTTOU, SIGUSR1, SIGUSR2,
+        ])?;
+        poll.registry()
+            .register(&mut signals, SIGNAL_TOKEN, Interest::READABLE)?;
+        let (status_pipe, status_sender) = master_link::status_pipe()?;
+        poll.registry().register(
+            &mut SourceFd(&status_pipe.raw_fd()),
+            STATUS_PIPE_TOKEN,
+            Interest::READABLE,
+        )?;
+        let status_http = match config.status_addr {
+            Some(addr) => Some(StatusServer::bind(
+                addr,
+                poll.registry(),
+                STATUS_HTTP_TOKENS,
+            )?),
+            None => None,
+        };
+        let scoreboard = Scoreboard::new(SCOREBOARD_CELLS)?;
+        // The ledger last: it logs what it opened, and a failed start must be one line.
         let ledger = match inherited.ledger.take() {
             // A binary upgrade: the old master's workers use the ledger right now, so its
             // locks must not be re-initialised nor recovery run.
@@ -199,26 +221,6 @@ impl Master {
             audit.total,
             config.fsync
         );
-        let poll = Poll::new()?;
-        let mut signals = Signals::new([
-            SIGTERM, SIGINT, SIGQUIT, SIGCHLD, SIGHUP, SIGTTIN, SIGTTOU, SIGUSR1, SIGUSR2,
-        ])?;
-        poll.registry()
-            .register(&mut signals, SIGNAL_TOKEN, Interest::READABLE)?;
-        let (status_pipe, status_sender) = master_link::status_pipe()?;
-        poll.registry().register(
-            &mut SourceFd(&status_pipe.raw_fd()),
-            STATUS_PIPE_TOKEN,
-            Interest::READABLE,
-        )?;
-        let status_http = match config.status_addr {
-            Some(addr) => Some(StatusServer::bind(
-                addr,
-                poll.registry(),
-                STATUS_HTTP_TOKENS,
-            )?),
-            None => None,
-        };
         Ok(Master {
             io: Some(MasterIo {
                 poll,
@@ -228,7 +230,7 @@ impl Master {
             }),
             status_sender: Some(status_sender),
             ledger: Some(ledger),
-            scoreboard: Scoreboard::new(SCOREBOARD_CELLS)?,
+            scoreboard,
             services,
             slots: Vec::new(),
             workers: Vec::new(),

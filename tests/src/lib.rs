@@ -103,6 +103,8 @@ pub struct ServerBuilder {
     program: Option<PathBuf>,
     /// A command that runs the server: `wrapper... <program> <args...>`.
     wrapper: Vec<String>,
+    /// Leave `RUST_LOG` unset (the server's default level) instead of the harness's `debug`.
+    default_log_level: bool,
 }
 
 impl ServerBuilder {
@@ -135,6 +137,13 @@ impl ServerBuilder {
     /// must exec it in place so the master keeps the child's pid.
     pub fn wrapper<I: IntoIterator<Item = S>, S: Into<String>>(mut self, wrapper: I) -> Self {
         self.wrapper = wrapper.into_iter().map(Into::into).collect();
+        self
+    }
+
+    /// Runs the server at its default log level (`RUST_LOG` unset), as an operator would,
+    /// instead of the harness's `debug`.
+    pub fn default_log_level(mut self) -> Self {
+        self.default_log_level = true;
         self
     }
 
@@ -194,11 +203,15 @@ impl ServerBuilder {
         command
             .args(&args)
             .current_dir(dir.path())
-            .env("RUST_LOG", "debug")
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
             .process_group(0);
+        if self.default_log_level {
+            command.env_remove("RUST_LOG");
+        } else {
+            command.env("RUST_LOG", "debug");
+        }
         for (key, value) in &self.env {
             command.env(key, value);
         }
@@ -207,16 +220,21 @@ impl ServerBuilder {
         let stdout = child.stdout.take().expect("stdout is piped");
         let stderr = child.stderr.take().expect("stderr is piped");
         let log = Arc::new(Mutex::new(Vec::new()));
+        let stderr_log = Arc::new(Mutex::new(Vec::new()));
         let (ready_tx, ready_rx) = mpsc::channel();
         let closed_pipes = Arc::new(AtomicUsize::new(0));
         let (stdout_lines, stdout_closed) = (Arc::clone(&log), Arc::clone(&closed_pipes));
         std::thread::spawn(move || {
-            collect_lines(stdout, &stdout_lines, Some(ready_tx));
+            collect_lines(stdout, &[&stdout_lines], Some(ready_tx));
             stdout_closed.fetch_add(1, Ordering::SeqCst);
         });
-        let (stderr_lines, stderr_closed) = (Arc::clone(&log), Arc::clone(&closed_pipes));
+        let (stderr_lines, stderr_only, stderr_closed) = (
+            Arc::clone(&log),
+            Arc::clone(&stderr_log),
+            Arc::clone(&closed_pipes),
+        );
         std::thread::spawn(move || {
-            collect_lines(stderr, &stderr_lines, None);
+            collect_lines(stderr, &[&stderr_lines, &stderr_only], None);
             stderr_closed.fetch_add(1, Ordering::SeqCst);
         });
         Server {
@@ -226,6 +244,7 @@ impl ServerBuilder {
             bank: None,
             status: None,
             log,
+            stderr_log,
             closed_pipes,
             ready_rx,
             dir,
@@ -234,9 +253,13 @@ impl ServerBuilder {
     }
 }
 
-/// Reads a child's output line by line (so the child never blocks on a full pipe); stdout
-/// lines that start with `forkpool ready` go to `ready` too.
-fn collect_lines(stream: impl Read, log: &Mutex<Vec<String>>, ready: Option<mpsc::Sender<String>>) {
+/// Reads a child's output line by line (so the child never blocks on a full pipe) into each
+/// of `logs`; stdout lines that start with `forkpool ready` go to `ready` too.
+fn collect_lines(
+    stream: impl Read,
+    logs: &[&Mutex<Vec<String>>],
+    ready: Option<mpsc::Sender<String>>,
+) {
     for line in BufReader::new(stream).lines() {
         let Ok(line) = line else { break };
         if let Some(ready) = &ready {
@@ -244,8 +267,10 @@ fn collect_lines(stream: impl Read, log: &Mutex<Vec<String>>, ready: Option<mpsc
                 let _ = ready.send(line.clone());
             }
         }
-        if let Ok(mut log) = log.lock() {
-            log.push(line);
+        for log in logs {
+            if let Ok(mut log) = log.lock() {
+                log.push(line.clone());
+            }
         }
     }
 }
@@ -273,6 +298,8 @@ pub struct Server {
     /// The HTTP status address (`status=` in the ready line, with `--status-addr`).
     pub status: Option<SocketAddr>,
     log: Arc<Mutex<Vec<String>>>,
+    /// What the server printed on stderr alone.
+    stderr_log: Arc<Mutex<Vec<String>>>,
     /// How many of stdout and stderr reached EOF (all output collected).
     closed_pipes: Arc<AtomicUsize>,
     ready_rx: mpsc::Receiver<String>,
@@ -289,6 +316,7 @@ impl Server {
             without: Vec::new(),
             program: None,
             wrapper: Vec::new(),
+            default_log_level: false,
         }
     }
 
@@ -342,6 +370,14 @@ impl Server {
         self.log
             .lock()
             .map(|lines| lines.join("\n"))
+            .unwrap_or_default()
+    }
+
+    /// The lines the server printed on stderr (complete after [`Server::wait_exit`]).
+    pub fn stderr_lines(&self) -> Vec<String> {
+        self.stderr_log
+            .lock()
+            .map(|lines| lines.clone())
             .unwrap_or_default()
     }
 

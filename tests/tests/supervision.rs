@@ -139,6 +139,46 @@ fn bad_settings_are_one_clear_line_and_a_failure() {
     }
 }
 
+/// At the level an operator runs it (`RUST_LOG` unset), a failed start prints exactly one line
+/// on stderr, whichever step fails: settings, config file, listener, status listener (bound
+/// after the ledger is open), ledger.
+#[test]
+fn a_failed_start_is_exactly_one_line_on_stderr_at_the_default_log_level() {
+    let taken = TcpListener::bind("127.0.0.1:0").expect("bind a port");
+    let taken = taken.local_addr().expect("local address").to_string();
+    let running = Server::start();
+    let ledger_in_use = running.data_dir().path().join("ledger.bin");
+    let ledger_in_use = ledger_in_use.to_str().expect("UTF-8 path").to_string();
+    let cases: &[(&[&str], &str)] = &[
+        (&["--workers", "0"], "invalid setting workers = 0"),
+        (
+            &["--config", "/nonexistent/forkpool.toml"],
+            "cannot read config file",
+        ),
+        (&["--echo-addr", &taken], "in use"),
+        (&["--status-addr", &taken], "in use"),
+        (&["--ledger", &ledger_in_use], "locked"),
+    ];
+    for (args, cause) in cases {
+        let mut server = Server::builder()
+            .default_log_level()
+            .args(args.iter().copied())
+            .spawn();
+        assert!(
+            !server.wait_exit(Duration::from_secs(10)).success(),
+            "{args:?} was accepted"
+        );
+        let stderr = server.stderr_lines();
+        assert!(
+            stderr.len() == 1
+                && stderr[0].starts_with("forkpool-server: ")
+                && stderr[0].contains(cause),
+            "{args:?}: expected one line naming {cause:?} on stderr, got {stderr:#?}"
+        );
+        assert_eq!(server.output_lines(), stderr, "{args:?}: nothing on stdout");
+    }
+}
+
 #[test]
 fn a_config_file_with_an_unknown_or_malformed_setting_is_refused() {
     let dir = tempfile::tempdir().expect("a temporary directory");
