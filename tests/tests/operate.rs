@@ -370,6 +370,13 @@ fn hup_with_a_bad_config_changes_nothing_under_load() {
     after.sort();
     assert_eq!(after, before, "the same workers serve on");
     assert_eq!(log_count(&server, "reload refused"), 1);
+    // The refusal names the file's line and key, as at start-up.
+    assert_eq!(
+        log_count(&server, "line 1, key workers: invalid type"),
+        1,
+        "{}",
+        server.output()
+    );
 }
 
 #[test]

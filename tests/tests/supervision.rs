@@ -184,7 +184,10 @@ fn a_config_file_with_an_unknown_or_malformed_setting_is_refused() {
     let dir = tempfile::tempdir().expect("a temporary directory");
     for (text, expected) in [
         ("wrokers = 2\n", "wrokers"),
-        ("workers = \"two\"\n", "invalid type"),
+        (
+            "backlog = 7\nworkers = \"two\"\n",
+            "line 2, key workers: invalid type: string \"two\", expected usize",
+        ),
         ("echo_addr = \"127.0.0.1\"\n", "echo_addr = 127.0.0.1"),
         ("\u{0}\u{ff}garbage[[", "bad.toml"),
     ] {
