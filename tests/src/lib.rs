@@ -373,6 +373,20 @@ impl Server {
             .unwrap_or_default()
     }
 
+    /// Waits until a line of the output contains `text` and returns how many do. Log lines
+    /// come on stderr, read by another thread than stdout, and may arrive after what a test
+    /// saw elsewhere (a ready line, a pid in /proc): wait for them, never read them once.
+    pub fn wait_logged(&self, text: &str, timeout: Duration) -> usize {
+        wait_until(&format!("a log line with {text:?}"), timeout, || {
+            let count = self
+                .output_lines()
+                .iter()
+                .filter(|line| line.contains(text))
+                .count();
+            (count > 0).then_some(count)
+        })
+    }
+
     /// The lines the server printed on stderr (complete after [`Server::wait_exit`]).
     pub fn stderr_lines(&self) -> Vec<String> {
         self.stderr_log

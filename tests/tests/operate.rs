@@ -241,7 +241,7 @@ fn a_stopped_worker_is_killed_and_replaced_within_the_timeout() {
     assert!(took <= Duration::from_secs(3), "took {took:?}");
     assert!(replaced.contains(&workers[1]), "the healthy worker stays");
     assert_eq!(
-        log_count(&server, "sent no heartbeat"),
+        server.wait_logged("sent no heartbeat", WAIT),
         1,
         "{}",
         server.output()
@@ -325,7 +325,7 @@ fn a_worker_waiting_for_a_stopped_lock_holder_is_not_killed() {
     assert!(request_line(&mut bank, "BALANCE bench-0").starts_with("OK "));
     assert!(is_alive(waiter), "{}", server.output());
     assert_eq!(
-        log_count(&server, "sent no heartbeat"),
+        server.wait_logged("sent no heartbeat", WAIT),
         1,
         "{}",
         server.output()
