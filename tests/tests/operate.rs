@@ -297,6 +297,16 @@ fn a_worker_waiting_for_a_stopped_lock_holder_is_not_killed() {
         .spawn()
         .expect("forkpool-bench starts");
     let load_pid = Pid::from_raw(load.id() as i32);
+    // Hunt only once the load runs: a worker killed while the bench opens its accounts
+    // would roll the opening back (and end the bench's run before it began).
+    let mut probe = server.connect_bank();
+    wait_until("the bench to open its accounts", WAIT, || {
+        ["BALANCE bench-0", "BALANCE bench-1"]
+            .iter()
+            .all(|request| request_line(&mut probe, request).starts_with("OK "))
+            .then_some(())
+    });
+    drop(probe);
     // Stop a worker until it is caught holding a lock (it resumes when it is not).
     let holder = wait_until("a worker stopped while holding a ledger lock", WAIT, || {
         workers.iter().copied().find(|&w| {
@@ -322,7 +332,8 @@ fn a_worker_waiting_for_a_stopped_lock_holder_is_not_killed() {
     );
     // The waiter survived a full timeout and more behind the lock, and now serves again.
     let mut bank = server.connect_bank();
-    assert!(request_line(&mut bank, "BALANCE bench-0").starts_with("OK "));
+    let balance = request_line(&mut bank, "BALANCE bench-0");
+    assert!(balance.starts_with("OK "), "{balance}");
     assert!(is_alive(waiter), "{}", server.output());
     assert_eq!(
         server.wait_logged("sent no heartbeat", WAIT),
