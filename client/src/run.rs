@@ -2,6 +2,7 @@
 //! edges of the measured window, show progress, collect and judge the figures.
 
 use std::io::IsTerminal;
+use std::net::{SocketAddr, TcpStream};
 use std::sync::atomic::{AtomicI64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -34,9 +35,19 @@ struct Measured<W> {
     server: Option<(TreeSample, TreeSample)>,
 }
 
+/// Fails unless one connection to `addr` is accepted within `timeout`: an address that
+/// refuses or never accepts is the same usage-class failure (exit 2) in both modes, not a run
+/// counting connect errors.
+fn check_reachable(addr: SocketAddr, timeout: Duration) -> anyhow::Result<()> {
+    TcpStream::connect_timeout(&addr, timeout)
+        .map(drop)
+        .with_context(|| format!("cannot connect to {addr}"))
+}
+
 /// Runs `forkpool-bench echo`.
 pub fn echo(args: &EchoArgs) -> anyhow::Result<Report> {
     let s = args.load.settings(DEFAULT_ECHO_ADDR)?;
+    check_reachable(s.addr, s.timeout)?;
     let size = args.size as usize;
     let m = measure(&s, |t| {
         let mut rng = Rng::new(s.seed ^ (t as u64).wrapping_mul(0x9e37_79b9_7f4a_7c15));
@@ -48,6 +59,7 @@ pub fn echo(args: &EchoArgs) -> anyhow::Result<Report> {
 /// Runs `forkpool-bench bank`.
 pub fn bank(args: &BankArgs) -> anyhow::Result<Report> {
     let s = args.load.settings(DEFAULT_BANK_ADDR)?;
+    check_reachable(s.addr, s.timeout)?;
     let accounts = account_names(&args.prefix, args.accounts as usize)?;
     let opening = open_accounts(s.addr, &accounts, args.opening_balance, s.timeout)
         .context("bank setup failed")?;
@@ -106,7 +118,7 @@ fn measure<W: Workload, F: Fn(usize) -> W + Sync>(
         End::After(_) => None,
     };
     let lives: Vec<Arc<Live>> = (0..s.threads).map(|_| Arc::default()).collect();
-    let progress = Progress::new(&s.end);
+    let progress = Progress::new(s.warmup, s.end);
     std::thread::scope(|scope| {
         let handles: Vec<_> = (0..s.threads)
             .map(|t| {
@@ -228,6 +240,15 @@ fn report<W: Workload>(
     }
 }
 
+/// The progress line before the first figures, e.g. `starting: 3 s warm-up, then 10 s`.
+fn starting_message(warmup: Duration, end: End) -> String {
+    if warmup.is_zero() {
+        format!("starting: {end}")
+    } else {
+        format!("starting: {} s warm-up, then {end}", warmup.as_secs_f64())
+    }
+}
+
 /// The live one-line display: drawn on stderr once a second, and only when stderr is a
 /// terminal.
 struct Progress {
@@ -236,14 +257,14 @@ struct Progress {
 }
 
 impl Progress {
-    fn new(end: &End) -> Self {
+    fn new(warmup: Duration, end: End) -> Self {
         let bar = std::io::stderr().is_terminal().then(|| {
             let bar = ProgressBar::with_draw_target(None, ProgressDrawTarget::stderr());
             bar.set_style(
                 ProgressStyle::with_template("{spinner} {elapsed:>4} {msg}")
                     .unwrap_or_else(|_| ProgressStyle::default_spinner()),
             );
-            bar.set_message(format!("starting ({end:?})"));
+            bar.set_message(starting_message(warmup, end));
             bar
         });
         Progress {
@@ -306,5 +327,36 @@ impl Progress {
         if let Some(bar) = &self.bar {
             bar.finish_and_clear();
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_starting_line_is_plain_words() {
+        let requests = End::Requests {
+            count: 50_000,
+            cap: Duration::from_secs(60),
+        };
+        assert_eq!(
+            starting_message(Duration::ZERO, End::After(Duration::from_secs(3))),
+            "starting: 3 s"
+        );
+        assert_eq!(
+            starting_message(Duration::from_millis(1500), requests),
+            "starting: 1.5 s warm-up, then 50000 requests (at most 60 s)"
+        );
+    }
+
+    #[test]
+    fn an_address_that_refuses_is_an_error_naming_it() {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        assert!(check_reachable(addr, Duration::from_secs(2)).is_ok());
+        drop(listener);
+        let err = check_reachable(addr, Duration::from_secs(2)).unwrap_err();
+        assert_eq!(err.to_string(), format!("cannot connect to {addr}"));
     }
 }

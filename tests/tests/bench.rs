@@ -224,3 +224,127 @@ fn a_bank_run_ends_with_the_audit_matching() {
     assert_eq!(field(&r, "unknown_ops"), 0, "{r}");
     assert!(number(&r, "applied") > 100.0, "{r}");
 }
+
+/// An address that accepts no connection is a failure to start (exit 2, one line naming the
+/// address on stderr, nothing on stdout), the same in both modes and with `--json`.
+#[test]
+fn an_address_that_accepts_nothing_is_the_same_start_failure_in_both_modes() {
+    let refused = TcpListener::bind("127.0.0.1:0")
+        .and_then(|listener| listener.local_addr())
+        .expect("a free port")
+        .to_string();
+    for args in [
+        &["echo", "--addr", &refused][..],
+        &["bank", "--addr", &refused],
+        &["echo", "--addr", &refused, "--json"],
+        &["bank", "--addr", &refused, "--json"],
+        &["--addr", &refused],
+    ] {
+        let out = bench(args);
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{args:?}: {stderr}");
+        assert!(out.stdout.is_empty(), "{args:?}: no report");
+        assert_eq!(
+            stderr.lines().collect::<Vec<_>>(),
+            [format!(
+                "forkpool-bench: cannot connect to {refused}: Connection refused (os error 111)"
+            )],
+            "{args:?}"
+        );
+    }
+}
+
+#[test]
+fn an_unknown_mode_is_named_with_the_top_level_usage() {
+    let out = bench(&["bogus"]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{stderr}");
+    assert!(
+        stderr.contains("unrecognized subcommand 'bogus'")
+            && stderr.contains("Usage: forkpool-bench <COMMAND>"),
+        "{stderr}"
+    );
+}
+
+/// `echo --help` and `bank --help` share one layout (each option's help on the line after it),
+/// and the options they share read the same, but for the default address.
+#[test]
+fn echo_and_bank_help_share_one_layout() {
+    let help = |mode: &str| {
+        let out = bench(&[mode, "--help"]);
+        assert!(out.status.success());
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    let (echo, bank) = (help("echo"), help("bank"));
+    let options = |text: &str| -> Vec<String> {
+        let lines: Vec<&str> = text
+            .lines()
+            .skip_while(|line| *line != "Options:")
+            .skip(1)
+            .take_while(|line| !line.is_empty())
+            .collect();
+        for pair in lines.chunks(2) {
+            assert!(
+                pair.len() == 2
+                    && pair[0].trim_start().starts_with('-')
+                    && pair[1].starts_with("          "),
+                "an option, then its help on the next line: {pair:?}\n{text}"
+            );
+        }
+        lines.iter().map(|line| line.to_string()).collect()
+    };
+    let (echo, bank) = (options(&echo), options(&bank));
+    let shared = |lines: &[String]| -> Vec<String> {
+        lines
+            .chunks(2)
+            .filter(|pair| bank_and_echo_flag(&pair[0]))
+            .flat_map(|pair| pair.iter().cloned())
+            .collect()
+    };
+    let (echo_shared, bank_shared) = (shared(&echo), shared(&bank));
+    assert_eq!(echo_shared.len(), bank_shared.len());
+    for (e, b) in echo_shared.iter().zip(&bank_shared) {
+        if e.contains("[default: 127.0.0.1:") {
+            assert!(e.ends_with(":7878]") && b.ends_with(":7879]"), "{e} / {b}");
+        } else {
+            assert_eq!(e, b);
+        }
+    }
+}
+
+/// An option line of a flag both modes have.
+fn bank_and_echo_flag(line: &str) -> bool {
+    ![
+        "--size",
+        "--text",
+        "--accounts",
+        "--opening-balance",
+        "--mix",
+        "--prefix",
+    ]
+    .iter()
+    .any(|flag| line.contains(&format!("{flag} ")))
+}
+
+/// `requests` are the measured window's replies, `checked` every reply verified (warm-up
+/// included): the report says which is which, and checked is never below requests.
+#[test]
+fn the_report_says_what_requests_and_checked_count() {
+    let server = Server::start();
+    let addr = server.echo_addr().to_string();
+    let args = ["--addr", &addr, "-c", "2", "-n", "300", "--warmup", "0.3"];
+    let (r, code) = json(&args);
+    assert_eq!(code, 0, "{r}");
+    assert_eq!(number(&r, "requests"), 300.0, "{r}");
+    assert_eq!(number(&r, "completed"), 300.0, "{r}");
+    assert!(number(&r, "replies") >= 300.0, "{r}");
+    let out = bench(&args);
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        text.contains("  requests   300 in the measured window  (")
+            && text.contains(
+                " replies in all (warm-up and the end's in-flight ones included), 0 wrong"
+            ),
+        "{text}"
+    );
+}
