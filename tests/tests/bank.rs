@@ -355,7 +355,7 @@ fn the_readme_bank_session_is_what_the_server_answers() {
         .take_while(|line| !line.starts_with("```") && !line.starts_with('$'))
         .collect();
     assert!(
-        session.len() >= 8 && session.len() % 2 == 0,
+        session.len() >= 8 && session.len().is_multiple_of(2),
         "the README has a bank session of requests and replies: {session:?}"
     );
     let server = Server::start();
