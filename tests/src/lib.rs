@@ -21,6 +21,8 @@ use nix::unistd::Pid;
 
 /// How long [`Server::wait_exit`] waits for the output pipes to close after the exit.
 const OUTPUT_END_TIMEOUT: Duration = Duration::from_secs(2);
+/// How long a server that refuses to start may take to exit.
+const REFUSAL_TIMEOUT: Duration = Duration::from_secs(10);
 /// How long a server may take to print its ready line.
 pub const START_TIMEOUT: Duration = Duration::from_secs(20);
 
@@ -440,6 +442,19 @@ impl Server {
             std::thread::sleep(Duration::from_millis(5));
         }
         status
+    }
+
+    /// Waits for a server that must refuse to start ([`ServerBuilder::spawn`]) to exit, checks
+    /// it failed cleanly (non-zero status, no panic, no ready line, no worker forked), and
+    /// returns everything it printed; `what` names the case in failure messages.
+    pub fn wait_refused(&mut self, what: &str) -> String {
+        let status = self.wait_exit(REFUSAL_TIMEOUT);
+        let output = self.output();
+        assert!(!status.success(), "{what}: the server started: {output}");
+        assert!(!output.contains("panicked"), "{what}: {output}");
+        assert!(!output.contains("forkpool ready"), "{what}: {output}");
+        assert!(!output.contains("worker 0 started"), "{what}: {output}");
+        output
     }
 
     /// Waits for the next ready line (e.g. a new master's after SIGUSR2) and returns it.
