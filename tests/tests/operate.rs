@@ -5,15 +5,15 @@
 //!
 //! Every wait is a condition with a deadline; every server is killed by the harness's `Drop`.
 
-use std::io::{Read, Write};
+use std::io::{BufRead, BufReader, Read, Write};
 use std::net::TcpStream;
 use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use forkpool_testkit::{
-    bench_json, binary, http_request, is_alive, json_number, process_state, read_line,
-    request_line, socket_owner, tool, wait_until, Server, Signal,
+    bench_json, http_request, is_alive, json_number, process_state, read_line, request_line,
+    socket_owner, tool, wait_until, Server, Signal,
 };
 use nix::sys::signal::kill;
 use nix::unistd::Pid;
@@ -271,69 +271,81 @@ fn stripe_lock_holders(ledger: &Path) -> Vec<i32> {
         .collect()
 }
 
+/// A bank connection served by `worker` (reuseport spreads connections by hash: connect
+/// until one lands there).
+fn bank_connection_served_by(server: &Server, worker: Pid) -> TcpStream {
+    wait_until(
+        &format!("a bank connection served by {worker}"),
+        WAIT,
+        || {
+            let mut conn = server.connect_bank();
+            assert_eq!(request_line(&mut conn, "PING"), "PONG");
+            (socket_owner(&conn, &[worker]) == Some(worker)).then_some(conn)
+        },
+    )
+}
+
+/// Sends AUDIT in batches on `conn` until the connection ends. Each AUDIT takes every stripe
+/// lock, lowest first, so the worker serving it holds stripe 0 most of the time.
+fn audit_until_closed(conn: TcpStream) -> std::thread::JoinHandle<()> {
+    const BATCH: usize = 256;
+    std::thread::spawn(move || {
+        let mut reader = BufReader::new(conn.try_clone().expect("clone the stream"));
+        let mut writer = conn;
+        let batch = "AUDIT\n".repeat(BATCH);
+        let mut line = String::new();
+        while writer.write_all(batch.as_bytes()).is_ok() {
+            for _ in 0..BATCH {
+                line.clear();
+                if !matches!(reader.read_line(&mut line), Ok(n) if n > 0) {
+                    return;
+                }
+            }
+        }
+    })
+}
+
 #[test]
 fn a_worker_waiting_for_a_stopped_lock_holder_is_not_killed() {
-    let server = Server::builder()
-        .args(["--worker-timeout", "1", "--fsync", "always"])
-        .start();
+    let server = Server::builder().args(["--worker-timeout", "1"]).start();
     let ledger = server.data_dir().path().join("ledger.bin");
     let workers = server.wait_workers(2, WAIT);
-    // Transfers between two accounts from both workers: each holds a stripe lock often.
-    let mut load = Command::new(binary("forkpool-bench"))
-        .args(["bank", "--addr", &server.bank_addr().to_string()])
-        .args([
-            "--accounts",
-            "2",
-            "--mix",
-            "transfer=1",
-            "-c",
-            "8",
-            "-d",
-            "20",
-        ])
-        .args(["--timeout", "5", "--threads", "2"])
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("forkpool-bench starts");
-    let load_pid = Pid::from_raw(load.id() as i32);
-    // Hunt only once the load runs: a worker killed while the bench opens its accounts
-    // would roll the opening back (and end the bench's run before it began).
-    let mut probe = server.connect_bank();
-    wait_until("the bench to open its accounts", WAIT, || {
-        ["BALANCE bench-0", "BALANCE bench-1"]
-            .iter()
-            .all(|request| request_line(&mut probe, request).starts_with("OK "))
-            .then_some(())
-    });
-    drop(probe);
-    // Stop a worker until it is caught holding a lock (it resumes when it is not).
-    let holder = wait_until("a worker stopped while holding a ledger lock", WAIT, || {
-        workers.iter().copied().find(|&w| {
-            kill(w, Signal::SIGSTOP).expect("stop a worker");
+    let (holder, waiter) = (workers[0], workers[1]);
+    let mut waiting = bank_connection_served_by(&server, waiter);
+    let auditing = audit_until_closed(bank_connection_served_by(&server, holder));
+    // Stop the auditing worker until it is caught holding a stripe lock (and so stripe 0: an
+    // AUDIT takes them in order); resume it when it holds none. The waiter is never stopped:
+    // whatever silence it shows is the server's doing.
+    wait_until(
+        "the auditing worker stopped holding the ledger's locks",
+        WAIT,
+        || {
+            kill(holder, Signal::SIGSTOP).expect("the auditing worker lives");
             wait_until("the worker to stop", WAIT, || {
-                (process_state(w)? == 'T').then_some(())
+                (process_state(holder)? == 'T').then_some(())
             });
-            if stripe_lock_holders(&ledger).contains(&w.as_raw()) {
-                return true;
+            if stripe_lock_holders(&ledger).contains(&holder.as_raw()) {
+                return Some(());
             }
-            kill(w, Signal::SIGCONT).expect("resume a worker");
-            false
-        })
-    });
-    let waiter = *workers.iter().find(|&&w| w != holder).expect("two workers");
+            kill(holder, Signal::SIGCONT).expect("the auditing worker lives");
+            None
+        },
+    );
+    // The waiter's AUDIT needs stripe 0: it waits behind the stopped holder, beating, until
+    // the master kills the holder; then it repairs the stripe and answers.
     let stopped_at = Instant::now();
-    wait_until("the stopped holder to be killed", WAIT, || {
-        (!is_alive(holder)).then_some(())
-    });
+    assert!(request_line(&mut waiting, "AUDIT").starts_with("OK "));
     eprintln!(
-        "stopped lock holder killed after {:?}",
+        "waited {:?} behind the stopped lock holder",
         stopped_at.elapsed()
     );
-    // The waiter survived a full timeout and more behind the lock, and now serves again.
-    let mut bank = server.connect_bank();
-    let balance = request_line(&mut bank, "BALANCE bench-0");
-    assert!(balance.starts_with("OK "), "{balance}");
+    assert!(
+        !is_alive(holder),
+        "the answer came once the holder was gone"
+    );
+    auditing
+        .join()
+        .expect("the auditing thread ends with its connection");
     assert!(is_alive(waiter), "{}", server.output());
     assert_eq!(
         server.wait_logged("sent no heartbeat", WAIT),
@@ -341,9 +353,8 @@ fn a_worker_waiting_for_a_stopped_lock_holder_is_not_killed() {
         "{}",
         server.output()
     );
-    assert!(server.workers().contains(&waiter));
-    let _ = kill(load_pid, Signal::SIGKILL);
-    let _ = load.wait();
+    server.wait_logged(&format!("(pid {holder}) sent no heartbeat"), WAIT);
+    assert_eq!(request_line(&mut waiting, "PING"), "PONG");
 }
 
 /// A config file in the server's data directory.
