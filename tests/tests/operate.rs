@@ -77,14 +77,25 @@ fn echo_load(server: &Server, seconds: &str) -> std::thread::JoinHandle<(serde_j
     })
 }
 
-/// A clean run: exit 0, no wrong reply, no network error.
-fn assert_clean(report: &serde_json::Value, code: i32) {
-    assert_eq!(code, 0, "{report}");
-    assert_eq!(json_number(report, "mismatches"), 0.0, "{report}");
+/// A clean run: exit 0, no wrong reply, no network error. On failure the message carries the
+/// server's log too (what it did while the client saw an error).
+fn assert_clean(server: &Server, report: &serde_json::Value, code: i32) {
+    let failed = |what: &str| format!("{what}: {report}\nserver log:\n{}", server.output());
+    assert_eq!(code, 0, "{}", failed("exit status"));
+    assert_eq!(
+        json_number(report, "mismatches"),
+        0.0,
+        "{}",
+        failed("mismatches")
+    );
     for key in ["connect_errors", "resets", "timeouts"] {
-        assert_eq!(json_number(report, key), 0.0, "{key}: {report}");
+        assert_eq!(json_number(report, key), 0.0, "{}", failed(key));
     }
-    assert!(json_number(report, "requests") > 0.0, "{report}");
+    assert!(
+        json_number(report, "requests") > 0.0,
+        "{}",
+        failed("requests")
+    );
 }
 
 #[test]
@@ -210,7 +221,7 @@ fn recycling_under_load_fails_no_request() {
         .start();
     let (report, code) = echo_load(&server, "3").join().expect("bench thread");
     eprintln!("recycling run: {report}");
-    assert_clean(&report, code);
+    assert_clean(&server, &report, code);
     let page = metrics(&server);
     let recycled = metric(&page, "forkpool_worker_restarts_total{reason=\"recycled\"}");
     assert!(recycled > 0.0, "{page}");
@@ -387,7 +398,7 @@ fn hup_with_a_bad_config_changes_nothing_under_load() {
     });
     let (report, code) = load.join().expect("bench thread");
     eprintln!("bad reload run: {report}");
-    assert_clean(&report, code);
+    assert_clean(&server, &report, code);
     let mut after = server.workers();
     after.sort();
     assert_eq!(after, before, "the same workers serve on");
@@ -424,7 +435,7 @@ fn hup_with_a_good_config_replaces_the_workers_under_load() {
     });
     let (report, code) = load.join().expect("bench thread");
     eprintln!("good reload run: {report}");
-    assert_clean(&report, code);
+    assert_clean(&server, &report, code);
     // The old workers closed the bench's busy connections (at the graceful deadline at the
     // latest) while the load ran: the hand-over itself was under load.
     assert!(json_number(&report, "closed") > 0.0, "{report}");
