@@ -63,12 +63,20 @@ pub struct Cli {
 pub enum Mode {
     /// Uppercase echo: random lines (multi-byte UTF-8 mixed in, or ASCII only with
     /// `--text ascii`), each reply checked byte for byte.
-    #[command(next_line_help = true, after_help = EXIT_CODES, mut_arg("addr", |a| a.help(addr_help(DEFAULT_ECHO_ADDR))))]
+    #[command(
+        next_line_help = true,
+        after_help = EXIT_CODES,
+        mut_arg("addr", |a| a.help(addr_help(DEFAULT_ECHO_ADDR)))
+    )]
     Echo(EchoArgs),
     /// Bank: opens accounts, runs a mix of transfers, deposits and withdrawals, then checks
     /// AUDIT against the acknowledged operations. Assumes nobody else writes to the ledger
     /// during the run.
-    #[command(next_line_help = true, after_help = EXIT_CODES, mut_arg("addr", |a| a.help(addr_help(DEFAULT_BANK_ADDR))))]
+    #[command(
+        next_line_help = true,
+        after_help = EXIT_CODES,
+        mut_arg("addr", |a| a.help(addr_help(DEFAULT_BANK_ADDR)))
+    )]
     Bank(BankArgs),
 }
 

@@ -157,7 +157,7 @@ impl Report {
         ));
         let c = &self.counters;
         line(format!(
-            "  checked    {} replies in all (warm-up and the end's in-flight ones included), {} wrong",
+            "  checked    {} replies in all (warm-up and end-of-window in-flight included), {} wrong",
             c.replies, c.mismatches
         ));
         line(format!(

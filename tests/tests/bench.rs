@@ -344,7 +344,7 @@ fn the_report_says_what_requests_and_checked_count() {
     assert!(
         text.contains("  requests   300 in the measured window  (")
             && text.contains(
-                " replies in all (warm-up and the end's in-flight ones included), 0 wrong"
+                " replies in all (warm-up and end-of-window in-flight included), 0 wrong"
             ),
         "{text}"
     );
