@@ -13,7 +13,7 @@ use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 use crate::args::{BankArgs, EchoArgs, End, Settings, DEFAULT_BANK_ADDR, DEFAULT_ECHO_ADDR};
 use crate::bank_setup::{account_names, final_audit, open_accounts};
 use crate::book::Book;
-use crate::cpu::{client_cpu, sample_tree, TreeSample};
+use crate::cpu::{client_cpu, find_tree, sample_tree, Tree, TreeSample};
 use crate::driver::{self, Clock, Counting, Live, Plan};
 use crate::load::{payload_pool, Rng, Text};
 use crate::report::{judge, BankReport, Report};
@@ -99,9 +99,12 @@ fn measure<W: Workload, F: Fn(usize) -> W + Sync>(
     s: &Settings,
     make: F,
 ) -> anyhow::Result<Measured<W>> {
-    if let Some(pid) = s.server_pid {
-        sample_tree(pid).with_context(|| format!("--server-pid {pid}"))?;
-    }
+    // Found now, sampled at the window's start: a scan of /proc there could take longer
+    // than a short window.
+    let server_tree = s
+        .server_pid
+        .map(|pid| find_tree(pid).with_context(|| format!("--server-pid {pid}")))
+        .transpose()?;
     let start = Instant::now();
     let window_start = start + s.warmup;
     let window_end = window_start + s.end.max_window();
@@ -143,7 +146,7 @@ fn measure<W: Workload, F: Fn(usize) -> W + Sync>(
         let all_done = || handles.iter().all(|h| h.is_finished());
         progress.wait_until(window_start, &lives, &all_done);
         let cpu0 = client_cpu();
-        let server0 = s.server_pid.and_then(|pid| sample_tree(pid).ok());
+        let server0 = server_tree.as_ref().map(Tree::sample);
         match s.end {
             End::After(_) => progress.wait_until(window_end, &lives, &all_done),
             End::Requests { .. } => progress.wait_for(window_end, &lives, &all_done),

@@ -133,13 +133,16 @@ fn json_output_has_every_field() {
     let server = Server::start();
     let addr = server.echo_addr().to_string();
     let pid = server.pid.to_string();
+    // Enough requests for a window of tens of milliseconds at least: the server's CPU is
+    // sampled at the window's edges, and 500 requests (about 10 ms) could all be served
+    // before a loaded machine ran the sampling thread.
     let (r, code) = json(&[
         "--addr",
         &addr,
         "-c",
         "2",
         "-n",
-        "500",
+        "5000",
         "--warmup",
         "0.1",
         "--server-pid",
@@ -196,7 +199,7 @@ fn json_output_has_every_field() {
     ] {
         field(&r, key);
     }
-    assert_eq!(number(&r, "requests"), 500.0);
+    assert_eq!(number(&r, "requests"), 5000.0);
     assert!(number(&r, "server_cpu_us_per_request") > 0.0, "{r}");
     assert!(number(&r, "p99_us") > 0.0, "{r}");
     assert!(field(&r, "bank").is_null(), "{r}");
