@@ -28,14 +28,20 @@ Exit status:
   1  verification failure: an echo reply differed from the uppercase of the request, a bank
      reply was malformed or an unexpected error, or the final AUDIT differs from the expected
      total by more than the operations with unknown outcome can explain
-  2  usage error, or the run could not start (address, bank setup)
+  2  usage error, or the run could not start: an address that refuses or never accepts a
+     connection (within --timeout), or a failed bank setup
   3  no verification failure, but the run was degraded: connect errors, resets (an EOF in the
      middle of a reply counts as one) or timeouts were counted, no request completed in the
      measured window, or the final AUDIT could not be taken
 
 A clean close by the server (EOF at a reply boundary, as a recycled or draining worker does)
 is not an error: the connection is reopened, unanswered echo requests are sent again (counted
-as `retried`), and unanswered bank operations are booked as of unknown outcome."
+as `retried`), and unanswered bank operations are booked as of unknown outcome.
+
+Two counts: `requests` (JSON `requests`, also `counters.completed`) are the replies received
+in the measured window, which the throughput and latency figures describe; `checked` (JSON
+`counters.replies`) is every reply verified, those of the warm-up and those still in flight
+when the window closed included, so it is at least `requests`."
     };
 }
 const EXIT_CODES: &str = exit_codes!();
@@ -59,19 +65,32 @@ pub struct Cli {
 pub enum Mode {
     /// Uppercase echo: random lines (multi-byte UTF-8 mixed in, or ASCII only with
     /// `--text ascii`), each reply checked byte for byte.
-    #[command(after_help = EXIT_CODES)]
+    #[command(
+        next_line_help = true,
+        after_help = EXIT_CODES,
+        mut_arg("addr", |a| a.help(addr_help(DEFAULT_ECHO_ADDR)))
+    )]
     Echo(EchoArgs),
     /// Bank: opens accounts, runs a mix of transfers, deposits and withdrawals, then checks
     /// AUDIT against the acknowledged operations. Assumes nobody else writes to the ledger
     /// during the run.
-    #[command(after_help = EXIT_CODES)]
+    #[command(
+        next_line_help = true,
+        after_help = EXIT_CODES,
+        mut_arg("addr", |a| a.help(addr_help(DEFAULT_BANK_ADDR)))
+    )]
     Bank(BankArgs),
+}
+
+/// The help of `--addr`, with the mode's default.
+fn addr_help(default: &str) -> String {
+    format!("Server address (host:port) [default: {default}]")
 }
 
 /// Load shape shared by both modes.
 #[derive(Args, Debug, Clone)]
 pub struct LoadArgs {
-    /// Server address (host:port) [default: 127.0.0.1:7878 for echo, 127.0.0.1:7879 for bank]
+    /// Server address (host:port); each mode sets its own help with its default.
     #[arg(long)]
     pub addr: Option<String>,
     /// Number of connections kept open.
@@ -143,7 +162,9 @@ pub struct EchoArgs {
     pub size: u32,
     /// What the lines are made of: `mixed` (mostly ASCII, about one character in eight
     /// multi-byte UTF-8) or `ascii` (for servers that only uppercase ASCII).
-    #[arg(long, value_enum, default_value_t = Text::Mixed)]
+    // The values are explained above: listing them again with their own help would switch
+    // `echo --help` to clap's long layout, unlike `bank --help`.
+    #[arg(long, value_enum, default_value_t = Text::Mixed, hide_possible_values = true)]
     pub text: Text,
 }
 
@@ -191,6 +212,18 @@ pub enum End {
     After(Duration),
     /// After this many measured requests, or at the cap, whichever first.
     Requests { count: u64, cap: Duration },
+}
+
+impl std::fmt::Display for End {
+    /// For people: `10 s`, `50000 requests (at most 60 s)`.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            End::After(d) => write!(f, "{} s", d.as_secs_f64()),
+            End::Requests { count, cap } => {
+                write!(f, "{count} requests (at most {} s)", cap.as_secs_f64())
+            }
+        }
+    }
 }
 
 impl End {
@@ -286,16 +319,17 @@ pub fn parse() -> Cli {
     Cli::parse_from(with_default_mode(std::env::args_os().collect()))
 }
 
-/// Inserts `echo` after the program name unless a subcommand (or top-level help/version) comes
-/// first.
+/// Inserts `echo` after the program name when the command line is empty or starts with an
+/// option of echo's (`forkpool-bench -c 10`). A first word that is not an option is a mode,
+/// known or not: clap then names an unknown one and shows the top-level usage.
 fn with_default_mode(mut argv: Vec<std::ffi::OsString>) -> Vec<std::ffi::OsString> {
-    let explicit = argv.get(1).and_then(|a| a.to_str()).is_some_and(|a| {
-        matches!(
-            a,
-            "echo" | "bank" | "help" | "-h" | "--help" | "-V" | "--version"
-        )
-    });
-    if !explicit {
+    let implied = match argv.get(1).map(|a| a.to_string_lossy()) {
+        None => true,
+        Some(first) => {
+            first.starts_with('-') && !matches!(&*first, "-h" | "--help" | "-V" | "--version")
+        }
+    };
+    if implied {
         argv.insert(1.min(argv.len()), "echo".into());
     }
     argv
@@ -323,6 +357,34 @@ mod tests {
         assert_eq!(
             (echo.load.connections, echo.load.pipeline, echo.size),
             (3, 16, 100)
+        );
+    }
+
+    #[test]
+    fn a_first_word_that_is_no_mode_is_not_taken_for_echo() {
+        let argv = |args: &[&str]| -> Vec<std::ffi::OsString> {
+            std::iter::once("forkpool-bench")
+                .chain(args.iter().copied())
+                .map(Into::into)
+                .collect()
+        };
+        let err = Cli::try_parse_from(with_default_mode(argv(&["bogus"]))).unwrap_err();
+        assert_eq!(err.kind(), clap::error::ErrorKind::InvalidSubcommand);
+        for args in [&["--help"][..], &["-V"], &["help"], &["bank"]] {
+            assert_eq!(with_default_mode(argv(args)), argv(args), "{args:?}");
+        }
+    }
+
+    #[test]
+    fn the_end_of_the_window_reads_plainly() {
+        assert_eq!(End::After(Duration::from_secs(3)).to_string(), "3 s");
+        assert_eq!(
+            End::Requests {
+                count: 50_000,
+                cap: Duration::from_millis(60_500)
+            }
+            .to_string(),
+            "50000 requests (at most 60.5 s)"
         );
     }
 

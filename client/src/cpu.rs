@@ -76,9 +76,16 @@ fn ticks_per_second() -> u64 {
         .unwrap_or(100)
 }
 
-/// CPU time used so far by `root` and every live descendant (plus reaped children's, see the
-/// module docs). Fails when `root` does not exist.
-pub fn sample_tree(root: u32) -> io::Result<TreeSample> {
+/// The processes of a tree, as one scan of /proc found them. The scan reads every process's
+/// stat (milliseconds on a busy host); [`Tree::sample`] reads only the tree's own files, so it
+/// can be taken right at the edge of a short window.
+#[derive(Debug, Clone)]
+pub struct Tree {
+    pids: Vec<u32>,
+}
+
+/// Finds `root` and every live descendant. Fails when `root` does not exist.
+pub fn find_tree(root: u32) -> io::Result<Tree> {
     let stats = all_stats()?;
     if !stats.contains_key(&root) {
         return Err(io::Error::new(
@@ -86,19 +93,36 @@ pub fn sample_tree(root: u32) -> io::Result<TreeSample> {
             format!("no process {root}"),
         ));
     }
-    let tree = descendants(root, &stats);
-    let hz = ticks_per_second();
-    let ticks = |t: u64| Duration::from_nanos(t.saturating_mul(1_000_000_000) / hz);
-    let mut cpu = Duration::ZERO;
-    for pid in &tree {
-        let s = &stats[pid];
-        cpu += own_cpu(*pid).unwrap_or_else(|| ticks(s.utime + s.stime));
-        cpu += ticks(s.cutime + s.cstime);
-    }
-    Ok(TreeSample {
-        cpu,
-        processes: tree.len(),
+    Ok(Tree {
+        pids: descendants(root, &stats),
     })
+}
+
+impl Tree {
+    /// CPU time used so far by the processes found (plus reaped children's, see the module
+    /// docs). One that exited since is skipped: its time is in its parent's reaped-children
+    /// time. One started since is not counted (it had used nothing when the tree was found).
+    pub fn sample(&self) -> TreeSample {
+        let hz = ticks_per_second();
+        let ticks = |t: u64| Duration::from_nanos(t.saturating_mul(1_000_000_000) / hz);
+        let mut sample = TreeSample {
+            cpu: Duration::ZERO,
+            processes: 0,
+        };
+        for &pid in &self.pids {
+            let Some(s) = read_stat(pid) else { continue };
+            sample.cpu += own_cpu(pid).unwrap_or_else(|| ticks(s.utime + s.stime));
+            sample.cpu += ticks(s.cutime + s.cstime);
+            sample.processes += 1;
+        }
+        sample
+    }
+}
+
+/// CPU time used so far by `root` and every live descendant (plus reaped children's, see the
+/// module docs). Fails when `root` does not exist.
+pub fn sample_tree(root: u32) -> io::Result<TreeSample> {
+    Ok(find_tree(root)?.sample())
 }
 
 /// `root` and its descendants, from a pid -> stat table.
@@ -129,15 +153,16 @@ fn all_stats() -> io::Result<HashMap<u32, Stat>> {
         else {
             continue;
         };
-        if let Some(s) = fs::read_to_string(format!("/proc/{pid}/stat"))
-            .ok()
-            .as_deref()
-            .and_then(parse_stat)
-        {
+        if let Some(s) = read_stat(pid) {
             stats.insert(pid, s);
         }
     }
     Ok(stats)
+}
+
+/// `/proc/PID/stat`, or `None` if the process is gone.
+fn read_stat(pid: u32) -> Option<Stat> {
+    parse_stat(&fs::read_to_string(format!("/proc/{pid}/stat")).ok()?)
 }
 
 /// Sum of the schedstat run times of every thread of `pid`, if the kernel provides them.

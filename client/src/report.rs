@@ -25,7 +25,8 @@ pub struct Report {
     pub warmup_s: f64,
     /// Length of the measured window.
     pub window_s: f64,
-    /// Requests counted in the window.
+    /// Replies received in the measured window (the throughput and latency figures are
+    /// theirs); `counters.replies` counts every reply checked.
     pub requests: u64,
     pub requests_per_sec: f64,
     pub mb_per_sec_sent: f64,
@@ -138,7 +139,7 @@ impl Report {
             self.mode, self.addr, self.connections, self.pipeline, self.threads, self.window_s, self.warmup_s
         ));
         line(format!(
-            "  requests   {}  ({:.0} req/s, {:.2} MB/s out, {:.2} MB/s in)",
+            "  requests   {} in the measured window  ({:.0} req/s, {:.2} MB/s out, {:.2} MB/s in)",
             self.requests, self.requests_per_sec, self.mb_per_sec_sent, self.mb_per_sec_received
         ));
         let l = &self.latency;
@@ -156,7 +157,7 @@ impl Report {
         ));
         let c = &self.counters;
         line(format!(
-            "  checked    {} replies, {} wrong",
+            "  checked    {} replies in all (warm-up and end-of-window in-flight included), {} wrong",
             c.replies, c.mismatches
         ));
         line(format!(

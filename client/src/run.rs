@@ -2,6 +2,7 @@
 //! edges of the measured window, show progress, collect and judge the figures.
 
 use std::io::IsTerminal;
+use std::net::{SocketAddr, TcpStream};
 use std::sync::atomic::{AtomicI64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -12,7 +13,7 @@ use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 use crate::args::{BankArgs, EchoArgs, End, Settings, DEFAULT_BANK_ADDR, DEFAULT_ECHO_ADDR};
 use crate::bank_setup::{account_names, final_audit, open_accounts};
 use crate::book::Book;
-use crate::cpu::{client_cpu, sample_tree, TreeSample};
+use crate::cpu::{client_cpu, find_tree, sample_tree, Tree, TreeSample};
 use crate::driver::{self, Clock, Counting, Live, Plan};
 use crate::load::{payload_pool, Rng, Text};
 use crate::report::{judge, BankReport, Report};
@@ -34,9 +35,19 @@ struct Measured<W> {
     server: Option<(TreeSample, TreeSample)>,
 }
 
+/// Fails unless one connection to `addr` is accepted within `timeout`: an address that
+/// refuses or never accepts is the same usage-class failure (exit 2) in both modes, not a run
+/// counting connect errors.
+fn check_reachable(addr: SocketAddr, timeout: Duration) -> anyhow::Result<()> {
+    TcpStream::connect_timeout(&addr, timeout)
+        .map(drop)
+        .with_context(|| format!("cannot connect to {addr}"))
+}
+
 /// Runs `forkpool-bench echo`.
 pub fn echo(args: &EchoArgs) -> anyhow::Result<Report> {
     let s = args.load.settings(DEFAULT_ECHO_ADDR)?;
+    check_reachable(s.addr, s.timeout)?;
     let size = args.size as usize;
     let m = measure(&s, |t| {
         let mut rng = Rng::new(s.seed ^ (t as u64).wrapping_mul(0x9e37_79b9_7f4a_7c15));
@@ -53,6 +64,7 @@ pub fn bank(args: &BankArgs) -> anyhow::Result<Report> {
         s.tls.is_none(),
         "bank --tls is not supported yet (echo --tls is)"
     );
+    check_reachable(s.addr, s.timeout)?;
     let accounts = account_names(&args.prefix, args.accounts as usize)?;
     let opening = open_accounts(s.addr, &accounts, args.opening_balance, s.timeout)
         .context("bank setup failed")?;
@@ -92,9 +104,12 @@ fn measure<W: Workload, F: Fn(usize) -> W + Sync>(
     s: &Settings,
     make: F,
 ) -> anyhow::Result<Measured<W>> {
-    if let Some(pid) = s.server_pid {
-        sample_tree(pid).with_context(|| format!("--server-pid {pid}"))?;
-    }
+    // Found now, sampled at the window's start: a scan of /proc there could take longer
+    // than a short window.
+    let server_tree = s
+        .server_pid
+        .map(|pid| find_tree(pid).with_context(|| format!("--server-pid {pid}")))
+        .transpose()?;
     let start = Instant::now();
     let window_start = start + s.warmup;
     let window_end = window_start + s.end.max_window();
@@ -111,7 +126,7 @@ fn measure<W: Workload, F: Fn(usize) -> W + Sync>(
         End::After(_) => None,
     };
     let lives: Vec<Arc<Live>> = (0..s.threads).map(|_| Arc::default()).collect();
-    let progress = Progress::new(&s.end);
+    let progress = Progress::new(s.warmup, s.end);
     std::thread::scope(|scope| {
         let handles: Vec<_> = (0..s.threads)
             .map(|t| {
@@ -137,7 +152,7 @@ fn measure<W: Workload, F: Fn(usize) -> W + Sync>(
         let all_done = || handles.iter().all(|h| h.is_finished());
         progress.wait_until(window_start, &lives, &all_done);
         let cpu0 = client_cpu();
-        let server0 = s.server_pid.and_then(|pid| sample_tree(pid).ok());
+        let server0 = server_tree.as_ref().map(Tree::sample);
         match s.end {
             End::After(_) => progress.wait_until(window_end, &lives, &all_done),
             End::Requests { .. } => progress.wait_for(window_end, &lives, &all_done),
@@ -234,6 +249,15 @@ fn report<W: Workload>(
     }
 }
 
+/// The progress line before the first figures, e.g. `starting: 3 s warm-up, then 10 s`.
+fn starting_message(warmup: Duration, end: End) -> String {
+    if warmup.is_zero() {
+        format!("starting: {end}")
+    } else {
+        format!("starting: {} s warm-up, then {end}", warmup.as_secs_f64())
+    }
+}
+
 /// The live one-line display: drawn on stderr once a second, and only when stderr is a
 /// terminal.
 struct Progress {
@@ -242,14 +266,14 @@ struct Progress {
 }
 
 impl Progress {
-    fn new(end: &End) -> Self {
+    fn new(warmup: Duration, end: End) -> Self {
         let bar = std::io::stderr().is_terminal().then(|| {
             let bar = ProgressBar::with_draw_target(None, ProgressDrawTarget::stderr());
             bar.set_style(
                 ProgressStyle::with_template("{spinner} {elapsed:>4} {msg}")
                     .unwrap_or_else(|_| ProgressStyle::default_spinner()),
             );
-            bar.set_message(format!("starting ({end:?})"));
+            bar.set_message(starting_message(warmup, end));
             bar
         });
         Progress {
@@ -312,5 +336,36 @@ impl Progress {
         if let Some(bar) = &self.bar {
             bar.finish_and_clear();
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_starting_line_is_plain_words() {
+        let requests = End::Requests {
+            count: 50_000,
+            cap: Duration::from_secs(60),
+        };
+        assert_eq!(
+            starting_message(Duration::ZERO, End::After(Duration::from_secs(3))),
+            "starting: 3 s"
+        );
+        assert_eq!(
+            starting_message(Duration::from_millis(1500), requests),
+            "starting: 1.5 s warm-up, then 50000 requests (at most 60 s)"
+        );
+    }
+
+    #[test]
+    fn an_address_that_refuses_is_an_error_naming_it() {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        assert!(check_reachable(addr, Duration::from_secs(2)).is_ok());
+        drop(listener);
+        let err = check_reachable(addr, Duration::from_secs(2)).unwrap_err();
+        assert_eq!(err.to_string(), format!("cannot connect to {addr}"));
     }
 }

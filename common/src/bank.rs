@@ -46,7 +46,13 @@
 //!    ledger never sees such a request; whether the account exists does not matter.
 //!
 //! Every other failure kind (`no-such-account`, `insufficient-funds`, `overflow`, `ledger-full`,
-//! `line-too-long`, `denied`) is decided by the server, which builds the reply with [`Reply::error`].
+//! `line-too-long`, `internal`, `denied`) is decided by the server, which builds it with the
+//! [`ProtocolError`] constructor of that name.
+//!
+//! # Error details
+//! One style for every detail: an account is written `account 'NAME'`; client input is quoted
+//! between `'`, escaped and truncated (below); a limit comes with the setting that sets it
+//! (`max_line`, `max_accounts`). The details are for people; programs match the `<kind>` word.
 //!
 //! # Hostile input
 //! Any byte sequence (invalid UTF-8, NUL bytes, megabytes of digits) parses to a value without
@@ -473,6 +479,76 @@ impl ProtocolError {
     }
 }
 
+/// The error details, written once so that every reply says things the same way: an account
+/// is always `account 'NAME'`, client input is quoted between `'` (escaped and truncated), and a
+/// limit is given with the setting that sets it.
+impl ProtocolError {
+    /// `same-account`: `TRANSFER` from `acct` to itself.
+    pub fn same_account(acct: &AccountName) -> Self {
+        ProtocolError::new(
+            ErrorKind::SameAccount,
+            format!("cannot transfer from {} to itself", account(acct)),
+        )
+    }
+
+    /// `no-such-account`: `acct` was never opened.
+    pub fn no_such_account(acct: &AccountName) -> Self {
+        ProtocolError::new(
+            ErrorKind::NoSuchAccount,
+            format!("{} does not exist", account(acct)),
+        )
+    }
+
+    /// `insufficient-funds`: `acct` holds less than the amount taken from it.
+    pub fn insufficient_funds(acct: &AccountName) -> Self {
+        ProtocolError::new(
+            ErrorKind::InsufficientFunds,
+            format!("{} holds less than the amount", account(acct)),
+        )
+    }
+
+    /// `overflow`: crediting `acct` would take its balance above [`MAX_AMOUNT`].
+    pub fn overflow(acct: &AccountName) -> Self {
+        ProtocolError::new(
+            ErrorKind::Overflow,
+            format!("the balance of {} would exceed {MAX_AMOUNT}", account(acct)),
+        )
+    }
+
+    /// `ledger-full`: `acct` is new and the ledger already holds `capacity` accounts.
+    pub fn ledger_full(acct: &AccountName, capacity: u64) -> Self {
+        ProtocolError::new(
+            ErrorKind::LedgerFull,
+            format!(
+                "cannot open {}: the ledger holds its limit of {capacity} accounts \
+                 (the max_accounts setting)",
+                account(acct)
+            ),
+        )
+    }
+
+    /// `line-too-long`: a request line exceeded `max_line` bytes; the server closes next.
+    pub fn line_too_long(max_line: usize) -> Self {
+        ProtocolError::new(
+            ErrorKind::LineTooLong,
+            format!("request line longer than {max_line} bytes (the max_line setting); closing"),
+        )
+    }
+
+    /// `internal`: the ledger could not serve the request (a damaged lock); nothing changed.
+    pub fn internal() -> Self {
+        ProtocolError::new(
+            ErrorKind::Internal,
+            "the ledger cannot serve this request; nothing changed",
+        )
+    }
+}
+
+/// How every error detail names an account.
+fn account(acct: &AccountName) -> String {
+    format!("account '{acct}'")
+}
+
 impl From<ProtocolError> for Reply {
     fn from(e: ProtocolError) -> Self {
         Reply::Err {
@@ -573,10 +649,7 @@ pub fn parse_request(line: &[u8]) -> Result<Request, ProtocolError> {
             let to = parse_account(fields[2])?;
             let amount = parse_amount(fields[3])?;
             if from == to {
-                return Err(ProtocolError::new(
-                    ErrorKind::SameAccount,
-                    format!("cannot transfer from account '{from}' to itself"),
-                ));
+                return Err(ProtocolError::same_account(&from));
             }
             Request::Transfer { from, to, amount }
         }
@@ -1319,6 +1392,51 @@ mod tests {
             ProtocolError::new(ErrorKind::LedgerFull, "full").to_string(),
             "ledger-full: full"
         );
+    }
+
+    /// Every detail the server decides, exactly: accounts as `account 'NAME'`, limits with
+    /// their setting; even the longest name keeps the detail under the cap, uncut.
+    #[test]
+    fn server_decided_details_name_the_account_or_the_limit_in_one_style() {
+        let line = |e: ProtocolError| reply_line(&e.into());
+        assert_eq!(
+            line(ProtocolError::same_account(&acct("a"))),
+            "ERR same-account cannot transfer from account 'a' to itself\n"
+        );
+        assert_eq!(
+            line(ProtocolError::no_such_account(&acct("ghost"))),
+            "ERR no-such-account account 'ghost' does not exist\n"
+        );
+        assert_eq!(
+            line(ProtocolError::insufficient_funds(&acct("bob"))),
+            "ERR insufficient-funds account 'bob' holds less than the amount\n"
+        );
+        assert_eq!(
+            line(ProtocolError::overflow(&acct("big"))),
+            "ERR overflow the balance of account 'big' would exceed 9223372036854775807\n"
+        );
+        assert_eq!(
+            line(ProtocolError::ledger_full(&acct("d"), 3)),
+            "ERR ledger-full cannot open account 'd': the ledger holds its limit of 3 accounts \
+             (the max_accounts setting)\n"
+        );
+        assert_eq!(
+            line(ProtocolError::line_too_long(65536)),
+            "ERR line-too-long request line longer than 65536 bytes (the max_line setting); \
+             closing\n"
+        );
+        assert_eq!(
+            line(ProtocolError::internal()),
+            "ERR internal the ledger cannot serve this request; nothing changed\n"
+        );
+        let longest = acct(&"n".repeat(MAX_ACCOUNT_LEN));
+        for e in [
+            ProtocolError::overflow(&longest),
+            ProtocolError::ledger_full(&longest, u64::MAX),
+        ] {
+            assert!(e.detail.len() <= MAX_DETAIL_BYTES, "{}", e.detail);
+            assert!(line(e).contains(&format!("account '{longest}'")));
+        }
     }
 
     #[test]

@@ -243,6 +243,11 @@ impl LineFramer {
         (!last.is_empty() && !self.discarding).then_some(last)
     }
 
+    /// The longest line this framer accepts, in bytes.
+    pub fn max_line(&self) -> usize {
+        self.max_line
+    }
+
     /// Bytes held for an unfinished line (for memory accounting and idle-buffer release).
     pub fn buffered(&self) -> usize {
         self.partial.len()

@@ -1,8 +1,9 @@
 //! The bank service: carries out one parsed request against the shared ledger and says how
-//! it went as a protocol reply. Parsing and reply formatting are `forkpool-common`'s; the
-//! ledger's guarantees (atomic, crash-safe) are `forkpool-ledger`'s.
+//! it went as a protocol reply. Parsing and reply formatting (the wording of every error
+//! detail included) are `forkpool-common`'s; the ledger's guarantees (atomic, crash-safe) are
+//! `forkpool-ledger`'s.
 
-use forkpool_common::bank::{AccountName, ErrorKind, Reply, Request};
+use forkpool_common::bank::{AccountName, ErrorKind, ProtocolError, Reply, Request};
 use forkpool_ledger::{Ledger, OpError};
 
 /// Detail of the answer to AUTH on a server without users (as Redis answers AUTH without a
@@ -13,54 +14,63 @@ pub const NO_USERS_DETAIL: &str = "no users are configured on this server";
 /// answered here only for a server without users (`ERR denied`); with users, the session
 /// handles AUTH (see `users::ConnAuth`) and never passes it on.
 pub fn execute(ledger: &Ledger, request: &Request) -> Reply {
-    match *request {
-        Request::Deposit { acct, amount } => {
-            result(ledger.deposit(&acct, amount).map(Reply::Ok), &[acct])
-        }
-        Request::Withdraw { acct, amount } => {
-            result(ledger.withdraw(&acct, amount).map(Reply::Ok), &[acct])
-        }
-        Request::Transfer { from, to, amount } => result(
-            ledger
-                .transfer(&from, &to, amount)
-                .map(|(from, to)| Reply::OkPair(from, to)),
-            &[from, to],
-        ),
-        Request::Balance { acct } => result(ledger.balance(&acct).map(Reply::Ok), &[acct]),
-        Request::Audit => result(
-            ledger.audit().map(|audit| Reply::Audit {
-                total: audit.total,
-                accounts: audit.accounts,
-            }),
-            &[],
-        ),
-        Request::Ping => Reply::Pong,
-        Request::Quit => Reply::Bye,
-        Request::Auth { .. } => Reply::error(ErrorKind::Denied, NO_USERS_DETAIL),
+    let outcome = match *request {
+        Request::Deposit { acct, amount } => ledger.deposit(&acct, amount).map(Reply::Ok),
+        Request::Withdraw { acct, amount } => ledger.withdraw(&acct, amount).map(Reply::Ok),
+        Request::Transfer { from, to, amount } => ledger
+            .transfer(&from, &to, amount)
+            .map(|(from, to)| Reply::OkPair(from, to)),
+        Request::Balance { acct } => ledger.balance(&acct).map(Reply::Ok),
+        Request::Audit => ledger.audit().map(|audit| Reply::Audit {
+            total: audit.total,
+            accounts: audit.accounts,
+        }),
+        Request::Ping => Ok(Reply::Pong),
+        Request::Quit => Ok(Reply::Bye),
+        Request::Auth { .. } => Ok(Reply::error(ErrorKind::Denied, NO_USERS_DETAIL)),
+    };
+    outcome.unwrap_or_else(|error| failure(ledger, request, error).into())
+}
+
+/// The accounts of a request by role: `debited` must exist (and hold the amount), `credited`
+/// receives the money (and may be new, or overflow).
+struct Accounts {
+    debited: Option<AccountName>,
+    credited: Option<AccountName>,
+}
+
+impl Accounts {
+    fn of(request: &Request) -> Accounts {
+        let (debited, credited) = match *request {
+            Request::Deposit { acct, .. } => (None, Some(acct)),
+            Request::Withdraw { acct, .. } | Request::Balance { acct } => (Some(acct), None),
+            Request::Transfer { from, to, .. } => (Some(from), Some(to)),
+            Request::Audit | Request::Ping | Request::Quit | Request::Auth { .. } => (None, None),
+        };
+        Accounts { debited, credited }
     }
 }
 
-/// Turns a ledger failure into an error reply whose detail names the accounts involved.
-fn result(outcome: Result<Reply, OpError>, accounts: &[AccountName]) -> Reply {
-    let error = match outcome {
-        Ok(reply) => return reply,
-        Err(error) => error,
-    };
-    let first = accounts.first().map_or("", AccountName::as_str);
-    let detail = match error {
-        // Only the source of a transfer must exist; its destination is opened if new.
-        OpError::NoSuchAccount => format!("account {first} does not exist"),
-        OpError::InsufficientFunds => format!("account {first} holds less than the amount"),
-        OpError::SameAccount => format!("cannot transfer from {first} to itself"),
-        OpError::BadAmount => {
-            "amount must be a whole number from 1 to 9223372036854775807".to_string()
+/// The error for a ledger failure, naming the account it is about.
+fn failure(ledger: &Ledger, request: &Request, error: OpError) -> ProtocolError {
+    let accounts = Accounts::of(request);
+    match (error, accounts.debited, accounts.credited) {
+        (OpError::NoSuchAccount, Some(acct), _) => ProtocolError::no_such_account(&acct),
+        (OpError::InsufficientFunds, Some(acct), _) => ProtocolError::insufficient_funds(&acct),
+        (OpError::SameAccount, Some(acct), _) => ProtocolError::same_account(&acct),
+        (OpError::Overflow, _, Some(acct)) => ProtocolError::overflow(&acct),
+        (OpError::LedgerFull, _, Some(acct)) => {
+            ProtocolError::ledger_full(&acct, ledger.capacity())
         }
-        OpError::Overflow => "the resulting balance would exceed 9223372036854775807".to_string(),
-        OpError::LedgerFull => "the ledger has no room for another account".to_string(),
-        OpError::Unrecoverable(lock) => {
+        (OpError::Unrecoverable(lock), ..) => {
             log::error!("ledger {lock} lock is unrecoverable: the ledger needs a restart");
-            "the ledger cannot serve this request; nothing changed".to_string()
+            ProtocolError::internal()
         }
-    };
-    Reply::error(error.kind(), detail)
+        // The parser rules the rest out (a bad amount, an error about an account the request
+        // does not have); should the ledger say otherwise, its own words still answer.
+        (error, ..) => {
+            log::warn!("ledger answered {:?} with {error:?}", request.verb());
+            ProtocolError::new(error.kind(), error.to_string())
+        }
+    }
 }

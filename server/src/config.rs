@@ -280,8 +280,15 @@ pub enum ConfigError {
         path: PathBuf,
         source: std::io::Error,
     },
-    #[error("invalid config file {path}: {message}")]
-    Parse { path: PathBuf, message: String },
+    #[error("invalid config file {path}{}: {message}", place(*.line, .key.as_deref()))]
+    Parse {
+        path: PathBuf,
+        /// The line the error points at (1-based), when the parser gave a position.
+        line: Option<usize>,
+        /// The setting on that line, when the line is a `key = value` one.
+        key: Option<String>,
+        message: String,
+    },
     #[error("invalid setting {name} = {value}: {reason}")]
     Invalid {
         name: &'static str,
@@ -614,12 +621,44 @@ fn read_file(path: &Path) -> Result<FileConfig, ConfigError> {
     parse_file(path, &text)
 }
 
-/// Parses the text of a settings file (public so that tests can check the example file).
+/// Parses the text of a settings file (public so that tests can check the example file). An
+/// error names the line and, on a `key = value` line, the key (serde's own message names
+/// neither for a value of the wrong type).
 pub fn parse_file(path: &Path, text: &str) -> Result<FileConfig, ConfigError> {
-    toml::from_str(text).map_err(|e| ConfigError::Parse {
-        path: path.to_path_buf(),
-        message: e.message().to_string(),
+    toml::from_str(text).map_err(|e| {
+        let line = e.span().map(|span| line_at(text, span.start));
+        ConfigError::Parse {
+            path: path.to_path_buf(),
+            line: line.map(|(number, _)| number),
+            key: line.and_then(|(_, line)| key_of(line)),
+            message: e.message().to_string(),
+        }
     })
+}
+
+/// The 1-based number and the text of the line holding byte `offset` of `text`.
+fn line_at(text: &str, offset: usize) -> (usize, &str) {
+    let before = text.get(..offset).unwrap_or(text);
+    let start = before.rfind('\n').map_or(0, |newline| newline + 1);
+    let line = text[start..].lines().next().unwrap_or_default();
+    (before.matches('\n').count() + 1, line)
+}
+
+/// The key of a `key = value` line (a bare or quoted TOML key), if the line is one.
+fn key_of(line: &str) -> Option<String> {
+    let (key, _) = line.split_once('=')?;
+    let key = key.trim().trim_matches('"');
+    let bare = |b: u8| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'-' | b'.');
+    (!key.is_empty() && key.bytes().all(bare)).then(|| key.to_string())
+}
+
+/// `, line N, key K` (the parts that are known) for a file error.
+fn place(line: Option<usize>, key: Option<&str>) -> String {
+    let line = line
+        .map(|line| format!(", line {line}"))
+        .unwrap_or_default();
+    let key = key.map(|key| format!(", key {key}")).unwrap_or_default();
+    line + &key
 }
 
 fn default_workers() -> usize {
@@ -780,6 +819,97 @@ mod tests {
         let from_file = Config::merge(&Cli::default(), file).expect("the example is valid");
         let defaults = Config::load(&Cli::default()).expect("defaults are valid");
         assert_eq!(from_file, defaults);
+    }
+
+    /// Every key of deploy/forkpool.toml, commented-out ones included (`# workers = 2`).
+    fn example_file_keys(text: &str) -> Vec<&str> {
+        text.lines()
+            .map(|line| line.trim_start_matches(['#', ' ']))
+            .filter_map(|line| line.split_once(" = "))
+            .map(|(key, _)| key)
+            .filter(|key| key.bytes().all(|b| b.is_ascii_lowercase() || b == b'_'))
+            .collect()
+    }
+
+    /// The keys the loader knows, read from `FileConfig`'s derived `Deserialize` (the field
+    /// list serde hands to `deserialize_struct`), so a new setting cannot be forgotten here.
+    fn known_keys() -> &'static [&'static str] {
+        use serde::de::{self, Deserializer, Visitor};
+
+        struct FieldCatcher(&'static [&'static str]);
+        impl<'de> Deserializer<'de> for &mut FieldCatcher {
+            type Error = de::value::Error;
+            fn deserialize_any<V: Visitor<'de>>(self, _: V) -> Result<V::Value, Self::Error> {
+                Err(de::Error::custom("FileConfig is a struct"))
+            }
+            fn deserialize_struct<V: Visitor<'de>>(
+                self,
+                _name: &'static str,
+                fields: &'static [&'static str],
+                _visitor: V,
+            ) -> Result<V::Value, Self::Error> {
+                self.0 = fields;
+                Err(de::Error::custom("fields caught"))
+            }
+            serde::forward_to_deserialize_any! {
+                bool i8 i16 i32 i64 i128 u8 u16 u32 u64 u128 f32 f64 char str string bytes
+                byte_buf option unit unit_struct newtype_struct seq tuple tuple_struct map
+                enum identifier ignored_any
+            }
+        }
+        let mut catcher = FieldCatcher(&[]);
+        let _ = FileConfig::deserialize(&mut catcher);
+        assert!(!catcher.0.is_empty(), "FileConfig has fields");
+        catcher.0
+    }
+
+    /// README promises that deploy/forkpool.toml lists every setting: its keys (commented or
+    /// not) are exactly the loader's, each once; and every commented-out example is valid.
+    #[test]
+    fn the_example_config_file_lists_every_setting_once() {
+        let path = Path::new(concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/../deploy/forkpool.toml"
+        ));
+        let text = std::fs::read_to_string(path).expect("deploy/forkpool.toml exists");
+        let mut listed = example_file_keys(&text);
+        listed.sort_unstable();
+        let mut known = known_keys().to_vec();
+        known.sort_unstable();
+        assert_eq!(listed, known, "keys of deploy/forkpool.toml vs FileConfig");
+        let uncommented: String = text
+            .lines()
+            .map(|line| match line.strip_prefix("# ") {
+                Some(setting) if example_file_keys(setting).len() == 1 => setting,
+                _ => line,
+            })
+            .map(|line| format!("{line}\n"))
+            .collect();
+        let file = parse_file(path, &uncommented).expect("the commented-out examples parse");
+        Config::merge(&Cli::default(), file).expect("the commented-out examples are valid");
+    }
+
+    #[test]
+    fn a_value_of_the_wrong_type_names_the_key_and_the_line() {
+        let text = "backlog = 7\n\n  workers = \"three\"  # comment\n";
+        let err = parse_file(Path::new("t.toml"), text).unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "invalid config file t.toml, line 3, key workers: invalid type: string \"three\", \
+             expected usize"
+        );
+        let err = parse_file(Path::new("t.toml"), "backlog = 7\nwrokers = 3\n").unwrap_err();
+        assert!(
+            err.to_string()
+                .starts_with("invalid config file t.toml, line 2, key wrokers: unknown field"),
+            "{err}"
+        );
+        let err = parse_file(Path::new("t.toml"), "a\n[[garbage").unwrap_err();
+        assert!(
+            err.to_string()
+                .starts_with("invalid config file t.toml, line 1: "),
+            "{err}"
+        );
     }
 
     #[test]

@@ -46,13 +46,15 @@ fn run() -> anyhow::Result<()> {
         return users::print_new_token(name, *rights);
     }
     let config = config::Config::load(&cli)?;
-    match process::raise_nofile_limit() {
-        Ok(limit) => log::info!("open file limit: {limit}"),
-        Err(e) => log::warn!("cannot raise the open file limit: {e}"),
-    }
+    let nofile = process::raise_nofile_limit();
     // Built once here, the tables are shared by every worker forked from this process.
     forkpool_common::codec::prepare_uppercase_tables();
     let master = master::Master::new(cli, config)?;
+    // Logged once the start can no longer fail: a failed start is one line on stderr.
+    match nofile {
+        Ok(limit) => log::info!("open file limit: {limit}"),
+        Err(e) => log::warn!("cannot raise the open file limit: {e}"),
+    }
     match master.run().context("master event loop failed")? {
         master::Outcome::Stopped => Ok(()),
         // A forked child: the master is gone from this process; serve until told to stop.

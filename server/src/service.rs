@@ -5,7 +5,7 @@ use std::cell::RefCell;
 use std::sync::atomic::Ordering::Relaxed;
 use std::time::Instant;
 
-use forkpool_common::bank::{parse_request, ErrorKind, Reply, Request};
+use forkpool_common::bank::{parse_request, ProtocolError, Reply, Request};
 use forkpool_common::codec::{Flow, Frame, LineFramer, Uppercaser};
 use forkpool_ledger::Ledger;
 
@@ -166,17 +166,14 @@ impl Session {
             }
             Session::Bank(session) => {
                 let (ledger, access) = (session.ledger, &mut session.access);
+                let max_line = session.framer.max_line();
                 let mut requests = 0;
                 let flow = session.framer.feed(input, |frame| {
                     requests += 1;
                     match frame {
                         Frame::Line(line) => answer_line(ledger, access, line, out),
                         Frame::TooLong => {
-                            Reply::error(
-                                ErrorKind::LineTooLong,
-                                "request lines are limited in length; closing",
-                            )
-                            .write_to(out);
+                            Reply::from(ProtocolError::line_too_long(max_line)).write_to(out);
                             Flow::Stop
                         }
                     }

@@ -23,6 +23,8 @@ use nix::unistd::Pid;
 
 /// How long [`Server::wait_exit`] waits for the output pipes to close after the exit.
 const OUTPUT_END_TIMEOUT: Duration = Duration::from_secs(2);
+/// How long a server that refuses to start may take to exit.
+const REFUSAL_TIMEOUT: Duration = Duration::from_secs(10);
 /// How long a server may take to print its ready line.
 pub const START_TIMEOUT: Duration = Duration::from_secs(20);
 
@@ -143,6 +145,8 @@ pub struct ServerBuilder {
     program: Option<PathBuf>,
     /// A command that runs the server: `wrapper... <program> <args...>`.
     wrapper: Vec<String>,
+    /// Leave `RUST_LOG` unset (the server's default level) instead of the harness's `debug`.
+    default_log_level: bool,
 }
 
 impl ServerBuilder {
@@ -175,6 +179,13 @@ impl ServerBuilder {
     /// must exec it in place so the master keeps the child's pid.
     pub fn wrapper<I: IntoIterator<Item = S>, S: Into<String>>(mut self, wrapper: I) -> Self {
         self.wrapper = wrapper.into_iter().map(Into::into).collect();
+        self
+    }
+
+    /// Runs the server at its default log level (`RUST_LOG` unset), as an operator would,
+    /// instead of the harness's `debug`.
+    pub fn default_log_level(mut self) -> Self {
+        self.default_log_level = true;
         self
     }
 
@@ -234,11 +245,15 @@ impl ServerBuilder {
         command
             .args(&args)
             .current_dir(dir.path())
-            .env("RUST_LOG", "debug")
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
             .process_group(0);
+        if self.default_log_level {
+            command.env_remove("RUST_LOG");
+        } else {
+            command.env("RUST_LOG", "debug");
+        }
         for (key, value) in &self.env {
             command.env(key, value);
         }
@@ -247,16 +262,21 @@ impl ServerBuilder {
         let stdout = child.stdout.take().expect("stdout is piped");
         let stderr = child.stderr.take().expect("stderr is piped");
         let log = Arc::new(Mutex::new(Vec::new()));
+        let stderr_log = Arc::new(Mutex::new(Vec::new()));
         let (ready_tx, ready_rx) = mpsc::channel();
         let closed_pipes = Arc::new(AtomicUsize::new(0));
         let (stdout_lines, stdout_closed) = (Arc::clone(&log), Arc::clone(&closed_pipes));
         std::thread::spawn(move || {
-            collect_lines(stdout, &stdout_lines, Some(ready_tx));
+            collect_lines(stdout, &[&stdout_lines], Some(ready_tx));
             stdout_closed.fetch_add(1, Ordering::SeqCst);
         });
-        let (stderr_lines, stderr_closed) = (Arc::clone(&log), Arc::clone(&closed_pipes));
+        let (stderr_lines, stderr_only, stderr_closed) = (
+            Arc::clone(&log),
+            Arc::clone(&stderr_log),
+            Arc::clone(&closed_pipes),
+        );
         std::thread::spawn(move || {
-            collect_lines(stderr, &stderr_lines, None);
+            collect_lines(stderr, &[&stderr_lines, &stderr_only], None);
             stderr_closed.fetch_add(1, Ordering::SeqCst);
         });
         Server {
@@ -266,6 +286,7 @@ impl ServerBuilder {
             bank: None,
             status: None,
             log,
+            stderr_log,
             closed_pipes,
             ready_rx,
             dir,
@@ -274,9 +295,13 @@ impl ServerBuilder {
     }
 }
 
-/// Reads a child's output line by line (so the child never blocks on a full pipe); stdout
-/// lines that start with `forkpool ready` go to `ready` too.
-fn collect_lines(stream: impl Read, log: &Mutex<Vec<String>>, ready: Option<mpsc::Sender<String>>) {
+/// Reads a child's output line by line (so the child never blocks on a full pipe) into each
+/// of `logs`; stdout lines that start with `forkpool ready` go to `ready` too.
+fn collect_lines(
+    stream: impl Read,
+    logs: &[&Mutex<Vec<String>>],
+    ready: Option<mpsc::Sender<String>>,
+) {
     for line in BufReader::new(stream).lines() {
         let Ok(line) = line else { break };
         if let Some(ready) = &ready {
@@ -284,8 +309,10 @@ fn collect_lines(stream: impl Read, log: &Mutex<Vec<String>>, ready: Option<mpsc
                 let _ = ready.send(line.clone());
             }
         }
-        if let Ok(mut log) = log.lock() {
-            log.push(line);
+        for log in logs {
+            if let Ok(mut log) = log.lock() {
+                log.push(line.clone());
+            }
         }
     }
 }
@@ -313,6 +340,8 @@ pub struct Server {
     /// The HTTP status address (`status=` in the ready line, with `--status-addr`).
     pub status: Option<SocketAddr>,
     log: Arc<Mutex<Vec<String>>>,
+    /// What the server printed on stderr alone.
+    stderr_log: Arc<Mutex<Vec<String>>>,
     /// How many of stdout and stderr reached EOF (all output collected).
     closed_pipes: Arc<AtomicUsize>,
     ready_rx: mpsc::Receiver<String>,
@@ -329,6 +358,7 @@ impl Server {
             without: Vec::new(),
             program: None,
             wrapper: Vec::new(),
+            default_log_level: false,
         }
     }
 
@@ -385,6 +415,14 @@ impl Server {
             .unwrap_or_default()
     }
 
+    /// The lines the server printed on stderr (complete after [`Server::wait_exit`]).
+    pub fn stderr_lines(&self) -> Vec<String> {
+        self.stderr_log
+            .lock()
+            .map(|lines| lines.clone())
+            .unwrap_or_default()
+    }
+
     pub fn output_lines(&self) -> Vec<String> {
         self.log
             .lock()
@@ -435,10 +473,16 @@ impl Server {
     /// Waits until the server's output contains `phrase` (one of [`log_phrase`]'s, so the
     /// wording is checked against the server's source), e.g. that a connection has reached a
     /// worker.
-    pub fn wait_log(&self, phrase: &str, timeout: Duration) {
+    /// Returns how many lines contain it by then.
+    pub fn wait_log(&self, phrase: &str, timeout: Duration) -> usize {
         wait_until(&format!("the server to log {phrase:?}"), timeout, || {
-            self.output().contains(phrase).then_some(())
-        });
+            let count = self
+                .output_lines()
+                .iter()
+                .filter(|line| line.contains(phrase))
+                .count();
+            (count > 0).then_some(count)
+        })
     }
 
     /// Has the server logged `phrase` (one of [`log_phrase`]'s)? Used for checks that a
@@ -446,6 +490,22 @@ impl Server {
     /// so such a check cannot pass because the wording changed.
     pub fn has_logged(&self, phrase: &str) -> bool {
         self.output().contains(phrase)
+    }
+
+    /// Waits for a server that must refuse to start ([`ServerBuilder::spawn`]) to exit, checks
+    /// it failed cleanly (non-zero status, no panic, no ready line, no worker forked), and
+    /// returns everything it printed; `what` names the case in failure messages.
+    pub fn wait_refused(&mut self, what: &str) -> String {
+        let status = self.wait_exit(REFUSAL_TIMEOUT);
+        let output = self.output();
+        assert!(!status.success(), "{what}: the server started: {output}");
+        assert!(!output.contains("panicked"), "{what}: {output}");
+        assert!(!output.contains("forkpool ready"), "{what}: {output}");
+        assert!(
+            !output.contains(log_phrase::WORKER_STARTED),
+            "{what}: {output}"
+        );
+        output
     }
 
     /// Waits for the next ready line (e.g. a new master's after SIGUSR2) and returns it.

@@ -302,6 +302,76 @@ fn ledger_full_is_exact_at_max_accounts() {
     }
 }
 
+/// Every error detail, exactly: one style (an account is `account 'NAME'`, client input is
+/// quoted between `'`, a limit comes with its setting), and the account a failure is about.
+#[test]
+fn every_error_detail_names_what_it_is_about_in_one_style() {
+    let server = Server::builder()
+        .args(["--max-accounts", "3", "--max-line", "40"])
+        .start();
+    let mut bank = server.connect_bank();
+    let details = format!(
+        "DEPOSIT a 10\nOK 10\n\
+         DEPOSIT big {MAX}\nOK {MAX}\n\
+         FROB\nERR unknown-command unknown command 'FROB'\n\
+         \nERR bad-request empty request\n\
+         DEPOSIT a\nERR bad-request DEPOSIT takes 2 arguments (<acct> <amount>), got 1\n\
+         DEPOSIT a/b 1\nERR bad-account invalid account name 'a/b': the name contains \
+         the byte 0x2f; allowed are A-Z a-z 0-9 _ . -\n\
+         DEPOSIT a -5\nERR bad-amount invalid amount '-5': a whole number from 1 to {MAX} is \
+         expected\n\
+         TRANSFER a a 1\nERR same-account cannot transfer from account 'a' to itself\n\
+         WITHDRAW ghost 1\nERR no-such-account account 'ghost' does not exist\n\
+         TRANSFER ghost a 1\nERR no-such-account account 'ghost' does not exist\n\
+         BALANCE ghost\nERR no-such-account account 'ghost' does not exist\n\
+         WITHDRAW a 11\nERR insufficient-funds account 'a' holds less than the amount\n\
+         TRANSFER a b 11\nERR insufficient-funds account 'a' holds less than the amount\n\
+         DEPOSIT big 1\nERR overflow the balance of account 'big' would exceed {MAX}\n\
+         TRANSFER a big 1\nERR overflow the balance of account 'big' would exceed {MAX}\n\
+         DEPOSIT c 1\nOK 1\n\
+         DEPOSIT d 1\nERR ledger-full cannot open account 'd': the ledger holds its limit of 3 \
+         accounts (the max_accounts setting)\n\
+         TRANSFER a d 1\nERR ledger-full cannot open account 'd': the ledger holds its limit \
+         of 3 accounts (the max_accounts setting)\n"
+    );
+    let lines: Vec<&str> = details.lines().collect();
+    for pair in lines.chunks(2) {
+        expect_replies(&mut bank, &[(pair[0], pair[1])]);
+    }
+    // 41 bytes: one over the limit; the server answers, then closes.
+    let over = format!("DEPOSIT a {}", "0".repeat(31));
+    assert_eq!(over.len(), 41);
+    assert_eq!(
+        request_line(&mut bank, &over),
+        "ERR line-too-long request line longer than 40 bytes (the max_line setting); closing"
+    );
+    assert_closed(&mut bank, "after line-too-long");
+}
+
+/// The README's netcat session of the bank, replayed line by line: its replies are the
+/// server's, byte for byte.
+#[test]
+fn the_readme_bank_session_is_what_the_server_answers() {
+    let readme = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../README.md"))
+        .expect("README.md is readable");
+    let session: Vec<&str> = readme
+        .lines()
+        .skip_while(|line| !line.starts_with("$ nc 127.0.0.1 7879"))
+        .skip(1)
+        .take_while(|line| !line.starts_with("```") && !line.starts_with('$'))
+        .collect();
+    assert!(
+        session.len() >= 8 && session.len().is_multiple_of(2),
+        "the README has a bank session of requests and replies: {session:?}"
+    );
+    let server = Server::start();
+    let mut bank = server.connect_bank();
+    for pair in session.chunks(2) {
+        expect_replies(&mut bank, &[(pair[0], pair[1])]);
+    }
+    assert_closed(&mut bank, "after the session's QUIT");
+}
+
 // ---------------------------------------------------------------------------------------
 // Line framing: the limit, half-close, QUIT
 // ---------------------------------------------------------------------------------------
@@ -689,7 +759,7 @@ fn a_corrupted_truncated_or_other_version_ledger_is_refused_untouched() {
         let mut server = Server::builder()
             .args(ledger_args(&path, SMALL_CAPACITY))
             .spawn();
-        let output = refused_to_start(&mut server, what);
+        let output = server.wait_refused(what);
         let error = one_error_line(&output, &path, what);
         assert!(
             error.contains(cause),
@@ -711,7 +781,7 @@ fn a_ledger_of_another_capacity_is_refused_untouched() {
     let mut server = Server::builder()
         .args(ledger_args(&path, SMALL_CAPACITY + 1))
         .spawn();
-    let output = refused_to_start(&mut server, "another capacity");
+    let output = server.wait_refused("another capacity");
     let error = one_error_line(&output, &path, "another capacity");
     assert!(error.contains(&SMALL_CAPACITY.to_string()), "{error}");
     assert!(std::fs::read(&path).expect("read the ledger file") == valid);
@@ -726,7 +796,7 @@ fn a_second_server_on_a_ledger_in_use_is_refused_and_the_first_keeps_serving() {
     let mut second = Server::builder()
         .args(["--ledger", path.to_str().expect("a UTF-8 path")])
         .spawn();
-    let output = refused_to_start(&mut second, "a ledger in use");
+    let output = second.wait_refused("a ledger in use");
     let error = one_error_line(&output, &path, "a ledger in use");
     assert!(error.contains("locked"), "{error}");
     expect_replies(
@@ -794,7 +864,8 @@ fn ask_raw(stream: &mut TcpStream, request: &[u8]) -> String {
 }
 
 /// Checks that `reply` is `ERR <kind> <detail>` with a detail that is one non-empty line of
-/// printable ASCII (the detail's wording is not part of the contract).
+/// printable ASCII (the exact wording is checked once, in
+/// `every_error_detail_names_what_it_is_about_in_one_style`).
 #[track_caller]
 fn assert_err(reply: &str, kind: &str, request: &[u8]) {
     let request = String::from_utf8_lossy(&request[..request.len().min(80)]).into_owned();
@@ -1342,21 +1413,6 @@ fn valid_ledger_bytes() -> Vec<u8> {
     server.signal(Signal::SIGTERM);
     assert!(server.wait_exit(Duration::from_secs(10)).success());
     std::fs::read(&path).expect("read the ledger file")
-}
-
-/// Waits for a server that must not start; checks it failed without a panic or a worker,
-/// and returns its complete output.
-fn refused_to_start(server: &mut Server, what: &str) -> String {
-    let status = server.wait_exit(Duration::from_secs(10));
-    let output = server.output();
-    assert!(!status.success(), "{what}: the server started: {output}");
-    assert!(!output.contains("panicked"), "{what}: {output}");
-    assert!(!output.contains("forkpool ready"), "{what}: {output}");
-    assert!(
-        !output.contains(log_phrase::WORKER_STARTED),
-        "{what}: {output}"
-    );
-    output
 }
 
 /// The one error line of a refused start, which names the ledger file.

@@ -5,14 +5,14 @@
 //!
 //! Every wait is a condition with a deadline; every server is killed by the harness's `Drop`.
 
-use std::io::{Read, Write};
+use std::io::{BufRead, BufReader, Read, Write};
 use std::net::TcpStream;
 use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use forkpool_testkit::{
-    bench_json, binary, http_request, is_alive, json_number, log_phrase, process_state, read_line,
+    bench_json, http_request, is_alive, json_number, log_phrase, process_state, read_line,
     request_line, socket_owner, tool, wait_until, Server, Signal,
 };
 use nix::sys::signal::kill;
@@ -84,14 +84,25 @@ fn echo_load(server: &Server, seconds: &str) -> std::thread::JoinHandle<(serde_j
     })
 }
 
-/// A clean run: exit 0, no wrong reply, no network error.
-fn assert_clean(report: &serde_json::Value, code: i32) {
-    assert_eq!(code, 0, "{report}");
-    assert_eq!(json_number(report, "mismatches"), 0.0, "{report}");
+/// A clean run: exit 0, no wrong reply, no network error. On failure the message carries the
+/// server's log too (what it did while the client saw an error).
+fn assert_clean(server: &Server, report: &serde_json::Value, code: i32) {
+    let failed = |what: &str| format!("{what}: {report}\nserver log:\n{}", server.output());
+    assert_eq!(code, 0, "{}", failed("exit status"));
+    assert_eq!(
+        json_number(report, "mismatches"),
+        0.0,
+        "{}",
+        failed("mismatches")
+    );
     for key in ["connect_errors", "resets", "timeouts"] {
-        assert_eq!(json_number(report, key), 0.0, "{key}: {report}");
+        assert_eq!(json_number(report, key), 0.0, "{}", failed(key));
     }
-    assert!(json_number(report, "requests") > 0.0, "{report}");
+    assert!(
+        json_number(report, "requests") > 0.0,
+        "{}",
+        failed("requests")
+    );
 }
 
 #[test]
@@ -214,7 +225,7 @@ fn recycling_under_load_fails_no_request() {
         .start();
     let (report, code) = echo_load(&server, "3").join().expect("bench thread");
     eprintln!("recycling run: {report}");
-    assert_clean(&report, code);
+    assert_clean(&server, &report, code);
     let page = metrics(&server);
     let recycled = metric(&page, "forkpool_worker_restarts_total{reason=\"recycled\"}");
     assert!(recycled > 0.0, "{page}");
@@ -272,66 +283,88 @@ fn stripe_lock_holders(ledger: &Path) -> Vec<i32> {
         .collect()
 }
 
+/// A bank connection served by `worker` (reuseport spreads connections by hash: connect
+/// until one lands there).
+fn bank_connection_served_by(server: &Server, worker: Pid) -> TcpStream {
+    wait_until(
+        &format!("a bank connection served by {worker}"),
+        WAIT,
+        || {
+            let mut conn = server.connect_bank();
+            assert_eq!(request_line(&mut conn, "PING"), "PONG");
+            (socket_owner(&conn, &[worker]) == Some(worker)).then_some(conn)
+        },
+    )
+}
+
+/// Sends AUDIT in batches on `conn` until the connection ends. Each AUDIT takes every stripe
+/// lock, lowest first, so the worker serving it holds stripe 0 most of the time.
+fn audit_until_closed(conn: TcpStream) -> std::thread::JoinHandle<()> {
+    const BATCH: usize = 256;
+    std::thread::spawn(move || {
+        let mut reader = BufReader::new(conn.try_clone().expect("clone the stream"));
+        let mut writer = conn;
+        let batch = "AUDIT\n".repeat(BATCH);
+        let mut line = String::new();
+        while writer.write_all(batch.as_bytes()).is_ok() {
+            for _ in 0..BATCH {
+                line.clear();
+                if !matches!(reader.read_line(&mut line), Ok(n) if n > 0) {
+                    return;
+                }
+            }
+        }
+    })
+}
+
 #[test]
 fn a_worker_waiting_for_a_stopped_lock_holder_is_not_killed() {
-    let server = Server::builder()
-        .args(["--worker-timeout", "1", "--fsync", "always"])
-        .start();
+    let server = Server::builder().args(["--worker-timeout", "1"]).start();
     let ledger = server.data_dir().path().join("ledger.bin");
     let workers = server.wait_workers(2, WAIT);
-    // Transfers between two accounts from both workers: each holds a stripe lock often.
-    let mut load = Command::new(binary("forkpool-bench"))
-        .args(["bank", "--addr", &server.bank_addr().to_string()])
-        .args([
-            "--accounts",
-            "2",
-            "--mix",
-            "transfer=1",
-            "-c",
-            "8",
-            "-d",
-            "20",
-        ])
-        .args(["--timeout", "5", "--threads", "2"])
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("forkpool-bench starts");
-    let load_pid = Pid::from_raw(load.id() as i32);
-    // Stop a worker until it is caught holding a lock (it resumes when it is not).
-    let holder = wait_until("a worker stopped while holding a ledger lock", WAIT, || {
-        workers.iter().copied().find(|&w| {
-            kill(w, Signal::SIGSTOP).expect("stop a worker");
+    let (holder, waiter) = (workers[0], workers[1]);
+    let mut waiting = bank_connection_served_by(&server, waiter);
+    let auditing = audit_until_closed(bank_connection_served_by(&server, holder));
+    // Stop the auditing worker until it is caught holding a stripe lock (and so stripe 0: an
+    // AUDIT takes them in order); resume it when it holds none. The waiter is never stopped:
+    // whatever silence it shows is the server's doing.
+    wait_until(
+        "the auditing worker stopped holding the ledger's locks",
+        WAIT,
+        || {
+            kill(holder, Signal::SIGSTOP).expect("the auditing worker lives");
             wait_until("the worker to stop", WAIT, || {
-                (process_state(w)? == 'T').then_some(())
+                (process_state(holder)? == 'T').then_some(())
             });
-            if stripe_lock_holders(&ledger).contains(&w.as_raw()) {
-                return true;
+            if stripe_lock_holders(&ledger).contains(&holder.as_raw()) {
+                return Some(());
             }
-            kill(w, Signal::SIGCONT).expect("resume a worker");
-            false
-        })
-    });
-    let waiter = *workers.iter().find(|&&w| w != holder).expect("two workers");
+            kill(holder, Signal::SIGCONT).expect("the auditing worker lives");
+            None
+        },
+    );
+    // The waiter's AUDIT needs stripe 0: it waits behind the stopped holder, beating, until
+    // the master kills the holder; then it repairs the stripe and answers.
     let stopped_at = Instant::now();
-    wait_until("the stopped holder to be killed", WAIT, || {
-        (!is_alive(holder)).then_some(())
-    });
+    assert!(request_line(&mut waiting, "AUDIT").starts_with("OK "));
     eprintln!(
-        "stopped lock holder killed after {:?}",
+        "waited {:?} behind the stopped lock holder",
         stopped_at.elapsed()
     );
-    // The waiter survived a full timeout and more behind the lock, and now serves again.
-    let mut bank = server.connect_bank();
-    assert!(request_line(&mut bank, "BALANCE bench-0").starts_with("OK "));
+    assert!(
+        !is_alive(holder),
+        "the answer came once the holder was gone"
+    );
+    auditing
+        .join()
+        .expect("the auditing thread ends with its connection");
+    assert!(is_alive(waiter), "{}", server.output());
     assert!(is_alive(waiter), "{}", server.output());
     wait_until("the master's report of the hung holder", WAIT, || {
         reported_hung(&server, holder).then_some(())
     });
     assert!(!reported_hung(&server, waiter), "{}", server.output());
-    assert!(server.workers().contains(&waiter));
-    let _ = kill(load_pid, Signal::SIGKILL);
-    let _ = load.wait();
+    assert_eq!(request_line(&mut waiting, "PING"), "PONG");
 }
 
 /// A config file in the server's data directory.
@@ -364,11 +397,18 @@ fn hup_with_a_bad_config_changes_nothing_under_load() {
     });
     let (report, code) = load.join().expect("bench thread");
     eprintln!("bad reload run: {report}");
-    assert_clean(&report, code);
+    assert_clean(&server, &report, code);
     let mut after = server.workers();
     after.sort();
     assert_eq!(after, before, "the same workers serve on");
     assert_eq!(log_count(&server, "reload refused"), 1);
+    // The refusal names the file's line and key, as at start-up.
+    assert_eq!(
+        log_count(&server, "line 1, key workers: invalid type"),
+        1,
+        "{}",
+        server.output()
+    );
 }
 
 #[test]
@@ -392,7 +432,7 @@ fn hup_with_a_good_config_replaces_the_workers_under_load() {
     });
     let (report, code) = load.join().expect("bench thread");
     eprintln!("good reload run: {report}");
-    assert_clean(&report, code);
+    assert_clean(&server, &report, code);
     // The old workers handed the bench's busy connections over: none was closed.
     assert_eq!(json_number(&report, "closed"), 0.0, "{report}");
     // idle_timeout = 1 now applies: an idle connection is closed within a couple of seconds.

@@ -1,6 +1,7 @@
 //! Supervision: dead workers are reaped and replaced, the master's death takes the workers
 //! with it, and start-up failures are one clear line and a non-zero exit.
 
+use std::io::Read;
 use std::net::TcpListener;
 use std::time::{Duration, Instant};
 
@@ -127,16 +128,48 @@ fn bad_settings_are_one_clear_line_and_a_failure() {
     ];
     for (args, expected) in cases {
         let mut server = Server::builder().args(args.iter().copied()).spawn();
-        assert!(
-            !server.wait_exit(Duration::from_secs(10)).success(),
-            "{args:?} was accepted"
-        );
-        let output = server.output();
+        let output = server.wait_refused(&format!("{args:?}"));
         assert!(
             output.contains(expected),
             "{args:?}: expected {expected:?} in {output}"
         );
-        assert!(!output.contains("panicked"), "{output}");
+    }
+}
+
+/// At the level an operator runs it (`RUST_LOG` unset), a failed start prints exactly one line
+/// on stderr, whichever step fails: settings, config file, listener, status listener (bound
+/// after the ledger is open), ledger.
+#[test]
+fn a_failed_start_is_exactly_one_line_on_stderr_at_the_default_log_level() {
+    let taken = TcpListener::bind("127.0.0.1:0").expect("bind a port");
+    let taken = taken.local_addr().expect("local address").to_string();
+    let running = Server::start();
+    let ledger_in_use = running.data_dir().path().join("ledger.bin");
+    let ledger_in_use = ledger_in_use.to_str().expect("UTF-8 path").to_string();
+    let cases: &[(&[&str], &str)] = &[
+        (&["--workers", "0"], "invalid setting workers = 0"),
+        (
+            &["--config", "/nonexistent/forkpool.toml"],
+            "cannot read config file",
+        ),
+        (&["--echo-addr", &taken], "in use"),
+        (&["--status-addr", &taken], "in use"),
+        (&["--ledger", &ledger_in_use], "locked"),
+    ];
+    for (args, cause) in cases {
+        let mut server = Server::builder()
+            .default_log_level()
+            .args(args.iter().copied())
+            .spawn();
+        server.wait_refused(&format!("{args:?}"));
+        let stderr = server.stderr_lines();
+        assert!(
+            stderr.len() == 1
+                && stderr[0].starts_with("forkpool-server: ")
+                && stderr[0].contains(cause),
+            "{args:?}: expected one line naming {cause:?} on stderr, got {stderr:#?}"
+        );
+        assert_eq!(server.output_lines(), stderr, "{args:?}: nothing on stdout");
     }
 }
 
@@ -145,7 +178,10 @@ fn a_config_file_with_an_unknown_or_malformed_setting_is_refused() {
     let dir = tempfile::tempdir().expect("a temporary directory");
     for (text, expected) in [
         ("wrokers = 2\n", "wrokers"),
-        ("workers = \"two\"\n", "invalid type"),
+        (
+            "backlog = 7\nworkers = \"two\"\n",
+            "line 2, key workers: invalid type: string \"two\", expected usize",
+        ),
         ("echo_addr = \"127.0.0.1\"\n", "echo_addr = 127.0.0.1"),
         ("\u{0}\u{ff}garbage[[", "bad.toml"),
     ] {
@@ -154,11 +190,7 @@ fn a_config_file_with_an_unknown_or_malformed_setting_is_refused() {
         let mut server = Server::builder()
             .args(["--config", path.to_str().expect("UTF-8 path")])
             .spawn();
-        assert!(
-            !server.wait_exit(Duration::from_secs(10)).success(),
-            "{text:?} was accepted"
-        );
-        let output = server.output();
+        let output = server.wait_refused(&format!("{text:?}"));
         assert!(
             output.contains(expected),
             "{text:?}: expected {expected:?} in {output}"
@@ -179,13 +211,21 @@ fn settings_come_from_the_config_file_and_flags_win() {
             "1",
         ])
         .start();
+    // The flag wins: one worker (the log line may arrive after the ready line).
     server.wait_workers(1, Duration::from_secs(5));
-    // The master logs this (stderr) just before the ready line (stdout): the two streams
-    // are read apart, so the log line may arrive after the ready line.
     server.wait_log(
         &format!("1 {}", log_phrase::WORKERS_SERVING),
         Duration::from_secs(5),
     );
+    // The file's idle_timeout applies (the harness passes no flag for it): an idle
+    // connection is closed by the server, which the harness's 300 s default would not do.
+    let mut stream = server.connect_echo();
+    assert_eq!(request_line(&mut stream, "idle soon"), "IDLE SOON");
+    let mut rest = Vec::new();
+    let read = stream
+        .read_to_end(&mut rest)
+        .expect("the server closes the idle connection");
+    assert_eq!((read, rest), (0, Vec::new()), "nothing but EOF");
 }
 
 /// The review's crash loop: `max_requests + jitter` wrapped to 0 and every worker panicked

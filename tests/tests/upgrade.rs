@@ -184,7 +184,7 @@ fn a_socket_passed_by_systemd_socket_activate_is_served() {
         listen,
         "the passed socket replaces --echo-addr"
     );
-    assert!(server.output().contains("echo listens on inherited socket"));
+    server.wait_log("echo listens on inherited socket", Duration::from_secs(5));
     for i in 0..20 {
         let mut stream = server.connect_echo();
         assert_eq!(

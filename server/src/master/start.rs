@@ -98,6 +98,9 @@ impl Master {
                 check_protected_mode(addr, config.users_file.as_deref(), config.bank_open)?;
             }
         }
+        let io = MasterIo::new(config.status_addr)?;
+        let pool = Pool::new(config.workers, SCOREBOARD_CELLS).map_err(StartError::Scoreboard)?;
+        // The ledger last: it logs what it opened, and a failed start is one line.
         let ledger = match inherited.ledger.take() {
             // A binary upgrade: the old master's workers use the ledger right now, so its
             // locks must not be re-initialised nor recovery run.
@@ -120,7 +123,9 @@ impl Master {
             audit.total,
             config.fsync
         );
-        let io = MasterIo::new(config.status_addr)?;
+        if let (Some(path), Some(users)) = (&config.users_file, &users) {
+            log::info!("users file {}: {} users", path.display(), users.len());
+        }
         let mut broker = Broker::new();
         if let Some(fd) = inherited.handover.take() {
             broker.add_predecessor(
@@ -137,7 +142,7 @@ impl Master {
             users,
             ledger,
             listeners,
-            pool: Pool::new(config.workers, SCOREBOARD_CELLS).map_err(StartError::Scoreboard)?,
+            pool,
             phase: Phase::Running,
             pid: nix::unistd::getpid(),
             pid_file: None,
@@ -193,7 +198,5 @@ pub(super) fn load_users(config: &Config) -> Result<Option<Arc<Users>>, UsersErr
     let Some(path) = config.users_file.as_deref() else {
         return Ok(None);
     };
-    let users = Users::load(path)?;
-    log::info!("users file {}: {} users", path.display(), users.len());
-    Ok(Some(Arc::new(users)))
+    Ok(Some(Arc::new(Users::load(path)?)))
 }
