@@ -642,6 +642,21 @@ fn serve_lines(stream: TcpStream, answer: &dyn Fn(usize, &[u8]) -> LineReply) {
     }
 }
 
+/// Connects to `addr` from the loopback address `local` (any 127.x.y.z is this machine, and
+/// a distinct peer to the server), with a read timeout.
+pub fn connect_from(addr: SocketAddr, local: [u8; 4]) -> TcpStream {
+    let socket =
+        socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).expect("a socket");
+    let local: SocketAddr = (std::net::Ipv4Addr::from(local), 0).into();
+    socket.bind(&local.into()).expect("bind a loopback address");
+    socket.connect(&addr.into()).expect("connect");
+    let stream: TcpStream = socket.into();
+    stream
+        .set_read_timeout(Some(Duration::from_secs(20)))
+        .expect("set a read timeout");
+    stream
+}
+
 /// Sends `request` while reading replies on another thread (a client that only writes
 /// would deadlock on backpressure), half-closes, and returns everything until EOF.
 pub fn exchange(stream: TcpStream, request: &[u8]) -> Vec<u8> {
