@@ -34,9 +34,10 @@ Exit status:
      middle of a reply counts as one) or timeouts were counted, no request completed in the
      measured window, or the final AUDIT could not be taken
 
-A clean close by the server (EOF at a reply boundary, as a recycled or draining worker does)
-is not an error: the connection is reopened, unanswered echo requests are sent again (counted
-as `retried`), and unanswered bank operations are booked as of unknown outcome.
+A clean close by the server (EOF at a reply boundary, as a draining worker does) is not an
+error: the connection is reopened, unanswered echo requests are sent again (counted as
+`retried`), and unanswered bank operations are booked as of unknown outcome. With
+--no-reconnect it is: the connection stays closed and the run is degraded (3).
 
 Two counts: `requests` (JSON `requests`, also `counters.completed`) are the replies received
 in the measured window, which the throughput and latency figures describe; `checked` (JSON
@@ -150,6 +151,10 @@ pub struct LoadArgs {
     /// With --tls: the name the certificate must carry. [default: the host of --addr]
     #[arg(long, value_name = "NAME", requires = "tls")]
     pub tls_server_name: Option<String>,
+    /// Treat a clean close by the server as an error: the connection is not reopened and the
+    /// run is degraded (exit 3). For checking that replacing workers goes unnoticed.
+    #[arg(long)]
+    pub no_reconnect: bool,
 }
 
 /// `forkpool-bench echo`.
@@ -186,6 +191,47 @@ pub struct BankArgs {
     /// Account names are PREFIX-0 .. PREFIX-(N-1).
     #[arg(long, default_value = "bench")]
     pub prefix: String,
+    /// Authenticate every connection first (`AUTH USER TOKEN`, a server with a users file).
+    #[arg(long, value_name = "USER:TOKEN", value_parser = parse_auth)]
+    pub auth: Option<Auth>,
+}
+
+/// A bank user and its token (`--auth USER:TOKEN`).
+#[derive(Debug, Clone)]
+pub struct Auth {
+    pub user: String,
+    pub token: String,
+}
+
+impl Auth {
+    /// The request line each connection sends first, and the reply it must get.
+    pub fn greeting(&self) -> Greeting {
+        Greeting {
+            request: format!("AUTH {} {}\n", self.user, self.token).into_bytes(),
+            reply: format!("OK {}\n", self.user).into_bytes(),
+        }
+    }
+}
+
+/// A request every connection sends before its load, and the one reply that must answer it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Greeting {
+    pub request: Vec<u8>,
+    pub reply: Vec<u8>,
+}
+
+fn parse_auth(text: &str) -> Result<Auth, String> {
+    let (user, token) = text
+        .split_once(':')
+        .ok_or_else(|| "expected USER:TOKEN".to_string())?;
+    let valid = |s: &str| !s.is_empty() && s.bytes().all(|b| b.is_ascii_graphic());
+    if !valid(user) || !valid(token) {
+        return Err("USER and TOKEN must be non-empty and without spaces".to_string());
+    }
+    Ok(Auth {
+        user: user.to_string(),
+        token: token.to_string(),
+    })
 }
 
 /// The validated settings of one run.
@@ -203,6 +249,8 @@ pub struct Settings {
     pub seed: u64,
     /// `--tls`: how to start each connection's session.
     pub tls: Option<Arc<ClientTls>>,
+    /// `--no-reconnect`: a clean close by the server is an error, not reopened.
+    pub no_reconnect: bool,
 }
 
 /// When the measured window ends.
@@ -310,6 +358,7 @@ impl LoadArgs {
             timeout,
             server_pid: self.server_pid,
             seed,
+            no_reconnect: self.no_reconnect,
         })
     }
 }

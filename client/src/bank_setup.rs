@@ -1,16 +1,72 @@
-//! The bank run's bracket, over a plain blocking connection: the opening AUDIT, opening the
-//! accounts, and the closing AUDIT. Every read and write has a deadline, so a dead server
-//! makes these fail on time instead of hanging. A clean close at a reply boundary (a worker
-//! recycled or replaced: forkpool answers everything it read before closing, and reads
-//! nothing after) is a keep-alive close: the client reconnects and sends the unanswered
-//! requests again; the AUDIT check after opening catches any double deposit.
+//! The bank run's bracket, over a blocking connection (plain or TLS, authenticated if the
+//! run is): the opening AUDIT, opening the accounts, and the closing AUDIT. Every read and
+//! write has a deadline, so a dead server makes these fail on time instead of hanging. A
+//! clean close at a reply boundary (a worker closing at a request boundary: forkpool answers
+//! everything it read before closing, and reads nothing after) is a keep-alive close: the
+//! client reconnects and sends the unanswered requests again (unless `--no-reconnect`); the
+//! AUDIT check after opening catches any double deposit.
 
-use std::io::{BufRead, BufReader, Write};
+use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{SocketAddr, TcpStream};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, bail, Context};
 use forkpool_common::bank::{parse_reply, AccountName, Reply, Request};
+use rustls::{ClientConnection, StreamOwned};
+
+use crate::args::Greeting;
+use crate::tls::ClientTls;
+
+/// How the setup reaches the bank: where, with TLS or not, with which greeting (AUTH), and
+/// whether a clean close is reconnected.
+#[derive(Debug, Clone)]
+pub struct Connector {
+    pub addr: SocketAddr,
+    pub tls: Option<Arc<ClientTls>>,
+    pub greeting: Option<Greeting>,
+    pub reconnect: bool,
+}
+
+/// A blocking connection, plain or TLS.
+enum Stream {
+    Plain(TcpStream),
+    Tls(Box<StreamOwned<ClientConnection, TcpStream>>),
+}
+
+impl Stream {
+    fn tcp(&self) -> &TcpStream {
+        match self {
+            Stream::Plain(tcp) => tcp,
+            Stream::Tls(tls) => &tls.sock,
+        }
+    }
+}
+
+impl Read for Stream {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        match self {
+            Stream::Plain(tcp) => tcp.read(buf),
+            Stream::Tls(tls) => tls.read(buf),
+        }
+    }
+}
+
+impl Write for Stream {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        match self {
+            Stream::Plain(tcp) => tcp.write(buf),
+            Stream::Tls(tls) => tls.write(buf),
+        }
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        match self {
+            Stream::Plain(tcp) => tcp.flush(),
+            Stream::Tls(tls) => tls.flush(),
+        }
+    }
+}
 
 /// Requests written before their replies are read while opening accounts (small enough that
 /// neither side's socket buffer fills, so writing never blocks on unread replies).
@@ -18,8 +74,8 @@ const SETUP_BATCH: usize = 128;
 
 /// A blocking request/reply connection with a deadline.
 struct LineClient {
-    addr: SocketAddr,
-    reader: BufReader<TcpStream>,
+    to: Connector,
+    reader: BufReader<Stream>,
     deadline: Instant,
     line: Vec<u8>,
 }
@@ -30,17 +86,38 @@ struct LineClient {
 struct ClosedCleanly;
 
 impl LineClient {
-    fn connect(addr: SocketAddr, deadline: Instant) -> anyhow::Result<Self> {
-        Ok(LineClient {
-            addr,
-            reader: BufReader::new(open(addr, deadline)?),
+    fn connect(to: &Connector, deadline: Instant) -> anyhow::Result<Self> {
+        let mut client = LineClient {
+            reader: BufReader::new(open(to, deadline)?),
+            to: to.clone(),
             deadline,
             line: Vec::new(),
-        })
+        };
+        client.greet()?;
+        Ok(client)
     }
 
     fn reconnect(&mut self) -> anyhow::Result<()> {
-        self.reader = BufReader::new(open(self.addr, self.deadline)?);
+        if !self.to.reconnect {
+            bail!("the bank closed the connection (--no-reconnect)");
+        }
+        self.reader = BufReader::new(open(&self.to, self.deadline)?);
+        self.greet()
+    }
+
+    /// Sends the greeting (AUTH) and checks its reply.
+    fn greet(&mut self) -> anyhow::Result<()> {
+        let Some(greeting) = self.to.greeting.clone() else {
+            return Ok(());
+        };
+        self.write_all(&greeting.request)?;
+        self.read_line()?;
+        if self.line != greeting.reply[..greeting.reply.len().saturating_sub(1)] {
+            bail!(
+                "the bank refused the --auth greeting: {}",
+                String::from_utf8_lossy(&self.line)
+            );
+        }
         Ok(())
     }
 
@@ -85,16 +162,22 @@ impl LineClient {
         for r in reqs {
             r.write_to(&mut out);
         }
+        self.write_all(&out)
+    }
+
+    fn write_all(&mut self, bytes: &[u8]) -> anyhow::Result<()> {
         let left = self.time_left()?;
         let stream = self.reader.get_mut();
-        stream.set_write_timeout(Some(left))?;
-        stream.write_all(&out).context("writing to the bank")?;
+        stream.tcp().set_write_timeout(Some(left))?;
+        stream.write_all(bytes).context("writing to the bank")?;
+        stream.flush().context("writing to the bank")?;
         Ok(())
     }
 
-    fn receive(&mut self, req: &Request) -> anyhow::Result<Reply> {
+    /// Reads one reply line into `self.line` (without its `\n`).
+    fn read_line(&mut self) -> anyhow::Result<()> {
         let left = self.time_left()?;
-        self.reader.get_ref().set_read_timeout(Some(left))?;
+        self.reader.get_ref().tcp().set_read_timeout(Some(left))?;
         self.line.clear();
         let n = self
             .reader
@@ -106,6 +189,11 @@ impl LineClient {
         if self.line.pop() != Some(b'\n') {
             bail!("the bank closed the connection in the middle of a reply");
         }
+        Ok(())
+    }
+
+    fn receive(&mut self, req: &Request) -> anyhow::Result<Reply> {
+        self.read_line()?;
         parse_reply(req, &self.line).map_err(|e| anyhow!(e))
     }
 
@@ -117,14 +205,21 @@ impl LineClient {
     }
 }
 
-fn open(addr: SocketAddr, deadline: Instant) -> anyhow::Result<TcpStream> {
+fn open(to: &Connector, deadline: Instant) -> anyhow::Result<Stream> {
     let left = deadline
         .saturating_duration_since(Instant::now())
         .max(Duration::from_millis(1));
-    let stream = TcpStream::connect_timeout(&addr, left)
+    let addr = to.addr;
+    let tcp = TcpStream::connect_timeout(&addr, left)
         .with_context(|| format!("cannot connect to the bank at {addr}"))?;
-    stream.set_nodelay(true)?;
-    Ok(stream)
+    tcp.set_nodelay(true)?;
+    Ok(match &to.tls {
+        None => Stream::Plain(tcp),
+        Some(tls) => {
+            let session = ClientConnection::new(Arc::clone(&tls.config), tls.server_name.clone())?;
+            Stream::Tls(Box::new(StreamOwned::new(session, tcp)))
+        }
+    })
 }
 
 /// The ledger as the run found it and left it after opening the accounts.
@@ -152,14 +247,14 @@ pub fn account_names(prefix: &str, n: usize) -> anyhow::Result<Vec<AccountName>>
 /// new), and audits again: the second total must be the first plus the deposits, or someone
 /// else is writing to the ledger and the run's check would be meaningless.
 pub fn open_accounts(
-    addr: SocketAddr,
+    bank: &Connector,
     accounts: &[AccountName],
     opening_balance: u64,
     timeout: Duration,
 ) -> anyhow::Result<Opening> {
     let per_batch = timeout.max(Duration::from_secs(1));
     let batches = accounts.len().div_ceil(SETUP_BATCH) as u32 + 2;
-    let mut c = LineClient::connect(addr, Instant::now() + per_batch * batches)?;
+    let mut c = LineClient::connect(bank, Instant::now() + per_batch * batches)?;
     let (before_total, before_accounts) = c.audit().context("opening AUDIT")?;
     for chunk in accounts.chunks(SETUP_BATCH) {
         let reqs: Vec<Request> = chunk
@@ -191,8 +286,8 @@ pub fn open_accounts(
 }
 
 /// The closing AUDIT, on a fresh connection, within `timeout`.
-pub fn final_audit(addr: SocketAddr, timeout: Duration) -> anyhow::Result<(u128, u64)> {
-    LineClient::connect(addr, Instant::now() + timeout)?
+pub fn final_audit(bank: &Connector, timeout: Duration) -> anyhow::Result<(u128, u64)> {
+    LineClient::connect(bank, Instant::now() + timeout)?
         .audit()
         .context("closing AUDIT")
 }
@@ -217,9 +312,14 @@ mod tests {
 
     #[test]
     fn a_clean_close_reconnects_and_sends_the_unanswered_requests_again() {
-        let addr = one_reply_per_connection_bank();
+        let bank = Connector {
+            addr: one_reply_per_connection_bank(),
+            tls: None,
+            greeting: None,
+            reconnect: true,
+        };
         let mut client =
-            LineClient::connect(addr, Instant::now() + Duration::from_secs(5)).expect("connect");
+            LineClient::connect(&bank, Instant::now() + Duration::from_secs(5)).expect("connect");
         let acct: AccountName = "a".parse().expect("valid");
         let reqs = [Request::Deposit { acct, amount: 5 }; 3];
         let replies = client

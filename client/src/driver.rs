@@ -31,6 +31,7 @@ use forkpool_common::tls::Transport;
 use mio::net::TcpStream;
 use mio::{Events, Interest, Poll, Token};
 
+use crate::args::Greeting;
 use crate::load::Schedule;
 use crate::stats::{Counters, Latencies};
 use crate::timer::Timer;
@@ -90,6 +91,10 @@ pub struct Plan {
     pub clock: Clock,
     pub counting: Counting,
     pub live: Arc<Live>,
+    /// Reopen a connection the server closed cleanly (else it stays closed: `--no-reconnect`).
+    pub reconnect: bool,
+    /// Sent first on every connection, its reply checked before the load's (`--auth`).
+    pub greeting: Option<Arc<Greeting>>,
 }
 
 /// What a thread hands back.
@@ -122,6 +127,8 @@ enum State {
         since: Instant,
     },
     Open,
+    /// Closed by the server and not to be reopened (`--no-reconnect`).
+    Gone,
 }
 
 struct Conn<S> {
@@ -135,6 +142,8 @@ struct Conn<S> {
     /// as soon as the next connection opens.
     inflight: VecDeque<Pending<S>>,
     progress: ReplyProgress,
+    /// The greeting's reply received so far, while it is awaited.
+    greeting_reply: Option<Vec<u8>>,
     backoff: Duration,
     /// Listed in `Driver::to_fill` (closed loop) or `Driver::ready` (open loop).
     listed: bool,
@@ -200,6 +209,7 @@ pub fn run<W: Workload>(plan: Plan, work: W) -> io::Result<Outcome<W>> {
                 out_pos: 0,
                 inflight: VecDeque::with_capacity(pipeline),
                 progress: ReplyProgress::default(),
+                greeting_reply: None,
                 backoff: MIN_BACKOFF,
                 listed: false,
                 dirty: false,
@@ -477,6 +487,12 @@ impl<W: Workload> Driver<W> {
     /// Checks received bytes against the requests in flight; false if the connection was
     /// dropped.
     fn consume(&mut self, i: usize, mut data: &[u8], now: Instant) -> bool {
+        if self.conns[i].greeting_reply.is_some() {
+            match self.greet(i, data, now) {
+                Some(rest) => data = rest,
+                None => return false,
+            }
+        }
         while !data.is_empty() {
             let c = &mut self.conns[i];
             let Some(front) = c.inflight.front() else {
@@ -534,7 +550,10 @@ impl<W: Workload> Driver<W> {
             // right after either way.
             let _ = self.poll.registry().deregister(&mut stream);
         }
-        let keep_idempotent = matches!(why, Drop::Closed | Drop::ConnectFailed);
+        // Requests in flight on a connection that will be reopened are sent again if they
+        // are idempotent; on one that stays closed (`--no-reconnect`), all are lost.
+        let reopens = why != Drop::Closed || self.plan.reconnect;
+        let keep_idempotent = reopens && matches!(why, Drop::Closed | Drop::ConnectFailed);
         let work = &mut self.work;
         let before = c.inflight.len();
         c.inflight.retain(|p| {
@@ -545,15 +564,18 @@ impl<W: Workload> Driver<W> {
             keep
         });
         self.in_flight -= before - c.inflight.len();
-        if why == Drop::Closed {
+        if why == Drop::Closed && reopens {
             self.counters.retried += c.inflight.len() as u64;
         }
         c.progress.reset();
+        c.greeting_reply = None;
         c.out.clear();
         c.out_pos = 0;
         // A clean close is the server's keep-alive close (a worker recycled or replaced):
-        // reconnect at once. Failures back off.
-        if why == Drop::Closed {
+        // reconnect at once, unless told not to. Failures back off.
+        if !reopens {
+            c.state = State::Gone;
+        } else if why == Drop::Closed {
             c.state = State::Waiting { retry_at: now };
         } else {
             c.state = State::Waiting {
@@ -614,11 +636,43 @@ impl<W: Workload> Driver<W> {
         }
     }
 
-    /// Opens connection `i` for sending, first writing again the requests kept from its
-    /// cleanly closed predecessor (in their original order, so replies stay in step).
+    /// Takes the greeting's reply from the start of `data` on connection `i`: the rest of
+    /// `data`, or `None` if the connection was dropped (a wrong reply).
+    fn greet<'d>(&mut self, i: usize, data: &'d [u8], now: Instant) -> Option<&'d [u8]> {
+        let expected = &self.plan.greeting.as_ref()?.reply;
+        let c = &mut self.conns[i];
+        let got = c.greeting_reply.as_mut()?;
+        let end = data.iter().position(|&b| b == b'\n').map(|p| p + 1);
+        got.extend_from_slice(&data[..end.unwrap_or(data.len())]);
+        let rest = &data[end.unwrap_or(data.len())..];
+        if end.is_none() && got.len() < expected.len() {
+            return Some(rest);
+        }
+        if got != expected {
+            let got = String::from_utf8_lossy(got).into_owned();
+            self.work.note_unsolicited(got.as_bytes());
+            self.counters.mismatches += 1;
+            self.drop_conn(i, Drop::Protocol, now);
+            return None;
+        }
+        c.greeting_reply = None;
+        Some(rest)
+    }
+
+    /// Opens connection `i` for sending: first the greeting, if any, then again the requests
+    /// kept from its cleanly closed predecessor (in their original order, so replies stay in
+    /// step).
     fn resend(&mut self, i: usize, now: Instant) {
         let c = &mut self.conns[i];
         c.state = State::Open;
+        if let Some(greeting) = &self.plan.greeting {
+            c.out.extend_from_slice(&greeting.request);
+            c.greeting_reply = Some(Vec::new());
+            if !c.dirty {
+                c.dirty = true;
+                self.to_flush.push(i);
+            }
+        }
         if c.inflight.is_empty() {
             return;
         }
@@ -721,6 +775,8 @@ mod tests {
             },
             counting: Counting::Window,
             live: Arc::default(),
+            reconnect: true,
+            greeting: None,
         }
     }
 
@@ -770,5 +826,51 @@ mod tests {
         let c = out.counters;
         assert!(c.resets >= 2, "{c:?}");
         assert_eq!((c.closed, c.retried, c.mismatches), (0, 0, 0), "{c:?}");
+    }
+
+    #[test]
+    fn without_reconnect_a_closed_connection_stays_closed() {
+        let addr = closing_server(3, Ending::CleanAfterUnanswered, false);
+        let plan = Plan {
+            reconnect: false,
+            ..plan(addr, Duration::from_millis(300))
+        };
+        let out = run(plan, echo()).expect("run");
+        let c = out.counters;
+        assert_eq!((c.connects, c.closed, c.retried), (2, 2, 0), "{c:?}");
+        assert_eq!(
+            c.completed, 6,
+            "three replies on each of the two connections"
+        );
+    }
+
+    /// A server that wants `AUTH u t` first (answered `reply`), then uppercases.
+    fn greeted_server(reply: &'static [u8]) -> SocketAddr {
+        line_server(move |index, line| match index {
+            0 if line == b"AUTH u t\n" => LineReply::Answer(reply.to_vec()),
+            0 => LineReply::Close(b"ERR no greeting\n".to_vec()),
+            _ => LineReply::Answer(line.to_ascii_uppercase()),
+        })
+    }
+
+    #[test]
+    fn the_greeting_goes_first_and_its_reply_is_checked() {
+        let greeting = Arc::new(Greeting {
+            request: b"AUTH u t\n".to_vec(),
+            reply: b"OK u\n".to_vec(),
+        });
+        let greeted = |reply| Plan {
+            greeting: Some(Arc::clone(&greeting)),
+            ..plan(greeted_server(reply), Duration::from_millis(200))
+        };
+        let c = run(greeted(b"OK u\n"), echo()).expect("run").counters;
+        assert_eq!((c.mismatches, c.network_errors()), (0, 0), "{c:?}");
+        assert!(c.completed > 0, "{c:?}");
+        let c = run(greeted(b"ERR denied\n"), echo()).expect("run").counters;
+        assert!(
+            c.mismatches > 0,
+            "a refused greeting is a wrong reply: {c:?}"
+        );
+        assert_eq!(c.completed, 0, "{c:?}");
     }
 }

@@ -78,7 +78,13 @@ pub const EXIT_WRONG: i32 = 1;
 pub const EXIT_DEGRADED: i32 = 3;
 
 /// The exit status and the reason, from the figures.
-pub fn judge(requests: u64, counters: &Counters, bank: Option<&BankReport>) -> (i32, String) {
+/// With `closes_are_errors` (`--no-reconnect`), a clean close by the server degrades the run.
+pub fn judge(
+    requests: u64,
+    counters: &Counters,
+    bank: Option<&BankReport>,
+    closes_are_errors: bool,
+) -> (i32, String) {
     let mut wrong = Vec::new();
     if counters.mismatches > 0 {
         wrong.push(format!("{} wrong replies", counters.mismatches));
@@ -97,6 +103,12 @@ pub fn judge(requests: u64, counters: &Counters, bank: Option<&BankReport>) -> (
     let mut degraded = Vec::new();
     if counters.network_errors() > 0 {
         degraded.push(format!("{} network errors", counters.network_errors()));
+    }
+    if closes_are_errors && counters.closed > 0 {
+        degraded.push(format!(
+            "{} connections closed by the server (--no-reconnect)",
+            counters.closed
+        ));
     }
     if requests == 0 {
         degraded.push("no request completed in the window".to_string());
@@ -216,11 +228,11 @@ mod tests {
             completed: 10,
             ..Counters::default()
         };
-        assert_eq!(judge(10, &clean, None).0, EXIT_CLEAN);
-        assert_eq!(judge(0, &clean, None).0, EXIT_DEGRADED);
+        assert_eq!(judge(10, &clean, None, false).0, EXIT_CLEAN);
+        assert_eq!(judge(0, &clean, None, false).0, EXIT_DEGRADED);
         let reset = Counters { resets: 1, ..clean };
         assert_eq!(
-            judge(10, &reset, None),
+            judge(10, &reset, None, false),
             (EXIT_DEGRADED, "DEGRADED: 1 network errors".into())
         );
         let closed = Counters {
@@ -228,18 +240,23 @@ mod tests {
             retried: 4,
             ..clean
         };
-        assert_eq!(judge(10, &closed, None).0, EXIT_CLEAN);
+        assert_eq!(judge(10, &closed, None, false).0, EXIT_CLEAN);
+        assert_eq!(
+            judge(10, &closed, None, true).0,
+            EXIT_DEGRADED,
+            "--no-reconnect: a close is an error"
+        );
         let timeout = Counters {
             timeouts: 1,
             ..closed
         };
-        assert_eq!(judge(10, &timeout, None).0, EXIT_DEGRADED);
+        assert_eq!(judge(10, &timeout, None, false).0, EXIT_DEGRADED);
         let wrong = Counters {
             mismatches: 2,
             ..reset
         };
         assert_eq!(
-            judge(10, &wrong, None),
+            judge(10, &wrong, None, false),
             (EXIT_WRONG, "FAILED: 2 wrong replies".into())
         );
     }
@@ -262,7 +279,7 @@ mod tests {
             audit_error: None,
         };
         let counters = Counters::default();
-        assert_eq!(judge(5, &counters, Some(&bank)).0, EXIT_WRONG);
+        assert_eq!(judge(5, &counters, Some(&bank), false).0, EXIT_WRONG);
         let unavailable = BankReport {
             audit_total: None,
             difference: None,
@@ -270,6 +287,9 @@ mod tests {
             audit_error: Some("refused".into()),
             ..bank
         };
-        assert_eq!(judge(5, &counters, Some(&unavailable)).0, EXIT_DEGRADED);
+        assert_eq!(
+            judge(5, &counters, Some(&unavailable), false).0,
+            EXIT_DEGRADED
+        );
     }
 }

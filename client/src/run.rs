@@ -10,8 +10,10 @@ use std::time::{Duration, Instant};
 use anyhow::Context;
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 
-use crate::args::{BankArgs, EchoArgs, End, Settings, DEFAULT_BANK_ADDR, DEFAULT_ECHO_ADDR};
-use crate::bank_setup::{account_names, final_audit, open_accounts};
+use crate::args::{
+    Auth, BankArgs, EchoArgs, End, Greeting, Settings, DEFAULT_BANK_ADDR, DEFAULT_ECHO_ADDR,
+};
+use crate::bank_setup::{account_names, final_audit, open_accounts, Connector};
 use crate::book::Book;
 use crate::cpu::{client_cpu, find_tree, sample_tree, Tree, TreeSample};
 use crate::driver::{self, Clock, Counting, Live, Plan};
@@ -49,7 +51,7 @@ pub fn echo(args: &EchoArgs) -> anyhow::Result<Report> {
     let s = args.load.settings(DEFAULT_ECHO_ADDR)?;
     check_reachable(s.addr, s.timeout)?;
     let size = args.size as usize;
-    let m = measure(&s, |t| {
+    let m = measure(&s, None, |t| {
         let mut rng = Rng::new(s.seed ^ (t as u64).wrapping_mul(0x9e37_79b9_7f4a_7c15));
         EchoWorkload::new(payload_pool(&mut rng, size, args.text), rng)
     })?;
@@ -59,16 +61,18 @@ pub fn echo(args: &EchoArgs) -> anyhow::Result<Report> {
 /// Runs `forkpool-bench bank`.
 pub fn bank(args: &BankArgs) -> anyhow::Result<Report> {
     let s = args.load.settings(DEFAULT_BANK_ADDR)?;
-    // The account setup (bank_setup.rs) still uses a blocking plain-text connection.
-    anyhow::ensure!(
-        s.tls.is_none(),
-        "bank --tls is not supported yet (echo --tls is)"
-    );
     check_reachable(s.addr, s.timeout)?;
+    let greeting = args.auth.as_ref().map(Auth::greeting);
+    let bank = Connector {
+        addr: s.addr,
+        tls: s.tls.clone(),
+        greeting: greeting.clone(),
+        reconnect: !s.no_reconnect,
+    };
     let accounts = account_names(&args.prefix, args.accounts as usize)?;
-    let opening = open_accounts(s.addr, &accounts, args.opening_balance, s.timeout)
+    let opening = open_accounts(&bank, &accounts, args.opening_balance, s.timeout)
         .context("bank setup failed")?;
-    let m = measure(&s, |t| {
+    let m = measure(&s, greeting.map(Arc::new), |t| {
         let rng = Rng::new(s.seed ^ (t as u64).wrapping_mul(0x9e37_79b9_7f4a_7c15));
         BankWorkload::new(accounts.clone(), args.mix.clone(), rng)
     })?;
@@ -76,7 +80,7 @@ pub fn bank(args: &BankArgs) -> anyhow::Result<Report> {
     for w in &m.workloads {
         book += *w.book();
     }
-    let audit = final_audit(s.addr, s.timeout);
+    let audit = final_audit(&bank, s.timeout);
     let check = audit
         .as_ref()
         .ok()
@@ -102,6 +106,7 @@ pub fn bank(args: &BankArgs) -> anyhow::Result<Report> {
 /// Starts the threads, samples CPU at the window's edges, and merges what they measured.
 fn measure<W: Workload, F: Fn(usize) -> W + Sync>(
     s: &Settings,
+    greeting: Option<Arc<Greeting>>,
     make: F,
 ) -> anyhow::Result<Measured<W>> {
     // Found now, sampled at the window's start: a scan of /proc there could take longer
@@ -144,6 +149,8 @@ fn measure<W: Workload, F: Fn(usize) -> W + Sync>(
                     clock,
                     counting: budget.clone().map_or(Counting::Window, Counting::Budget),
                     live: lives[t].clone(),
+                    reconnect: !s.no_reconnect,
+                    greeting: greeting.clone(),
                 };
                 let make = &make;
                 scope.spawn(move || driver::run(plan, make(t)))
@@ -208,7 +215,7 @@ fn report<W: Workload>(
             0.0
         }
     };
-    let (exit_code, verdict) = judge(requests, &m.counters, bank.as_ref());
+    let (exit_code, verdict) = judge(requests, &m.counters, bank.as_ref(), s.no_reconnect);
     Report {
         mode,
         addr: s.addr.to_string(),

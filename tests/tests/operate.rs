@@ -80,11 +80,14 @@ fn echo_load(server: &Server, seconds: &str) -> std::thread::JoinHandle<(serde_j
             &seconds,
             "--threads",
             "2",
+            // Replacing a worker must go unnoticed: a close by the server is an error.
+            "--no-reconnect",
         ])
     })
 }
 
-/// A clean run: exit 0, no wrong reply, no network error. On failure the message carries the
+/// A clean run: exit 0, no wrong reply, no network error, no connection closed by the server
+/// (the loads run with --no-reconnect). On failure the message carries the
 /// server's log too (what it did while the client saw an error).
 fn assert_clean(server: &Server, report: &serde_json::Value, code: i32) {
     let failed = |what: &str| format!("{what}: {report}\nserver log:\n{}", server.output());
@@ -95,7 +98,7 @@ fn assert_clean(server: &Server, report: &serde_json::Value, code: i32) {
         "{}",
         failed("mismatches")
     );
-    for key in ["connect_errors", "resets", "timeouts"] {
+    for key in ["connect_errors", "resets", "timeouts", "closed"] {
         assert_eq!(json_number(report, key), 0.0, "{}", failed(key));
     }
     assert!(

@@ -618,3 +618,59 @@ fn protected_mode_refuses_an_open_bank_beyond_loopback_unless_told() {
     let mut conn = connect(SocketAddr::from(([127, 0, 0, 1], port)));
     assert_eq!(request_line(&mut conn, "PING"), "PONG");
 }
+
+#[test]
+fn forkpool_bench_runs_the_bank_over_tls_as_an_authenticated_user() {
+    let pki = TestPki::new();
+    let cert = pki.issue("bank", &["localhost", "127.0.0.1"], Validity::Current);
+    let (cert, key) = (
+        cert.cert.display().to_string(),
+        cert.key.display().to_string(),
+    );
+    let bank = bank_with_users(&["--bank-tls-cert", &cert, "--bank-tls-key", &key]);
+    let addr = bank.server.bank_addr().to_string();
+    let ca = pki.ca_file().display().to_string();
+    let auth = format!("admin:{}", bank.admin);
+    let (report, code) = bench_json(&[
+        "bank",
+        "--addr",
+        &addr,
+        "--tls",
+        "--tls-ca",
+        &ca,
+        "--tls-server-name",
+        "localhost",
+        "--auth",
+        &auth,
+        "-c",
+        "4",
+        "-n",
+        "2000",
+        "--accounts",
+        "10",
+        "--no-reconnect",
+    ]);
+    assert_eq!(code, 0, "{report}");
+    assert_eq!(
+        forkpool_testkit::json_field(&report, "audit_ok"),
+        true,
+        "{report}"
+    );
+    // A reader may not move money: the run's opening deposits are denied.
+    let reader = format!("reader:{}", bank.reader);
+    let out = Command::new(binary("forkpool-bench"))
+        .args(["bank", "--addr", &addr, "--tls", "--tls-ca", &ca])
+        .args([
+            "--tls-server-name",
+            "localhost",
+            "--auth",
+            &reader,
+            "-n",
+            "10",
+        ])
+        .output()
+        .expect("forkpool-bench runs");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{stderr}");
+    assert!(stderr.contains("may only read"), "{stderr}");
+}

@@ -24,6 +24,8 @@ fn bench(
         &seconds.to_string(),
         "--threads",
         "1",
+        // An upgrade must go unnoticed: a close by the server is an error.
+        "--no-reconnect",
     ]
     .iter()
     .map(|s| s.to_string())
