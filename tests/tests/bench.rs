@@ -306,6 +306,7 @@ fn bank_and_echo_flag(line: &str) -> bool {
         "--opening-balance",
         "--mix",
         "--prefix",
+        "--auth",
     ]
     .iter()
     .any(|flag| line.contains(&format!("{flag} ")))
