@@ -397,11 +397,15 @@ pub enum ErrorKind {
     /// `denied`: authentication failed or is required, or the user lacks the right; nothing
     /// changed.
     Denied,
+    /// `unavailable`: the ledger's database could not be reached or did not answer in time;
+    /// the request was not applied (a request whose commit may have taken effect is never
+    /// answered this way).
+    Unavailable,
 }
 
 impl ErrorKind {
     /// Every kind, in declaration order.
-    pub const ALL: [ErrorKind; 12] = [
+    pub const ALL: [ErrorKind; 13] = [
         ErrorKind::UnknownCommand,
         ErrorKind::BadRequest,
         ErrorKind::BadAccount,
@@ -414,6 +418,7 @@ impl ErrorKind {
         ErrorKind::LedgerFull,
         ErrorKind::Internal,
         ErrorKind::Denied,
+        ErrorKind::Unavailable,
     ];
 
     /// The protocol word, e.g. `"bad-amount"`.
@@ -431,6 +436,7 @@ impl ErrorKind {
             ErrorKind::LedgerFull => "ledger-full",
             ErrorKind::Internal => "internal",
             ErrorKind::Denied => "denied",
+            ErrorKind::Unavailable => "unavailable",
         }
     }
 }
@@ -547,6 +553,69 @@ impl ProtocolError {
 /// How every error detail names an account.
 fn account(acct: &AccountName) -> String {
     format!("account '{acct}'")
+}
+
+/// Why a ledger refused an operation: the failures a ledger decides (whatever stores the
+/// money), each mapping onto one protocol word. A refused operation changed nothing. Every
+/// ledger backend builds its refusal replies with [`Refusal::reply`], so that they are
+/// byte-identical.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Refusal {
+    /// The account (a transfer's source) was never opened.
+    NoSuchAccount,
+    /// The account (a transfer's source) holds less than the amount.
+    InsufficientFunds,
+    /// A transfer from an account to itself.
+    SameAccount,
+    /// The amount is outside 1..=[`MAX_AMOUNT`].
+    BadAmount,
+    /// The resulting balance would exceed [`MAX_AMOUNT`].
+    Overflow,
+    /// No room for a new account.
+    LedgerFull,
+}
+
+impl Refusal {
+    /// The protocol word of this refusal.
+    pub fn kind(self) -> ErrorKind {
+        match self {
+            Refusal::NoSuchAccount => ErrorKind::NoSuchAccount,
+            Refusal::InsufficientFunds => ErrorKind::InsufficientFunds,
+            Refusal::SameAccount => ErrorKind::SameAccount,
+            Refusal::BadAmount => ErrorKind::BadAmount,
+            Refusal::Overflow => ErrorKind::Overflow,
+            Refusal::LedgerFull => ErrorKind::LedgerFull,
+        }
+    }
+
+    /// The refusal a ledger error kind stands for; `None` for the kinds no ledger decides.
+    pub fn of_kind(kind: ErrorKind) -> Option<Refusal> {
+        [
+            Refusal::NoSuchAccount,
+            Refusal::InsufficientFunds,
+            Refusal::SameAccount,
+            Refusal::BadAmount,
+            Refusal::Overflow,
+            Refusal::LedgerFull,
+        ]
+        .into_iter()
+        .find(|refusal| refusal.kind() == kind)
+    }
+
+    /// The error reply, its detail naming `account` (the request's first account: a
+    /// transfer's source) where the refusal concerns it.
+    pub fn reply(self, account: &AccountName) -> Reply {
+        let detail = match self {
+            // Only the source of a transfer must exist; its destination is opened if new.
+            Refusal::NoSuchAccount => format!("account {account} does not exist"),
+            Refusal::InsufficientFunds => format!("account {account} holds less than the amount"),
+            Refusal::SameAccount => format!("cannot transfer from {account} to itself"),
+            Refusal::BadAmount => format!("amount must be a whole number from 1 to {MAX_AMOUNT}"),
+            Refusal::Overflow => format!("the resulting balance would exceed {MAX_AMOUNT}"),
+            Refusal::LedgerFull => "the ledger has no room for another account".to_string(),
+        };
+        Reply::error(self.kind(), detail)
+    }
 }
 
 impl From<ProtocolError> for Reply {
@@ -1296,6 +1365,7 @@ mod tests {
             "ledger-full",
             "internal",
             "denied",
+            "unavailable",
         ];
         assert_eq!(words.len(), ErrorKind::ALL.len());
         for (kind, word) in ErrorKind::ALL.into_iter().zip(words) {

@@ -1,0 +1,162 @@
+//! What the PgBank tests share: a fresh database on the test binary's cluster, a blocking
+//! client for the non-blocking pool, and the shared-memory ledger answering the same
+//! requests the way the server's bank service does.
+
+#![allow(dead_code)] // Each test binary uses its own part of this module.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Condvar, Mutex};
+use std::time::Duration;
+
+use forkpool_common::bank::{parse_request, AccountName, Refusal, Reply, Request};
+use forkpool_ledger::{Ledger, LedgerOptions, OpError};
+use forkpool_pgledger::{LedgerOp, PgBank, PgSettings};
+use forkpool_testkit::pg::{postgres, PgCluster};
+
+/// Longest a test waits for one reply: the pool's deadline plus a generous margin for a busy
+/// machine (an in-doubt request may take a reconnection longer).
+pub const REPLY_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// A fresh database, its schema prepared for `max_accounts`.
+pub struct Database {
+    pub cluster: &'static PgCluster,
+    pub name: String,
+    pub settings: PgSettings,
+}
+
+impl Database {
+    /// `None` when PostgreSQL is not installed (and not under CI).
+    pub fn new(max_accounts: u64) -> Option<Database> {
+        let cluster = postgres()?;
+        let name = cluster.new_database();
+        let settings = PgSettings::from_url(&cluster.url(&name), max_accounts)
+            .expect("the cluster's URL is valid");
+        forkpool_pgledger::prepare(&settings).expect("prepare the schema");
+        Some(Database {
+            cluster,
+            name,
+            settings,
+        })
+    }
+
+    pub fn teller(&self) -> Teller {
+        Teller::start(self.settings.clone())
+    }
+
+    pub fn psql(&self, sql: &str) -> String {
+        self.cluster.psql(&self.name, sql)
+    }
+}
+
+/// A [`PgBank`] with a blocking call, usable from many threads at once: each caller waits for
+/// its own ticket, whoever drains the completions files them for their callers.
+pub struct Teller {
+    pub bank: PgBank,
+    mailbox: Arc<(Mutex<HashMap<u64, Reply>>, Condvar)>,
+    next_ticket: std::sync::atomic::AtomicU64,
+}
+
+impl Teller {
+    pub fn start(settings: PgSettings) -> Teller {
+        let mailbox: Arc<(Mutex<HashMap<u64, Reply>>, Condvar)> = Arc::default();
+        let wake = {
+            let mailbox = Arc::clone(&mailbox);
+            Box::new(move || mailbox.1.notify_all())
+        };
+        let bank = PgBank::start(settings, wake).expect("start the pool");
+        Teller {
+            bank,
+            mailbox,
+            next_ticket: Default::default(),
+        }
+    }
+
+    /// Submits `op` and waits for its reply.
+    pub fn call(&self, op: LedgerOp) -> Reply {
+        let ticket = self
+            .next_ticket
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        self.bank.submit(ticket, op);
+        let (lock, signal) = &*self.mailbox;
+        let mut mail = lock.lock().expect("mailbox lock");
+        let deadline = std::time::Instant::now() + REPLY_TIMEOUT;
+        loop {
+            mail.extend(self.bank.completions());
+            if let Some(reply) = mail.remove(&ticket) {
+                return reply;
+            }
+            let now = std::time::Instant::now();
+            assert!(
+                now < deadline,
+                "no reply to {op:?} within {REPLY_TIMEOUT:?}"
+            );
+            // The wake-up may come between draining and waiting: wait in short slices.
+            mail = signal
+                .wait_timeout(mail, Duration::from_millis(50).min(deadline - now))
+                .expect("mailbox lock")
+                .0;
+        }
+    }
+
+    /// Parses `line` as a client would send it and answers it as a line.
+    pub fn line(&self, line: &str) -> String {
+        let request = parse_request(line.as_bytes()).expect("a valid request");
+        let op = LedgerOp::of(&request).expect("a ledger request");
+        reply_line(&self.call(op))
+    }
+}
+
+/// A reply as it goes on the wire, without its newline.
+pub fn reply_line(reply: &Reply) -> String {
+    let mut out = Vec::new();
+    reply.write_to(&mut out);
+    out.pop();
+    String::from_utf8(out).expect("replies are ASCII")
+}
+
+/// The shared-memory ledger answering a request as the server's bank service does.
+pub fn shm_reply(ledger: &Ledger, request: &Request) -> Reply {
+    let refused = |error: OpError, first: &AccountName| match Refusal::of_kind(error.kind()) {
+        Some(refusal) => refusal.reply(first),
+        None => panic!("the test ledger failed: {error}"),
+    };
+    match *request {
+        Request::Deposit { acct, amount } => ledger
+            .deposit(&acct, amount)
+            .map_or_else(|e| refused(e, &acct), Reply::Ok),
+        Request::Withdraw { acct, amount } => ledger
+            .withdraw(&acct, amount)
+            .map_or_else(|e| refused(e, &acct), Reply::Ok),
+        Request::Transfer { from, to, amount } => ledger
+            .transfer(&from, &to, amount)
+            .map_or_else(|e| refused(e, &from), |(a, b)| Reply::OkPair(a, b)),
+        Request::Balance { acct } => ledger
+            .balance(&acct)
+            .map_or_else(|e| refused(e, &acct), Reply::Ok),
+        Request::Audit => {
+            let audit = ledger.audit().expect("the test ledger audits");
+            Reply::Audit {
+                total: audit.total,
+                accounts: audit.accounts,
+            }
+        }
+        Request::Ping | Request::Quit | Request::Auth { .. } => {
+            panic!("not a ledger request: {request:?}")
+        }
+    }
+}
+
+/// A shared-memory ledger in a temporary directory.
+pub fn shm_ledger(max_accounts: u64) -> (tempfile::TempDir, Ledger) {
+    let dir = tempfile::tempdir().expect("a temporary directory");
+    let options = LedgerOptions {
+        max_accounts,
+        ..LedgerOptions::default()
+    };
+    let ledger = Ledger::open(&dir.path().join("ledger.bin"), &options).expect("open the ledger");
+    (dir, ledger)
+}
+
+pub fn acct(name: &str) -> AccountName {
+    name.parse().expect("a valid test account name")
+}
