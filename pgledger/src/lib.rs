@@ -27,6 +27,7 @@ mod pool;
 mod schema;
 mod settings;
 mod stats;
+mod teller;
 mod txn;
 
 use std::sync::atomic::{AtomicI64, Ordering::Relaxed};
@@ -40,6 +41,7 @@ pub use settings::{
     PgSettings, SettingsError, DEFAULT_CONNECTIONS, DEFAULT_DEADLINE, MAX_CONNECTIONS,
 };
 pub use stats::{PgStats, LATENCY_BUCKETS_US};
+pub use teller::Teller;
 pub use txn::{Change, LedgerOp};
 
 use pool::{Job, Shared};

@@ -65,7 +65,8 @@ pub enum SettingsError {
 
 impl PgSettings {
     /// Reads a `postgres://` or `postgresql://` URL (the libpq key=value form is accepted too).
-    /// What the URL leaves out is taken from `PGHOST`, `PGPORT`, `PGUSER`, `PGPASSWORD`,
+    /// What the URL leaves out is taken from `PGHOST`, `PGPORT` (both only when the URL names
+    /// no host: a host without a port means 5432), `PGUSER`, `PGPASSWORD`,
     /// `PGDATABASE`, `PGSSLMODE`, `PGAPPNAME` and `PGCONNECT_TIMEOUT`, then from libpq's
     /// defaults (socket directory [`DEFAULT_SOCKET_DIR`], port 5432, the login name as user, the
     /// user as database). Connections, deadline and capacity start at their defaults.
@@ -155,6 +156,7 @@ fn complete_from_env(
             }
         }
     }
+    // tokio-postgres gives every host of the URL a port (5432 when none is written).
     if config.get_ports().is_empty() {
         if let Some(port) = env("PGPORT").filter(|p| !p.is_empty()) {
             let number = port.parse().map_err(|_| SettingsError::Environment {
@@ -299,7 +301,7 @@ mod tests {
             .expect("bad");
         assert!(!e.to_string().contains("topsecret"), "{e}");
         assert!(matches!(
-            settings("postgres://u@h/db", &[("PGPORT", "x")]),
+            settings("postgres:///db", &[("PGPORT", "x"), ("PGUSER", "u")]),
             Err(SettingsError::Environment { name: "PGPORT", .. })
         ));
         assert!(matches!(

@@ -241,5 +241,5 @@ fn killed_process_leaves_nothing_half_applied() {
             "round {round}: the account count disagrees with the accounts"
         );
     }
-    assert_eq!(teller.bank.stats().in_flight, 0);
+    assert_eq!(teller.stats().in_flight, 0);
 }

@@ -107,7 +107,7 @@ fn an_immediate_stop_loses_no_acknowledged_change_and_service_resumes() {
             accounts: ACCOUNTS as u64
         }
     );
-    let stats = teller.bank.stats();
+    let stats = teller.stats();
     assert_eq!(stats.in_flight, 0, "{stats:?}");
     assert!(stats.connections_up >= 1, "{stats:?}");
     eprintln!(

@@ -53,7 +53,7 @@ fn a_commit_that_completes_after_the_deadline_is_answered_with_its_reply() {
     // the connection (the stalled backend still commits) and asks again on a new one.
     assert_eq!(teller.call(deposit(1)), Reply::Ok(11));
     assert_eq!(balance(&teller), Reply::Ok(11), "applied exactly once");
-    let stats = teller.bank.stats();
+    let stats = teller.stats();
     assert_eq!(stats.resolved, 1, "{stats:?}");
     assert_eq!(stats.unavailable, 0, "{stats:?}");
 }
@@ -83,7 +83,7 @@ fn a_commit_whose_backend_dies_is_applied_once_after_all() {
         assert_eq!(stalled.join().expect("the caller"), Reply::Ok(11));
     });
     assert_eq!(balance(&teller), Reply::Ok(11), "applied exactly once");
-    let stats = teller.bank.stats();
+    let stats = teller.stats();
     assert_eq!(stats.resolved, 1, "{stats:?}");
     assert_eq!(db.psql("SELECT COUNT(*) FROM applied_requests"), "2");
 }

@@ -245,7 +245,7 @@ fn an_unreachable_database_answers_unavailable_within_the_deadline() {
         // reconnection back-off's whole second).
         assert!(took < Duration::from_secs(5), "took {took:?}");
     }
-    let stats = teller.bank.stats();
+    let stats = teller.stats();
     assert_eq!(stats.connections_up, 0);
     assert_eq!(stats.unavailable, 3);
     assert_eq!(stats.in_flight, 0);

@@ -4,13 +4,11 @@
 
 #![allow(dead_code)] // Each test binary uses its own part of this module.
 
-use std::collections::HashMap;
-use std::sync::{Arc, Condvar, Mutex};
 use std::time::Duration;
 
 use forkpool_common::bank::{parse_request, AccountName, Refusal, Reply, Request};
 use forkpool_ledger::{Ledger, LedgerOptions, OpError};
-use forkpool_pgledger::{LedgerOp, PgBank, PgSettings};
+use forkpool_pgledger::{LedgerOp, PgSettings, PgStats};
 use forkpool_testkit::pg::{postgres, PgCluster};
 
 /// Longest a test waits for one reply: the pool's deadline plus a generous margin for a busy
@@ -48,54 +46,24 @@ impl Database {
     }
 }
 
-/// A [`PgBank`] with a blocking call, usable from many threads at once: each caller waits for
-/// its own ticket, whoever drains the completions files them for their callers.
-pub struct Teller {
-    pub bank: PgBank,
-    mailbox: Arc<(Mutex<HashMap<u64, Reply>>, Condvar)>,
-    next_ticket: std::sync::atomic::AtomicU64,
-}
+/// A [`forkpool_pgledger::Teller`] whose calls fail the test when no reply comes.
+pub struct Teller(pub forkpool_pgledger::Teller);
 
 impl Teller {
     pub fn start(settings: PgSettings) -> Teller {
-        let mailbox: Arc<(Mutex<HashMap<u64, Reply>>, Condvar)> = Arc::default();
-        let wake = {
-            let mailbox = Arc::clone(&mailbox);
-            Box::new(move || mailbox.1.notify_all())
-        };
-        let bank = PgBank::start(settings, wake).expect("start the pool");
-        Teller {
-            bank,
-            mailbox,
-            next_ticket: Default::default(),
-        }
+        Teller(forkpool_pgledger::Teller::start(settings).expect("start the pool"))
     }
 
     /// Submits `op` and waits for its reply.
     pub fn call(&self, op: LedgerOp) -> Reply {
-        let ticket = self
-            .next_ticket
-            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        self.bank.submit(ticket, op);
-        let (lock, signal) = &*self.mailbox;
-        let mut mail = lock.lock().expect("mailbox lock");
-        let deadline = std::time::Instant::now() + REPLY_TIMEOUT;
-        loop {
-            mail.extend(self.bank.completions());
-            if let Some(reply) = mail.remove(&ticket) {
-                return reply;
-            }
-            let now = std::time::Instant::now();
-            assert!(
-                now < deadline,
-                "no reply to {op:?} within {REPLY_TIMEOUT:?}"
-            );
-            // The wake-up may come between draining and waiting: wait in short slices.
-            mail = signal
-                .wait_timeout(mail, Duration::from_millis(50).min(deadline - now))
-                .expect("mailbox lock")
-                .0;
-        }
+        self.0
+            .call(op, REPLY_TIMEOUT)
+            .unwrap_or_else(|| panic!("no reply to {op:?} within {REPLY_TIMEOUT:?}"))
+    }
+
+    /// The pool's counters.
+    pub fn stats(&self) -> PgStats {
+        self.0.bank.stats()
     }
 
     /// Parses `line` as a client would send it and answers it as a line.
