@@ -2,7 +2,8 @@
 # The PostgreSQL ledger's floor (issue 18): pgbench running the bank's transfer transaction
 # (bench/pgbench_transfer.sql: the same statements PgBank sends, prepared) against a throwaway
 # cluster, next to PgBank's own transfers through one pool (pgledger/examples/pgbank_transfer.rs)
-# at the same client counts, and the ratio. Prints a Markdown table.
+# at the same client counts, and the ratio, as a Markdown table; then the rate of account
+# creation through PgBank (DEPOSITs that each open an account).
 #
 #   bench/pgbench_transfer.sh                     # 16 and 64 clients, 10 s each
 #   CLIENTS="16 64" SECONDS_EACH=20 bench/pgbench_transfer.sh
@@ -62,4 +63,10 @@ for c in $CLIENTS; do
         sed -n 's/.* tps=\([0-9]*\).*/\1/p')
     ratio=$(awk -v a="$ours" -v b="$floor" 'BEGIN { printf "%.2f", a / b }')
     printf "| %s | %.0f | %s | %s |\n" "$c" "$floor" "$ours" "$ratio"
+done
+
+# Account creation: every one updates the single capacity row, so creations are serialised.
+echo
+for c in $CLIENTS; do
+    "$driver" --url "$url" --accounts "$ACCOUNTS" --clients "$c" --seconds "$SECONDS_EACH" --open
 done

@@ -1,10 +1,12 @@
 //! Benchmark driver: random TRANSFERs through one PgBank pool from N client threads, each
 //! waiting for its reply before sending the next (as N bank connections of a worker would),
-//! for a fixed time; prints one line with the transfers per second. `--setup` creates the
-//! schema and the accounts first. Run by `bench/pgbench_transfer.sh`.
+//! for a fixed time; prints one line with the requests per second. `--setup` creates the
+//! schema and the accounts first. `--open` sends DEPOSITs that each open a new account
+//! instead (the cost of the capacity row that every creation updates). Run by
+//! `bench/pgbench_transfer.sh`.
 //!
 //! Usage: pgbank_transfer --url URL --clients N [--connections N] [--seconds S]
-//!        [--accounts N] [--setup]
+//!        [--accounts N] [--setup | --open]
 
 use std::process::ExitCode;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
@@ -15,6 +17,8 @@ use forkpool_pgledger::{Change, LedgerOp, PgSettings, Teller};
 
 /// Balance each account starts with: far more than the run can move out of it.
 const INITIAL_BALANCE: u64 = 1_000_000_000_000;
+/// The benchmark ledger's capacity: never the limit.
+const MAX_ACCOUNTS: u64 = 100_000_000;
 /// Longest wait for one reply before the run is declared failed.
 const REPLY_TIMEOUT: Duration = Duration::from_secs(30);
 
@@ -25,6 +29,7 @@ struct Args {
     seconds: u64,
     accounts: usize,
     setup: bool,
+    open: bool,
 }
 
 fn parse_args() -> Result<Args, String> {
@@ -35,11 +40,13 @@ fn parse_args() -> Result<Args, String> {
         seconds: 10,
         accounts: 10_000,
         setup: false,
+        open: false,
     };
     let mut words = std::env::args().skip(1);
     while let Some(flag) = words.next() {
-        if flag == "--setup" {
-            args.setup = true;
+        if flag == "--setup" || flag == "--open" {
+            args.setup |= flag == "--setup";
+            args.open |= flag == "--open";
             continue;
         }
         let value = words.next().ok_or(format!("{flag} needs a value"))?;
@@ -84,8 +91,8 @@ fn setup(teller: &Teller, accounts: usize) -> Result<(), String> {
 }
 
 fn run(args: &Args) -> Result<(), String> {
-    let mut settings =
-        PgSettings::from_url(&args.url, args.accounts as u64).map_err(|e| e.to_string())?;
+    // Room for the accounts of the setup and every one --open may create.
+    let mut settings = PgSettings::from_url(&args.url, MAX_ACCOUNTS).map_err(|e| e.to_string())?;
     settings.connections = args.connections.unwrap_or(args.clients);
     settings.deadline = REPLY_TIMEOUT;
     if args.setup {
@@ -103,17 +110,32 @@ fn run(args: &Args) -> Result<(), String> {
             let (teller, stop, done, failed) = (&teller, &stop, &done, &failed);
             scope.spawn(move || {
                 let mut rng = fastrand::Rng::with_seed(client as u64);
-                while !stop.load(Relaxed) {
-                    let from = rng.usize(..args.accounts);
-                    let to = (from + 1 + rng.usize(..args.accounts - 1)) % args.accounts;
-                    let op = LedgerOp::Change(Change::Transfer {
-                        from: account(from),
-                        to: account(to),
-                        amount: rng.u64(1..=100),
-                    });
+                for k in 0.. {
+                    if stop.load(Relaxed) {
+                        break;
+                    }
+                    let op = if args.open {
+                        LedgerOp::Change(Change::Deposit {
+                            acct: format!("n{client}_{k}").parse().expect("a valid name"),
+                            amount: 1,
+                        })
+                    } else {
+                        let from = rng.usize(..args.accounts);
+                        let to = (from + 1 + rng.usize(..args.accounts - 1)) % args.accounts;
+                        LedgerOp::Change(Change::Transfer {
+                            from: account(from),
+                            to: account(to),
+                            amount: rng.u64(1..=100),
+                        })
+                    };
                     match teller.call(op, REPLY_TIMEOUT) {
-                        Some(Reply::OkPair(..)) => done.fetch_add(1, Relaxed),
-                        _ => failed.fetch_add(1, Relaxed),
+                        Some(Reply::OkPair(..) | Reply::Ok(_)) => done.fetch_add(1, Relaxed),
+                        other => {
+                            if failed.fetch_add(1, Relaxed) == 0 {
+                                eprintln!("pgbank_transfer: first failure: {op:?} -> {other:?}");
+                            }
+                            0
+                        }
                     };
                 }
             });
@@ -125,8 +147,9 @@ fn run(args: &Args) -> Result<(), String> {
     let done = done.load(Relaxed);
     let stats = teller.bank.stats();
     println!(
-        "pgbank clients={} connections={} transfers={done} failed={} seconds={elapsed:.1} \
+        "pgbank {} clients={} connections={} requests={done} failed={} seconds={elapsed:.1} \
          tps={:.0} retries={}",
+        if args.open { "open" } else { "transfer" },
         args.clients,
         settings.connections,
         failed.load(Relaxed),

@@ -30,10 +30,8 @@ mod stats;
 mod teller;
 mod txn;
 
-use std::sync::atomic::{AtomicI64, Ordering::Relaxed};
 use std::sync::Arc;
 use std::thread::JoinHandle;
-use std::time::Instant;
 
 pub use forkpool_common::bank::Reply;
 pub use schema::{SchemaError, SCHEMA_VERSION};
@@ -44,8 +42,7 @@ pub use stats::{PgStats, LATENCY_BUCKETS_US};
 pub use teller::Teller;
 pub use txn::{Change, LedgerOp};
 
-use pool::{Job, Shared};
-use txn::{RequestId, Work};
+use pool::Shared;
 
 /// Why [`prepare`] failed.
 #[derive(Debug, thiserror::Error)]
@@ -130,9 +127,6 @@ async fn prepare_on(settings: &PgSettings) -> Result<(), PrepareError> {
 pub struct PgBank {
     shared: Arc<Shared>,
     settings: Arc<PgSettings>,
-    /// This pool's random id prefix (see `txn::RequestId`).
-    origin: i64,
-    next_seq: AtomicI64,
     thread: Option<JoinHandle<()>>,
 }
 
@@ -146,8 +140,7 @@ impl PgBank {
         settings: PgSettings,
         wake: Box<dyn Fn() + Send + Sync>,
     ) -> Result<PgBank, std::io::Error> {
-        let origin = new_origin()?;
-        let shared = Arc::new(Shared::new(wake));
+        let shared = Arc::new(Shared::new(new_origin()?, wake));
         let settings = Arc::new(settings);
         let runtime = tokio::runtime::Builder::new_current_thread()
             .enable_all()
@@ -157,13 +150,11 @@ impl PgBank {
             .spawn({
                 let shared = Arc::clone(&shared);
                 let settings = Arc::clone(&settings);
-                move || runtime.block_on(pool::run(shared, settings, origin))
+                move || runtime.block_on(pool::run(shared, settings))
             })?;
         Ok(PgBank {
             shared,
             settings,
-            origin,
-            next_seq: AtomicI64::new(1),
             thread: Some(thread),
         })
     }
@@ -172,24 +163,7 @@ impl PgBank {
     /// `ticket`, within the deadline (or, for a change whose commit outcome became unknown,
     /// as soon as the database can say what happened).
     pub fn submit(&self, ticket: u64, op: LedgerOp) {
-        let work = match op {
-            LedgerOp::Change(change) => Work::Change {
-                change,
-                id: RequestId {
-                    origin: self.origin,
-                    seq: self.next_seq.fetch_add(1, Relaxed),
-                },
-            },
-            LedgerOp::Balance { acct } => Work::Balance { acct },
-            LedgerOp::Audit => Work::Audit,
-        };
-        let submitted = Instant::now();
-        self.shared.submit(Job {
-            ticket,
-            work,
-            submitted,
-            deadline: submitted + self.settings.deadline,
-        });
+        self.shared.submit(ticket, op, self.settings.deadline);
     }
 
     /// The replies completed since the last call, each with its ticket.
@@ -204,7 +178,7 @@ impl PgBank {
 
     /// This pool's request-id origin (its ids in `applied_requests`).
     pub fn origin(&self) -> i64 {
-        self.origin
+        self.shared.origin()
     }
 }
 

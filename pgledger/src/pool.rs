@@ -20,7 +20,8 @@ use tokio_postgres::{Client, NoTls};
 
 use crate::schema::{self, SCHEMA_VERSION};
 use crate::stats::Counters;
-use crate::txn::{self, Failure, Statements, Work};
+use crate::txn::{self, Failure, RequestId, Statements, Work};
+use crate::LedgerOp;
 use crate::PgSettings;
 
 /// First wait after a failed connection attempt or a retryable conflict; doubled each time.
@@ -34,6 +35,22 @@ const PRUNE_EVERY: u64 = 1024;
 /// A request in doubt for this long can no longer be resolved safely: its id may have been
 /// swept as abandoned (after a day, `txn::RETENTION_SQL`; an hour's margin for clocks).
 const IN_DOUBT_LIMIT: Duration = Duration::from_secs(23 * 3600);
+
+/// The ids handed out: the next sequence number and those not yet answered. One lock for
+/// both, so that "every id below the smallest unanswered one (or below the next, if none) is
+/// answered" holds at every instant a pruner looks.
+struct Ids {
+    origin: i64,
+    next_seq: i64,
+    unanswered: BTreeSet<i64>,
+}
+
+impl Ids {
+    /// The ids below this are answered and will never be looked up again.
+    fn prunable_below(&self) -> i64 {
+        self.unanswered.first().copied().unwrap_or(self.next_seq)
+    }
+}
 
 /// One submitted request.
 pub(crate) struct Job {
@@ -52,9 +69,7 @@ pub(crate) struct Shared {
     front: Notify,
     done: Mutex<Vec<(u64, Reply)>>,
     wake: Box<dyn Fn() + Send + Sync>,
-    /// Sequence numbers of changes submitted and not yet answered: the ids below the
-    /// smallest are never looked up again.
-    pending: Mutex<BTreeSet<i64>>,
+    ids: Mutex<Ids>,
     /// The latest connection or database error, for `ERR unavailable` details.
     last_error: Mutex<String>,
     pub(crate) counters: Counters,
@@ -69,14 +84,19 @@ fn locked<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
 }
 
 impl Shared {
-    pub(crate) fn new(wake: Box<dyn Fn() + Send + Sync>) -> Shared {
+    /// `origin`: this pool's random id prefix (see `txn::RequestId`).
+    pub(crate) fn new(origin: i64, wake: Box<dyn Fn() + Send + Sync>) -> Shared {
         Shared {
             queue: Mutex::new(VecDeque::new()),
             queued: Notify::new(),
             front: Notify::new(),
             done: Mutex::new(Vec::new()),
             wake,
-            pending: Mutex::new(BTreeSet::new()),
+            ids: Mutex::new(Ids {
+                origin,
+                next_seq: 1,
+                unanswered: BTreeSet::new(),
+            }),
             last_error: Mutex::new("no connection yet".to_string()),
             counters: Counters::default(),
             changes_done: AtomicU64::new(0),
@@ -84,10 +104,29 @@ impl Shared {
         }
     }
 
-    pub(crate) fn submit(&self, job: Job) {
-        if let Work::Change { id, .. } = job.work {
-            locked(&self.pending).insert(id.seq);
-        }
+    /// Queues `op`, giving a change its id.
+    pub(crate) fn submit(&self, ticket: u64, op: LedgerOp, deadline: Duration) {
+        let work = match op {
+            LedgerOp::Change(change) => {
+                let mut ids = locked(&self.ids);
+                let id = RequestId {
+                    origin: ids.origin,
+                    seq: ids.next_seq,
+                };
+                ids.next_seq += 1;
+                ids.unanswered.insert(id.seq);
+                Work::Change { change, id }
+            }
+            LedgerOp::Balance { acct } => Work::Balance { acct },
+            LedgerOp::Audit => Work::Audit,
+        };
+        let submitted = Instant::now();
+        let job = Job {
+            ticket,
+            work,
+            submitted,
+            deadline: submitted + deadline,
+        };
         Counters::bump(&self.counters.submitted);
         let was_empty = {
             let mut queue = locked(&self.queue);
@@ -100,6 +139,10 @@ impl Shared {
         }
     }
 
+    pub(crate) fn origin(&self) -> i64 {
+        locked(&self.ids).origin
+    }
+
     pub(crate) fn drain(&self) -> Vec<(u64, Reply)> {
         std::mem::take(&mut *locked(&self.done))
     }
@@ -109,8 +152,8 @@ impl Shared {
     fn complete(&self, job: &Job, reply: Reply) -> bool {
         let mut prune_due = false;
         if let Work::Change { id, .. } = job.work {
-            locked(&self.pending).remove(&id.seq);
-            prune_due = (self.changes_done.fetch_add(1, Relaxed) + 1) % PRUNE_EVERY == 0;
+            locked(&self.ids).unanswered.remove(&id.seq);
+            prune_due = (self.changes_done.fetch_add(1, Relaxed) + 1).is_multiple_of(PRUNE_EVERY);
         }
         if matches!(
             &reply,
@@ -161,15 +204,9 @@ impl Shared {
 
 /// The pool's body, run by its thread until `stop` is notified: the connection tasks and the
 /// deadline task.
-pub(crate) async fn run(shared: Arc<Shared>, settings: Arc<PgSettings>, origin: i64) {
+pub(crate) async fn run(shared: Arc<Shared>, settings: Arc<PgSettings>) {
     let mut tasks: Vec<JoinHandle<()>> = (0..settings.connections)
-        .map(|_| {
-            tokio::spawn(connection_task(
-                Arc::clone(&shared),
-                Arc::clone(&settings),
-                origin,
-            ))
-        })
+        .map(|_| tokio::spawn(connection_task(Arc::clone(&shared), Arc::clone(&settings))))
         .collect();
     tasks.push(tokio::spawn(expire_queued(
         Arc::clone(&shared),
@@ -299,13 +336,12 @@ impl Backoff {
 
 /// One connection of the pool: connect (eagerly, so the pool is warm), then serve queued
 /// requests one at a time, pruning old ids every [`PRUNE_EVERY`] changes.
-async fn connection_task(shared: Arc<Shared>, settings: Arc<PgSettings>, origin: i64) {
+async fn connection_task(shared: Arc<Shared>, settings: Arc<PgSettings>) {
     let mut server = Server {
         shared,
         settings,
         connection: None,
         backoff: Backoff::new(),
-        origin,
     };
     let warm_up = Instant::now() + server.settings.deadline;
     server.reconnect(warm_up).await;
@@ -324,7 +360,6 @@ struct Server {
     settings: Arc<PgSettings>,
     connection: Option<Connection>,
     backoff: Backoff,
-    origin: i64,
 }
 
 impl Server {
@@ -435,15 +470,12 @@ impl Server {
         let Some(connection) = &self.connection else {
             return;
         };
-        let below = locked(&self.shared.pending)
-            .first()
-            .copied()
-            .unwrap_or(i64::MAX);
+        let below = locked(&self.shared.ids).prunable_below();
         let until = Instant::now() + self.settings.deadline;
         let pruning = txn::prune(
             &connection.client,
             &connection.statements,
-            self.origin,
+            self.shared.origin(),
             below,
         );
         match timeout_at(until.into(), pruning).await {

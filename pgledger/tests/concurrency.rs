@@ -243,3 +243,34 @@ fn killed_process_leaves_nothing_half_applied() {
     }
     assert_eq!(teller.stats().in_flight, 0);
 }
+
+#[test]
+fn answered_ids_are_pruned_and_abandoned_ones_swept() {
+    let Some(db) = Database::new(10) else {
+        return;
+    };
+    // Another pool's ids: one abandoned two days ago (swept), one recent (kept: its pool may
+    // still need it).
+    db.psql(
+        "INSERT INTO applied_requests (origin, seq, amount, reply, applied_at) VALUES \
+         (-7, 1, 1, 'OK 1', CURRENT_TIMESTAMP - INTERVAL '2 days'), (-7, 2, 1, 'OK 1', CURRENT_TIMESTAMP)",
+    );
+    let teller = db.teller();
+    // Pruning runs after every 1,024th change (pgledger/src/pool.rs, PRUNE_EVERY).
+    for k in 1..=1100u64 {
+        assert_eq!(teller.call(deposit("a", 1)), Reply::Ok(k));
+    }
+    let origin = teller.0.bank.origin();
+    let own: u64 = db
+        .psql(&format!(
+            "SELECT COUNT(*) FROM applied_requests WHERE origin = {origin}"
+        ))
+        .parse()
+        .expect("a count");
+    // The 1,024th completion deleted every answered id; the 76 after it remain.
+    assert_eq!(own, 76);
+    assert_eq!(
+        db.psql("SELECT seq FROM applied_requests WHERE origin = -7"),
+        "2"
+    );
+}
