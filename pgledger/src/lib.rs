@@ -135,11 +135,15 @@ impl PgBank {
     /// background: a database that is down makes requests fail with `ERR unavailable`, not
     /// this call). `wake` is called on the pool's thread after each completion (a worker
     /// passes its `mio::Waker::wake`). Call it after the fork, in the process that uses it.
-    /// Fails only if the thread or its runtime cannot be created.
+    /// Fails only if the settings are out of range ([`PgSettings::validate`], as
+    /// `InvalidInput`) or the thread or its runtime cannot be created.
     pub fn start(
         settings: PgSettings,
         wake: Box<dyn Fn() + Send + Sync>,
     ) -> Result<PgBank, std::io::Error> {
+        settings
+            .validate()
+            .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidInput, e))?;
         let shared = Arc::new(Shared::new(new_origin()?, wake));
         let settings = Arc::new(settings);
         let runtime = tokio::runtime::Builder::new_current_thread()
