@@ -541,6 +541,47 @@ impl ProtocolError {
         )
     }
 
+    /// A ledger's refusal of `request` with `kind`, naming the account it is about: the
+    /// debited one (WITHDRAW's, BALANCE's, a transfer's source) for `no-such-account`,
+    /// `insufficient-funds` and `same-account`; the credited one (DEPOSIT's, a transfer's
+    /// destination) for `overflow` and `ledger-full` (with the ledger's `capacity`). Every
+    /// ledger backend answers with it, so their replies are byte-identical.
+    pub fn refusal(kind: ErrorKind, request: &Request, capacity: u64) -> Self {
+        let (debited, credited) = match *request {
+            Request::Deposit { acct, .. } => (None, Some(acct)),
+            Request::Withdraw { acct, .. } | Request::Balance { acct } => (Some(acct), None),
+            Request::Transfer { from, to, .. } => (Some(from), Some(to)),
+            Request::Audit | Request::Ping | Request::Quit | Request::Auth { .. } => (None, None),
+        };
+        match (kind, debited, credited) {
+            (ErrorKind::NoSuchAccount, Some(acct), _) => Self::no_such_account(&acct),
+            (ErrorKind::InsufficientFunds, Some(acct), _) => Self::insufficient_funds(&acct),
+            (ErrorKind::SameAccount, Some(acct), _) => Self::same_account(&acct),
+            (ErrorKind::Overflow, _, Some(acct)) => Self::overflow(&acct),
+            (ErrorKind::LedgerFull, _, Some(acct)) => Self::ledger_full(&acct, capacity),
+            // The parser rejects these first; a ledger that sees one anyway says so.
+            (ErrorKind::BadAmount, ..) => ProtocolError::new(
+                ErrorKind::BadAmount,
+                format!("amount must be a whole number from 1 to {MAX_AMOUNT}"),
+            ),
+            (kind, ..) => {
+                ProtocolError::new(kind, format!("the ledger refused {}", request.verb()))
+            }
+        }
+    }
+
+    /// `unavailable`: the ledger's database did not answer within `deadline`; nothing
+    /// changed. `cause` is the latest connection or database error.
+    pub fn unavailable(deadline: std::time::Duration, cause: &str) -> Self {
+        ProtocolError::new(
+            ErrorKind::Unavailable,
+            format!(
+                "the ledger database did not answer within {} ms ({cause}); nothing changed",
+                deadline.as_millis()
+            ),
+        )
+    }
+
     /// `internal`: the ledger could not serve the request (a damaged lock); nothing changed.
     pub fn internal() -> Self {
         ProtocolError::new(
@@ -553,69 +594,6 @@ impl ProtocolError {
 /// How every error detail names an account.
 fn account(acct: &AccountName) -> String {
     format!("account '{acct}'")
-}
-
-/// Why a ledger refused an operation: the failures a ledger decides (whatever stores the
-/// money), each mapping onto one protocol word. A refused operation changed nothing. Every
-/// ledger backend builds its refusal replies with [`Refusal::reply`], so that they are
-/// byte-identical.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub enum Refusal {
-    /// The account (a transfer's source) was never opened.
-    NoSuchAccount,
-    /// The account (a transfer's source) holds less than the amount.
-    InsufficientFunds,
-    /// A transfer from an account to itself.
-    SameAccount,
-    /// The amount is outside 1..=[`MAX_AMOUNT`].
-    BadAmount,
-    /// The resulting balance would exceed [`MAX_AMOUNT`].
-    Overflow,
-    /// No room for a new account.
-    LedgerFull,
-}
-
-impl Refusal {
-    /// The protocol word of this refusal.
-    pub fn kind(self) -> ErrorKind {
-        match self {
-            Refusal::NoSuchAccount => ErrorKind::NoSuchAccount,
-            Refusal::InsufficientFunds => ErrorKind::InsufficientFunds,
-            Refusal::SameAccount => ErrorKind::SameAccount,
-            Refusal::BadAmount => ErrorKind::BadAmount,
-            Refusal::Overflow => ErrorKind::Overflow,
-            Refusal::LedgerFull => ErrorKind::LedgerFull,
-        }
-    }
-
-    /// The refusal a ledger error kind stands for; `None` for the kinds no ledger decides.
-    pub fn of_kind(kind: ErrorKind) -> Option<Refusal> {
-        [
-            Refusal::NoSuchAccount,
-            Refusal::InsufficientFunds,
-            Refusal::SameAccount,
-            Refusal::BadAmount,
-            Refusal::Overflow,
-            Refusal::LedgerFull,
-        ]
-        .into_iter()
-        .find(|refusal| refusal.kind() == kind)
-    }
-
-    /// The error reply, its detail naming `account` (the request's first account: a
-    /// transfer's source) where the refusal concerns it.
-    pub fn reply(self, account: &AccountName) -> Reply {
-        let detail = match self {
-            // Only the source of a transfer must exist; its destination is opened if new.
-            Refusal::NoSuchAccount => format!("account {account} does not exist"),
-            Refusal::InsufficientFunds => format!("account {account} holds less than the amount"),
-            Refusal::SameAccount => format!("cannot transfer from {account} to itself"),
-            Refusal::BadAmount => format!("amount must be a whole number from 1 to {MAX_AMOUNT}"),
-            Refusal::Overflow => format!("the resulting balance would exceed {MAX_AMOUNT}"),
-            Refusal::LedgerFull => "the ledger has no room for another account".to_string(),
-        };
-        Reply::error(self.kind(), detail)
-    }
 }
 
 impl From<ProtocolError> for Reply {

@@ -12,7 +12,7 @@ use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::{Duration, Instant};
 
-use forkpool_common::bank::{ErrorKind, Reply};
+use forkpool_common::bank::{ErrorKind, ProtocolError, Reply};
 use tokio::sync::Notify;
 use tokio::task::JoinHandle;
 use tokio::time::timeout_at;
@@ -191,14 +191,7 @@ impl Shared {
     }
 
     fn unavailable(&self, deadline: Duration) -> Reply {
-        Reply::error(
-            ErrorKind::Unavailable,
-            format!(
-                "the ledger database did not answer within {} ms ({}); nothing changed",
-                deadline.as_millis(),
-                locked(&self.last_error)
-            ),
-        )
+        ProtocolError::unavailable(deadline, &locked(&self.last_error)).into()
     }
 }
 
@@ -421,6 +414,7 @@ impl Server {
                 &connection.client,
                 &connection.statements,
                 &job.work,
+                self.settings.max_accounts,
                 &mut in_doubt,
             );
             match timeout_at(attempt_until.into(), attempt).await {

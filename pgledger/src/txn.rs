@@ -21,7 +21,9 @@ use std::future::Future;
 use std::pin::Pin;
 use std::time::Instant;
 
-use forkpool_common::bank::{parse_reply, AccountName, Refusal, Reply, Request, MAX_AMOUNT};
+use forkpool_common::bank::{
+    parse_reply, AccountName, ErrorKind, ProtocolError, Reply, Request, MAX_AMOUNT,
+};
 use futures_util::future::{join, join3, join_all};
 use tokio_postgres::error::SqlState;
 use tokio_postgres::{Client, Statement};
@@ -67,6 +69,15 @@ impl LedgerOp {
             Request::Audit => LedgerOp::Audit,
             Request::Ping | Request::Quit | Request::Auth { .. } => return None,
         })
+    }
+
+    /// The request again.
+    pub fn request(&self) -> Request {
+        match *self {
+            LedgerOp::Change(change) => change.request(),
+            LedgerOp::Balance { acct } => Request::Balance { acct },
+            LedgerOp::Audit => Request::Audit,
+        }
     }
 }
 
@@ -226,13 +237,14 @@ pub(crate) async fn attempt(
     client: &Client,
     statements: &Statements,
     work: &Work,
+    capacity: u64,
     in_doubt: &mut Option<Instant>,
 ) -> Result<Reply, Failure> {
     match work {
-        Work::Balance { acct } => balance(client, statements, acct).await,
+        Work::Balance { acct } => balance(client, statements, acct, capacity).await,
         Work::Audit => audit(client, statements).await,
         Work::Change { change, id } => {
-            let outcome = mutate(client, statements, change, *id, in_doubt).await;
+            let outcome = mutate(client, statements, change, *id, capacity, in_doubt).await;
             if !matches!(outcome, Err(Failure::Retry(_) | Failure::Refused(_))) {
                 return outcome;
             }
@@ -263,10 +275,18 @@ async fn rollback(client: &Client) -> Result<(), Failure> {
         .map_err(Failure::Connection)
 }
 
-async fn balance(client: &Client, st: &Statements, acct: &AccountName) -> Result<Reply, Failure> {
+async fn balance(
+    client: &Client,
+    st: &Statements,
+    acct: &AccountName,
+    capacity: u64,
+) -> Result<Reply, Failure> {
     let row = client.query_opt(&st.balance, &[&acct.as_str()]).await?;
     match row {
-        None => Ok(Refusal::NoSuchAccount.reply(acct)),
+        None => {
+            let request = Request::Balance { acct: *acct };
+            Ok(ProtocolError::refusal(ErrorKind::NoSuchAccount, &request, capacity).into())
+        }
         Some(row) => Ok(Reply::Ok(stored_balance(row.try_get(0)?)?)),
     }
 }
@@ -300,19 +320,19 @@ struct Effect {
 /// The protocol's check order (docs/LEDGER.md, "Semantics and check order") on the balances
 /// found: `first` is the balance of the request's first account (a transfer's source),
 /// `second` of a transfer's destination; `None` for an account that does not exist.
-fn decide(change: &Change, first: Option<u64>, second: Option<u64>) -> Result<Effect, Refusal> {
+fn decide(change: &Change, first: Option<u64>, second: Option<u64>) -> Result<Effect, ErrorKind> {
     let checked_amount = |amount: u64| {
         if (1..=MAX_AMOUNT).contains(&amount) {
             Ok(amount)
         } else {
-            Err(Refusal::BadAmount)
+            Err(ErrorKind::BadAmount)
         }
     };
     let credit = |balance: u64, amount: u64| {
         balance
             .checked_add(amount)
             .filter(|&b| b <= MAX_AMOUNT)
-            .ok_or(Refusal::Overflow)
+            .ok_or(ErrorKind::Overflow)
     };
     match *change {
         Change::Deposit { acct, amount } => {
@@ -335,10 +355,10 @@ fn decide(change: &Change, first: Option<u64>, second: Option<u64>) -> Result<Ef
         }
         Change::Withdraw { acct, amount } => {
             let amount = checked_amount(amount)?;
-            let balance = first.ok_or(Refusal::NoSuchAccount)?;
+            let balance = first.ok_or(ErrorKind::NoSuchAccount)?;
             let new = balance
                 .checked_sub(amount)
-                .ok_or(Refusal::InsufficientFunds)?;
+                .ok_or(ErrorKind::InsufficientFunds)?;
             Ok(Effect {
                 set: vec![(acct, new)],
                 open: None,
@@ -348,12 +368,12 @@ fn decide(change: &Change, first: Option<u64>, second: Option<u64>) -> Result<Ef
         Change::Transfer { from, to, amount } => {
             let amount = checked_amount(amount)?;
             if from == to {
-                return Err(Refusal::SameAccount);
+                return Err(ErrorKind::SameAccount);
             }
-            let from_balance = first.ok_or(Refusal::NoSuchAccount)?;
+            let from_balance = first.ok_or(ErrorKind::NoSuchAccount)?;
             let from_new = from_balance
                 .checked_sub(amount)
-                .ok_or(Refusal::InsufficientFunds)?;
+                .ok_or(ErrorKind::InsufficientFunds)?;
             Ok(match second {
                 Some(to_balance) => {
                     let to_new = credit(to_balance, amount)?;
@@ -380,27 +400,21 @@ async fn mutate(
     st: &Statements,
     change: &Change,
     id: RequestId,
+    capacity: u64,
     in_doubt: &mut Option<Instant>,
 ) -> Result<Reply, Failure> {
     let (first, second) = change.accounts();
     let (first_balance, second_balance) = lock(client, st, first, second).await?;
+    let refusal = |kind| ProtocolError::refusal(kind, &change.request(), capacity).into();
     let effect = match decide(change, first_balance, second_balance) {
         Ok(effect) => effect,
-        Err(refusal) => return refuse(client, st, change, id, in_doubt, refusal, &first).await,
+        Err(kind) => return refuse(client, st, change, id, in_doubt, refusal(kind)).await,
     };
     let mut steps: Vec<Step<'_>> = Vec::with_capacity(5);
     if let Some((name, balance)) = &effect.open {
         if client.execute(&st.open, &[]).await? == 0 {
-            return refuse(
-                client,
-                st,
-                change,
-                id,
-                in_doubt,
-                Refusal::LedgerFull,
-                &first,
-            )
-            .await;
+            let full = refusal(ErrorKind::LedgerFull);
+            return refuse(client, st, change, id, in_doubt, full).await;
         }
         let name = name.as_str();
         let balance = signed(*balance);
@@ -455,17 +469,16 @@ async fn lock(
     Ok((balance(balances.0)?, balance(balances.1)?))
 }
 
-/// Ends a refused mutation: a plain rollback, or in a fence attempt a recorded refusal.
+/// Ends a refused mutation with `reply`: a plain rollback, or in a fence attempt a recorded
+/// refusal.
 async fn refuse(
     client: &Client,
     st: &Statements,
     change: &Change,
     id: RequestId,
     in_doubt: &mut Option<Instant>,
-    refusal: Refusal,
-    first: &AccountName,
+    reply: Reply,
 ) -> Result<Reply, Failure> {
-    let reply = refusal.reply(first);
     if in_doubt.is_none() {
         rollback(client).await?;
         return Ok(reply);
@@ -575,24 +588,24 @@ mod tests {
             to: acct("a"),
             amount: 0,
         };
-        assert_eq!(decide(&same, None, None), Err(Refusal::BadAmount));
+        assert_eq!(decide(&same, None, None), Err(ErrorKind::BadAmount));
         let same = Change::Transfer {
             from: acct("a"),
             to: acct("a"),
             amount: 1,
         };
-        assert_eq!(decide(&same, None, None), Err(Refusal::SameAccount));
+        assert_eq!(decide(&same, None, None), Err(ErrorKind::SameAccount));
         assert_eq!(
             decide(&transfer(5), None, Some(0)),
-            Err(Refusal::NoSuchAccount)
+            Err(ErrorKind::NoSuchAccount)
         );
         assert_eq!(
             decide(&transfer(5), Some(4), None),
-            Err(Refusal::InsufficientFunds)
+            Err(ErrorKind::InsufficientFunds)
         );
         assert_eq!(
             decide(&transfer(5), Some(5), Some(MAX_AMOUNT)),
-            Err(Refusal::Overflow)
+            Err(ErrorKind::Overflow)
         );
         let opened = decide(&transfer(5), Some(7), None).expect("applies");
         assert_eq!(opened.open, Some((acct("b"), 5)));
@@ -615,7 +628,7 @@ mod tests {
         };
         assert_eq!(
             decide(&deposit, Some(MAX_AMOUNT), None),
-            Err(Refusal::Overflow)
+            Err(ErrorKind::Overflow)
         );
         assert_eq!(
             decide(&deposit, Some(MAX_AMOUNT - 1), None)

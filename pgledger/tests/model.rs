@@ -7,7 +7,7 @@ mod support;
 
 use std::collections::BTreeMap;
 
-use forkpool_common::bank::{AccountName, Refusal, Reply, MAX_AMOUNT};
+use forkpool_common::bank::{AccountName, ErrorKind, ProtocolError, Reply, MAX_AMOUNT};
 use forkpool_pgledger::{Change, LedgerOp};
 use proptest::prelude::*;
 use support::{Database, Teller};
@@ -19,72 +19,65 @@ const CAPACITY: u64 = 4;
 #[derive(Default)]
 struct Model(BTreeMap<AccountName, u64>);
 
-fn valid(amount: u64) -> Result<u64, Refusal> {
+fn valid(amount: u64) -> Result<u64, ErrorKind> {
     if amount == 0 || amount > MAX_AMOUNT {
-        Err(Refusal::BadAmount)
+        Err(ErrorKind::BadAmount)
     } else {
         Ok(amount)
     }
 }
 
 impl Model {
-    fn credit(&self, acct: &AccountName, amount: u64) -> Result<u64, Refusal> {
+    fn credit(&self, acct: &AccountName, amount: u64) -> Result<u64, ErrorKind> {
         match self.0.get(acct) {
-            Some(&b) if b + amount > MAX_AMOUNT => Err(Refusal::Overflow),
+            Some(&b) if b + amount > MAX_AMOUNT => Err(ErrorKind::Overflow),
             Some(&b) => Ok(b + amount),
-            None if self.0.len() as u64 >= CAPACITY => Err(Refusal::LedgerFull),
+            None if self.0.len() as u64 >= CAPACITY => Err(ErrorKind::LedgerFull),
             None => Ok(amount),
         }
     }
 
     fn apply(&mut self, op: &LedgerOp) -> Reply {
-        let (outcome, first) = match *op {
-            LedgerOp::Change(Change::Deposit { acct, amount }) => (
+        let outcome = match *op {
+            LedgerOp::Change(Change::Deposit { acct, amount }) => {
                 valid(amount).and_then(|amount| {
                     let new = self.credit(&acct, amount)?;
                     self.0.insert(acct, new);
                     Ok(Reply::Ok(new))
-                }),
-                acct,
-            ),
-            LedgerOp::Change(Change::Withdraw { acct, amount }) => (
+                })
+            }
+            LedgerOp::Change(Change::Withdraw { acct, amount }) => {
                 valid(amount).and_then(|amount| {
-                    let b = *self.0.get(&acct).ok_or(Refusal::NoSuchAccount)?;
-                    let new = b.checked_sub(amount).ok_or(Refusal::InsufficientFunds)?;
+                    let b = *self.0.get(&acct).ok_or(ErrorKind::NoSuchAccount)?;
+                    let new = b.checked_sub(amount).ok_or(ErrorKind::InsufficientFunds)?;
                     self.0.insert(acct, new);
                     Ok(Reply::Ok(new))
-                }),
-                acct,
-            ),
-            LedgerOp::Change(Change::Transfer { from, to, amount }) => (
+                })
+            }
+            LedgerOp::Change(Change::Transfer { from, to, amount }) => {
                 valid(amount).and_then(|amount| {
                     if from == to {
-                        return Err(Refusal::SameAccount);
+                        return Err(ErrorKind::SameAccount);
                     }
-                    let b = *self.0.get(&from).ok_or(Refusal::NoSuchAccount)?;
-                    let from_new = b.checked_sub(amount).ok_or(Refusal::InsufficientFunds)?;
+                    let b = *self.0.get(&from).ok_or(ErrorKind::NoSuchAccount)?;
+                    let from_new = b.checked_sub(amount).ok_or(ErrorKind::InsufficientFunds)?;
                     let to_new = self.credit(&to, amount)?;
                     self.0.insert(from, from_new);
                     self.0.insert(to, to_new);
                     Ok(Reply::OkPair(from_new, to_new))
-                }),
-                from,
-            ),
-            LedgerOp::Balance { acct } => (
-                self.0
-                    .get(&acct)
-                    .map(|&b| Reply::Ok(b))
-                    .ok_or(Refusal::NoSuchAccount),
-                acct,
-            ),
-            LedgerOp::Audit => {
-                return Reply::Audit {
-                    total: self.0.values().map(|&b| u128::from(b)).sum(),
-                    accounts: self.0.len() as u64,
-                }
+                })
             }
+            LedgerOp::Balance { acct } => self
+                .0
+                .get(&acct)
+                .map(|&b| Reply::Ok(b))
+                .ok_or(ErrorKind::NoSuchAccount),
+            LedgerOp::Audit => Ok(Reply::Audit {
+                total: self.0.values().map(|&b| u128::from(b)).sum(),
+                accounts: self.0.len() as u64,
+            }),
         };
-        outcome.unwrap_or_else(|refusal| refusal.reply(&first))
+        outcome.unwrap_or_else(|kind| ProtocolError::refusal(kind, &op.request(), CAPACITY).into())
     }
 }
 

@@ -15,68 +15,33 @@ const CAPACITY: u64 = 4;
 
 /// (request, exact reply), in order: each line sees the state the earlier ones left.
 const CASES: &[(&str, &str)] = &[
-    (
-        "BALANCE alice",
-        "ERR no-such-account account alice does not exist",
-    ),
-    (
-        "WITHDRAW alice 1",
-        "ERR no-such-account account alice does not exist",
-    ),
+    ("BALANCE alice", "ERR no-such-account account 'alice' does not exist"),
+    ("WITHDRAW alice 1", "ERR no-such-account account 'alice' does not exist"),
     ("AUDIT", "OK 0 0"),
     ("DEPOSIT alice 100", "OK 100"),
     ("DEPOSIT alice 5", "OK 105"),
     // Names are case-sensitive: Alice is another account.
-    (
-        "BALANCE Alice",
-        "ERR no-such-account account Alice does not exist",
-    ),
+    ("BALANCE Alice", "ERR no-such-account account 'Alice' does not exist"),
     ("DEPOSIT Alice 1", "OK 1"),
-    (
-        "WITHDRAW alice 106",
-        "ERR insufficient-funds account alice holds less than the amount",
-    ),
+    ("WITHDRAW alice 106", "ERR insufficient-funds account 'alice' holds less than the amount"),
     ("WITHDRAW alice 105", "OK 0"),
     // An emptied account stays open.
     ("BALANCE alice", "OK 0"),
-    (
-        "TRANSFER alice bob 1",
-        "ERR insufficient-funds account alice holds less than the amount",
-    ),
-    (
-        "TRANSFER nobody bob 1",
-        "ERR no-such-account account nobody does not exist",
-    ),
+    ("TRANSFER alice bob 1", "ERR insufficient-funds account 'alice' holds less than the amount"),
+    ("TRANSFER nobody bob 1", "ERR no-such-account account 'nobody' does not exist"),
     ("TRANSFER Alice bob 1", "OK 0 1"),
     ("TRANSFER bob Alice 1", "OK 0 1"),
     ("DEPOSIT big 9223372036854775807", "OK 9223372036854775807"),
-    (
-        "DEPOSIT big 1",
-        "ERR overflow the resulting balance would exceed 9223372036854775807",
-    ),
-    (
-        "DEPOSIT Alice 9223372036854775806",
-        "OK 9223372036854775807",
-    ),
-    (
-        "TRANSFER big Alice 1",
-        "ERR overflow the resulting balance would exceed 9223372036854775807",
-    ),
+    ("DEPOSIT big 1", "ERR overflow the balance of account 'big' would exceed 9223372036854775807"),
+    ("DEPOSIT Alice 9223372036854775806", "OK 9223372036854775807"),
+    // An overflow names the account credited.
+    ("TRANSFER big Alice 1", "ERR overflow the balance of account 'Alice' would exceed 9223372036854775807"),
     // The total is exact beyond 2^63-1.
     ("AUDIT", "OK 18446744073709551614 4"),
-    (
-        "DEPOSIT fifth 1",
-        "ERR ledger-full the ledger has no room for another account",
-    ),
-    (
-        "TRANSFER big fifth 1",
-        "ERR ledger-full the ledger has no room for another account",
-    ),
+    ("DEPOSIT fifth 1", "ERR ledger-full cannot open account 'fifth': the ledger holds its limit of 4 accounts (the max_accounts setting)"),
+    ("TRANSFER big fifth 1", "ERR ledger-full cannot open account 'fifth': the ledger holds its limit of 4 accounts (the max_accounts setting)"),
     // Check order: insufficient funds is decided before the destination's fate.
-    (
-        "TRANSFER bob fifth 1",
-        "ERR insufficient-funds account bob holds less than the amount",
-    ),
+    ("TRANSFER bob fifth 1", "ERR insufficient-funds account 'bob' holds less than the amount"),
     ("TRANSFER big bob 7", "OK 9223372036854775800 7"),
     ("AUDIT", "OK 18446744073709551614 4"),
 ];
@@ -137,7 +102,7 @@ fn amounts_and_names_the_parser_rejects_are_refused_by_the_ledger_too() {
         "ERR bad-amount amount must be a whole number from 1 to 9223372036854775807",
         "ERR bad-amount amount must be a whole number from 1 to 9223372036854775807",
         "ERR bad-amount amount must be a whole number from 1 to 9223372036854775807",
-        "ERR same-account cannot transfer from a to itself",
+        "ERR same-account cannot transfer from account 'a' to itself",
     ];
     for (request, expected) in requests.iter().zip(expected) {
         let op = LedgerOp::of(request).expect("a ledger request");

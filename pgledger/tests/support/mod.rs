@@ -6,8 +6,8 @@
 
 use std::time::Duration;
 
-use forkpool_common::bank::{parse_request, AccountName, Refusal, Reply, Request};
-use forkpool_ledger::{Ledger, LedgerOptions, OpError};
+use forkpool_common::bank::{parse_request, AccountName, ProtocolError, Reply, Request};
+use forkpool_ledger::{Ledger, LedgerOptions};
 use forkpool_pgledger::{LedgerOp, PgSettings, PgStats};
 use forkpool_testkit::pg::{postgres, PgCluster};
 
@@ -84,34 +84,22 @@ pub fn reply_line(reply: &Reply) -> String {
 
 /// The shared-memory ledger answering a request as the server's bank service does.
 pub fn shm_reply(ledger: &Ledger, request: &Request) -> Reply {
-    let refused = |error: OpError, first: &AccountName| match Refusal::of_kind(error.kind()) {
-        Some(refusal) => refusal.reply(first),
-        None => panic!("the test ledger failed: {error}"),
-    };
-    match *request {
-        Request::Deposit { acct, amount } => ledger
-            .deposit(&acct, amount)
-            .map_or_else(|e| refused(e, &acct), Reply::Ok),
-        Request::Withdraw { acct, amount } => ledger
-            .withdraw(&acct, amount)
-            .map_or_else(|e| refused(e, &acct), Reply::Ok),
+    let outcome = match *request {
+        Request::Deposit { acct, amount } => ledger.deposit(&acct, amount).map(Reply::Ok),
+        Request::Withdraw { acct, amount } => ledger.withdraw(&acct, amount).map(Reply::Ok),
         Request::Transfer { from, to, amount } => ledger
             .transfer(&from, &to, amount)
-            .map_or_else(|e| refused(e, &from), |(a, b)| Reply::OkPair(a, b)),
-        Request::Balance { acct } => ledger
-            .balance(&acct)
-            .map_or_else(|e| refused(e, &acct), Reply::Ok),
-        Request::Audit => {
-            let audit = ledger.audit().expect("the test ledger audits");
-            Reply::Audit {
-                total: audit.total,
-                accounts: audit.accounts,
-            }
-        }
+            .map(|(a, b)| Reply::OkPair(a, b)),
+        Request::Balance { acct } => ledger.balance(&acct).map(Reply::Ok),
+        Request::Audit => ledger.audit().map(|audit| Reply::Audit {
+            total: audit.total,
+            accounts: audit.accounts,
+        }),
         Request::Ping | Request::Quit | Request::Auth { .. } => {
             panic!("not a ledger request: {request:?}")
         }
-    }
+    };
+    outcome.unwrap_or_else(|e| ProtocolError::refusal(e.kind(), request, ledger.capacity()).into())
 }
 
 /// A shared-memory ledger in a temporary directory.
