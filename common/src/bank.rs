@@ -397,11 +397,15 @@ pub enum ErrorKind {
     /// `denied`: authentication failed or is required, or the user lacks the right; nothing
     /// changed.
     Denied,
+    /// `unavailable`: the ledger's database could not be reached or did not answer in time;
+    /// the request was not applied (a request whose commit may have taken effect is never
+    /// answered this way).
+    Unavailable,
 }
 
 impl ErrorKind {
     /// Every kind, in declaration order.
-    pub const ALL: [ErrorKind; 12] = [
+    pub const ALL: [ErrorKind; 13] = [
         ErrorKind::UnknownCommand,
         ErrorKind::BadRequest,
         ErrorKind::BadAccount,
@@ -414,6 +418,7 @@ impl ErrorKind {
         ErrorKind::LedgerFull,
         ErrorKind::Internal,
         ErrorKind::Denied,
+        ErrorKind::Unavailable,
     ];
 
     /// The protocol word, e.g. `"bad-amount"`.
@@ -431,6 +436,7 @@ impl ErrorKind {
             ErrorKind::LedgerFull => "ledger-full",
             ErrorKind::Internal => "internal",
             ErrorKind::Denied => "denied",
+            ErrorKind::Unavailable => "unavailable",
         }
     }
 }
@@ -532,6 +538,47 @@ impl ProtocolError {
         ProtocolError::new(
             ErrorKind::LineTooLong,
             format!("request line longer than {max_line} bytes (the max_line setting); closing"),
+        )
+    }
+
+    /// A ledger's refusal of `request` with `kind`, naming the account it is about: the
+    /// debited one (WITHDRAW's, BALANCE's, a transfer's source) for `no-such-account`,
+    /// `insufficient-funds` and `same-account`; the credited one (DEPOSIT's, a transfer's
+    /// destination) for `overflow` and `ledger-full` (with the ledger's `capacity`). Every
+    /// ledger backend answers with it, so their replies are byte-identical.
+    pub fn refusal(kind: ErrorKind, request: &Request, capacity: u64) -> Self {
+        let (debited, credited) = match *request {
+            Request::Deposit { acct, .. } => (None, Some(acct)),
+            Request::Withdraw { acct, .. } | Request::Balance { acct } => (Some(acct), None),
+            Request::Transfer { from, to, .. } => (Some(from), Some(to)),
+            Request::Audit | Request::Ping | Request::Quit | Request::Auth { .. } => (None, None),
+        };
+        match (kind, debited, credited) {
+            (ErrorKind::NoSuchAccount, Some(acct), _) => Self::no_such_account(&acct),
+            (ErrorKind::InsufficientFunds, Some(acct), _) => Self::insufficient_funds(&acct),
+            (ErrorKind::SameAccount, Some(acct), _) => Self::same_account(&acct),
+            (ErrorKind::Overflow, _, Some(acct)) => Self::overflow(&acct),
+            (ErrorKind::LedgerFull, _, Some(acct)) => Self::ledger_full(&acct, capacity),
+            // The parser rejects these first; a ledger that sees one anyway says so.
+            (ErrorKind::BadAmount, ..) => ProtocolError::new(
+                ErrorKind::BadAmount,
+                format!("amount must be a whole number from 1 to {MAX_AMOUNT}"),
+            ),
+            (kind, ..) => {
+                ProtocolError::new(kind, format!("the ledger refused {}", request.verb()))
+            }
+        }
+    }
+
+    /// `unavailable`: the ledger's database did not answer within `deadline`; nothing
+    /// changed. `cause` is the latest connection or database error.
+    pub fn unavailable(deadline: std::time::Duration, cause: &str) -> Self {
+        ProtocolError::new(
+            ErrorKind::Unavailable,
+            format!(
+                "the ledger database did not answer within {} ms ({cause}); nothing changed",
+                deadline.as_millis()
+            ),
         )
     }
 
@@ -1296,6 +1343,7 @@ mod tests {
             "ledger-full",
             "internal",
             "denied",
+            "unavailable",
         ];
         assert_eq!(words.len(), ErrorKind::ALL.len());
         for (kind, word) in ErrorKind::ALL.into_iter().zip(words) {

@@ -3,7 +3,7 @@
 //! detail included) are `forkpool-common`'s; the ledger's guarantees (atomic, crash-safe) are
 //! `forkpool-ledger`'s.
 
-use forkpool_common::bank::{AccountName, ErrorKind, ProtocolError, Reply, Request};
+use forkpool_common::bank::{ErrorKind, ProtocolError, Reply, Request};
 use forkpool_ledger::{Ledger, OpError};
 
 /// Detail of the answer to AUTH on a server without users (as Redis answers AUTH without a
@@ -32,45 +32,12 @@ pub fn execute(ledger: &Ledger, request: &Request) -> Reply {
     outcome.unwrap_or_else(|error| failure(ledger, request, error).into())
 }
 
-/// The accounts of a request by role: `debited` must exist (and hold the amount), `credited`
-/// receives the money (and may be new, or overflow).
-struct Accounts {
-    debited: Option<AccountName>,
-    credited: Option<AccountName>,
-}
-
-impl Accounts {
-    fn of(request: &Request) -> Accounts {
-        let (debited, credited) = match *request {
-            Request::Deposit { acct, .. } => (None, Some(acct)),
-            Request::Withdraw { acct, .. } | Request::Balance { acct } => (Some(acct), None),
-            Request::Transfer { from, to, .. } => (Some(from), Some(to)),
-            Request::Audit | Request::Ping | Request::Quit | Request::Auth { .. } => (None, None),
-        };
-        Accounts { debited, credited }
-    }
-}
-
-/// The error for a ledger failure, naming the account it is about.
+/// The error for a ledger failure, naming the account it is about (the wording is
+/// `ProtocolError::refusal`'s, shared with every ledger backend).
 fn failure(ledger: &Ledger, request: &Request, error: OpError) -> ProtocolError {
-    let accounts = Accounts::of(request);
-    match (error, accounts.debited, accounts.credited) {
-        (OpError::NoSuchAccount, Some(acct), _) => ProtocolError::no_such_account(&acct),
-        (OpError::InsufficientFunds, Some(acct), _) => ProtocolError::insufficient_funds(&acct),
-        (OpError::SameAccount, Some(acct), _) => ProtocolError::same_account(&acct),
-        (OpError::Overflow, _, Some(acct)) => ProtocolError::overflow(&acct),
-        (OpError::LedgerFull, _, Some(acct)) => {
-            ProtocolError::ledger_full(&acct, ledger.capacity())
-        }
-        (OpError::Unrecoverable(lock), ..) => {
-            log::error!("ledger {lock} lock is unrecoverable: the ledger needs a restart");
-            ProtocolError::internal()
-        }
-        // The parser rules the rest out (a bad amount, an error about an account the request
-        // does not have); should the ledger say otherwise, its own words still answer.
-        (error, ..) => {
-            log::warn!("ledger answered {:?} with {error:?}", request.verb());
-            ProtocolError::new(error.kind(), error.to_string())
-        }
+    if let OpError::Unrecoverable(lock) = error {
+        log::error!("ledger {lock} lock is unrecoverable: the ledger needs a restart");
+        return ProtocolError::internal();
     }
+    ProtocolError::refusal(error.kind(), request, ledger.capacity())
 }

@@ -33,6 +33,35 @@ pub const UNIX_PREFIX: &str = "unix:";
 /// Longest Unix socket path, in bytes (`sun_path` holds 108 bytes with the final NUL).
 pub const MAX_UNIX_PATH_BYTES: usize = 107;
 
+/// The URL schemes that name a PostgreSQL ledger instead of a ledger file.
+pub const POSTGRES_SCHEMES: [&str; 2] = ["postgres://", "postgresql://"];
+
+/// Where the bank's money lives: the `ledger` setting read as a file path or a database URL.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum LedgerLocation {
+    /// The shared-memory ledger file (the default).
+    File(PathBuf),
+    /// A PostgreSQL-protocol database (`postgres://` or `postgresql://` URL, as written).
+    Postgres(String),
+}
+
+impl LedgerLocation {
+    /// Reads a `ledger` setting: a value starting with one of [`POSTGRES_SCHEMES`] is a
+    /// database URL (scheme matched case-insensitively, as libpq does), anything else a path.
+    pub fn of(setting: &Path) -> LedgerLocation {
+        let url = setting.to_str().filter(|text| {
+            POSTGRES_SCHEMES.iter().any(|scheme| {
+                text.get(..scheme.len())
+                    .is_some_and(|head| head.eq_ignore_ascii_case(scheme))
+            })
+        });
+        match url {
+            Some(url) => LedgerLocation::Postgres(url.to_owned()),
+            None => LedgerLocation::File(setting.to_path_buf()),
+        }
+    }
+}
+
 /// Where a service listens: a TCP address, or a Unix socket path (`unix:/path`).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum ListenAddr {
@@ -305,6 +334,9 @@ pub enum ConfigError {
          set users_file, or bank_open = true to let anyone who reaches it move money"
     )]
     Unprotected { addr: ListenAddr },
+    /// The URL is not quoted: it may hold a password.
+    #[error("ledger: PostgreSQL ledgers are not served yet (only ledger files are)")]
+    PostgresNotServed,
     #[error(
         "{name} = {addr}: TLS is for connections that cross a network; a Unix socket is served \
          in plain text (remove the service's TLS certificate or listen on TCP)"
@@ -355,6 +387,11 @@ impl Config {
             ServiceKind::Echo => self.echo_tls.as_ref(),
             ServiceKind::Bank => self.bank_tls.as_ref(),
         }
+    }
+
+    /// The `ledger` setting as a file or a database URL.
+    pub fn ledger_location(&self) -> LedgerLocation {
+        LedgerLocation::of(&self.ledger)
     }
 
     /// Settings a reload cannot change (the ledger and its capacity, the status address, the
@@ -516,6 +553,9 @@ impl Config {
             !self.ledger.as_os_str().is_empty(),
             "must not be empty",
         )?;
+        if let LedgerLocation::Postgres(_) = self.ledger_location() {
+            return Err(ConfigError::PostgresNotServed);
+        }
         let same_port = matches!(&self.echo_addr, ListenAddr::Tcp(addr) if addr.port() == 0);
         if self.echo_addr == self.bank_addr && !same_port {
             return Err(ConfigError::Invalid {
@@ -796,6 +836,39 @@ fn check(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn ledger_setting_is_a_file_unless_it_is_a_postgres_url() {
+        let location = |text: &str| LedgerLocation::of(Path::new(text));
+        assert_eq!(
+            location("./data/ledger.bin"),
+            LedgerLocation::File(PathBuf::from("./data/ledger.bin"))
+        );
+        for url in [
+            "postgres://bank@db.example/forkpool",
+            "postgresql:///forkpool?host=/run/postgresql",
+            "PostgreSQL://db/forkpool",
+        ] {
+            assert_eq!(location(url), LedgerLocation::Postgres(url.to_owned()));
+        }
+        // Not a URL: a relative path that merely contains the word.
+        assert_eq!(
+            location("postgres/ledger.bin"),
+            LedgerLocation::File(PathBuf::from("postgres/ledger.bin"))
+        );
+        let config = Config::load(&Cli::default()).expect("defaults are valid");
+        assert_eq!(
+            config.ledger_location(),
+            LedgerLocation::File(PathBuf::from(DEFAULT_LEDGER_PATH))
+        );
+        let cli = Cli {
+            ledger: Some(PathBuf::from("postgres://bank:secret@db/forkpool")),
+            ..Cli::default()
+        };
+        let refused = Config::load(&cli).expect_err("not served yet");
+        assert!(matches!(refused, ConfigError::PostgresNotServed));
+        assert!(!refused.to_string().contains("secret"));
+    }
 
     #[test]
     fn defaults_need_no_file() {

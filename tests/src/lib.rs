@@ -15,6 +15,7 @@ use std::sync::mpsc;
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
+pub mod pg;
 pub mod pki;
 
 pub use nix::sys::signal::Signal;
@@ -833,13 +834,19 @@ pub fn tool(name: &str) -> Option<PathBuf> {
             .find(|path| path.is_file())
     });
     if found.is_none() {
-        assert!(
-            std::env::var_os("CI").is_none(),
-            "{name} is not installed; .ci/run should have installed it"
-        );
-        eprintln!("skipping: {name} is not installed");
+        missing_tool(name);
     }
     found
+}
+
+/// Says that a test cannot run because `what` is not installed: a failure under `CI` (whose
+/// `.ci/run` installs it), a note elsewhere (the caller then skips the test).
+pub fn missing_tool(what: &str) {
+    assert!(
+        std::env::var_os("CI").is_none(),
+        "{what} is not installed; .ci/run should have installed it"
+    );
+    eprintln!("skipping: {what} is not installed");
 }
 
 #[cfg(test)]
