@@ -1,22 +1,31 @@
-//! The shared mapping of a ledger file: `mmap(MAP_SHARED)`, typed access to the structs of
-//! `layout.rs`, and `msync`. The only other module with `unsafe` is `lock.rs`.
+//! The shared mappings: the ledger file (`mmap(MAP_SHARED)`, typed access to the structs of
+//! `layout.rs`, `msync`) and small anonymous shared pages that the processes forked from the
+//! mapping one share besides the file ([`SharedPage`]). The other modules with `unsafe` are
+//! `lock.rs` and `fault.rs`.
 //!
-//! Soundness rests on two facts: every byte of the mapping is covered by atomics or by the
-//! pthread mutex (interior mutability shared with other processes is therefore fine), and the
-//! file is at least `file_size` bytes for the mapping's lifetime (checked before mapping; the
-//! ledger holds the file's flock and the format is only ever created at full size).
+//! Soundness rests on two facts: every byte of a mapping is covered by atomics or by the
+//! pthread mutex (interior mutability shared with other processes is therefore fine, and any
+//! bytes are valid values), and every page of the mapping stays mapped for the Region's
+//! lifetime. The file is `file_size` bytes when it is mapped (checked before); if someone
+//! shrinks it later, touching a page past its new end raises SIGBUS, which `fault.rs` answers
+//! by mapping a private zero page there, so the access completes on valid memory and the
+//! ledger learns that the file failed.
 
 use std::fs::File;
 use std::io;
 use std::os::fd::AsRawFd;
 use std::ptr::NonNull;
 
+use crate::fault::Watch;
 use crate::layout::{Geometry, Header, Intent, Slot, Stripe};
 
 /// A `MAP_SHARED` read-write mapping of a whole ledger file.
 pub(crate) struct Region {
     base: NonNull<u8>,
     geometry: Geometry,
+    /// The mapping's registration with the SIGBUS handler; dropped (unregistered) before the
+    /// mapping is unmapped.
+    watch: Option<Watch>,
 }
 
 // SAFETY: the mapping is plain shared memory accessed only through atomics and the
@@ -46,11 +55,24 @@ impl Region {
             return Err(io::Error::last_os_error());
         }
         let base = NonNull::new(ptr.cast::<u8>()).ok_or_else(io::Error::last_os_error)?;
-        Ok(Region { base, geometry })
+        let mut region = Region {
+            base,
+            geometry,
+            watch: None,
+        };
+        region.watch = Some(Watch::register(base.as_ptr(), len)?);
+        Ok(region)
     }
 
     pub(crate) fn geometry(&self) -> &Geometry {
         &self.geometry
+    }
+
+    /// Whether any access to the mapping, by this process, found the file shorter than the
+    /// mapping or unreadable (a SIGBUS answered with a zero page): what was read since may be
+    /// zeros instead of the file's contents.
+    pub(crate) fn faulted(&self) -> bool {
+        self.watch.as_ref().is_some_and(Watch::faulted)
     }
 
     /// # Safety
@@ -120,10 +142,67 @@ impl Region {
 
 impl Drop for Region {
     fn drop(&mut self) {
+        // Unregistered first: an address range unmapped below may be reused at once.
+        drop(self.watch.take());
         // SAFETY: `base`/`file_size` are exactly the mapping made in `map`; no reference into
         // it can outlive `self` (they all borrow `self`).
         unsafe {
             libc::munmap(self.base.as_ptr().cast(), self.geometry.file_size as usize);
+        }
+    }
+}
+
+/// One value of type `T` in an anonymous `MAP_SHARED` page: shared with every process
+/// forked after it was made (the master's state for its workers), never with the file.
+pub(crate) struct SharedPage<T> {
+    value: NonNull<T>,
+}
+
+// SAFETY: `T` is accessed only through `&T`, and the types used here are atomics (Sync).
+unsafe impl<T: Sync> Send for SharedPage<T> {}
+// SAFETY: as above.
+unsafe impl<T: Sync> Sync for SharedPage<T> {}
+
+/// A type made only of atomics, for which all-zero bytes are a valid value.
+///
+/// # Safety
+/// Implement only for types whose every field is an atomic integer (or an array of them).
+pub(crate) unsafe trait ZeroableAtomics: Sync {}
+
+impl<T: ZeroableAtomics> SharedPage<T> {
+    /// Maps a zeroed page holding one `T` (zero is its initial value).
+    pub(crate) fn new() -> io::Result<SharedPage<T>> {
+        const { assert!(std::mem::size_of::<T>() <= crate::layout::PAGE as usize) };
+        // SAFETY: a fresh anonymous mapping chosen by the kernel aliases nothing; it is
+        // zero-filled and page-aligned, which is a valid, aligned `T` (ZeroableAtomics).
+        let ptr = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                crate::layout::PAGE as usize,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_SHARED | libc::MAP_ANONYMOUS,
+                -1,
+                0,
+            )
+        };
+        if ptr == libc::MAP_FAILED {
+            return Err(io::Error::last_os_error());
+        }
+        let value = NonNull::new(ptr.cast::<T>()).ok_or_else(io::Error::last_os_error)?;
+        Ok(SharedPage { value })
+    }
+
+    pub(crate) fn get(&self) -> &T {
+        // SAFETY: the page is mapped for `self`'s lifetime and holds a valid `T` (see new).
+        unsafe { self.value.as_ref() }
+    }
+}
+
+impl<T> Drop for SharedPage<T> {
+    fn drop(&mut self) {
+        // SAFETY: exactly the page mapped in `new`; no reference into it outlives `self`.
+        unsafe {
+            libc::munmap(self.value.as_ptr().cast(), crate::layout::PAGE as usize);
         }
     }
 }

@@ -4,7 +4,7 @@
 use std::fs;
 use std::path::{Path, PathBuf};
 
-use forkpool_ledger::{AccountName, Ledger, LedgerError, LedgerOptions};
+use forkpool_ledger::{AccountName, Ledger, LedgerError, LedgerOptions, Problem, Structure};
 
 fn options() -> LedgerOptions {
     LedgerOptions {
@@ -118,7 +118,13 @@ fn garbage_in_the_account_table_is_refused_untouched() {
         .expect("the name is stored in the file");
     bytes[at] = b'!';
     fs::write(&path, &bytes).expect("write");
-    assert!(matches!(refused(&path), LedgerError::Corrupt { .. }));
+    match refused(&path) {
+        LedgerError::Damaged { finding, .. } => {
+            assert!(matches!(finding.structure, Structure::Slot(_)), "{finding}");
+            assert_eq!(finding.problem, Problem::InvalidName);
+        }
+        other => panic!("{other}"),
+    }
 }
 
 #[test]

@@ -54,6 +54,10 @@ fn result(outcome: Result<Reply, OpError>, accounts: &[AccountName]) -> Reply {
             log::error!("ledger {lock} lock is unrecoverable: the ledger needs a restart");
             "the ledger cannot serve this request; nothing changed".to_string()
         }
+        // Logged once, as an error, by whichever process found the fault.
+        OpError::FileFault(fault) => {
+            format!("{fault}: the server must be restarted; nothing changed")
+        }
     };
     Reply::error(error.kind(), detail)
 }

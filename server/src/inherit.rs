@@ -1,7 +1,7 @@
 //! Descriptors handed to a starting master, by systemd (socket activation) or by the master it
 //! replaces (a USR2 binary upgrade). Both use systemd's protocol: descriptors 3, 4, ... with
 //! `LISTEN_FDS` (their number), `LISTEN_PID` (the pid meant to use them) and
-//! `LISTEN_FDNAMES` (`echo`, `bank`, and for an upgrade `ledger`). An upgrade also sets
+//! `LISTEN_FDNAMES` (`echo`, `bank`, and for an upgrade `ledger` and `ledger-guard`). An upgrade also sets
 //! `FORKPOOL_UPGRADE_FROM` to the old master's pid, which the new one signals once ready.
 
 use std::ffi::OsString;
@@ -21,6 +21,8 @@ pub struct Inherited {
     pub echo: Vec<OwnedFd>,
     pub bank: Vec<OwnedFd>,
     pub ledger: Option<OwnedFd>,
+    /// The ledger path's guard, which keeps other servers off the path (an upgrade).
+    pub ledger_guard: Option<OwnedFd>,
     /// The master being replaced (binary upgrade), to be told when we are ready.
     pub upgrade_from: Option<Pid>,
 }
@@ -44,6 +46,7 @@ pub fn take() -> io::Result<Inherited> {
             "echo" => inherited.echo.push(fd),
             "bank" => inherited.bank.push(fd),
             "ledger" => inherited.ledger = Some(fd),
+            "ledger-guard" => inherited.ledger_guard = Some(fd),
             other => log::warn!("ignoring an inherited descriptor named {other:?}"),
         }
     }

@@ -180,7 +180,12 @@ impl Master {
         let ledger = match inherited.ledger.take() {
             // A binary upgrade: the old master's workers use the ledger right now, so its
             // locks must not be re-initialised nor recovery run.
-            Some(fd) => Ledger::adopt(fd, &config.ledger, config.fsync)?,
+            Some(fd) => Ledger::adopt(
+                fd,
+                inherited.ledger_guard.take(),
+                &config.ledger,
+                config.fsync,
+            )?,
             None => Ledger::open(
                 &config.ledger,
                 &LedgerOptions {
@@ -580,15 +585,20 @@ impl Master {
         *self.restarts.entry(reason).or_insert(0) += 1;
     }
 
-    /// Looks at every worker's scoreboard cell, twice a second: starts a replacement for a
-    /// worker that drains on its own (someone signalled it directly), kills a retiring worker
-    /// still draining after the graceful timeout, and kills hung workers.
+    /// Looks at every worker's scoreboard cell, four times a second: checks the ledger file,
+    /// starts a replacement for a worker that drains on its own (someone signalled it
+    /// directly), kills a retiring worker still draining after the graceful timeout, and
+    /// kills hung workers.
     fn inspect_workers(&mut self) {
         let now = Instant::now();
         if now < self.next_inspection {
             return;
         }
         self.next_inspection = now + INSPECTION_INTERVAL;
+        // Logs (once) a ledger file truncated, deleted or replaced under us.
+        if let Some(ledger) = &self.ledger {
+            ledger.check_file();
+        }
         self.replace_self_draining(now);
         self.kill_overdue_retirees(now);
         self.kill_hung_workers();
@@ -823,6 +833,7 @@ impl Master {
         }
         if let Some(ledger) = &self.ledger {
             fds.push((std::os::fd::AsRawFd::as_raw_fd(ledger), "ledger"));
+            fds.push((ledger.guard_fd(), "ledger-guard"));
         }
         match process::fork_with_signals_blocked() {
             Ok(Forked::Child) => {
@@ -991,15 +1002,13 @@ impl Master {
                 cell: self.scoreboard.cell(w.cell),
             })
             .collect();
-        let ledger = self.ledger.as_ref().map(Ledger::approximate_audit);
         let view = PoolView {
             pid: self.pid.as_raw(),
             configured_workers: self.slots.len(),
             workers: &workers,
             restarts: &self.restarts,
             finished_requests: self.finished_requests,
-            ledger,
-            ledger_recoveries: self.ledger.as_ref().map_or(0, Ledger::recoveries),
+            ledger: self.ledger.as_ref().map(Ledger::overview),
         };
         server.on_events(tokens, io.poll.registry(), &view);
     }
