@@ -11,7 +11,9 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Barrier};
 use std::time::{Duration, Instant};
 
-use forkpool_testkit::{exchange, read_line, request_line, wait_until, Server, Signal};
+use forkpool_testkit::{
+    exchange, one_error_line, read_line, request_line, wait_until, Server, Signal,
+};
 use nix::sys::signal::{kill, killpg};
 use nix::unistd::Pid;
 
@@ -681,7 +683,7 @@ fn a_corrupted_truncated_or_other_version_ledger_is_refused_untouched() {
         let mut server = Server::builder()
             .args(ledger_args(&path, SMALL_CAPACITY))
             .spawn();
-        let output = refused_to_start(&mut server, what);
+        let output = server.refused_to_start(what);
         let error = one_error_line(&output, &path, what);
         assert!(
             error.contains(cause),
@@ -703,7 +705,7 @@ fn a_ledger_of_another_capacity_is_refused_untouched() {
     let mut server = Server::builder()
         .args(ledger_args(&path, SMALL_CAPACITY + 1))
         .spawn();
-    let output = refused_to_start(&mut server, "another capacity");
+    let output = server.refused_to_start("another capacity");
     let error = one_error_line(&output, &path, "another capacity");
     assert!(error.contains(&SMALL_CAPACITY.to_string()), "{error}");
     assert!(std::fs::read(&path).expect("read the ledger file") == valid);
@@ -718,7 +720,7 @@ fn a_second_server_on_a_ledger_in_use_is_refused_and_the_first_keeps_serving() {
     let mut second = Server::builder()
         .args(["--ledger", path.to_str().expect("a UTF-8 path")])
         .spawn();
-    let output = refused_to_start(&mut second, "a ledger in use");
+    let output = second.refused_to_start("a ledger in use");
     let error = one_error_line(&output, &path, "a ledger in use");
     assert!(error.contains("locked"), "{error}");
     expect_replies(
@@ -1334,32 +1336,4 @@ fn valid_ledger_bytes() -> Vec<u8> {
     server.signal(Signal::SIGTERM);
     assert!(server.wait_exit(Duration::from_secs(10)).success());
     std::fs::read(&path).expect("read the ledger file")
-}
-
-/// Waits for a server that must not start; checks it failed without a panic or a worker,
-/// and returns its complete output.
-fn refused_to_start(server: &mut Server, what: &str) -> String {
-    let status = server.wait_exit(Duration::from_secs(10));
-    let output = server.output();
-    assert!(!status.success(), "{what}: the server started: {output}");
-    assert!(!output.contains("panicked"), "{what}: {output}");
-    assert!(!output.contains("forkpool ready"), "{what}: {output}");
-    assert!(!output.contains("worker 0 started"), "{what}: {output}");
-    output
-}
-
-/// The one error line of a refused start, which names the ledger file.
-fn one_error_line<'a>(output: &'a str, path: &Path, what: &str) -> &'a str {
-    let errors: Vec<&str> = output
-        .lines()
-        .filter(|line| line.starts_with("forkpool-server:"))
-        .collect();
-    assert_eq!(errors.len(), 1, "{what}: one error line expected: {output}");
-    assert!(
-        errors[0].contains(&path.display().to_string()),
-        "{what}: the error does not name {}: {}",
-        path.display(),
-        errors[0]
-    );
-    errors[0]
 }

@@ -12,7 +12,7 @@ use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use forkpool_testkit::{
-    bench_json, binary, http_request, is_alive, json_number, process_state, read_line,
+    bench_json, binary, http_request, is_alive, json_number, metric, process_state, read_line,
     request_line, socket_owner, tool, wait_until, Server, Signal,
 };
 use nix::sys::signal::kill;
@@ -20,36 +20,11 @@ use nix::unistd::Pid;
 
 const WAIT: Duration = Duration::from_secs(10);
 
-/// The value of the sample `series` (name with labels, as printed) in a Prometheus text page.
-fn metric(page: &str, series: &str) -> f64 {
-    page.lines()
-        .find_map(|line| line.strip_prefix(series)?.strip_prefix(' '))
-        .unwrap_or_else(|| panic!("no {series} in\n{page}"))
-        .trim()
-        .parse()
-        .unwrap_or_else(|_| panic!("{series} is not a number in\n{page}"))
-}
-
-fn metrics(server: &Server) -> String {
-    let (code, body) = http_request(server.status_addr(), "GET", "/metrics");
-    assert_eq!(code, 200, "{body}");
-    body
-}
-
-/// How many lines of the server's output contain `text`.
-fn log_count(server: &Server, text: &str) -> usize {
-    server
-        .output_lines()
-        .iter()
-        .filter(|l| l.contains(text))
-        .count()
-}
-
 /// Waits until the server has answered `n` echo requests (the load is under way).
 fn wait_echo_requests(server: &Server, n: f64) {
     wait_until(&format!("{n} echo requests served"), WAIT, || {
         (metric(
-            &metrics(server),
+            &server.metrics(),
             "forkpool_requests_total{service=\"echo\"}",
         ) >= n)
             .then_some(())
@@ -103,7 +78,7 @@ fn ttin_and_ttou_change_the_worker_count_and_never_go_below_one() {
     let last = server.workers();
     server.signal(Signal::SIGTTOU);
     wait_until("the refusal to remove the last worker", WAIT, || {
-        (log_count(&server, "keeping the last worker") == 1).then_some(())
+        (server.log_count("keeping the last worker") == 1).then_some(())
     });
     assert_eq!(server.workers(), last, "the last worker stays");
     let mut conn = server.connect_echo();
@@ -211,7 +186,7 @@ fn recycling_under_load_fails_no_request() {
     let (report, code) = echo_load(&server, "3").join().expect("bench thread");
     eprintln!("recycling run: {report}");
     assert_clean(&report, code);
-    let page = metrics(&server);
+    let page = server.metrics();
     let recycled = metric(&page, "forkpool_worker_restarts_total{reason=\"recycled\"}");
     assert!(recycled > 0.0, "{page}");
     for reason in ["crashed", "hung", "killed"] {
@@ -241,7 +216,7 @@ fn a_stopped_worker_is_killed_and_replaced_within_the_timeout() {
     assert!(took <= Duration::from_secs(3), "took {took:?}");
     assert!(replaced.contains(&workers[1]), "the healthy worker stays");
     assert_eq!(
-        log_count(&server, "sent no heartbeat"),
+        server.log_count("sent no heartbeat"),
         1,
         "{}",
         server.output()
@@ -325,7 +300,7 @@ fn a_worker_waiting_for_a_stopped_lock_holder_is_not_killed() {
     assert!(request_line(&mut bank, "BALANCE bench-0").starts_with("OK "));
     assert!(is_alive(waiter), "{}", server.output());
     assert_eq!(
-        log_count(&server, "sent no heartbeat"),
+        server.log_count("sent no heartbeat"),
         1,
         "{}",
         server.output()
@@ -361,7 +336,7 @@ fn hup_with_a_bad_config_changes_nothing_under_load() {
     write_config(dir.path(), "workers = \"many\"\n");
     server.signal(Signal::SIGHUP);
     wait_until("the reload to be refused", WAIT, || {
-        (log_count(&server, "reload refused") == 1).then_some(())
+        (server.log_count("reload refused") == 1).then_some(())
     });
     let (report, code) = load.join().expect("bench thread");
     eprintln!("bad reload run: {report}");
@@ -369,7 +344,7 @@ fn hup_with_a_bad_config_changes_nothing_under_load() {
     let mut after = server.workers();
     after.sort();
     assert_eq!(after, before, "the same workers serve on");
-    assert_eq!(log_count(&server, "reload refused"), 1);
+    assert_eq!(server.log_count("reload refused"), 1);
 }
 
 #[test]
@@ -478,7 +453,7 @@ fn metrics_pass_promtool_and_count_the_requests_sent() {
         assert!(request_line(&mut bank, "DEPOSIT m 5").starts_with("OK "));
     }
     let page = wait_until("the counters to catch up", WAIT, || {
-        let page = metrics(&server);
+        let page = server.metrics();
         (metric(&page, "forkpool_requests_total{service=\"echo\"}") == echo_lines as f64
             && metric(&page, "forkpool_requests_total{service=\"bank\"}") == bank_lines as f64)
             .then_some(page)
