@@ -97,13 +97,13 @@ impl<'a> LedgerPath<'a> {
             Some(d) if !d.as_os_str().is_empty() => d.to_path_buf(),
             _ => PathBuf::from("."),
         };
-        fs::create_dir_all(&dir).map_err(io_err(&dir, "create directory"))?;
+        fs::create_dir_all(&dir).map_err(io_err(path, "create its directory"))?;
         let canonical = match fs::canonicalize(path) {
             Ok(canonical) => canonical,
             Err(e) if e.kind() == io::ErrorKind::NotFound => {
                 refuse_dangling_link(path)?;
                 fs::canonicalize(&dir)
-                    .map_err(io_err(&dir, "resolve directory"))?
+                    .map_err(io_err(path, "resolve its directory"))?
                     .join(&name)
             }
             Err(e) => return Err(io_err(path, "resolve path")(e)),
@@ -391,7 +391,7 @@ fn create(
     let path = target.given;
     let mut tmp_name = target.temp_prefix();
     tmp_name.push(std::process::id().to_string());
-    let tmp = TempFile::create(target.dir.join(tmp_name), &target.dir)?;
+    let tmp = TempFile::create(target.dir.join(tmp_name), path)?;
     let geometry = Geometry::new(
         opts.max_accounts,
         opts.stripes,
@@ -439,7 +439,8 @@ struct TempFile {
 }
 
 impl TempFile {
-    fn create(path: PathBuf, dir: &Path) -> Result<TempFile, LedgerError> {
+    /// Creates the temp file `path` for the ledger `ledger` (named in errors).
+    fn create(path: PathBuf, ledger: &Path) -> Result<TempFile, LedgerError> {
         let file = OpenOptions::new()
             .read(true)
             .write(true)
@@ -447,11 +448,7 @@ impl TempFile {
             .mode(0o600)
             .custom_flags(libc::O_NOFOLLOW)
             .open(&path)
-            .map_err(|source| LedgerError::Io {
-                path: dir.to_path_buf(),
-                action: "create a new ledger file in the directory",
-                source,
-            })?;
+            .map_err(io_err(ledger, "create a temp file in its directory"))?;
         let tmp = TempFile { path, file };
         match try_lock(&tmp.file) {
             Ok(true) => Ok(tmp),

@@ -2,11 +2,16 @@
 //! process that uses the ledger.
 //!
 //! The file is outside the server's control: an operator (or a damaged disk) can truncate,
-//! delete or replace it under the live mapping. Three detectors feed one shared state:
+//! overwrite, delete or replace it under the live mapping. These detectors feed one shared
+//! state:
 //!
 //! * a SIGBUS inside the mapping (`fault.rs`), noticed right after the operation that hit it;
 //! * [`Ledger::check_file`], the supervisor's periodic inspection: `fstat` of the mapped
-//!   descriptor (its size) and `stat` of the path (does it still name the mapped inode?);
+//!   descriptor (its size), `stat` of the path (does it still name the mapped inode?), and an
+//!   inotify watch for `IN_MODIFY` on the inode: the ledger's processes only store through
+//!   the mapping, which raises no inotify event, so an event means another process called
+//!   `write`, `truncate` or the like on the file (e.g. `cp backup ledger.bin` over it, which
+//!   keeps the inode and perhaps the size);
 //! * the same identity check before the flock is trusted at start (`file.rs`).
 //!
 //! The state lives in an anonymous shared page made by the process that opened the ledger, so
@@ -15,10 +20,15 @@
 //! the state never returns to healthy: only a restart, which re-validates the file, does.
 //! The first process to record a fault logs it (one error line naming the file).
 
+use std::fs::File;
 use std::io;
+use std::os::fd::AsRawFd;
 use std::os::unix::fs::MetadataExt;
+use std::path::Path;
 use std::sync::atomic::AtomicU32;
 use std::sync::atomic::Ordering::Relaxed;
+
+use nix::sys::inotify::{AddWatchFlags, InitFlags, Inotify};
 
 use crate::region::{SharedPage, ZeroableAtomics};
 use crate::{Ledger, OpError};
@@ -47,6 +57,9 @@ pub enum FileFault {
     /// The path now names another file than the one mapped.
     #[error("the ledger path now names another file")]
     Replaced,
+    /// Another process wrote to the file or changed its size through a system call.
+    #[error("the ledger file was written to by another process")]
+    Written,
 }
 
 impl FileFault {
@@ -54,7 +67,10 @@ impl FileFault {
     /// (the kernel keeps the inode while it is mapped), so BALANCE and AUDIT still tell the
     /// truth about it; after a size change part of it may be gone.
     pub fn refuses_reads(self) -> bool {
-        matches!(self, FileFault::Unreadable | FileFault::Resized)
+        matches!(
+            self,
+            FileFault::Unreadable | FileFault::Resized | FileFault::Written
+        )
     }
 
     fn code(self) -> u32 {
@@ -63,6 +79,7 @@ impl FileFault {
             FileFault::Resized => 2,
             FileFault::Deleted => 3,
             FileFault::Replaced => 4,
+            FileFault::Written => 5,
         }
     }
 
@@ -72,6 +89,7 @@ impl FileFault {
             FileFault::Resized,
             FileFault::Deleted,
             FileFault::Replaced,
+            FileFault::Written,
         ]
         .into_iter()
         .find(|fault| fault.code() == code)
@@ -113,6 +131,43 @@ impl FileId {
 impl std::fmt::Display for FileId {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         write!(f, "device {:#x} inode {}", self.dev, self.ino)
+    }
+}
+
+/// Notices `write`, `truncate` and the like on the mapped file by any process (inotify
+/// `IN_MODIFY` on its inode).
+pub(crate) struct WriteWatch {
+    inotify: Inotify,
+}
+
+impl WriteWatch {
+    /// Watches the inode open on `file`; `None` (logged) if inotify is unavailable, and the
+    /// other checks go on without it.
+    pub(crate) fn new(file: &File, path: &Path) -> Option<WriteWatch> {
+        let watch = || {
+            let inotify = Inotify::init(InitFlags::IN_NONBLOCK | InitFlags::IN_CLOEXEC)?;
+            // Through the descriptor: the very inode mapped, whatever the path names now.
+            let by_fd = format!("/proc/self/fd/{}", file.as_raw_fd());
+            inotify.add_watch(by_fd.as_str(), AddWatchFlags::IN_MODIFY)?;
+            Ok::<_, nix::Error>(WriteWatch { inotify })
+        };
+        watch()
+            .map_err(|e| {
+                log::warn!(
+                    "ledger {}: cannot watch the file for writes by other processes: {e}",
+                    path.display()
+                )
+            })
+            .ok()
+    }
+
+    /// Whether a write was seen since the last call (consumes the events).
+    fn written(&self) -> bool {
+        let mut seen = false;
+        while let Ok(events) = self.inotify.read_events() {
+            seen |= !events.is_empty();
+        }
+        seen
     }
 }
 
@@ -175,6 +230,15 @@ impl Ledger {
             }
             Ok(_) => self.check_identity(),
             Err(e) => log::debug!("ledger {}: fstat failed: {e}", self.path.display()),
+        }
+        if self.writes.as_ref().is_some_and(WriteWatch::written) {
+            self.fail(
+                FileFault::Written,
+                "another process wrote to the file or changed its size (write, truncate, a copy \
+                 over it): its contents can no longer be trusted; every bank request answers \
+                 ERR internal until the server is restarted, which validates what the file \
+                 then holds",
+            );
         }
         self.health()
     }

@@ -51,7 +51,7 @@ pub use options::{
 pub use validate::{Finding, Problem, Structure};
 
 use guard::{GuardError, PathGuard};
-use health::{FileId, SharedHealth};
+use health::{FileId, SharedHealth, WriteWatch};
 use region::Region;
 
 /// Largest amount and largest balance: 2^63-1.
@@ -126,6 +126,8 @@ pub struct Ledger {
     health: SharedHealth,
     /// Keeps other servers off the path while any process of ours lives.
     guard: PathGuard,
+    /// Notices other processes writing to the file (read by `check_file` only).
+    writes: Option<WriteWatch>,
 }
 
 impl fmt::Debug for Ledger {
@@ -220,6 +222,7 @@ impl Ledger {
             identity,
             absolute_path: std::path::absolute(path).map_err(io("resolve path"))?,
             health: SharedHealth::new().map_err(io("map the shared health page"))?,
+            writes: WriteWatch::new(&file, path),
             file,
             path: path.to_path_buf(),
             fsync,

@@ -1,6 +1,6 @@
-//! The ledger file as hostile input, against the real binary: a file truncated, deleted or
-//! replaced under a running server fails the bank (ERR internal, logged once, shown on the
-//! status page), never a process; damaged recovery structures refuse the start and leave the
+//! The ledger file as hostile input, against the real binary: a file truncated, overwritten,
+//! deleted or replaced under a running server fails the bank (ERR internal, logged once,
+//! shown on the status page), never a process; damaged recovery structures refuse the start and leave the
 //! file untouched; odd ledger paths fail at once with one line naming the cause; temp files
 //! of interrupted creations are removed by the next start.
 
@@ -197,6 +197,24 @@ fn replacing_the_ledger_under_a_running_server_refuses_writes_and_a_second_serve
     assert_eq!(request_line(&mut bank, "BALANCE alice"), "OK 7");
     // The file at the path is not locked by anyone; the path guard still refuses.
     second_server_refused(&ledger);
+    logged_once(&server, &ledger);
+}
+
+#[test]
+fn copying_a_backup_over_the_live_ledger_fails_the_bank_instead_of_reverting_it() {
+    let server = Server::builder()
+        .args(["--status-addr", "127.0.0.1:0", "--max-accounts", CAPACITY])
+        .start();
+    let mut bank = server.connect_bank();
+    assert_eq!(request_line(&mut bank, "DEPOSIT alice 100"), "OK 100");
+    let ledger = ledger_of(&server);
+    let backup = fs::read(&ledger).expect("take a backup");
+    assert_eq!(request_line(&mut bank, "DEPOSIT alice 50"), "OK 150");
+    // Same inode, same size: only the writes themselves give it away.
+    fs::write(&ledger, &backup).expect("copy the backup over the live file");
+    wait_for_the_error(&server, &ledger);
+    bank_fails_echo_serves(&server, &mut bank);
+    status_shows_failed(&server);
     logged_once(&server, &ledger);
 }
 
@@ -417,13 +435,16 @@ fn odd_ledger_paths_fail_at_once_naming_their_cause() {
 }
 
 #[test]
-fn a_ledger_the_server_may_not_open_fails_naming_the_cause() {
+fn a_ledger_the_server_may_not_open_or_create_fails_naming_the_cause() {
     let dir = tempfile::tempdir().expect("a temporary directory");
     fs::set_permissions(dir.path(), fs::Permissions::from_mode(0o755)).expect("chmod");
     let path = dir.path().join("ledger.bin");
     fs::write(&path, b"not yours").expect("write a file");
     fs::set_permissions(&path, fs::Permissions::from_mode(0o000)).expect("chmod");
-    // Root may open anything: run the server as nobody then.
+    let locked_dir = dir.path().join("read-only");
+    fs::create_dir(&locked_dir).expect("mkdir");
+    fs::set_permissions(&locked_dir, fs::Permissions::from_mode(0o555)).expect("chmod");
+    // Root may open and create anything: run the server as nobody then.
     let wrapper: Vec<String> = if nix::unistd::geteuid().is_root() {
         let Some(setpriv) = tool("setpriv") else {
             return;
@@ -438,7 +459,16 @@ fn a_ledger_the_server_may_not_open_fails_naming_the_cause() {
     } else {
         Vec::new()
     };
-    refused_path(dir.path(), &path, &path, "Permission denied", &wrapper);
+    refused_path(
+        dir.path(),
+        &path,
+        &path,
+        "open failed: Permission denied",
+        &wrapper,
+    );
+    let new = locked_dir.join("ledger.bin");
+    let cause = "create a temp file in its directory failed: Permission denied";
+    refused_path(&locked_dir, &new, &new, cause, &wrapper);
 }
 
 // ---------------------------------------------------------------------------------------
