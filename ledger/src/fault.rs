@@ -20,16 +20,16 @@
 //! wrapper taking no lock, like the async-signal-safe `sigaction` and `raise`); it saves and
 //! restores `errno`. Everything else happens in normal context.
 //!
-//! This module, `region.rs` and `lock.rs` are the only places with `unsafe`.
+//! `unsafe` code lives here, in `region.rs` and in `lock.rs`.
 
 use std::io;
 use std::sync::atomic::Ordering::{Acquire, Relaxed, Release};
 use std::sync::atomic::{fence, AtomicBool, AtomicU32, AtomicU64, AtomicUsize};
 use std::sync::Once;
 
-/// Most ledger mappings one process can have registered at once (the server has one; the
-/// test suites open a few at a time per thread).
-const MAX_RANGES: usize = 64;
+/// Most ledger mappings one process can have registered at once (the server has one; a test
+/// suite opens a few at a time per test thread, and runs a thread per CPU).
+const MAX_RANGES: usize = 256;
 
 /// One registered address range. Written only by the thread that holds the entry (`taken`),
 /// read by the signal handler under a sequence lock: `seq` is odd while `start` and `len`

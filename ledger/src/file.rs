@@ -240,7 +240,8 @@ pub(crate) fn remove_stale_temps(target: &LedgerPath<'_>) {
             .as_bytes()
             .strip_prefix(prefix.as_bytes())
             .and_then(|pid| std::str::from_utf8(pid).ok())
-            .and_then(|pid| pid.parse::<i32>().ok())
+            .and_then(|pid| pid.parse::<u32>().ok())
+            .and_then(|pid| i32::try_from(pid).ok())
         else {
             continue;
         };

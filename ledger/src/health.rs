@@ -8,7 +8,7 @@
 //! * a SIGBUS inside the mapping (`fault.rs`), noticed right after the operation that hit it;
 //! * [`Ledger::check_file`], the supervisor's periodic inspection: `fstat` of the mapped
 //!   descriptor (its size), `stat` of the path (does it still name the mapped inode?), and an
-//!   inotify watch for `IN_MODIFY` on the inode: the ledger's processes only store through
+//!   inotify watch for `IN_MODIFY` on the inode, set up by the first inspection: the ledger's processes only store through
 //!   the mapping, which raises no inotify event, so an event means another process called
 //!   `write`, `truncate` or the like on the file (e.g. `cp backup ledger.bin` over it, which
 //!   keeps the inode and perhaps the size);
@@ -25,12 +25,11 @@ use std::io;
 use std::os::fd::AsRawFd;
 use std::os::unix::fs::MetadataExt;
 use std::path::Path;
-use std::sync::atomic::AtomicU32;
 use std::sync::atomic::Ordering::Relaxed;
 
 use nix::sys::inotify::{AddWatchFlags, InitFlags, Inotify};
 
-use crate::region::{SharedPage, ZeroableAtomics};
+use crate::region::SharedWord;
 use crate::{Ledger, OpError};
 
 /// What the processes sharing a ledger know about its file.
@@ -41,13 +40,17 @@ pub enum Health {
     Failed(FileFault),
 }
 
+/// The shared word's value while the file is healthy (faults are 1..).
+const HEALTHY: u32 = 0;
+
 /// How the ledger file failed under the running server.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+#[repr(u32)]
 pub enum FileFault {
     /// An access to the mapping found no page there (SIGBUS): the file was truncated, or a
     /// page could not be read from the disk. Part of what the mapping shows may be zeros.
     #[error("the ledger file was truncated or could not be read")]
-    Unreadable,
+    Unreadable = 1,
     /// `fstat` shows the file at another size than the ledger's.
     #[error("the ledger file changed size")]
     Resized,
@@ -73,37 +76,20 @@ impl FileFault {
         )
     }
 
-    fn code(self) -> u32 {
-        match self {
-            FileFault::Unreadable => 1,
-            FileFault::Resized => 2,
-            FileFault::Deleted => 3,
-            FileFault::Replaced => 4,
-            FileFault::Written => 5,
-        }
-    }
-
-    fn from_code(code: u32) -> Option<FileFault> {
+    /// The fault whose code (`fault as u32`) is in the shared word. Only `record` writes
+    /// it, so an unknown code cannot occur; it would read as the most cautious fault.
+    fn from_code(code: u32) -> FileFault {
         [
-            FileFault::Unreadable,
             FileFault::Resized,
             FileFault::Deleted,
             FileFault::Replaced,
             FileFault::Written,
         ]
         .into_iter()
-        .find(|fault| fault.code() == code)
+        .find(|&fault| fault as u32 == code)
+        .unwrap_or(FileFault::Unreadable)
     }
 }
-
-/// The shared state word: 0 while healthy, else the first fault's code.
-#[repr(C)]
-pub(crate) struct HealthWord {
-    state: AtomicU32,
-}
-
-// SAFETY: one atomic integer; all-zero is `Healthy`.
-unsafe impl ZeroableAtomics for HealthWord {}
 
 /// What an operation does with the file: reads may go on where writes may not.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -171,31 +157,30 @@ impl WriteWatch {
     }
 }
 
-/// The health state in its shared page.
+/// The health state in its shared word: 0 while healthy, else the first fault's code.
 pub(crate) struct SharedHealth {
-    page: SharedPage<HealthWord>,
+    word: SharedWord,
 }
 
 impl SharedHealth {
     pub(crate) fn new() -> io::Result<SharedHealth> {
         Ok(SharedHealth {
-            page: SharedPage::new()?,
+            word: SharedWord::new()?,
         })
     }
 
     fn get(&self) -> Health {
-        match FileFault::from_code(self.page.get().state.load(Relaxed)) {
-            Some(fault) => Health::Failed(fault),
-            None => Health::Healthy,
+        match self.word.get().load(Relaxed) {
+            HEALTHY => Health::Healthy,
+            code => Health::Failed(FileFault::from_code(code)),
         }
     }
 
     /// Records `fault` unless a fault is recorded already; true if this call recorded it.
     fn record(&self, fault: FileFault) -> bool {
-        self.page
+        self.word
             .get()
-            .state
-            .compare_exchange(0, fault.code(), Relaxed, Relaxed)
+            .compare_exchange(HEALTHY, fault as u32, Relaxed, Relaxed)
             .is_ok()
     }
 }
@@ -206,10 +191,13 @@ impl Ledger {
         self.health.get()
     }
 
-    /// The supervisor's periodic inspection of the file (two system calls): is it still the
-    /// size of the ledger, and does the path still name the mapped file? Also takes note of
-    /// faults this process met in the mapping. A new fault is recorded for every process
-    /// and logged once, as an error naming the file. Returns the health after the check.
+    /// The supervisor's periodic inspection of the file (three system calls): is it still
+    /// the size of the ledger, does the path still name the mapped file, and did another
+    /// process write to it (an inotify watch, set up by the first call: closing an inotify
+    /// instance costs a kernel grace period, which only the supervisor's one ledger should
+    /// pay)? Also takes note of faults this process met in the mapping. A new fault is
+    /// recorded for every process and logged once, as an error naming the file. Returns the
+    /// health after the check.
     pub fn check_file(&self) -> Health {
         self.note_access_faults();
         if let Health::Failed(fault) = self.health() {
@@ -231,7 +219,10 @@ impl Ledger {
             Ok(_) => self.check_identity(),
             Err(e) => log::debug!("ledger {}: fstat failed: {e}", self.path.display()),
         }
-        if self.writes.as_ref().is_some_and(WriteWatch::written) {
+        let writes = self
+            .writes
+            .get_or_init(|| WriteWatch::new(&self.file, &self.path));
+        if writes.as_ref().is_some_and(WriteWatch::written) {
             self.fail(
                 FileFault::Written,
                 "another process wrote to the file or changed its size (write, truncate, a copy \

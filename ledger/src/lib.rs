@@ -39,6 +39,7 @@ use std::fmt;
 use std::fs::File;
 use std::os::fd::{AsRawFd, OwnedFd, RawFd};
 use std::path::{Path, PathBuf};
+use std::sync::OnceLock;
 
 pub use error::{LedgerError, OpError};
 pub use health::{FileFault, Health};
@@ -126,8 +127,8 @@ pub struct Ledger {
     health: SharedHealth,
     /// Keeps other servers off the path while any process of ours lives.
     guard: PathGuard,
-    /// Notices other processes writing to the file (read by `check_file` only).
-    writes: Option<WriteWatch>,
+    /// Notices other processes writing to the file; made and read by `check_file` only.
+    writes: OnceLock<Option<WriteWatch>>,
 }
 
 impl fmt::Debug for Ledger {
@@ -222,7 +223,7 @@ impl Ledger {
             identity,
             absolute_path: std::path::absolute(path).map_err(io("resolve path"))?,
             health: SharedHealth::new().map_err(io("map the shared health page"))?,
-            writes: WriteWatch::new(&file, path),
+            writes: OnceLock::new(),
             file,
             path: path.to_path_buf(),
             fsync,

@@ -256,23 +256,27 @@ enum Verdict {
     Refused,
 }
 
-/// Writes `bytes`, opens them, and checks the outcome; `Err` describes a violation.
+/// Writes `bytes` as case `case` in `dir`, opens them, and checks the outcome; `Err`
+/// describes a violation. Each case has its own file: a child forked meanwhile by another
+/// test inherits the open ledger's descriptors, and would hold a reused path's guard.
 fn judge(
-    path: &Path,
+    dir: &Path,
+    case: u64,
     bytes: &[u8],
     acceptable: fn(&LedgerError) -> bool,
 ) -> Result<Verdict, String> {
-    fs::write(path, bytes).expect("write the case");
-    match open_when_free(path, &options(), &|| 0) {
+    let path = dir.join(format!("case-{case}.bin"));
+    fs::write(&path, bytes).expect("write the case");
+    let verdict = match open_when_free(&path, &options(), &|| 0) {
         Ok(ledger) => check_invariants(&ledger).map(|()| Verdict::Accepted),
         Err(e) if !acceptable(&e) => Err(format!("refused for a wrong reason: {e}")),
-        Err(e) => {
-            if fs::read(path).expect("read the case") != bytes {
-                return Err(format!("refused ({e}) but the file was changed"));
-            }
-            Ok(Verdict::Refused)
+        Err(e) if fs::read(&path).expect("read the case") != bytes => {
+            Err(format!("refused ({e}) but the file was changed"))
         }
-    }
+        Err(_) => Ok(Verdict::Refused),
+    };
+    fs::remove_file(&path).expect("remove the case");
+    verdict
 }
 
 fn damaged(e: &LedgerError) -> bool {
@@ -347,33 +351,18 @@ fn fields(geometry: &Geometry) -> Vec<Field> {
     add("header count", 0, offset_of!(Header, count), Kind::Count);
     for s in 0..u64::from(geometry.stripes) {
         let base = (geometry.off_stripes + s * STRIPE_BYTES) as usize;
-        add(
-            "stripe total",
-            s,
-            base + offset_of!(Stripe, total_lo),
-            Kind::Total,
-        );
-        add(
-            "stripe total",
-            s,
-            base + offset_of!(Stripe, total_hi),
-            Kind::Total,
-        );
+        for offset in [offset_of!(Stripe, total_lo), offset_of!(Stripe, total_hi)] {
+            add("stripe total", s, base + offset, Kind::Total);
+        }
     }
     for r in 0..u64::from(geometry.intents) {
         let base = (geometry.off_intents + r * INTENT_BYTES) as usize;
-        add(
-            "intent record",
-            r,
-            base + offset_of!(Intent, owner),
-            Kind::Owner,
-        );
-        add(
-            "intent record",
-            r,
-            base + offset_of!(Intent, commit),
-            Kind::Commit,
-        );
+        for (offset, kind) in [
+            (offset_of!(Intent, owner), Kind::Owner),
+            (offset_of!(Intent, commit), Kind::Commit),
+        ] {
+            add("intent record", r, base + offset, kind);
+        }
         for e in 0..2u64 {
             let entry = base + offset_of!(Intent, entries) + e as usize * size_of::<Entry>();
             let instance = r * 2 + e;
@@ -550,11 +539,10 @@ fn in_use(base: &Base, group: &str, instance: u64) -> bool {
 #[test]
 fn every_crash_state_is_accepted_by_a_cold_start_with_its_invariants() {
     let dir = scratch_dir();
-    let path = dir.path().join("case.bin");
     let bases = bases(dir.path(), DEFAULT_SEED);
     assert!(bases.len() > 100, "{} bases", bases.len());
-    for base in &bases {
-        let verdict = judge(&path, &base.bytes, damaged);
+    for (case, base) in bases.iter().enumerate() {
+        let verdict = judge(dir.path(), case as u64, &base.bytes, damaged);
         assert_eq!(verdict, Ok(Verdict::Accepted), "{}", base.what);
     }
 }
@@ -565,7 +553,6 @@ fn mutated_recovery_structures_are_refused_unchanged_or_accepted_consistent() {
     let only = env_u64("LEDGER_MUTATION_CASE");
     let cases = env_u64("LEDGER_MUTATION_CASES").unwrap_or(DEFAULT_MUTATION_CASES);
     let dir = scratch_dir();
-    let path = dir.path().join("case.bin");
     let bases = bases(dir.path(), seed);
     let fields = fields(&bases[0].geometry);
     let mut counts: BTreeMap<(&str, Verdict), u64> = BTreeMap::new();
@@ -575,7 +562,7 @@ fn mutated_recovery_structures_are_refused_unchanged_or_accepted_consistent() {
         let base = rng.pick(&bases);
         let mut bytes = base.bytes.clone();
         let (group, description) = mutate(&mut rng, base, &fields, &mut bytes);
-        match judge(&path, &bytes, damaged) {
+        match judge(dir.path(), case, &bytes, damaged) {
             Ok(verdict) => *counts.entry((group, verdict)).or_insert(0) += 1,
             Err(violation) => panic!(
                 "{violation}\n  base: {}\n  mutation: {description}\n  replay: \
@@ -606,7 +593,6 @@ fn fuzzed_files_are_refused_unchanged_or_accepted_consistent() {
     let budget =
         Duration::from_millis(env_u64("LEDGER_FUZZ_MILLIS").unwrap_or(DEFAULT_FUZZ_MILLIS));
     let dir = scratch_dir();
-    let path = dir.path().join("case.bin");
     let bases = bases(dir.path(), seed);
     let started = Instant::now();
     let mut counts: BTreeMap<Verdict, u64> = BTreeMap::new();
@@ -616,7 +602,7 @@ fn fuzzed_files_are_refused_unchanged_or_accepted_consistent() {
         let base = rng.pick(&bases);
         let mut bytes = base.bytes.clone();
         let description = fuzz(&mut rng, &mut bytes);
-        match judge(&path, &bytes, refused_as_bad_file) {
+        match judge(dir.path(), case, &bytes, refused_as_bad_file) {
             Ok(verdict) => *counts.entry(verdict).or_insert(0) += 1,
             Err(violation) => panic!(
                 "{violation}\n  base: {}\n  damage: {description}\n  replay: \

@@ -1,7 +1,7 @@
 //! The shared mappings: the ledger file (`mmap(MAP_SHARED)`, typed access to the structs of
-//! `layout.rs`, `msync`) and small anonymous shared pages that the processes forked from the
-//! mapping one share besides the file ([`SharedPage`]). The other modules with `unsafe` are
-//! `lock.rs` and `fault.rs`.
+//! `layout.rs`, `msync`) and an anonymous shared word that the processes forked from the
+//! mapping one share besides the file ([`SharedWord`]). `unsafe` code lives here, in
+//! `lock.rs` and in `fault.rs` (and `recovery.rs` calls `LockWord::init`, an `unsafe fn`).
 //!
 //! Soundness rests on two facts: every byte of a mapping is covered by atomics or by the
 //! pthread mutex (interior mutability shared with other processes is therefore fine, and any
@@ -15,6 +15,7 @@ use std::fs::File;
 use std::io;
 use std::os::fd::AsRawFd;
 use std::ptr::NonNull;
+use std::sync::atomic::AtomicU32;
 
 use crate::fault::Watch;
 use crate::layout::{Geometry, Header, Intent, Slot, Stripe};
@@ -152,29 +153,21 @@ impl Drop for Region {
     }
 }
 
-/// One value of type `T` in an anonymous `MAP_SHARED` page: shared with every process
-/// forked after it was made (the master's state for its workers), never with the file.
-pub(crate) struct SharedPage<T> {
-    value: NonNull<T>,
+/// One atomic word in an anonymous `MAP_SHARED` page: shared with every process forked after
+/// it was made (the master's state for its workers), never with the file. Starts at 0.
+pub(crate) struct SharedWord {
+    word: NonNull<AtomicU32>,
 }
 
-// SAFETY: `T` is accessed only through `&T`, and the types used here are atomics (Sync).
-unsafe impl<T: Sync> Send for SharedPage<T> {}
+// SAFETY: the word is only accessed through `&AtomicU32`, which is Sync.
+unsafe impl Send for SharedWord {}
 // SAFETY: as above.
-unsafe impl<T: Sync> Sync for SharedPage<T> {}
+unsafe impl Sync for SharedWord {}
 
-/// A type made only of atomics, for which all-zero bytes are a valid value.
-///
-/// # Safety
-/// Implement only for types whose every field is an atomic integer (or an array of them).
-pub(crate) unsafe trait ZeroableAtomics: Sync {}
-
-impl<T: ZeroableAtomics> SharedPage<T> {
-    /// Maps a zeroed page holding one `T` (zero is its initial value).
-    pub(crate) fn new() -> io::Result<SharedPage<T>> {
-        const { assert!(std::mem::size_of::<T>() <= crate::layout::PAGE as usize) };
+impl SharedWord {
+    pub(crate) fn new() -> io::Result<SharedWord> {
         // SAFETY: a fresh anonymous mapping chosen by the kernel aliases nothing; it is
-        // zero-filled and page-aligned, which is a valid, aligned `T` (ZeroableAtomics).
+        // zero-filled and page-aligned: a valid, aligned AtomicU32 holding 0.
         let ptr = unsafe {
             libc::mmap(
                 std::ptr::null_mut(),
@@ -188,21 +181,21 @@ impl<T: ZeroableAtomics> SharedPage<T> {
         if ptr == libc::MAP_FAILED {
             return Err(io::Error::last_os_error());
         }
-        let value = NonNull::new(ptr.cast::<T>()).ok_or_else(io::Error::last_os_error)?;
-        Ok(SharedPage { value })
+        let word = NonNull::new(ptr.cast::<AtomicU32>()).ok_or_else(io::Error::last_os_error)?;
+        Ok(SharedWord { word })
     }
 
-    pub(crate) fn get(&self) -> &T {
-        // SAFETY: the page is mapped for `self`'s lifetime and holds a valid `T` (see new).
-        unsafe { self.value.as_ref() }
+    pub(crate) fn get(&self) -> &AtomicU32 {
+        // SAFETY: the page is mapped for `self`'s lifetime and holds a valid AtomicU32.
+        unsafe { self.word.as_ref() }
     }
 }
 
-impl<T> Drop for SharedPage<T> {
+impl Drop for SharedWord {
     fn drop(&mut self) {
         // SAFETY: exactly the page mapped in `new`; no reference into it outlives `self`.
         unsafe {
-            libc::munmap(self.value.as_ptr().cast(), crate::layout::PAGE as usize);
+            libc::munmap(self.word.as_ptr().cast(), crate::layout::PAGE as usize);
         }
     }
 }

@@ -84,6 +84,21 @@ fn status_shows_failed(server: &Server) {
     assert!(table.contains("ledger: FAILED"), "{table}");
 }
 
+/// A server with a status page and a small ledger (plus `args`), and a bank connection on
+/// which each of `transcript`'s requests got its reply.
+fn running(args: &[&str], transcript: &[(&str, &str)]) -> (Server, TcpStream, PathBuf) {
+    let server = Server::builder()
+        .args(["--status-addr", "127.0.0.1:0", "--max-accounts", CAPACITY])
+        .args(args.iter().copied())
+        .start();
+    let mut bank = server.connect_bank();
+    for (request, reply) in transcript {
+        assert_eq!(request_line(&mut bank, request), *reply);
+    }
+    let ledger = ledger_of(&server);
+    (server, bank, ledger)
+}
+
 fn shrink(path: &Path, len: u64) {
     fs::OpenOptions::new()
         .write(true)
@@ -99,13 +114,8 @@ fn shrink(path: &Path, len: u64) {
 
 #[test]
 fn truncating_the_ledger_under_an_idle_server_fails_the_bank_not_a_process() {
-    let server = Server::builder()
-        .args(["--status-addr", "127.0.0.1:0", "--max-accounts", CAPACITY])
-        .start();
+    let (server, mut bank, ledger) = running(&[], &[("DEPOSIT alice 100", "OK 100")]);
     let workers = server.wait_workers(2, WAIT);
-    let mut bank = server.connect_bank();
-    assert_eq!(request_line(&mut bank, "DEPOSIT alice 100"), "OK 100");
-    let ledger = ledger_of(&server);
     shrink(&ledger, 4096);
     // Idle: the master's periodic inspection finds it.
     let error = wait_for_the_error(&server, &ledger);
@@ -119,14 +129,11 @@ fn truncating_the_ledger_under_an_idle_server_fails_the_bank_not_a_process() {
 
 #[test]
 fn truncating_the_ledger_fails_each_bank_request_even_without_the_hung_worker_check() {
-    let server = Server::builder()
-        .args(["--status-addr", "127.0.0.1:0", "--max-accounts", CAPACITY])
-        .args(["--worker-timeout", "0"])
-        .start();
+    let (server, mut bank, ledger) = running(
+        &["--worker-timeout", "0"],
+        &[("DEPOSIT alice 100", "OK 100")],
+    );
     let workers = server.wait_workers(2, WAIT);
-    let mut bank = server.connect_bank();
-    assert_eq!(request_line(&mut bank, "DEPOSIT alice 100"), "OK 100");
-    let ledger = ledger_of(&server);
     shrink(&ledger, 4096);
     // At once: this request meets the missing pages (or the inspection's finding).
     assert_internal(&request_line(&mut bank, "DEPOSIT alice 5"));
@@ -155,13 +162,10 @@ fn second_server_refused(path: &Path) {
 
 #[test]
 fn deleting_the_ledger_under_a_running_server_refuses_writes_and_a_second_server() {
-    let server = Server::builder()
-        .args(["--status-addr", "127.0.0.1:0", "--max-accounts", CAPACITY])
-        .start();
-    let mut bank = server.connect_bank();
-    assert_eq!(request_line(&mut bank, "DEPOSIT alice 1000"), "OK 1000");
-    assert_eq!(request_line(&mut bank, "DEPOSIT bob 5"), "OK 5");
-    let ledger = ledger_of(&server);
+    let (server, mut bank, ledger) = running(
+        &[],
+        &[("DEPOSIT alice 1000", "OK 1000"), ("DEPOSIT bob 5", "OK 5")],
+    );
     fs::remove_file(&ledger).expect("delete the ledger file");
     let error = wait_for_the_error(&server, &ledger);
     assert!(
@@ -182,12 +186,7 @@ fn deleting_the_ledger_under_a_running_server_refuses_writes_and_a_second_server
 
 #[test]
 fn replacing_the_ledger_under_a_running_server_refuses_writes_and_a_second_server() {
-    let server = Server::builder()
-        .args(["--status-addr", "127.0.0.1:0", "--max-accounts", CAPACITY])
-        .start();
-    let mut bank = server.connect_bank();
-    assert_eq!(request_line(&mut bank, "DEPOSIT alice 7"), "OK 7");
-    let ledger = ledger_of(&server);
+    let (server, mut bank, ledger) = running(&[], &[("DEPOSIT alice 7", "OK 7")]);
     let copy = ledger.with_extension("new");
     fs::copy(&ledger, &copy).expect("copy the ledger");
     fs::rename(&copy, &ledger).expect("put the copy in its place");
@@ -202,12 +201,7 @@ fn replacing_the_ledger_under_a_running_server_refuses_writes_and_a_second_serve
 
 #[test]
 fn copying_a_backup_over_the_live_ledger_fails_the_bank_instead_of_reverting_it() {
-    let server = Server::builder()
-        .args(["--status-addr", "127.0.0.1:0", "--max-accounts", CAPACITY])
-        .start();
-    let mut bank = server.connect_bank();
-    assert_eq!(request_line(&mut bank, "DEPOSIT alice 100"), "OK 100");
-    let ledger = ledger_of(&server);
+    let (server, mut bank, ledger) = running(&[], &[("DEPOSIT alice 100", "OK 100")]);
     let backup = fs::read(&ledger).expect("take a backup");
     assert_eq!(request_line(&mut bank, "DEPOSIT alice 50"), "OK 150");
     // Same inode, same size: only the writes themselves give it away.
