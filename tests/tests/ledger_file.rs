@@ -200,6 +200,29 @@ fn replacing_the_ledger_under_a_running_server_refuses_writes_and_a_second_serve
 }
 
 #[test]
+fn after_an_upgrade_the_new_master_keeps_the_ledger_path_from_a_second_server() {
+    let (mut server, mut bank, ledger) = running(&[], &[("DEPOSIT alice 3", "OK 3")]);
+    drop(bank);
+    server.signal(Signal::SIGUSR2);
+    let ready = server.next_ready_line(WAIT);
+    assert!(
+        !ready.ends_with(&format!(" pid={}", server.pid)),
+        "a new master: {ready}"
+    );
+    assert!(
+        server.wait_exit(WAIT).success(),
+        "the old master drains and exits"
+    );
+    // Only the new master's generation lives now; without the file, only the path guard
+    // it inherited can refuse a second server.
+    fs::remove_file(&ledger).expect("delete the ledger file");
+    wait_for_the_error(&server, &ledger);
+    second_server_refused(&ledger);
+    bank = server.connect_bank();
+    assert_eq!(request_line(&mut bank, "BALANCE alice"), "OK 3");
+}
+
+#[test]
 fn copying_a_backup_over_the_live_ledger_fails_the_bank_instead_of_reverting_it() {
     let (server, mut bank, ledger) = running(&[], &[("DEPOSIT alice 100", "OK 100")]);
     let backup = fs::read(&ledger).expect("take a backup");
