@@ -10,15 +10,12 @@
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-use nix::sys::wait::{waitpid, WaitStatus};
+use nix::sys::wait::waitpid;
 use nix::unistd::{fork, ForkResult};
 
-use crate::crash::{arm, CRASH_STATUS};
-use crate::{AccountName, Audit, Ledger, LedgerError, LedgerOptions, OpError};
-
-fn acct(name: &str) -> AccountName {
-    AccountName::new(name.as_bytes()).expect("test account names are valid")
-}
+use crate::crash::CRASH_STATUS;
+use crate::test_support::{acct, open_when_free, run_in_child, ExitOnUnwind};
+use crate::{AccountName, Audit, Ledger, LedgerOptions, OpError};
 
 fn options() -> LedgerOptions {
     LedgerOptions {
@@ -27,37 +24,6 @@ fn options() -> LedgerOptions {
         // One record: after a crash the next operation must reclaim the dead one.
         intent_records: 1,
         ..LedgerOptions::default()
-    }
-}
-
-/// Exits the child if the operation unwinds (a bug), so a child never returns to the harness.
-struct ExitOnUnwind;
-
-impl Drop for ExitOnUnwind {
-    fn drop(&mut self) {
-        // SAFETY: _exit is async-signal-safe and never returns.
-        unsafe { libc::_exit(99) }
-    }
-}
-
-/// Runs `op` in a forked child with crash point `k` armed (0 = none); returns its exit code
-/// (CRASH_STATUS if it died at the point, 0 if `op` returned true).
-fn run_in_child(ledger: &Ledger, k: u32, op: &dyn Fn(&Ledger) -> bool) -> i32 {
-    // SAFETY: the child runs only `arm`, the ledger operation (no allocation, no locks of
-    // this process's other threads) and `_exit`; it never returns into the test harness.
-    match unsafe { fork() }.expect("fork") {
-        ForkResult::Child => {
-            let guard = ExitOnUnwind;
-            arm(k);
-            let ok = op(ledger);
-            std::mem::forget(guard);
-            // SAFETY: as above.
-            unsafe { libc::_exit(if ok { 0 } else { 1 }) }
-        }
-        ForkResult::Parent { child } => match waitpid(child, None).expect("waitpid") {
-            WaitStatus::Exited(_, code) => code,
-            other => panic!("child ended unexpectedly: {other:?}"),
-        },
     }
 }
 
@@ -76,19 +42,9 @@ struct Scenario<'a> {
     accounts: Vec<AccountName>,
 }
 
-/// Opens a test ledger. A child forked by a test running in another thread inherits every
-/// descriptor of this process, including this file's, so the flock may stay held until that
-/// child exits: poll for that with a deadline.
+/// Opens a test ledger (see [`open_when_free`]).
 fn open(path: &Path) -> Ledger {
-    let deadline = Instant::now() + Duration::from_secs(10);
-    loop {
-        match Ledger::open(path, &options()) {
-            Err(LedgerError::Locked { .. }) if Instant::now() < deadline => {
-                std::thread::sleep(Duration::from_millis(1));
-            }
-            result => return result.expect("open ledger"),
-        }
-    }
+    open_when_free(path, &options(), &crate::file::random_key).expect("open ledger")
 }
 
 /// The states before and after a clean run of the scenario's operation.

@@ -6,7 +6,8 @@ use std::path::PathBuf;
 
 use forkpool_common::bank::ErrorKind;
 
-use crate::LockId;
+use crate::validate::Finding;
+use crate::{FileFault, LockId};
 
 /// Why a ledger file could not be opened, created or adopted. Every variant names the file.
 #[derive(Debug, thiserror::Error)]
@@ -31,6 +32,34 @@ pub enum LedgerError {
     /// Another open file description holds the exclusive flock (normally: another live server).
     #[error("ledger {path} is locked by another process (is another server running on it?)")]
     Locked { path: PathBuf },
+    /// Another live server holds the path's guard: it runs on this path, perhaps on a file
+    /// that was deleted or replaced under it since (see `guard.rs`).
+    #[error(
+        "ledger {path} is locked by another running server, which holds {guard} (a server \
+         keeps its ledger path even if the file is deleted or replaced under it)"
+    )]
+    PathInUse { path: PathBuf, guard: String },
+    /// The path cannot name a ledger file (e.g. it ends in '/').
+    #[error("ledger {path}: {reason}")]
+    BadPath { path: PathBuf, reason: &'static str },
+    /// The path is a symbolic link whose target does not exist. A ledger is not created
+    /// through a link: create it at the target's path, or point the link at a ledger.
+    #[error(
+        "ledger {path} is a symbolic link to {target}, which does not exist (a ledger is not \
+         created through a link: use the target's path, or point the link at a ledger file)",
+        target = target.display()
+    )]
+    DanglingSymlink { path: PathBuf, target: PathBuf },
+    /// The path names something other than a regular file.
+    #[error("ledger {path} is {kind}, not a regular file")]
+    NotAFile { path: PathBuf, kind: &'static str },
+    /// The path kept changing (created, deleted, replaced by someone else) while it was
+    /// being opened.
+    #[error(
+        "ledger {path} kept changing while it was being opened ({attempts} attempts: another \
+         process creates, deletes or replaces it); try again"
+    )]
+    Unstable { path: PathBuf, attempts: u32 },
     /// The file is shorter than its header or than the size its header describes.
     #[error("ledger {path} is truncated: {actual} bytes, expected {expected}")]
     Truncated {
@@ -51,6 +80,14 @@ pub enum LedgerError {
     /// The header's fields do not match its checksum, or they describe an impossible layout.
     #[error("ledger {path} is corrupt: {detail}")]
     Corrupt { path: PathBuf, detail: String },
+    /// A structure that recovery would read or produce is inconsistent (see `validate.rs`):
+    /// nothing was applied, the file is unchanged.
+    #[error("ledger {path} is corrupt: {finding}; the file was left unchanged")]
+    Damaged {
+        path: PathBuf,
+        #[source]
+        finding: Finding,
+    },
     /// The file was made on a platform whose lock words differ in size.
     #[error("ledger {path} was created on an incompatible platform: {detail}")]
     Incompatible { path: PathBuf, detail: String },
@@ -77,8 +114,9 @@ pub enum LedgerError {
     },
 }
 
-/// Why an operation failed. Every variant except [`OpError::Unrecoverable`] maps one-to-one
-/// onto a bank protocol word (see [`OpError::kind`]); a failed operation changed nothing.
+/// Why an operation failed. Every variant except [`OpError::Unrecoverable`] and
+/// [`OpError::FileFault`] (both `internal`) maps one-to-one onto a bank protocol word (see
+/// [`OpError::kind`]); a failed operation changed nothing.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
 pub enum OpError {
     #[error("no such account")]
@@ -97,6 +135,11 @@ pub enum OpError {
     /// re-initialises every lock) clears it. Never happens unless the ledger has a bug.
     #[error("ledger lock {0} is not recoverable; restart the server")]
     Unrecoverable(LockId),
+    /// The ledger file failed under the running server ([`crate::Health`]): the operation
+    /// was refused, or its result discarded. Nothing that was promised changed; only a
+    /// restart clears it.
+    #[error("{0}; nothing changed, and the server must be restarted")]
+    FileFault(FileFault),
 }
 
 impl OpError {
@@ -109,7 +152,7 @@ impl OpError {
             OpError::BadAmount => ErrorKind::BadAmount,
             OpError::Overflow => ErrorKind::Overflow,
             OpError::LedgerFull => ErrorKind::LedgerFull,
-            OpError::Unrecoverable(_) => ErrorKind::Internal,
+            OpError::Unrecoverable(_) | OpError::FileFault(_) => ErrorKind::Internal,
         }
     }
 }

@@ -1,13 +1,21 @@
 //! Opening, creating and locking the ledger file, and validating its header before anything
 //! is mapped. A file that fails validation is never written to.
+//!
+//! The path is hostile input too: it may be a dangling symbolic link, end in '/', name a
+//! directory or a FIFO, be replaced between two system calls, or hold the temp file of a
+//! creator that died. Each case either ends in a usable file or in one error that names its
+//! cause; no step loops without bound.
 
+use std::ffi::OsString;
 use std::fs::{self, File, OpenOptions};
 use std::io;
 use std::os::fd::AsRawFd;
+use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::{FileExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 
 use crate::error::LedgerError;
+use crate::health::FileId;
 use crate::layout::{Geometry, HeaderProblem, FIXED_BYTES};
 use crate::options::{LedgerOptions, MAX_MAX_ACCOUNTS};
 use crate::{MAX_INTENTS, MAX_STRIPES};
@@ -49,18 +57,249 @@ pub(crate) fn check_options(path: &Path, opts: &LedgerOptions) -> Result<(), Led
     Ok(())
 }
 
-/// Opens `path` read-write, creating a new ledger file if there is none, and takes the
-/// exclusive non-blocking flock. Returns the locked file; its header is not yet validated.
-pub(crate) fn open_locked(path: &Path, opts: &LedgerOptions) -> Result<File, LedgerError> {
-    let file = loop {
-        match OpenOptions::new().read(true).write(true).open(path) {
-            Ok(file) => break file,
-            Err(e) if e.kind() == io::ErrorKind::NotFound => create(path, opts)?,
-            Err(e) => return Err(io_err(path, "open")(e)),
+/// How many times [`open_locked`] opens (or creates) the file before it gives up because the
+/// path keeps changing under it.
+const OPEN_ATTEMPTS: u32 = 4;
+
+/// The ledger path as given, and what it resolves to.
+#[derive(Debug)]
+pub(crate) struct LedgerPath<'a> {
+    /// As configured (for messages and the identity check).
+    pub(crate) given: &'a Path,
+    /// The directory that holds the file (and its temp files).
+    dir: PathBuf,
+    /// The file name in `dir`.
+    name: OsString,
+    /// Every symbolic link resolved: one name per file, for the path guard.
+    pub(crate) canonical: PathBuf,
+}
+
+impl<'a> LedgerPath<'a> {
+    /// Checks the path's form, creates its directory if missing and resolves it. A symbolic
+    /// link to an existing file is followed on purpose (a deployment may point the path
+    /// elsewhere); a dangling one is refused: the ledger is never created through a link.
+    pub(crate) fn resolve(path: &'a Path) -> Result<LedgerPath<'a>, LedgerError> {
+        let bad = |reason| LedgerError::BadPath {
+            path: path.to_path_buf(),
+            reason,
+        };
+        if path.as_os_str().as_bytes().ends_with(b"/") {
+            return Err(bad(
+                "the path ends in '/', so it can only name a directory; \
+                            give the path of a file",
+            ));
+        }
+        let name = path
+            .file_name()
+            .ok_or_else(|| bad("the path has no file name"))?
+            .to_os_string();
+        let dir = match path.parent() {
+            Some(d) if !d.as_os_str().is_empty() => d.to_path_buf(),
+            _ => PathBuf::from("."),
+        };
+        fs::create_dir_all(&dir).map_err(io_err(path, "create its directory"))?;
+        let canonical = match fs::canonicalize(path) {
+            Ok(canonical) => canonical,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {
+                refuse_dangling_link(path)?;
+                fs::canonicalize(&dir)
+                    .map_err(io_err(path, "resolve its directory"))?
+                    .join(&name)
+            }
+            Err(e) => return Err(io_err(path, "resolve path")(e)),
+        };
+        Ok(LedgerPath {
+            given: path,
+            dir,
+            name,
+            canonical,
+        })
+    }
+
+    /// `.NAME.tmp.` : the start of every temp file name of this ledger.
+    fn temp_prefix(&self) -> OsString {
+        let mut prefix = OsString::from(".");
+        prefix.push(&self.name);
+        prefix.push(".tmp.");
+        prefix
+    }
+}
+
+/// A missing path that is a symbolic link: its target does not exist.
+fn refuse_dangling_link(path: &Path) -> Result<(), LedgerError> {
+    match fs::symlink_metadata(path) {
+        Ok(metadata) if metadata.file_type().is_symlink() => Err(LedgerError::DanglingSymlink {
+            path: path.to_path_buf(),
+            target: fs::read_link(path).unwrap_or_default(),
+        }),
+        _ => Ok(()),
+    }
+}
+
+/// Opens the ledger read-write, creating a new ledger file if there is none, and takes the
+/// exclusive non-blocking flock; then checks that the path still names the locked file (it
+/// may have been replaced between the open and the lock). Every race (another creator, a
+/// file deleted or replaced meanwhile) ends in a retry, at most [`OPEN_ATTEMPTS`] times.
+/// Returns the locked file; its header is not yet validated.
+pub(crate) fn open_locked(
+    target: &LedgerPath<'_>,
+    opts: &LedgerOptions,
+    new_key: &dyn Fn() -> u64,
+) -> Result<File, LedgerError> {
+    let path = target.given;
+    for _ in 0..OPEN_ATTEMPTS {
+        let file = match open_existing(path) {
+            Ok(file) => file,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {
+                refuse_dangling_link(path)?;
+                create(target, opts, new_key)?;
+                continue;
+            }
+            Err(e) => return Err(open_error(path, e)),
+        };
+        let metadata = file.metadata().map_err(io_err(path, "stat"))?;
+        if !metadata.file_type().is_file() {
+            return Err(LedgerError::NotAFile {
+                path: path.to_path_buf(),
+                kind: describe(metadata.file_type()),
+            });
+        }
+        lock_exclusive(&file, path)?;
+        match fs::metadata(path) {
+            Ok(now) if FileId::of(&now) == FileId::of(&metadata) => return Ok(file),
+            // Replaced or deleted since we opened it: the lock guards nothing; again.
+            _ => continue,
+        }
+    }
+    Err(LedgerError::Unstable {
+        path: path.to_path_buf(),
+        attempts: OPEN_ATTEMPTS,
+    })
+}
+
+/// Opens an existing file read-write. Symbolic links are followed (see `LedgerPath`);
+/// `O_NONBLOCK` keeps a FIFO or a device from blocking the open before its type is checked.
+fn open_existing(path: &Path) -> io::Result<File> {
+    OpenOptions::new()
+        .read(true)
+        .write(true)
+        .custom_flags(libc::O_NONBLOCK | libc::O_NOCTTY)
+        .open(path)
+}
+
+/// The error for a failed open, naming what the path is when it is not a file.
+fn open_error(path: &Path, e: io::Error) -> LedgerError {
+    match fs::metadata(path) {
+        Ok(metadata) if !metadata.file_type().is_file() => LedgerError::NotAFile {
+            path: path.to_path_buf(),
+            kind: describe(metadata.file_type()),
+        },
+        _ => io_err(path, "open")(e),
+    }
+}
+
+/// "a directory", "a FIFO", ...: what a path that is not a regular file is.
+fn describe(file_type: fs::FileType) -> &'static str {
+    use std::os::unix::fs::FileTypeExt;
+    if file_type.is_dir() {
+        "a directory"
+    } else if file_type.is_fifo() {
+        "a FIFO"
+    } else if file_type.is_socket() {
+        "a socket"
+    } else if file_type.is_char_device() {
+        "a character device"
+    } else if file_type.is_block_device() {
+        "a block device"
+    } else {
+        "not a regular file"
+    }
+}
+
+/// Removes the temp files that creators of this ledger left when they died mid-creation
+/// (`.NAME.tmp.PID`, possibly hundreds of MB). A creator holds an exclusive flock on its
+/// temp file from creating it to removing it, so a temp file nobody has locked belongs to a
+/// dead creator, whatever process now has the pid in its name (pids are reused). Called with
+/// the path guard held, so no other creator of this ledger is running.
+pub(crate) fn remove_stale_temps(target: &LedgerPath<'_>) {
+    let prefix = target.temp_prefix();
+    let entries = match fs::read_dir(&target.dir) {
+        Ok(entries) => entries,
+        Err(e) => {
+            log::warn!(
+                "ledger {}: cannot list {} for stale temp files: {e}",
+                target.given.display(),
+                target.dir.display()
+            );
+            return;
         }
     };
-    lock_exclusive(&file, path)?;
-    Ok(file)
+    for entry in entries.flatten() {
+        let name = entry.file_name();
+        let Some(pid) = name
+            .as_bytes()
+            .strip_prefix(prefix.as_bytes())
+            .and_then(|pid| std::str::from_utf8(pid).ok())
+            .and_then(|pid| pid.parse::<u32>().ok())
+            .and_then(|pid| i32::try_from(pid).ok())
+        else {
+            continue;
+        };
+        let path = entry.path();
+        match remove_if_abandoned(&path) {
+            Ok(Some(bytes)) => log::info!(
+                "ledger {}: removed {} ({bytes} bytes), left by an interrupted creation \
+                 (pid {pid}, {})",
+                target.given.display(),
+                path.display(),
+                if crate::lock::pid_alive(pid) {
+                    "now another process"
+                } else {
+                    "no longer running"
+                }
+            ),
+            Ok(None) => log::warn!(
+                "ledger {}: left {} in place: a live process (pid {pid}) holds its lock",
+                target.given.display(),
+                path.display()
+            ),
+            Err(e) => log::warn!(
+                "ledger {}: cannot remove the stale temp file {}: {e}",
+                target.given.display(),
+                path.display()
+            ),
+        }
+    }
+}
+
+/// Removes `path` if it is a regular file nobody holds a flock on; returns its size then.
+fn remove_if_abandoned(path: &Path) -> io::Result<Option<u64>> {
+    let file = OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK)
+        .open(path)?;
+    let metadata = file.metadata()?;
+    if !metadata.file_type().is_file() || !try_lock(&file)? {
+        return Ok(None);
+    }
+    // Still the file we locked (not a new one of a live creator that reused the name)?
+    if fs::symlink_metadata(path).map(|now| FileId::of(&now)).ok() != Some(FileId::of(&metadata)) {
+        return Ok(None);
+    }
+    fs::remove_file(path)?;
+    Ok(Some(metadata.len()))
+}
+
+/// Tries the exclusive flock without waiting: true if taken, false if someone holds it.
+#[allow(deprecated)] // see lock_exclusive
+fn try_lock(file: &File) -> io::Result<bool> {
+    use nix::errno::Errno;
+    use nix::fcntl::{flock, FlockArg};
+    match flock(file.as_raw_fd(), FlockArg::LockExclusiveNonblock) {
+        Ok(()) => Ok(true),
+        Err(Errno::EWOULDBLOCK) => Ok(false),
+        Err(e) => Err(e.into()),
+    }
 }
 
 /// Takes (or, for a descriptor that already holds it, confirms) the exclusive flock.
@@ -68,16 +307,13 @@ pub(crate) fn open_locked(path: &Path, opts: &LedgerOptions) -> Result<File, Led
 /// Deliberately never unlocked: the lock belongs to the open file description, which forked
 /// workers share, so an explicit LOCK_UN in a worker would drop the master's lock. nix's
 /// replacement (`Flock`) unlocks on drop, hence the deprecated function.
-#[allow(deprecated)]
 pub(crate) fn lock_exclusive(file: &File, path: &Path) -> Result<(), LedgerError> {
-    use nix::errno::Errno;
-    use nix::fcntl::{flock, FlockArg};
-    match flock(file.as_raw_fd(), FlockArg::LockExclusiveNonblock) {
-        Ok(()) => Ok(()),
-        Err(Errno::EWOULDBLOCK) => Err(LedgerError::Locked {
+    match try_lock(file) {
+        Ok(true) => Ok(()),
+        Ok(false) => Err(LedgerError::Locked {
             path: path.to_path_buf(),
         }),
-        Err(e) => Err(io_err(path, "flock")(e.into())),
+        Err(e) => Err(io_err(path, "flock")(e)),
     }
 }
 
@@ -143,48 +379,25 @@ pub(crate) fn validate(
     Ok(geometry)
 }
 
-/// Creates a new, fully allocated ledger file at `path`: temp file in the same directory,
-/// `posix_fallocate`, header, fsync, link into place (never replacing a file someone else
-/// created meanwhile), fsync the directory. Returns Ok also when another process won the race.
-fn create(path: &Path, opts: &LedgerOptions) -> Result<(), LedgerError> {
-    let dir = match path.parent() {
-        Some(d) if !d.as_os_str().is_empty() => d.to_path_buf(),
-        _ => PathBuf::from("."),
-    };
-    fs::create_dir_all(&dir).map_err(io_err(&dir, "create directory"))?;
-    let name = path
-        .file_name()
-        .ok_or_else(|| LedgerError::InvalidOptions {
-            path: path.to_path_buf(),
-            detail: "the ledger path has no file name".into(),
-        })?;
-    let mut tmp_name = std::ffi::OsString::from(".");
-    tmp_name.push(name);
-    tmp_name.push(format!(".tmp.{}", std::process::id()));
-    let tmp = dir.join(tmp_name);
-    // A stale temp file of a dead process that had our pid: ours to replace.
-    let _ = fs::remove_file(&tmp);
-    let result = write_new(&tmp, path, opts);
-    let _ = fs::remove_file(&tmp);
-    result?;
-    File::open(&dir)
-        .and_then(|d| d.sync_all())
-        .map_err(io_err(&dir, "fsync directory"))
-}
-
-fn write_new(tmp: &Path, path: &Path, opts: &LedgerOptions) -> Result<(), LedgerError> {
-    let file = OpenOptions::new()
-        .read(true)
-        .write(true)
-        .create_new(true)
-        .mode(0o600)
-        .open(tmp)
-        .map_err(io_err(tmp, "create"))?;
+/// Creates a new, fully allocated ledger file at the path: a temp file `.NAME.tmp.PID` in the
+/// same directory, flocked while it exists (see [`remove_stale_temps`]), `posix_fallocate`,
+/// header, fsync, link into place, temp removed, directory fsynced. `link` never replaces a
+/// file: if something appeared at the path meanwhile, this returns Ok and the caller opens
+/// whatever is there (and checks it).
+fn create(
+    target: &LedgerPath<'_>,
+    opts: &LedgerOptions,
+    new_key: &dyn Fn() -> u64,
+) -> Result<(), LedgerError> {
+    let path = target.given;
+    let mut tmp_name = target.temp_prefix();
+    tmp_name.push(std::process::id().to_string());
+    let tmp = TempFile::create(target.dir.join(tmp_name), path)?;
     let geometry = Geometry::new(
         opts.max_accounts,
         opts.stripes,
         opts.intent_records,
-        random_key(),
+        new_key(),
     );
     let size = geometry.file_size;
     let len = libc::off_t::try_from(size).map_err(|_| LedgerError::InvalidOptions {
@@ -192,7 +405,7 @@ fn write_new(tmp: &Path, path: &Path, opts: &LedgerOptions) -> Result<(), Ledger
         detail: format!("file size {size} does not fit off_t"),
     })?;
     // Real blocks, not a sparse file: a store into a hole on a full disk would SIGBUS.
-    match nix::fcntl::posix_fallocate(file.as_raw_fd(), 0, len) {
+    match nix::fcntl::posix_fallocate(tmp.file.as_raw_fd(), 0, len) {
         Ok(()) => {}
         Err(e @ (nix::errno::Errno::ENOSPC | nix::errno::Errno::EFBIG)) => {
             return Err(LedgerError::DiskFull {
@@ -201,21 +414,62 @@ fn write_new(tmp: &Path, path: &Path, opts: &LedgerOptions) -> Result<(), Ledger
                 source: e.into(),
             })
         }
-        Err(e) => return Err(io_err(tmp, "posix_fallocate")(e.into())),
+        Err(e) => return Err(io_err(&tmp.path, "posix_fallocate")(e.into())),
     }
-    file.write_all_at(&geometry.encode(), 0)
-        .map_err(io_err(tmp, "write header"))?;
-    file.sync_all().map_err(io_err(tmp, "fsync"))?;
-    match fs::hard_link(tmp, path) {
-        Ok(()) => Ok(()),
-        Err(e) if e.kind() == io::ErrorKind::AlreadyExists => Ok(()),
-        Err(e) => Err(io_err(path, "link into place")(e)),
+    tmp.file
+        .write_all_at(&geometry.encode(), 0)
+        .map_err(io_err(&tmp.path, "write header"))?;
+    tmp.file.sync_all().map_err(io_err(&tmp.path, "fsync"))?;
+    match fs::hard_link(&tmp.path, path) {
+        Ok(()) => {}
+        // Someone else's file (or link) is there now: the caller opens it and judges it.
+        Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {}
+        Err(e) => return Err(io_err(path, "link into place")(e)),
+    }
+    drop(tmp);
+    File::open(&target.dir)
+        .and_then(|d| d.sync_all())
+        .map_err(io_err(&target.dir, "fsync directory"))
+}
+
+/// A temp file being made into a ledger: created exclusively, flocked for its whole life,
+/// removed on drop (whether it was linked into place or not).
+struct TempFile {
+    path: PathBuf,
+    file: File,
+}
+
+impl TempFile {
+    /// Creates the temp file `path` for the ledger `ledger` (named in errors).
+    fn create(path: PathBuf, ledger: &Path) -> Result<TempFile, LedgerError> {
+        let file = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .custom_flags(libc::O_NOFOLLOW)
+            .open(&path)
+            .map_err(io_err(ledger, "create a temp file in its directory"))?;
+        let tmp = TempFile { path, file };
+        match try_lock(&tmp.file) {
+            Ok(true) => Ok(tmp),
+            Ok(false) => Err(io_err(&tmp.path, "flock")(io::ErrorKind::WouldBlock.into())),
+            Err(e) => Err(io_err(&tmp.path, "flock")(e)),
+        }
+    }
+}
+
+impl Drop for TempFile {
+    fn drop(&mut self) {
+        if let Err(e) = fs::remove_file(&self.path) {
+            log::warn!("cannot remove {}: {e}", self.path.display());
+        }
     }
 }
 
 /// A per-file random hash key (from the kernel's CSPRNG via /dev/urandom; time and pid if
 /// that fails, since the key only spreads accounts and is not a secret that must hold).
-fn random_key() -> u64 {
+pub(crate) fn random_key() -> u64 {
     let mut b = [0u8; 8];
     let from_urandom = File::open("/dev/urandom").and_then(|f| f.read_exact_at(&mut b, 0));
     if from_urandom.is_ok() {

@@ -11,12 +11,21 @@
 //!   process may die at any instruction: the next one to take the lock it held repairs the
 //!   state from an undo record, so the interrupted operation is fully applied or not at all.
 //!
-//! The design (layout, lock order, crash points, durability) is argued in `docs/LEDGER.md`.
-//! This crate does no I/O besides its file, and knows nothing of sockets or the protocol
-//! beyond [`OpError::kind`].
+//! * The file is hostile input: a cold start refuses (untouched) a file whose recovery
+//!   structures do not make sense (`validate.rs`); a file truncated, deleted or replaced
+//!   under the running server fails the ledger ([`Ledger::health`], `health.rs`) instead of
+//!   a process (a SIGBUS handler, `fault.rs`); a path guard keeps a second server off the
+//!   path even once the file is gone (`guard.rs`).
+//!
+//! The design (layout, lock order, crash points, durability, file faults) is argued in
+//! `docs/LEDGER.md`. This crate does no I/O besides its file (and the guard's socket), and
+//! knows nothing of the protocol beyond [`OpError::kind`].
 
 mod error;
+mod fault;
 mod file;
+mod guard;
+mod health;
 mod layout;
 mod lock;
 mod name;
@@ -24,20 +33,26 @@ mod ops;
 mod options;
 mod recovery;
 mod region;
+mod validate;
 
 use std::fmt;
 use std::fs::File;
 use std::os::fd::{AsRawFd, OwnedFd, RawFd};
 use std::path::{Path, PathBuf};
+use std::sync::OnceLock;
 
 pub use error::{LedgerError, OpError};
+pub use health::{FileFault, Health};
 pub use lock::{set_wait_hook, LOCK_WAIT_SLICE};
 pub use name::{AccountName, MAX_ACCOUNT_LEN};
 pub use options::{
     FsyncPolicy, LedgerOptions, ParseFsyncPolicyError, DEFAULT_INTENT_RECORDS,
     DEFAULT_MAX_ACCOUNTS, DEFAULT_STRIPES, MAX_MAX_ACCOUNTS,
 };
+pub use validate::{Finding, Problem, Structure};
 
+use guard::{GuardError, PathGuard};
+use health::{FileId, SharedHealth, WriteWatch};
 use region::Region;
 
 /// Largest amount and largest balance: 2^63-1.
@@ -81,6 +96,17 @@ pub struct LockHolder {
     pub pid: i32,
 }
 
+/// What the monitoring pages show of a ledger (read without taking any lock).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Overview {
+    pub health: Health,
+    /// Total and accounts (not one consistent instant); `None` once the file's health
+    /// refuses reads.
+    pub audit: Option<Audit>,
+    /// Locks repaired after their holder died, over the file's life; `None` as `audit`.
+    pub recoveries: Option<u64>,
+}
+
 /// A mapped, flocked ledger file. Usable in forked children (no threads, no thread-locals);
 /// `Send + Sync`.
 pub struct Ledger {
@@ -91,8 +117,18 @@ pub struct Ledger {
     file: File,
     /// For error messages and logs.
     path: PathBuf,
+    /// The path made absolute, to check that it still names the mapped file.
+    absolute_path: PathBuf,
+    /// The mapped file's (device, inode).
+    identity: FileId,
     /// Whether operations msync before returning.
     fsync: FsyncPolicy,
+    /// The file's health as every process using the ledger knows it.
+    health: SharedHealth,
+    /// Keeps other servers off the path while any process of ours lives.
+    guard: PathGuard,
+    /// Notices other processes writing to the file; made and read by `check_file` only.
+    writes: OnceLock<Option<WriteWatch>>,
 }
 
 impl fmt::Debug for Ledger {
@@ -115,22 +151,28 @@ impl Ledger {
     ///
     /// Only safe while no other live process maps the file; the flock guarantees that for
     /// everyone who opens the file through this function.
+    ///
+    /// Before touching the file it takes the path's guard (see [`LedgerError::PathInUse`])
+    /// and removes temp files left by creators that died mid-creation.
     pub fn open(path: &Path, opts: &LedgerOptions) -> Result<Ledger, LedgerError> {
+        Ledger::open_keyed(path, opts, &file::random_key)
+    }
+
+    /// [`Ledger::open`], with the hash key of a new file from `new_key` (tests make files
+    /// that are the same from run to run).
+    pub(crate) fn open_keyed(
+        path: &Path,
+        opts: &LedgerOptions,
+        new_key: &dyn Fn() -> u64,
+    ) -> Result<Ledger, LedgerError> {
         file::check_options(path, opts)?;
         lock::register_atfork();
-        let file = file::open_locked(path, opts)?;
+        let target = file::LedgerPath::resolve(path)?;
+        let guard = acquire_guard(path, &target.canonical)?;
+        file::remove_stale_temps(&target);
+        let file = file::open_locked(&target, opts, new_key)?;
         let geometry = file::validate(&file, path, Some(opts.max_accounts))?;
-        let region = Region::map(&file, geometry).map_err(|source| LedgerError::Io {
-            path: path.to_path_buf(),
-            action: "mmap",
-            source,
-        })?;
-        let ledger = Ledger {
-            region,
-            file,
-            path: path.to_path_buf(),
-            fsync: opts.fsync,
-        };
+        let ledger = Ledger::map(file, geometry, path, opts.fsync, guard)?;
         ledger.cold_start()?;
         Ok(ledger)
     }
@@ -138,23 +180,54 @@ impl Ledger {
     /// Warm attach, for a new master after a binary upgrade: maps the ledger open on `fd`
     /// (inherited from the old master, whose open file description already holds the flock),
     /// checking its header, WITHOUT re-initialising locks or running recovery, because live
-    /// workers of the old master may be using it. `path` is for messages only. The capacity
-    /// is the file's; `fsync` is this process's policy.
-    pub fn adopt(fd: OwnedFd, path: &Path, fsync: FsyncPolicy) -> Result<Ledger, LedgerError> {
+    /// workers of the old master may be using it. `guard` is the path guard the old master
+    /// passed on ([`Ledger::guard_fd`]); without one (an old master that had none) the guard
+    /// is taken afresh. `path` names the file in messages and health checks. The capacity is
+    /// the file's; `fsync` is this process's policy.
+    pub fn adopt(
+        fd: OwnedFd,
+        guard: Option<OwnedFd>,
+        path: &Path,
+        fsync: FsyncPolicy,
+    ) -> Result<Ledger, LedgerError> {
         lock::register_atfork();
         let file = File::from(fd);
         file::lock_exclusive(&file, path)?;
         let geometry = file::validate(&file, path, None)?;
-        let region = Region::map(&file, geometry).map_err(|source| LedgerError::Io {
-            path: path.to_path_buf(),
-            action: "mmap",
-            source,
-        })?;
+        let guard = match guard {
+            Some(fd) => PathGuard::inherited(fd),
+            None => acquire_guard(path, &file::LedgerPath::resolve(path)?.canonical)?,
+        };
+        Ledger::map(file, geometry, path, fsync, guard)
+    }
+
+    /// Maps a validated, locked file.
+    fn map(
+        file: File,
+        geometry: layout::Geometry,
+        path: &Path,
+        fsync: FsyncPolicy,
+        guard: PathGuard,
+    ) -> Result<Ledger, LedgerError> {
+        let io = |action| {
+            move |source| LedgerError::Io {
+                path: path.to_path_buf(),
+                action,
+                source,
+            }
+        };
+        let region = Region::map(&file, geometry).map_err(io("mmap"))?;
+        let identity = FileId::of(&file.metadata().map_err(io("stat"))?);
         Ok(Ledger {
             region,
+            identity,
+            absolute_path: std::path::absolute(path).map_err(io("resolve path"))?,
+            health: SharedHealth::new().map_err(io("map the shared health page"))?,
+            writes: OnceLock::new(),
             file,
             path: path.to_path_buf(),
             fsync,
+            guard,
         })
     }
 
@@ -175,19 +248,55 @@ impl Ledger {
 
     /// Every lock currently recorded as held, with the holder's pid, so a supervisor can find
     /// (and kill) a stopped or hung holder. A racy snapshot: a holder may just have released.
+    /// Empty once the file's health refuses reads (its lock words may be zeros then).
     pub fn lock_holders(&self) -> Vec<LockHolder> {
-        let geometry = self.region.geometry();
-        let stripes =
-            (0..geometry.stripes).map(|i| (LockId::Stripe(i), &self.region.stripe(i).lock));
-        let alloc = std::iter::once((LockId::Alloc, &self.region.header().alloc));
-        stripes
-            .chain(alloc)
-            .filter_map(|(lock, word)| {
-                let pid = word.holder();
-                (pid != 0).then_some(LockHolder { lock, pid })
-            })
-            .collect()
+        self.monitored(|| {
+            let geometry = self.region.geometry();
+            let stripes =
+                (0..geometry.stripes).map(|i| (LockId::Stripe(i), &self.region.stripe(i).lock));
+            let alloc = std::iter::once((LockId::Alloc, &self.region.header().alloc));
+            stripes
+                .chain(alloc)
+                .filter_map(|(lock, word)| {
+                    let pid = word.holder();
+                    (pid != 0).then_some(LockHolder { lock, pid })
+                })
+                .collect()
+        })
+        .unwrap_or_default()
     }
+
+    /// The ledger as the monitoring pages show it: health, and the lock-free figures while
+    /// the file can be read. Takes no lock.
+    pub fn overview(&self) -> Overview {
+        let figures = self.monitored(|| (self.approximate_audit(), self.recoveries()));
+        Overview {
+            health: self.health(),
+            audit: figures.map(|(audit, _)| audit),
+            recoveries: figures.map(|(_, recoveries)| recoveries),
+        }
+    }
+
+    /// The descriptor of the path guard, to hand to a new binary with the file's
+    /// ([`AsRawFd`]) for [`Ledger::adopt`] (the caller clears `FD_CLOEXEC` on it).
+    pub fn guard_fd(&self) -> RawFd {
+        self.guard.as_raw_fd()
+    }
+}
+
+/// Takes the path guard of `canonical` for the ledger at `path`.
+fn acquire_guard(path: &Path, canonical: &Path) -> Result<PathGuard, LedgerError> {
+    PathGuard::acquire(canonical).map_err(|e| match e {
+        GuardError::Held => LedgerError::PathInUse {
+            path: path.to_path_buf(),
+            guard: guard::display_name(canonical),
+        },
+        GuardError::Os(source) => LedgerError::Io {
+            path: path.to_path_buf(),
+            action: "bind the path guard socket",
+            source,
+        },
+    })
 }
 
 impl AsRawFd for Ledger {
@@ -233,3 +342,7 @@ pub(crate) fn crash_point() {
 
 #[cfg(test)]
 mod crash_tests;
+#[cfg(test)]
+mod mutation_tests;
+#[cfg(test)]
+mod test_support;

@@ -1,10 +1,10 @@
 //! The robust, process-shared pthread mutex that lives inside the mapped ledger file, the pid
 //! of its holder next to it, the wait hook called while blocked, and this process's pid.
 //!
-//! This module and `region.rs` are the only places with `unsafe`. It does not know what the
-//! locks protect: repairing the state after `EOWNERDEAD` is the caller's job, and the caller
-//! must call [`LockWord::consistent`] before unlocking such a lock (unlocking without it makes
-//! the mutex `ENOTRECOVERABLE` for good).
+//! `unsafe` code lives here, in `region.rs` and in `fault.rs`. This module does not know what
+//! the locks protect: repairing the state after `EOWNERDEAD` is the caller's job, and the
+//! caller must call [`LockWord::consistent`] before unlocking such a lock (unlocking without it
+//! makes the mutex `ENOTRECOVERABLE` for good).
 
 use std::cell::UnsafeCell;
 use std::io;

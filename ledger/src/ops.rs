@@ -9,6 +9,7 @@
 use std::sync::atomic::Ordering::{AcqRel, Acquire, Relaxed, Release};
 
 use crate::crash_point;
+use crate::health::Access;
 use crate::layout::{live_tag, Entry, Intent, Slot, ACTIVE, FREE, IDLE, TOMB};
 use crate::lock::{my_pid, pid_alive, run_wait_hook, Acquired};
 use crate::{AccountName, Audit, FsyncPolicy, Ledger, LockId, OpError, MAX_AMOUNT};
@@ -349,6 +350,10 @@ impl Ledger {
     /// `BadAmount`, then `Overflow` (existing account) or `LedgerFull` (new account).
     /// Returns the new balance.
     pub fn deposit(&self, acct: &AccountName, amount: u64) -> Result<u64, OpError> {
+        self.guarded(Access::Write, || self.apply_deposit(acct, amount))
+    }
+
+    fn apply_deposit(&self, acct: &AccountName, amount: u64) -> Result<u64, OpError> {
         check_amount(amount)?;
         let tag = self.tag_of(acct);
         let s = self.stripe_of(tag);
@@ -377,6 +382,10 @@ impl Ledger {
     /// Takes `amount` from `acct`. Errors, in order: `BadAmount`, `NoSuchAccount`,
     /// `InsufficientFunds`. An account emptied to 0 stays open. Returns the new balance.
     pub fn withdraw(&self, acct: &AccountName, amount: u64) -> Result<u64, OpError> {
+        self.guarded(Access::Write, || self.apply_withdraw(acct, amount))
+    }
+
+    fn apply_withdraw(&self, acct: &AccountName, amount: u64) -> Result<u64, OpError> {
         check_amount(amount)?;
         let tag = self.tag_of(acct);
         let s = self.stripe_of(tag);
@@ -401,6 +410,15 @@ impl Ledger {
     /// itself is `SameAccount`), `NoSuchAccount` (`from`), `InsufficientFunds`, then
     /// `Overflow` (existing `to`) or `LedgerFull` (new `to`). Returns both new balances.
     pub fn transfer(
+        &self,
+        from: &AccountName,
+        to: &AccountName,
+        amount: u64,
+    ) -> Result<(u64, u64), OpError> {
+        self.guarded(Access::Write, || self.apply_transfer(from, to, amount))
+    }
+
+    fn apply_transfer(
         &self,
         from: &AccountName,
         to: &AccountName,
@@ -465,17 +483,23 @@ impl Ledger {
 
     /// The balance of `acct`, or `NoSuchAccount`.
     pub fn balance(&self, acct: &AccountName) -> Result<u64, OpError> {
-        let tag = self.tag_of(acct);
-        let _stripe = self.lock_stripe(self.stripe_of(tag))?;
-        let i = self.find(tag, acct).ok_or(OpError::NoSuchAccount)?;
-        Ok(self.slot(i).balance.load(Relaxed))
+        self.guarded(Access::Read, || {
+            let tag = self.tag_of(acct);
+            let _stripe = self.lock_stripe(self.stripe_of(tag))?;
+            let i = self.find(tag, acct).ok_or(OpError::NoSuchAccount)?;
+            Ok(self.slot(i).balance.load(Relaxed))
+        })
     }
 
     /// The exact total of all balances and the number of accounts, as one snapshot: takes
     /// every stripe in ascending order (repairing any whose holder died), then the allocation
     /// lock, so no operation is half applied in what it reads. O(stripes), no table scan.
-    /// Errs only with `Unrecoverable`.
+    /// Errs only with `Unrecoverable` or `FileFault`.
     pub fn audit(&self) -> Result<Audit, OpError> {
+        self.guarded(Access::Read, || self.exact_audit())
+    }
+
+    fn exact_audit(&self) -> Result<Audit, OpError> {
         let mut all = AllStripes {
             ledger: self,
             held: 0,
@@ -494,7 +518,8 @@ impl Ledger {
 impl Ledger {
     /// The total and account count read without any lock (for monitoring: the master takes
     /// no ledger lock). Not a consistent snapshot: an operation in progress may be half
-    /// counted. [`Ledger::audit`] is the exact one.
+    /// counted. [`Ledger::audit`] is the exact one. It reads the mapping whatever the file's
+    /// health ([`Ledger::overview`] checks it).
     pub fn approximate_audit(&self) -> Audit {
         let total = (0..self.region.geometry().stripes)
             .map(|s| {
@@ -510,7 +535,7 @@ impl Ledger {
     }
 
     /// How many times a lock was repaired after its holder died, over the file's life.
-    pub fn recoveries(&self) -> u64 {
+    pub(crate) fn recoveries(&self) -> u64 {
         self.region.header().recoveries.load(Relaxed)
     }
 }

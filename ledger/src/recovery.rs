@@ -14,7 +14,7 @@ use std::sync::atomic::Ordering::{AcqRel, Acquire, Relaxed, Release};
 use crate::crash_point;
 use crate::error::LedgerError;
 use crate::layout::{is_live, ACTIVE, IDLE, TOMB};
-use crate::{Ledger, OpError, MAX_AMOUNT};
+use crate::{Ledger, OpError};
 
 impl Ledger {
     /// Rolls back the allocation journal of a holder that died. Caller holds the alloc lock.
@@ -147,9 +147,10 @@ impl Ledger {
         self.store_total(s, total);
     }
 
-    /// Cold start: with the exclusive flock held and before any fork, check every live slot
-    /// and record (read-only: a bad file is refused untouched), re-initialise every lock,
-    /// repair every record, recompute the count and the stripe totals.
+    /// Cold start: with the exclusive flock held and before any fork, check every structure
+    /// recovery reads and the state it would leave (read-only: a bad file is refused
+    /// untouched), re-initialise every lock, repair every record, recompute the count and the
+    /// stripe totals.
     pub(crate) fn cold_start(&self) -> Result<(), LedgerError> {
         self.check_contents()?;
         let header = self.region.header();
@@ -218,57 +219,20 @@ impl Ledger {
         Ok(())
     }
 
-    /// Read-only check of the table and the records: every live slot holds a valid name whose
-    /// hash is its tag and a balance in range; no more live slots than the capacity; every
-    /// ACTIVE entry names an existing stripe and slot.
+    /// The read-only check of everything recovery will read and produce (`validate.rs`); a
+    /// fault while reading (the file shrank meanwhile) refuses the file too.
     fn check_contents(&self) -> Result<(), LedgerError> {
-        let geometry = *self.region.geometry();
-        let corrupt = |detail: String| {
-            Err(LedgerError::Corrupt {
+        let checked = crate::validate::check(&self.region);
+        if self.region.faulted() {
+            return Err(LedgerError::Truncated {
                 path: self.path.clone(),
-                detail,
-            })
-        };
-        let mut live = 0u64;
-        for i in 0..geometry.table_slots {
-            let Some(slot) = self.region.slot(i) else {
-                continue;
-            };
-            let tag = slot.tag.load(Relaxed);
-            if !is_live(tag) {
-                if tag > TOMB {
-                    return corrupt(format!("slot {i} has an invalid tag {tag:#x}"));
-                }
-                continue;
-            }
-            live += 1;
-            let words: [u64; 8] = std::array::from_fn(|w| slot.name[w].load(Relaxed));
-            let Some(name) = crate::name::from_words(slot.name_len.load(Relaxed), &words) else {
-                return corrupt(format!("slot {i} holds an invalid account name"));
-            };
-            if self.tag_of(&name) != tag {
-                return corrupt(format!("slot {i} ({name}) has a tag that is not its hash"));
-            }
-            if slot.balance.load(Relaxed) > MAX_AMOUNT {
-                return corrupt(format!("slot {i} ({name}) has a balance above 2^63-1"));
-            }
+                actual: self.file.metadata().map_or(0, |m| m.len()),
+                expected: self.region.geometry().file_size,
+            });
         }
-        if live > geometry.capacity {
-            return corrupt(format!(
-                "{live} accounts in a ledger of capacity {}",
-                geometry.capacity
-            ));
-        }
-        for index in 0..geometry.intents {
-            for entry in &self.region.intent(index).entries {
-                if entry.state.load(Relaxed) == ACTIVE
-                    && (entry.stripe.load(Relaxed) >= u64::from(geometry.stripes)
-                        || entry.slot.load(Relaxed) >= geometry.table_slots)
-                {
-                    return corrupt(format!("intent record {index} names a missing slot"));
-                }
-            }
-        }
-        Ok(())
+        checked.map_err(|finding| LedgerError::Damaged {
+            path: self.path.clone(),
+            finding,
+        })
     }
 }

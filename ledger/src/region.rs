@@ -1,22 +1,32 @@
-//! The shared mapping of a ledger file: `mmap(MAP_SHARED)`, typed access to the structs of
-//! `layout.rs`, and `msync`. The only other module with `unsafe` is `lock.rs`.
+//! The shared mappings: the ledger file (`mmap(MAP_SHARED)`, typed access to the structs of
+//! `layout.rs`, `msync`) and an anonymous shared word that the processes forked from the
+//! mapping one share besides the file ([`SharedWord`]). `unsafe` code lives here, in
+//! `lock.rs` and in `fault.rs` (and `recovery.rs` calls `LockWord::init`, an `unsafe fn`).
 //!
-//! Soundness rests on two facts: every byte of the mapping is covered by atomics or by the
-//! pthread mutex (interior mutability shared with other processes is therefore fine), and the
-//! file is at least `file_size` bytes for the mapping's lifetime (checked before mapping; the
-//! ledger holds the file's flock and the format is only ever created at full size).
+//! Soundness rests on two facts: every byte of a mapping is covered by atomics or by the
+//! pthread mutex (interior mutability shared with other processes is therefore fine, and any
+//! bytes are valid values), and every page of the mapping stays mapped for the Region's
+//! lifetime. The file is `file_size` bytes when it is mapped (checked before); if someone
+//! shrinks it later, touching a page past its new end raises SIGBUS, which `fault.rs` answers
+//! by mapping a private zero page there, so the access completes on valid memory and the
+//! ledger learns that the file failed.
 
 use std::fs::File;
 use std::io;
 use std::os::fd::AsRawFd;
 use std::ptr::NonNull;
+use std::sync::atomic::AtomicU32;
 
+use crate::fault::Watch;
 use crate::layout::{Geometry, Header, Intent, Slot, Stripe};
 
 /// A `MAP_SHARED` read-write mapping of a whole ledger file.
 pub(crate) struct Region {
     base: NonNull<u8>,
     geometry: Geometry,
+    /// The mapping's registration with the SIGBUS handler; dropped (unregistered) before the
+    /// mapping is unmapped.
+    watch: Option<Watch>,
 }
 
 // SAFETY: the mapping is plain shared memory accessed only through atomics and the
@@ -46,11 +56,24 @@ impl Region {
             return Err(io::Error::last_os_error());
         }
         let base = NonNull::new(ptr.cast::<u8>()).ok_or_else(io::Error::last_os_error)?;
-        Ok(Region { base, geometry })
+        let mut region = Region {
+            base,
+            geometry,
+            watch: None,
+        };
+        region.watch = Some(Watch::register(base.as_ptr(), len)?);
+        Ok(region)
     }
 
     pub(crate) fn geometry(&self) -> &Geometry {
         &self.geometry
+    }
+
+    /// Whether any access to the mapping, by this process, found the file shorter than the
+    /// mapping or unreadable (a SIGBUS answered with a zero page): what was read since may be
+    /// zeros instead of the file's contents.
+    pub(crate) fn faulted(&self) -> bool {
+        self.watch.as_ref().is_some_and(Watch::faulted)
     }
 
     /// # Safety
@@ -120,10 +143,59 @@ impl Region {
 
 impl Drop for Region {
     fn drop(&mut self) {
+        // Unregistered first: an address range unmapped below may be reused at once.
+        drop(self.watch.take());
         // SAFETY: `base`/`file_size` are exactly the mapping made in `map`; no reference into
         // it can outlive `self` (they all borrow `self`).
         unsafe {
             libc::munmap(self.base.as_ptr().cast(), self.geometry.file_size as usize);
+        }
+    }
+}
+
+/// One atomic word in an anonymous `MAP_SHARED` page: shared with every process forked after
+/// it was made (the master's state for its workers), never with the file. Starts at 0.
+pub(crate) struct SharedWord {
+    word: NonNull<AtomicU32>,
+}
+
+// SAFETY: the word is only accessed through `&AtomicU32`, which is Sync.
+unsafe impl Send for SharedWord {}
+// SAFETY: as above.
+unsafe impl Sync for SharedWord {}
+
+impl SharedWord {
+    pub(crate) fn new() -> io::Result<SharedWord> {
+        // SAFETY: a fresh anonymous mapping chosen by the kernel aliases nothing; it is
+        // zero-filled and page-aligned: a valid, aligned AtomicU32 holding 0.
+        let ptr = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                crate::layout::PAGE as usize,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_SHARED | libc::MAP_ANONYMOUS,
+                -1,
+                0,
+            )
+        };
+        if ptr == libc::MAP_FAILED {
+            return Err(io::Error::last_os_error());
+        }
+        let word = NonNull::new(ptr.cast::<AtomicU32>()).ok_or_else(io::Error::last_os_error)?;
+        Ok(SharedWord { word })
+    }
+
+    pub(crate) fn get(&self) -> &AtomicU32 {
+        // SAFETY: the page is mapped for `self`'s lifetime and holds a valid AtomicU32.
+        unsafe { self.word.as_ref() }
+    }
+}
+
+impl Drop for SharedWord {
+    fn drop(&mut self) {
+        // SAFETY: exactly the page mapped in `new`; no reference into it outlives `self`.
+        unsafe {
+            libc::munmap(self.word.as_ptr().cast(), crate::layout::PAGE as usize);
         }
     }
 }

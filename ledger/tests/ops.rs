@@ -222,12 +222,21 @@ fn fsync_always_gives_the_same_results() {
 }
 
 #[test]
-fn second_open_of_a_locked_ledger_is_refused() {
+fn second_open_of_a_ledger_in_use_is_refused_by_its_path_guard_or_its_flock() {
     let dir = tempfile::tempdir().expect("tempdir");
     let path = dir.path().join("ledger.bin");
     let _first = Ledger::open(&path, &options(10)).expect("open");
     match Ledger::open(&path, &options(10)) {
-        Err(LedgerError::Locked { path: p }) => assert_eq!(p, path),
+        Err(e @ LedgerError::PathInUse { .. }) => {
+            assert!(e.to_string().contains("locked"), "{e}");
+        }
+        other => panic!("expected PathInUse, got {other:?}"),
+    }
+    // Another name for the same file passes the path guard; the file's flock refuses it.
+    let alias = dir.path().join("alias.bin");
+    std::fs::hard_link(&path, &alias).expect("hard link");
+    match Ledger::open(&alias, &options(10)) {
+        Err(LedgerError::Locked { path: p }) => assert_eq!(p, alias),
         other => panic!("expected Locked, got {other:?}"),
     }
 }

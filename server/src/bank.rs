@@ -35,9 +35,13 @@ pub fn execute(ledger: &Ledger, request: &Request) -> Reply {
 /// The error for a ledger failure, naming the account it is about (the wording is
 /// `ProtocolError::refusal`'s, shared with every ledger backend).
 fn failure(ledger: &Ledger, request: &Request, error: OpError) -> ProtocolError {
-    if let OpError::Unrecoverable(lock) = error {
-        log::error!("ledger {lock} lock is unrecoverable: the ledger needs a restart");
-        return ProtocolError::internal();
+    match error {
+        OpError::Unrecoverable(lock) => {
+            log::error!("ledger {lock} lock is unrecoverable: the ledger needs a restart");
+            ProtocolError::internal()
+        }
+        // Logged once, as an error, by whichever process found the fault.
+        OpError::FileFault(_) => ProtocolError::new(error.kind(), error.to_string()),
+        _ => ProtocolError::refusal(error.kind(), request, ledger.capacity()),
     }
-    ProtocolError::refusal(error.kind(), request, ledger.capacity())
 }

@@ -1,8 +1,8 @@
 //! Descriptors handed to a starting master, by systemd (socket activation) or by the master it
 //! replaces (a USR2 binary upgrade). Both use systemd's protocol: descriptors 3, 4, ... with
 //! `LISTEN_FDS` (their number), `LISTEN_PID` (the pid meant to use them) and
-//! `LISTEN_FDNAMES` (`echo`, `bank`, and for an upgrade `ledger` and `handover`, the link on
-//! which the old master passes its workers' connections). An upgrade also sets
+//! `LISTEN_FDNAMES` (`echo`, `bank`, and for an upgrade `ledger`, `ledger-guard` and
+//! `handover`, the link on which the old master passes its workers' connections). An upgrade also sets
 //! `FORKPOOL_UPGRADE_FROM` to the old master's pid, which the new one signals once ready; it
 //! is believed only from our parent, with the ledger passed.
 
@@ -25,6 +25,8 @@ pub struct Inherited {
     /// Listening sockets, by the service their name says.
     listeners: Vec<(ServiceKind, OwnedFd)>,
     pub ledger: Option<OwnedFd>,
+    /// The ledger path's guard, which keeps other servers off the path (an upgrade).
+    pub ledger_guard: Option<OwnedFd>,
     /// The link to the master being replaced (binary upgrade), on which it passes its
     /// workers' connections.
     pub handover: Option<OwnedFd>,
@@ -71,6 +73,7 @@ pub fn take() -> Result<Inherited, TakeError> {
         match (name.as_str(), ServiceKind::named(&name)) {
             (_, Some(kind)) => inherited.listeners.push((kind, fd)),
             ("ledger", None) => inherited.ledger = Some(fd),
+            ("ledger-guard", None) => inherited.ledger_guard = Some(fd),
             ("handover", None) => inherited.handover = Some(fd),
             (other, None) => log::warn!("ignoring an inherited descriptor named {other:?}"),
         }

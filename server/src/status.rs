@@ -7,7 +7,7 @@ use std::io::{self, Read, Write};
 use std::net::SocketAddr;
 use std::sync::atomic::Ordering::Relaxed;
 
-use forkpool_ledger::Audit;
+use forkpool_ledger::{Health, Overview};
 use mio::net::{TcpListener, TcpStream};
 use mio::{Interest, Registry, Token};
 
@@ -37,9 +37,8 @@ pub struct PoolView<'a> {
     pub restarts: &'a RestartCounts,
     /// What workers already gone did, per service (so totals never go backwards).
     pub finished: [ServiceTotals; ServiceKind::ALL.len()],
-    /// A lock-free snapshot of the ledger (not one consistent instant).
-    pub ledger: Option<Audit>,
-    pub ledger_recoveries: u64,
+    /// The ledger's health and a lock-free snapshot of it (not one consistent instant).
+    pub ledger: Option<Overview>,
 }
 
 struct StatusConn {
@@ -376,9 +375,28 @@ pub fn metrics(view: &PoolView<'_>) -> String {
         "Bytes written to clients per live worker.",
         |c| c.bytes_out.load(Relaxed),
     );
-    if let Some(audit) = view.ledger {
+    if let Some(ledger) = view.ledger {
+        ledger_metrics(&mut out, &ledger);
+    }
+    out
+}
+
+/// The ledger's families: whether its file failed, and its figures while they can be read.
+fn ledger_metrics(out: &mut String, ledger: &Overview) {
+    family_block(
+        out,
+        "forkpool_ledger_failed",
+        "gauge",
+        "1 once the ledger file was truncated, deleted or replaced under the server (bank \
+         requests answer ERR internal until a restart).",
+        |b| {
+            let failed = u8::from(ledger.health != Health::Healthy);
+            let _ = writeln!(b, "forkpool_ledger_failed {failed}");
+        },
+    );
+    if let Some(audit) = ledger.audit {
         family_block(
-            &mut out,
+            out,
             "forkpool_ledger_accounts",
             "gauge",
             "Open bank accounts.",
@@ -387,7 +405,7 @@ pub fn metrics(view: &PoolView<'_>) -> String {
             },
         );
         family_block(
-            &mut out,
+            out,
             "forkpool_ledger_total_balance",
             "gauge",
             "Sum of all balances (minor units).",
@@ -396,20 +414,17 @@ pub fn metrics(view: &PoolView<'_>) -> String {
             },
         );
     }
-    family_block(
-        &mut out,
-        "forkpool_ledger_lock_recoveries_total",
-        "counter",
-        "Ledger locks repaired after a holder died.",
-        |b| {
-            let _ = writeln!(
-                b,
-                "forkpool_ledger_lock_recoveries_total {}",
-                view.ledger_recoveries
-            );
-        },
-    );
-    out
+    if let Some(recoveries) = ledger.recoveries {
+        family_block(
+            out,
+            "forkpool_ledger_lock_recoveries_total",
+            "counter",
+            "Ledger locks repaired after a holder died.",
+            |b| {
+                let _ = writeln!(b, "forkpool_ledger_lock_recoveries_total {recoveries}");
+            },
+        );
+    }
 }
 
 /// Per service, the live workers' counts plus those of the workers already gone.
@@ -469,12 +484,25 @@ pub fn status_table(view: &PoolView<'_>) -> String {
         view.configured_workers,
         view.workers.len()
     );
-    if let Some(audit) = view.ledger {
-        let _ = writeln!(
-            out,
-            "ledger: {} accounts, total {}",
-            audit.accounts, audit.total
-        );
+    if let Some(ledger) = view.ledger {
+        if let Health::Failed(fault) = ledger.health {
+            let refused = if fault.refuses_reads() {
+                "every bank request answers"
+            } else {
+                "writes answer"
+            };
+            let _ = writeln!(
+                out,
+                "ledger: FAILED: {fault}; {refused} ERR internal until the server is restarted"
+            );
+        }
+        if let Some(audit) = ledger.audit {
+            let _ = writeln!(
+                out,
+                "ledger: {} accounts, total {}",
+                audit.accounts, audit.total
+            );
+        }
     }
     let _ = writeln!(
         out,

@@ -519,6 +519,33 @@ impl Server {
         })
     }
 
+    /// How many lines of the output so far contain `text`.
+    pub fn log_count(&self, text: &str) -> usize {
+        self.output_lines()
+            .iter()
+            .filter(|l| l.contains(text))
+            .count()
+    }
+
+    /// The `/metrics` page (the server runs with `--status-addr`).
+    pub fn metrics(&self) -> String {
+        let (code, body) = http_request(self.status_addr(), "GET", "/metrics");
+        assert_eq!(code, 200, "{body}");
+        body
+    }
+
+    /// Waits for a server that must not start (after [`ServerBuilder::spawn`]); checks it
+    /// failed without a panic or a worker, and returns its complete output.
+    pub fn refused_to_start(&mut self, what: &str) -> String {
+        let status = self.wait_exit(Duration::from_secs(10));
+        let output = self.output();
+        assert!(!status.success(), "{what}: the server started: {output}");
+        assert!(!output.contains("panicked"), "{what}: {output}");
+        assert!(!output.contains("forkpool ready"), "{what}: {output}");
+        assert!(!output.contains("worker 0 started"), "{what}: {output}");
+        output
+    }
+
     /// Connects to the echo service.
     pub fn connect_echo(&self) -> TcpStream {
         connect(self.echo_addr())
@@ -699,6 +726,32 @@ pub fn read_line(stream: &mut TcpStream) -> String {
         }
     }
     String::from_utf8_lossy(&line).into_owned()
+}
+
+/// The one error line (`forkpool-server: ...`) of a refused start, which names `path`.
+pub fn one_error_line<'a>(output: &'a str, path: &Path, what: &str) -> &'a str {
+    let errors: Vec<&str> = output
+        .lines()
+        .filter(|line| line.starts_with("forkpool-server:"))
+        .collect();
+    assert_eq!(errors.len(), 1, "{what}: one error line expected: {output}");
+    assert!(
+        errors[0].contains(&path.display().to_string()),
+        "{what}: the error does not name {}: {}",
+        path.display(),
+        errors[0]
+    );
+    errors[0]
+}
+
+/// The value of one series (name and labels, exactly as printed) in a `/metrics` page.
+pub fn metric(page: &str, series: &str) -> f64 {
+    page.lines()
+        .find_map(|line| line.strip_prefix(series)?.strip_prefix(' '))
+        .unwrap_or_else(|| panic!("no {series} in\n{page}"))
+        .trim()
+        .parse()
+        .unwrap_or_else(|_| panic!("{series} is not a number in\n{page}"))
 }
 
 /// Sends one HTTP/1.1 request without a body and returns the status code and the body (read

@@ -11,7 +11,9 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Barrier};
 use std::time::{Duration, Instant};
 
-use forkpool_testkit::{exchange, log_phrase, read_line, request_line, wait_until, Server, Signal};
+use forkpool_testkit::{
+    exchange, log_phrase, one_error_line, read_line, request_line, wait_until, Server, Signal,
+};
 use nix::sys::signal::{kill, killpg};
 use nix::unistd::Pid;
 
@@ -1413,20 +1415,4 @@ fn valid_ledger_bytes() -> Vec<u8> {
     server.signal(Signal::SIGTERM);
     assert!(server.wait_exit(Duration::from_secs(10)).success());
     std::fs::read(&path).expect("read the ledger file")
-}
-
-/// The one error line of a refused start, which names the ledger file.
-fn one_error_line<'a>(output: &'a str, path: &Path, what: &str) -> &'a str {
-    let errors: Vec<&str> = output
-        .lines()
-        .filter(|line| line.starts_with("forkpool-server:"))
-        .collect();
-    assert_eq!(errors.len(), 1, "{what}: one error line expected: {output}");
-    assert!(
-        errors[0].contains(&path.display().to_string()),
-        "{what}: the error does not name {}: {}",
-        path.display(),
-        errors[0]
-    );
-    errors[0]
 }

@@ -12,38 +12,13 @@ use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use forkpool_testkit::{
-    bench_json, http_request, is_alive, json_number, log_phrase, process_state, read_line,
+    bench_json, http_request, is_alive, json_number, log_phrase, metric, process_state, read_line,
     request_line, socket_owner, tool, wait_until, Server, Signal,
 };
 use nix::sys::signal::kill;
 use nix::unistd::Pid;
 
 const WAIT: Duration = Duration::from_secs(10);
-
-/// The value of the sample `series` (name with labels, as printed) in a Prometheus text page.
-fn metric(page: &str, series: &str) -> f64 {
-    page.lines()
-        .find_map(|line| line.strip_prefix(series)?.strip_prefix(' '))
-        .unwrap_or_else(|| panic!("no {series} in\n{page}"))
-        .trim()
-        .parse()
-        .unwrap_or_else(|_| panic!("{series} is not a number in\n{page}"))
-}
-
-fn metrics(server: &Server) -> String {
-    let (code, body) = http_request(server.status_addr(), "GET", "/metrics");
-    assert_eq!(code, 200, "{body}");
-    body
-}
-
-/// How many lines of the server's output contain `text`.
-fn log_count(server: &Server, text: &str) -> usize {
-    server
-        .output_lines()
-        .iter()
-        .filter(|l| l.contains(text))
-        .count()
-}
 
 /// Did the master kill `pid` for missing its heartbeats?
 fn reported_hung(server: &Server, pid: Pid) -> bool {
@@ -56,7 +31,7 @@ fn reported_hung(server: &Server, pid: Pid) -> bool {
 fn wait_echo_requests(server: &Server, n: f64) {
     wait_until(&format!("{n} echo requests served"), WAIT, || {
         (metric(
-            &metrics(server),
+            &server.metrics(),
             "forkpool_requests_total{service=\"echo\"}",
         ) >= n)
             .then_some(())
@@ -124,7 +99,7 @@ fn ttin_and_ttou_change_the_worker_count_and_never_go_below_one() {
     let last = server.workers();
     server.signal(Signal::SIGTTOU);
     wait_until("the refusal to remove the last worker", WAIT, || {
-        (log_count(&server, "keeping the last worker") == 1).then_some(())
+        (server.log_count("keeping the last worker") == 1).then_some(())
     });
     assert_eq!(server.workers(), last, "the last worker stays");
     let mut conn = server.connect_echo();
@@ -229,7 +204,7 @@ fn recycling_under_load_fails_no_request() {
     let (report, code) = echo_load(&server, "3").join().expect("bench thread");
     eprintln!("recycling run: {report}");
     assert_clean(&server, &report, code);
-    let page = metrics(&server);
+    let page = server.metrics();
     let recycled = metric(&page, "forkpool_worker_restarts_total{reason=\"recycled\"}");
     assert!(recycled > 0.0, "{page}");
     for reason in ["crashed", "hung", "killed"] {
@@ -396,7 +371,7 @@ fn hup_with_a_bad_config_changes_nothing_under_load() {
     write_config(dir.path(), "workers = \"many\"\n");
     server.signal(Signal::SIGHUP);
     wait_until("the reload to be refused", WAIT, || {
-        (log_count(&server, "reload refused") == 1).then_some(())
+        (server.log_count("reload refused") == 1).then_some(())
     });
     let (report, code) = load.join().expect("bench thread");
     eprintln!("bad reload run: {report}");
@@ -404,10 +379,10 @@ fn hup_with_a_bad_config_changes_nothing_under_load() {
     let mut after = server.workers();
     after.sort();
     assert_eq!(after, before, "the same workers serve on");
-    assert_eq!(log_count(&server, "reload refused"), 1);
+    assert_eq!(server.log_count("reload refused"), 1);
     // The refusal names the file's line and key, as at start-up.
     assert_eq!(
-        log_count(&server, "line 1, key workers: invalid type"),
+        server.log_count("line 1, key workers: invalid type"),
         1,
         "{}",
         server.output()
@@ -517,7 +492,7 @@ fn metrics_pass_promtool_and_count_the_requests_sent() {
         assert!(request_line(&mut bank, "DEPOSIT m 5").starts_with("OK "));
     }
     let page = wait_until("the counters to catch up", WAIT, || {
-        let page = metrics(&server);
+        let page = server.metrics();
         (metric(&page, "forkpool_requests_total{service=\"echo\"}") == echo_lines as f64
             && metric(&page, "forkpool_requests_total{service=\"bank\"}") == bank_lines as f64)
             .then_some(page)

@@ -446,6 +446,8 @@ impl Master {
             return;
         }
         self.next_inspection = now + INSPECTION_INTERVAL;
+        // Logs (once) a ledger file truncated, overwritten, deleted or replaced under us.
+        self.ledger.check_file();
         let timeout = self.config.graceful_timeout;
         for pid in self.pool.overdue_retirees(now, timeout) {
             log::warn!("worker (pid {pid}) still retiring after {timeout:?}: killing it");
@@ -561,6 +563,7 @@ impl Master {
         }
         let mut fds = self.listeners.named_fds();
         fds.push((std::os::fd::AsRawFd::as_raw_fd(&self.ledger), "ledger"));
+        fds.push((self.ledger.guard_fd(), "ledger-guard"));
         match Upgrade::start(
             &self.exe,
             &self.args,
@@ -734,8 +737,7 @@ impl Master {
             workers: &workers,
             restarts: self.pool.restarts(),
             finished: self.pool.finished(),
-            ledger: Some(self.ledger.approximate_audit()),
-            ledger_recoveries: self.ledger.recoveries(),
+            ledger: Some(self.ledger.overview()),
         };
         server.on_events(tokens, self.io.poll.registry(), &view);
     }

@@ -104,7 +104,12 @@ impl Master {
         let ledger = match inherited.ledger.take() {
             // A binary upgrade: the old master's workers use the ledger right now, so its
             // locks must not be re-initialised nor recovery run.
-            Some(fd) => Ledger::adopt(fd, &config.ledger, config.fsync)?,
+            Some(fd) => Ledger::adopt(
+                fd,
+                inherited.ledger_guard.take(),
+                &config.ledger,
+                config.fsync,
+            )?,
             None => Ledger::open(
                 &config.ledger,
                 &LedgerOptions {
