@@ -252,7 +252,7 @@ pub(crate) fn remove_stale_temps(target: &LedgerPath<'_>) {
                  (pid {pid}, {})",
                 target.given.display(),
                 path.display(),
-                if crate::lock::pid_alive(pid) {
+                if forkpool_shm::pid_alive(pid) {
                     "now another process"
                 } else {
                     "no longer running"

@@ -5,7 +5,7 @@
 //! overwrite, delete or replace it under the live mapping. These detectors feed one shared
 //! state:
 //!
-//! * a SIGBUS inside the mapping (`fault.rs`), noticed right after the operation that hit it;
+//! * a SIGBUS inside the mapping (`forkpool_shm`'s handler), noticed right after the operation that hit it;
 //! * [`Ledger::check_file`], the supervisor's periodic inspection: `fstat` of the mapped
 //!   descriptor (its size), `stat` of the path (does it still name the mapped inode?), and an
 //!   inotify watch for `IN_MODIFY` on the inode, set up by the first inspection: the ledger's processes only store through
@@ -29,8 +29,8 @@ use std::sync::atomic::Ordering::Relaxed;
 
 use nix::sys::inotify::{AddWatchFlags, InitFlags, Inotify};
 
-use crate::region::SharedWord;
 use crate::{Ledger, OpError};
+use forkpool_shm::SharedWord;
 
 /// What the processes sharing a ledger know about its file.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

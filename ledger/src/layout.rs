@@ -14,12 +14,12 @@
 
 use std::sync::atomic::AtomicU64;
 
-use crate::lock::{LockWord, MUTEX_BYTES};
+use forkpool_shm::{LockWord, Plain, MUTEX_BYTES};
 
 pub(crate) const MAGIC: [u8; 8] = *b"FPLEDGR\x01";
 /// Bump on any change of layout, hashing or record semantics.
 pub(crate) const LAYOUT_VERSION: u32 = 1;
-pub(crate) const PAGE: u64 = 4096;
+pub(crate) const PAGE: u64 = forkpool_shm::PAGE;
 pub(crate) const HEADER_BYTES: u64 = PAGE;
 /// Bytes 0..FIXED_BYTES of the header are written once at creation and checksummed.
 pub(crate) const FIXED_BYTES: usize = 64;
@@ -128,6 +128,17 @@ pub(crate) struct Slot {
     pub(crate) name: [AtomicU64; 8],
     _pad: u64,
 }
+
+// SAFETY (all six): `repr(C)` structs of atomics, `LockWord`s and (the header's) bytes and
+// padding that are never written through the mapping (`fixed` is written with `pwrite` at
+// creation, before the file is mapped, and read with `pread`): any bytes are a valid value,
+// and every change goes through an atomic or happens under the lock word that guards it.
+unsafe impl Plain for Header {}
+unsafe impl Plain for AllocJournal {}
+unsafe impl Plain for Stripe {}
+unsafe impl Plain for Intent {}
+unsafe impl Plain for Entry {}
+unsafe impl Plain for Slot {}
 
 const _: () = assert!(std::mem::size_of::<Header>() <= HEADER_BYTES as usize);
 const _: () = assert!(std::mem::size_of::<Stripe>() == 128);

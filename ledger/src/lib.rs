@@ -14,20 +14,22 @@
 //! * The file is hostile input: a cold start refuses (untouched) a file whose recovery
 //!   structures do not make sense (`validate.rs`); a file truncated, deleted or replaced
 //!   under the running server fails the ledger ([`Ledger::health`], `health.rs`) instead of
-//!   a process (a SIGBUS handler, `fault.rs`); a path guard keeps a second server off the
+//!   a process (`forkpool_shm`'s SIGBUS handler); a path guard keeps a second server off the
 //!   path even once the file is gone (`guard.rs`).
+//!
+//! The shared-memory building blocks that need `unsafe` (the mapping, the robust mutex, the
+//! SIGBUS handler) are `forkpool_shm`'s; here `unsafe` is only the cold start's lock
+//! initialisation (`recovery.rs`), the `Plain` impls of `layout.rs`, and test helpers.
 //!
 //! The design (layout, lock order, crash points, durability, file faults) is argued in
 //! `docs/LEDGER.md`. This crate does no I/O besides its file (and the guard's socket), and
 //! knows nothing of the protocol beyond [`OpError::kind`].
 
 mod error;
-mod fault;
 mod file;
 mod guard;
 mod health;
 mod layout;
-mod lock;
 mod name;
 mod ops;
 mod options;
@@ -42,8 +44,8 @@ use std::path::{Path, PathBuf};
 use std::sync::OnceLock;
 
 pub use error::{LedgerError, OpError};
+pub use forkpool_shm::{set_wait_hook, LOCK_WAIT_SLICE};
 pub use health::{FileFault, Health};
-pub use lock::{set_wait_hook, LOCK_WAIT_SLICE};
 pub use name::{AccountName, MAX_ACCOUNT_LEN};
 pub use options::{
     FsyncPolicy, LedgerOptions, ParseFsyncPolicyError, DEFAULT_INTENT_RECORDS,
@@ -55,8 +57,8 @@ use guard::{GuardError, PathGuard};
 use health::{FileId, SharedHealth, WriteWatch};
 use region::Region;
 
-/// Largest amount and largest balance: 2^63-1.
-pub const MAX_AMOUNT: u64 = i64::MAX as u64;
+/// Largest amount and largest balance: the protocol's (2^63-1).
+pub use forkpool_common::bank::MAX_AMOUNT;
 /// Most lock stripes a file may have.
 pub const MAX_STRIPES: u32 = 1024;
 /// Most intent records a file may have.
@@ -166,7 +168,7 @@ impl Ledger {
         new_key: &dyn Fn() -> u64,
     ) -> Result<Ledger, LedgerError> {
         file::check_options(path, opts)?;
-        lock::register_atfork();
+        forkpool_shm::register_atfork();
         let target = file::LedgerPath::resolve(path)?;
         let guard = acquire_guard(path, &target.canonical)?;
         file::remove_stale_temps(&target);
@@ -190,7 +192,7 @@ impl Ledger {
         path: &Path,
         fsync: FsyncPolicy,
     ) -> Result<Ledger, LedgerError> {
-        lock::register_atfork();
+        forkpool_shm::register_atfork();
         let file = File::from(fd);
         file::lock_exclusive(&file, path)?;
         let geometry = file::validate(&file, path, None)?;

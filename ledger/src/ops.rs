@@ -11,8 +11,8 @@ use std::sync::atomic::Ordering::{AcqRel, Acquire, Relaxed, Release};
 use crate::crash_point;
 use crate::health::Access;
 use crate::layout::{live_tag, Entry, Intent, Slot, ACTIVE, FREE, IDLE, TOMB};
-use crate::lock::{my_pid, pid_alive, run_wait_hook, Acquired};
 use crate::{AccountName, Audit, FsyncPolicy, Ledger, LockId, OpError, MAX_AMOUNT};
+use forkpool_shm::{my_pid, pid_alive, run_wait_hook, Acquired};
 
 /// Back-off while every intent record is in use by live processes.
 const RECORD_WAIT: std::time::Duration = std::time::Duration::from_millis(1);
@@ -322,7 +322,7 @@ impl Ledger {
 
     /// Under `FsyncPolicy::Always`, writes the pages of `obj` to disk before going on. An
     /// msync error is logged; the operation cannot be undone at that point.
-    pub(crate) fn persist<T>(&self, obj: &T) {
+    pub(crate) fn persist<T: forkpool_shm::Plain>(&self, obj: &T) {
         if self.fsync == FsyncPolicy::Always {
             if let Err(e) = self.region.sync(obj) {
                 log::error!("ledger {}: msync failed: {e}", self.path.display());

@@ -156,8 +156,10 @@ impl Ledger {
         let header = self.region.header();
         for s in 0..self.region.geometry().stripes {
             // SAFETY: cold start: this process holds the exclusive flock (so no other
-            // `Ledger::open` maps the file) and has not forked workers yet; the contract of
-            // `open` excludes processes that adopted the file. Nobody uses these locks.
+            // `Ledger::open` maps the file) and has not forked workers yet. A process that
+            // maps the file without the flock is an upgrade's successor (`Ledger::adopt`),
+            // which exists only once this master handed it the locked descriptor, after its
+            // cold start. Nobody uses these locks.
             unsafe { self.region.stripe(s).lock.init() }.map_err(|source| LedgerError::Io {
                 path: self.path.clone(),
                 action: "initialise lock",

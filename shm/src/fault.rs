@@ -1,16 +1,18 @@
-//! Surviving a ledger file that shrinks under its mapping.
+//! Surviving a shared file that shrinks under its mapping.
 //!
 //! A `MAP_SHARED` mapping raises SIGBUS at the instruction that touches a page the file no
 //! longer has (someone truncated it) or cannot read (an I/O error on a damaged disk). By
-//! default that kills the process: the master (whose hung-worker check reads lock holders
-//! from the mapping) and with it every worker. This module installs one process-wide SIGBUS
-//! handler and keeps a registry of the address ranges of live ledger mappings:
+//! default that kills the process: for the ledger, the master (whose hung-worker check reads
+//! lock holders from the mapping) and with it every worker. This module installs one
+//! process-wide SIGBUS handler and keeps a registry of the address ranges of live
+//! [`crate::Mapping`]s:
 //!
 //! * a fault raised by the kernel at an address inside a registered range is answered by
 //!   mapping a private, zero-filled page over the faulting page (`MAP_FIXED`), so the
 //!   instruction completes on harmless memory, and by counting the fault against the range.
-//!   The ledger reads the count after each operation, discards the operation's result and
-//!   marks the file failed ([`crate::Health`]); nothing in the handler reports or decides;
+//!   The owner of the mapping reads the count after each operation, discards the
+//!   operation's result and marks the file failed (the ledger's `Health`); nothing in the
+//!   handler reports or decides;
 //! * any other SIGBUS (outside every range, or sent by a process) keeps the default
 //!   behaviour: the handler resets SIGBUS to `SIG_DFL` and raises it again, so the process
 //!   dies of SIGBUS as it would have without us.
@@ -19,15 +21,13 @@
 //! `sigaction` and `raise`, which are plain system calls (glibc's `mmap` is a direct syscall
 //! wrapper taking no lock, like the async-signal-safe `sigaction` and `raise`); it saves and
 //! restores `errno`. Everything else happens in normal context.
-//!
-//! `unsafe` code lives here, in `region.rs` and in `lock.rs`.
 
 use std::io;
 use std::sync::atomic::Ordering::{Acquire, Relaxed, Release};
 use std::sync::atomic::{fence, AtomicBool, AtomicU32, AtomicU64, AtomicUsize};
 use std::sync::Once;
 
-/// Most ledger mappings one process can have registered at once (the server has one; a test
+/// Most shared mappings one process can have registered at once (the server has one; a test
 /// suite opens a few at a time per test thread, and runs a thread per CPU).
 const MAX_RANGES: usize = 256;
 
@@ -68,10 +68,14 @@ pub(crate) struct Watch {
 }
 
 impl Watch {
-    /// Registers `[start, start + len)`, a live mapping of a ledger file, installing the
+    /// Registers `[start, start + len)`, a live `MAP_SHARED` mapping of a file, installing the
     /// SIGBUS handler on first use. Fails if the handler cannot be installed or the registry
     /// is full.
-    pub(crate) fn register(start: *const u8, len: usize) -> io::Result<Watch> {
+    ///
+    /// # Safety
+    /// The range stays mapped until the Watch is dropped, and every byte of it is accessed
+    /// only as [`crate::Plain`] types: the handler may replace any of its pages with zeros.
+    pub(crate) unsafe fn register(start: *const u8, len: usize) -> io::Result<Watch> {
         install()?;
         let index = RANGES
             .iter()
@@ -83,7 +87,7 @@ impl Watch {
             .ok_or_else(|| {
                 io::Error::new(
                     io::ErrorKind::OutOfMemory,
-                    format!("more than {MAX_RANGES} ledger mappings in one process"),
+                    format!("more than {MAX_RANGES} shared mappings in one process"),
                 )
             })?;
         let range = &RANGES[index];
@@ -168,12 +172,11 @@ fn range_holding(addr: usize) -> Option<&'static Range> {
 fn cover_with_zero_page(addr: usize) -> bool {
     let page = PAGE_SIZE.load(Relaxed);
     let base = addr & !(page - 1);
-    // SAFETY: `base` is the page-aligned start of a page inside a registered ledger mapping
-    // (the caller checked), which is live: the faulting thread is accessing it through a
-    // `Region` that cannot be unmapped while borrowed, and a range is unregistered before it
-    // is unmapped. Replacing that page changes only memory the Region owns and that is
-    // accessed solely through atomics and the process-shared mutexes, for which any bytes
-    // are valid (zero is an unlocked mutex, a free slot, an idle record).
+    // SAFETY: `base` is the page-aligned start of a page inside a registered mapping (the
+    // caller checked), which is live: the faulting thread is accessing it through a
+    // `Mapping` that cannot be unmapped while borrowed, and a range is unregistered before it
+    // is unmapped. Replacing that page changes only memory the Mapping owns and that is
+    // accessed solely as `Plain` types, for which any bytes (zeros included) are valid.
     let mapped = unsafe {
         libc::mmap(
             base as *mut libc::c_void,
@@ -265,7 +268,8 @@ mod tests {
     #[test]
     fn a_fault_inside_a_registered_range_becomes_a_count_and_a_zero_page() {
         let (_file, ptr) = truncated_mapping();
-        let watch = Watch::register(ptr, 4096).expect("register");
+        // SAFETY: the mapping lives until after the watch is dropped and is read as bytes.
+        let watch = unsafe { Watch::register(ptr, 4096) }.expect("register");
         assert!(!watch.faulted());
         // SAFETY: the page is mapped (by the kernel, then by the handler's zero page).
         let byte = unsafe { std::ptr::read_volatile(ptr.add(100)) };

@@ -1,10 +1,16 @@
-//! The robust, process-shared pthread mutex that lives inside the mapped ledger file, the pid
+//! The robust, process-shared pthread mutex that lives inside a shared file mapping, the pid
 //! of its holder next to it, the wait hook called while blocked, and this process's pid.
 //!
-//! `unsafe` code lives here, in `region.rs` and in `fault.rs`. This module does not know what
-//! the locks protect: repairing the state after `EOWNERDEAD` is the caller's job, and the
-//! caller must call [`LockWord::consistent`] before unlocking such a lock (unlocking without it
-//! makes the mutex `ENOTRECOVERABLE` for good).
+//! This module does not know what the locks protect: repairing the state after `EOWNERDEAD`
+//! is the caller's job, and the caller must call [`LockWord::consistent`] before unlocking
+//! such a lock (unlocking without it makes the mutex `ENOTRECOVERABLE` for good).
+//!
+//! The contract every owner of a file keeps (the ledger does): a file's
+//! lock words are initialised ([`LockWord::init`]) by the process that creates or recovers
+//! the file, before it shares the file with any other process; every other process that uses
+//! them got the file from that process or from one that got it so (forked workers, and an
+//! upgrade's successor master, which adopts the file from its predecessor without
+//! initialising anything). The safe methods rely on it.
 
 use std::cell::UnsafeCell;
 use std::io;
@@ -23,14 +29,15 @@ static MY_PID: AtomicI32 = AtomicI32::new(0);
 static ATFORK: Once = Once::new();
 
 /// Sets (or clears) the function called every [`LOCK_WAIT_SLICE`] while this process waits
-/// for a ledger lock or a free intent record, e.g. to keep heartbeating to the master while a
+/// for a lock (or for a resource its caller polls, such as the ledger's intent records), e.g.
+/// to keep heartbeating to the master while a
 /// SIGSTOPped worker holds the lock. Process-wide; a forked child inherits it. The hook must
-/// not call into the ledger.
+/// not take any lock of a shared file.
 pub fn set_wait_hook(hook: Option<fn()>) {
     WAIT_HOOK.store(hook.map_or(0, |f| f as usize), Ordering::Release);
 }
 
-pub(crate) fn run_wait_hook() {
+pub fn run_wait_hook() {
     let raw = WAIT_HOOK.load(Ordering::Acquire);
     if raw != 0 {
         // SAFETY: the only non-zero values ever stored in WAIT_HOOK are `fn()` pointers cast
@@ -46,20 +53,20 @@ extern "C" fn forget_pid_in_child() {
 }
 
 /// Registers the atfork handler that keeps [`my_pid`] right in forked children. Idempotent.
-pub(crate) fn register_atfork() {
+pub fn register_atfork() {
     ATFORK.call_once(|| {
         // SAFETY: the handler only stores to an atomic, which is async-signal-safe, as a
         // child handler of a multi-threaded parent must be; the other two are null.
         let rc = unsafe { libc::pthread_atfork(None, None, Some(forget_pid_in_child)) };
         if rc != 0 {
-            log::warn!("ledger: pthread_atfork failed ({rc}); pids are not cached");
+            log::warn!("shared memory: pthread_atfork failed ({rc}); pids are not cached");
         }
     });
 }
 
 /// This process's pid (cached; the atfork handler resets the cache in children; without the
 /// handler registered the cache is never filled).
-pub(crate) fn my_pid() -> i32 {
+pub fn my_pid() -> i32 {
     let cached = MY_PID.load(Ordering::Relaxed);
     if cached != 0 {
         return cached;
@@ -73,7 +80,7 @@ pub(crate) fn my_pid() -> i32 {
 }
 
 /// Whether a process with this pid exists (a zombie counts as existing until reaped).
-pub(crate) fn pid_alive(pid: i32) -> bool {
+pub fn pid_alive(pid: i32) -> bool {
     use nix::errno::Errno;
     use nix::sys::signal::kill;
     use nix::unistd::Pid;
@@ -82,7 +89,7 @@ pub(crate) fn pid_alive(pid: i32) -> bool {
 
 /// How a lock was obtained.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) enum Acquired {
+pub enum Acquired {
     /// The previous holder unlocked normally.
     Clean,
     /// The previous holder died holding it: repair, then [`LockWord::consistent`].
@@ -91,11 +98,11 @@ pub(crate) enum Acquired {
 
 /// The mutex is `ENOTRECOVERABLE` (or otherwise unusable).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) struct NotRecoverable;
+pub struct NotRecoverable;
 
 /// A robust process-shared mutex and the pid of its current holder, in the shared mapping.
 #[repr(C, align(64))]
-pub(crate) struct LockWord {
+pub struct LockWord {
     mutex: UnsafeCell<libc::pthread_mutex_t>,
     /// Pid of the process holding the mutex (0 = none), for supervisors: set right after
     /// acquiring, cleared right before releasing, so it may briefly read 0 while held or name
@@ -103,8 +110,12 @@ pub(crate) struct LockWord {
     holder: AtomicI32,
 }
 
+// SAFETY: the cell is only touched through the pthread mutex functions, which are made for
+// concurrent use from any thread (of any process, the mutex being process-shared).
+unsafe impl Sync for LockWord {}
+
 /// Size of a pthread mutex on this platform, recorded in the file header.
-pub(crate) const MUTEX_BYTES: u32 = std::mem::size_of::<libc::pthread_mutex_t>() as u32;
+pub const MUTEX_BYTES: u32 = std::mem::size_of::<libc::pthread_mutex_t>() as u32;
 const _: () = assert!(std::mem::size_of::<LockWord>() == 64);
 
 impl LockWord {
@@ -113,8 +124,9 @@ impl LockWord {
     ///
     /// # Safety
     /// No thread of any process may use this lock concurrently, and none may hold it: the
-    /// caller has the ledger's exclusive flock and runs the cold start before any fork.
-    pub(crate) unsafe fn init(&self) -> io::Result<()> {
+    /// caller owns the file exclusively (e.g. its flock, before any fork), as the cold start
+    /// of the module contract does.
+    pub unsafe fn init(&self) -> io::Result<()> {
         let mut attr = std::mem::MaybeUninit::<libc::pthread_mutexattr_t>::uninit();
         // SAFETY: attr is a valid place for a mutexattr; it is initialised by the first call
         // and destroyed on every path; the mutex pointer is valid (it is inside the mapping
@@ -141,11 +153,13 @@ impl LockWord {
 
     /// Acquires the mutex, waiting in [`LOCK_WAIT_SLICE`] slices and running the wait hook
     /// between them. Records this process as the holder.
-    pub(crate) fn lock(&self) -> Result<Acquired, NotRecoverable> {
+    pub fn lock(&self) -> Result<Acquired, NotRecoverable> {
         let mutex = self.mutex.get();
-        // SAFETY: `mutex` points into the live shared mapping and was initialised by `init`
-        // during the cold start of this file (the only way a Ledger is created), so it is a
-        // valid process-shared robust mutex.
+        // SAFETY: `mutex` points into the live shared mapping that `self` borrows; by the
+        // module contract it was initialised by `init` in the process that created or
+        // recovered the file before anyone else could use it (this process is that one, one
+        // it forked, or an upgrade's successor that adopted the file), so it is a valid
+        // process-shared robust mutex.
         let mut rc = unsafe { libc::pthread_mutex_trylock(mutex) };
         while rc == libc::EBUSY || rc == libc::ETIMEDOUT {
             if rc == libc::ETIMEDOUT {
@@ -166,7 +180,7 @@ impl LockWord {
 
     /// Marks a mutex obtained with [`Acquired::OwnerDied`] as consistent again. Call only
     /// after the state it protects has been repaired.
-    pub(crate) fn consistent(&self) {
+    pub fn consistent(&self) {
         // SAFETY: valid initialised mutex (see `lock`), held by this thread in the
         // owner-died state, which is the precondition of pthread_mutex_consistent.
         let rc = unsafe { libc::pthread_mutex_consistent(self.mutex.get()) };
@@ -174,7 +188,7 @@ impl LockWord {
     }
 
     /// Clears the holder and releases the mutex, which this thread holds.
-    pub(crate) fn unlock(&self) {
+    pub fn unlock(&self) {
         self.holder.store(0, Ordering::Relaxed);
         // SAFETY: valid initialised mutex (see `lock`), held by this thread.
         let rc = unsafe { libc::pthread_mutex_unlock(self.mutex.get()) };
@@ -182,7 +196,7 @@ impl LockWord {
     }
 
     /// Pid of the recorded holder, 0 if none.
-    pub(crate) fn holder(&self) -> i32 {
+    pub fn holder(&self) -> i32 {
         self.holder.load(Ordering::Relaxed)
     }
 }

@@ -1,0 +1,21 @@
+//! State shared between forked processes through a `MAP_SHARED` file mapping: the building
+//! blocks that need `unsafe`, kept together so that the crates built on them (the ledger)
+//! need none for their shared state.
+//!
+//! * [`Mapping`]: a file mapped read-write and shared, read as [`Plain`] types at checked
+//!   offsets, synced by object;
+//! * [`LockWord`]: a robust process-shared pthread mutex with its holder's pid, living in a
+//!   mapping;
+//! * the SIGBUS answer (`fault.rs`): a mapping whose file shrinks or cannot be read gets a
+//!   zero page instead of killing the process, and [`Mapping::faulted`] says so;
+//! * [`SharedWord`]: one atomic word shared with the processes forked after it was made.
+
+mod fault;
+mod lock;
+mod mapping;
+
+pub use lock::{
+    my_pid, pid_alive, register_atfork, run_wait_hook, set_wait_hook, Acquired, LockWord,
+    NotRecoverable, LOCK_WAIT_SLICE, MUTEX_BYTES,
+};
+pub use mapping::{Mapping, Plain, SharedWord, PAGE};
