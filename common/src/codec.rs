@@ -164,6 +164,10 @@ pub enum Flow {
     Continue,
     /// Stop delivering frames: the rest of the input is dropped (the caller is closing).
     Stop,
+    /// Stop delivering frames for now: the handler took this frame but cannot answer it yet
+    /// (it waits for something outside the connection). The rest of the input is the
+    /// caller's to keep and to feed again, in order, once the wait is over.
+    Wait,
 }
 
 /// Splits a byte stream into `\n`-terminated lines of at most `max_line` bytes.
@@ -191,8 +195,16 @@ impl LineFramer {
     }
 
     /// Feeds the next piece of the stream, calling `on_frame` for every line it completes.
-    /// Returns [`Flow::Stop`] if the handler stopped; the framer must not be fed again then.
-    pub fn feed(&mut self, mut input: &[u8], mut on_frame: impl FnMut(Frame<'_>) -> Flow) -> Flow {
+    /// Returns [`Flow::Stop`] if the handler stopped (the framer must not be fed again then)
+    /// or [`Flow::Wait`] if it waits, and how many bytes of `input` were consumed: all of
+    /// them, except after a wait, where the bytes past the waiting line are left to feed
+    /// again later.
+    pub fn feed(
+        &mut self,
+        whole_input: &[u8],
+        mut on_frame: impl FnMut(Frame<'_>) -> Flow,
+    ) -> (Flow, usize) {
+        let mut input = whole_input;
         while let Some(end) = input.iter().position(|&b| b == b'\n') {
             let (line, rest) = (&input[..end], &input[end + 1..]);
             input = rest;
@@ -215,11 +227,11 @@ impl LineFramer {
                 self.partial.clear();
                 flow
             };
-            if flow == Flow::Stop {
-                return Flow::Stop;
+            if flow != Flow::Continue {
+                return (flow, whole_input.len() - input.len());
             }
         }
-        self.keep_partial(input, on_frame)
+        (self.keep_partial(input, on_frame), whole_input.len())
     }
 
     fn keep_partial(&mut self, tail: &[u8], mut on_frame: impl FnMut(Frame<'_>) -> Flow) -> Flow {
@@ -433,11 +445,34 @@ mod tests {
     fn framer_stops_when_asked() {
         let mut framer = LineFramer::new(8);
         let mut seen = 0;
-        let flow = framer.feed(b"a\nb\nc\n", |_| {
+        let (flow, _) = framer.feed(b"a\nb\nc\n", |_| {
             seen += 1;
             Flow::Stop
         });
         assert_eq!((flow, seen), (Flow::Stop, 1));
+    }
+
+    /// A handler that waits after each line gets the lines one feed at a time, and the
+    /// framer says where the unread rest starts, partial line included.
+    #[test]
+    fn framer_waits_and_the_rest_is_fed_again() {
+        let mut framer = LineFramer::new(8);
+        let mut input: &[u8] = b"a\r\nbb\nccc";
+        let mut seen = Vec::new();
+        loop {
+            let (flow, consumed) = framer.feed(input, |frame| {
+                seen.push(format!("{frame:?}"));
+                Flow::Wait
+            });
+            input = &input[consumed..];
+            if flow == Flow::Continue {
+                break;
+            }
+            assert_eq!(flow, Flow::Wait);
+        }
+        assert!(input.is_empty());
+        assert_eq!(seen, [r#"Line([97, 13])"#, r#"Line([98, 98])"#]);
+        assert_eq!(framer.finish(), Some(b"ccc".to_vec()));
     }
 
     /// Bytes biased towards the interesting cases: newlines, multi-byte UTF-8, invalid bytes.
