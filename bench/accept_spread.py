@@ -22,6 +22,8 @@ import tempfile
 import threading
 import time
 
+from proctree import children
+
 
 def start(server, mode, workers, datadir):
     proc = subprocess.Popen(
@@ -36,20 +38,6 @@ def start(server, mode, workers, datadir):
     log = []
     threading.Thread(target=lambda: log.extend(proc.stderr), daemon=True).start()
     return proc, port, log
-
-
-def children(pid):
-    kids = []
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            try:
-                with open(f"/proc/{entry}/stat") as f:
-                    fields = f.read().rsplit(")", 1)[1].split()
-                if int(fields[1]) == pid:
-                    kids.append(int(entry))
-            except OSError:
-                pass
-    return kids
 
 
 def wakeups(pid):

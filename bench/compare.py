@@ -28,6 +28,9 @@ import sys
 import tempfile
 import time
 
+from proctree import cpu_ns, tree
+
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 QUICK = os.environ.get("QUICK") == "1"
 REPEAT = int(os.environ.get("REPEAT", "1" if QUICK else "3"))
@@ -89,37 +92,6 @@ def log(*args):
 
 
 # ---------------------------------------------------------------- processes and /proc
-
-def tree(pid):
-    """pid and all its descendants."""
-    parents = {}
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            try:
-                with open(f"/proc/{entry}/stat") as f:
-                    parents.setdefault(int(f.read().rsplit(")", 1)[1].split()[1]), []).append(int(entry))
-            except OSError:
-                pass
-    out, todo = [], [pid]
-    while todo:
-        p = todo.pop()
-        out.append(p)
-        todo.extend(parents.get(p, []))
-    return out
-
-
-def cpu_ns(pid):
-    """Run time in ns of every thread of pid's process tree (schedstat)."""
-    total = 0
-    for p in tree(pid):
-        try:
-            for t in os.listdir(f"/proc/{p}/task"):
-                with open(f"/proc/{p}/task/{t}/schedstat") as f:
-                    total += int(f.read().split()[0])
-        except OSError:
-            pass
-    return total
-
 
 def rss_kib(pid):
     total = 0

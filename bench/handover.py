@@ -28,45 +28,7 @@ import tempfile
 import threading
 import time
 
-TICK = os.sysconf("SC_CLK_TCK")
-
-
-def tree(root):
-    """Pids of root and its live descendants."""
-    children = {}
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            with open(f"/proc/{entry}/stat") as f:
-                stat = f.read()
-        except OSError:
-            continue
-        ppid = int(stat[stat.rfind(")") + 2:].split()[1])
-        children.setdefault(ppid, []).append(int(entry))
-    out, todo = [], [root]
-    while todo:
-        pid = todo.pop()
-        out.append(pid)
-        todo.extend(children.get(pid, []))
-    return out
-
-
-def cpu_seconds(root):
-    """CPU of the tree: live tasks from schedstat (ns), reaped children from cutime/cstime."""
-    total = 0.0
-    for pid in tree(root):
-        try:
-            for tid in os.listdir(f"/proc/{pid}/task"):
-                with open(f"/proc/{pid}/task/{tid}/schedstat") as f:
-                    total += int(f.read().split()[0]) / 1e9
-            with open(f"/proc/{pid}/stat") as f:
-                stat = f.read()
-            fields = stat[stat.rfind(")") + 2:].split()
-            total += (int(fields[13]) + int(fields[14])) / TICK
-        except OSError:
-            pass
-    return total
+from proctree import cpu_seconds, tree
 
 
 def start(server, datadir, extra):
