@@ -49,8 +49,19 @@ def make_certs(d):
         "-CAcreateserial", "-out", f"{d}/server.pem", "-days", "2", "-extfile", f"{d}/ext")
 
 
-class Server:
-    """A process tree started in its own session; its first line names its port(s)."""
+class Group:
+    """A process tree started in its own session (`self.proc`), killed as a whole."""
+
+    def stop(self):
+        try:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        self.proc.wait()
+
+
+class Server(Group):
+    """A process tree whose first line names its port(s)."""
 
     def __init__(self, argv, pattern, cwd):
         self.proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
@@ -65,13 +76,6 @@ class Server:
 
     def port_of(self, service):
         return int(re.search(service + r"=127\.0\.0\.1:(\d+)", self.line).group(1))
-
-    def stop(self):
-        try:
-            os.killpg(self.proc.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-        self.proc.wait()
 
 
 def forkpool(d, extra):
@@ -90,7 +94,7 @@ def free_port():
         return s.getsockname()[1]
 
 
-class Tunnel:
+class Tunnel(Group):
     """stunnel (TLS, OpenSSL) in front of the C floor, both children of one shell, so that
     --server-pid counts both."""
 
@@ -116,13 +120,6 @@ class Tunnel:
                         self.stop()
                         sys.exit("tls.py: stunnel or the C floor did not start")
                     time.sleep(0.05)
-
-    def stop(self):
-        try:
-            os.killpg(self.proc.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-        self.proc.wait()
 
 
 def bench(args, mode, port, extra, label):

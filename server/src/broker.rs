@@ -107,6 +107,19 @@ struct Parcel {
     tried: Vec<Target>,
 }
 
+impl Parcel {
+    /// A connection that just arrived from `origin`, not offered to anyone yet.
+    fn arrived(origin: Origin, state: ConnState, conn: OwnedFd) -> Parcel {
+        Parcel {
+            origin,
+            state,
+            conn,
+            since: Instant::now(),
+            tried: Vec::new(),
+        }
+    }
+}
+
 /// The links to the workers and to a peer master, and the connections between them.
 pub struct Broker {
     links: HashMap<Token, WorkerLink>,
@@ -249,13 +262,10 @@ impl Broker {
         match (incoming.message, incoming.conn) {
             (Message::Ready, _) => return Some((pid, WorkerNews::Ready)),
             (Message::Leaving(reason), _) => return Some((pid, WorkerNews::Leaving(reason))),
-            (Message::Handover { id, state }, Some(conn)) => self.waiting.push_back(Parcel {
-                origin: Origin::Worker { token, id },
-                state,
-                conn,
-                since: Instant::now(),
-                tried: Vec::new(),
-            }),
+            (Message::Handover { id, state }, Some(conn)) => {
+                let origin = Origin::Worker { token, id };
+                self.waiting.push_back(Parcel::arrived(origin, state, conn));
+            }
             (Message::Adopted { id }, _) => self.answered(id, true, registry),
             (Message::Refused { id }, _) => self.answered(id, false, registry),
             (other, _) => log::warn!("unexpected message from worker {pid}: {other:?}"),
@@ -277,13 +287,10 @@ impl Broker {
                     peer.version = Some(version);
                 }
             }
-            (Message::Adopt { id, state }, Some(conn)) => self.waiting.push_back(Parcel {
-                origin: Origin::Peer { id },
-                state,
-                conn,
-                since: Instant::now(),
-                tried: Vec::new(),
-            }),
+            (Message::Adopt { id, state }, Some(conn)) => {
+                let origin = Origin::Peer { id };
+                self.waiting.push_back(Parcel::arrived(origin, state, conn));
+            }
             (Message::Adopted { id }, _) => self.answered(id, true, registry),
             (Message::Refused { id }, _) => self.answered(id, false, registry),
             (other, _) => log::warn!("unexpected message from the other master: {other:?}"),

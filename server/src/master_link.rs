@@ -308,26 +308,25 @@ mod tests {
         }
     }
 
+    /// Bytes as they came off the link, with no descriptor.
+    fn bare(bytes: Vec<u8>) -> Received {
+        Received {
+            bytes,
+            fds: Vec::new(),
+            truncated: false,
+        }
+    }
+
     #[test]
     fn another_version_is_refused_but_its_hello_is_heard() {
         let (bytes, _) = encode(&Message::Adopted { id: 1 }, FORMAT_VERSION + 1).expect("encode");
-        let received = Received {
-            bytes,
-            fds: Vec::new(),
-            truncated: false,
-        };
         assert_eq!(
-            decode(received).map(|i| i.message),
+            decode(bare(bytes)).map(|i| i.message),
             Err(LinkError::WrongVersion(FORMAT_VERSION + 1))
         );
         let (bytes, _) = encode(&Message::Hello { version: 9 }, 9).expect("encode");
-        let received = Received {
-            bytes,
-            fds: Vec::new(),
-            truncated: false,
-        };
         assert_eq!(
-            decode(received).map(|i| i.message),
+            decode(bare(bytes)).map(|i| i.message),
             Ok(Message::Hello { version: 9 })
         );
     }
@@ -347,11 +346,7 @@ mod tests {
             let mut framed = b"FPL\x01".to_vec();
             framed.extend_from_slice(&bytes);
             for candidate in [bytes, framed] {
-                let _ = decode(Received {
-                    bytes: candidate,
-                    fds: Vec::new(),
-                    truncated: false,
-                });
+                let _ = decode(bare(candidate));
             }
         }
     }
