@@ -527,6 +527,37 @@ impl Server {
             .count()
     }
 
+    /// Waits until the pool has settled at `count` workers and returns them: the master's
+    /// `/status` lists exactly `count` workers, each idle or busy (none starting, retiring or
+    /// draining), and they are its only live children. A resize replaces the workers whose
+    /// sockets moved, so a bare process count can match half-way through. The server runs
+    /// with `--status-addr`.
+    pub fn wait_settled(&self, count: usize, timeout: Duration) -> Vec<Pid> {
+        wait_until(&format!("a settled pool of {count}"), timeout, || {
+            let (code, table) = http_request(self.status_addr(), "GET", "/status");
+            if code != 200 {
+                return None;
+            }
+            let mut listed = Vec::new();
+            for row in table
+                .lines()
+                .skip_while(|l| !l.trim_start().starts_with("slot"))
+                .skip(1)
+            {
+                let mut columns = row.split_whitespace().skip(1);
+                let pid = columns.next()?.parse().ok()?;
+                if !matches!(columns.next()?, "idle" | "busy") {
+                    return None;
+                }
+                listed.push(Pid::from_raw(pid));
+            }
+            let mut live = self.workers();
+            listed.sort();
+            live.sort();
+            (listed.len() == count && listed == live).then_some(live)
+        })
+    }
+
     /// The `/metrics` page (the server runs with `--status-addr`).
     pub fn metrics(&self) -> String {
         let (code, body) = http_request(self.status_addr(), "GET", "/metrics");

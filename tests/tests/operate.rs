@@ -85,7 +85,9 @@ fn assert_clean(server: &Server, report: &serde_json::Value, code: i32) {
 
 #[test]
 fn ttin_and_ttou_change_the_worker_count_and_never_go_below_one() {
-    let server = Server::start();
+    let server = Server::builder()
+        .args(["--status-addr", "127.0.0.1:0"])
+        .start();
     server.wait_workers(2, WAIT);
     server.signal(Signal::SIGTTIN);
     server.wait_workers(3, WAIT);
@@ -96,7 +98,8 @@ fn ttin_and_ttou_change_the_worker_count_and_never_go_below_one() {
         server.signal(Signal::SIGTTOU);
         server.wait_workers(count, WAIT);
     }
-    let last = server.workers();
+    // 2 -> 1 also replaces slot 0's worker (its sockets change): wait for the pool to settle.
+    let last = server.wait_settled(1, WAIT);
     server.signal(Signal::SIGTTOU);
     wait_until("the refusal to remove the last worker", WAIT, || {
         (server.log_count("keeping the last worker") == 1).then_some(())
