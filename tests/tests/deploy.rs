@@ -178,10 +178,9 @@ fn traced_run(strace: &Path) -> BTreeSet<String> {
     let (status, _) = http_request(server.status_addr(), "GET", "/metrics");
     assert_eq!(status, 200);
     server.signal(Signal::SIGTTIN);
-    server.wait_workers(3, TRACED_STEP);
+    server.wait_settled(3, TRACED_STEP);
     server.signal(Signal::SIGTTOU);
-    server.wait_workers(2, TRACED_STEP);
-    let before_reload = server.workers();
+    let before_reload = server.wait_settled(2, TRACED_STEP);
     std::fs::write(&config, "workers = 2\nidle_timeout = 100\n").expect("rewrite the config");
     server.signal(Signal::SIGHUP);
     wait_until("the reload to replace both workers", TRACED_STEP, || {

@@ -202,11 +202,13 @@ fn no_client_notices_recycling_ttin_ttou_a_reload_or_an_upgrade() {
             .collect();
         clients.wait_for(40);
         server.signal(Signal::SIGTTIN);
-        server.wait_workers(4, WAIT);
+        // Settled, not a bare count (which can match half-way through a resize and let the
+        // next signal merge with this one).
+        server.wait_settled(4, WAIT);
         clients.wait_for(40);
         for count in [3, 2] {
             server.signal(Signal::SIGTTOU);
-            server.wait_workers(count, WAIT);
+            server.wait_settled(count, WAIT);
             clients.wait_for(40);
         }
         server.signal(Signal::SIGHUP);
