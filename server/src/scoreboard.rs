@@ -10,6 +10,7 @@ use std::time::Duration;
 use nix::sys::mman::{mmap_anonymous, MapFlags, ProtFlags};
 use nix::time::{clock_gettime, ClockId};
 
+use crate::proxy;
 use crate::service::ServiceKind;
 
 /// What a worker is doing.
@@ -74,6 +75,8 @@ pub struct ServiceCounters {
     pub auth_failed: AtomicU64,
     pub auth_throttled: AtomicU64,
     pub denied: AtomicU64,
+    /// PROXY headers by outcome (services behind a proxy), by [`proxy::Outcome::index`].
+    pub proxy_headers: [AtomicU64; proxy::Outcome::ALL.len()],
 }
 
 /// The counters of [`ServiceCounters`] that outlive the worker (summed into totals when it
@@ -89,10 +92,11 @@ pub enum Lasting {
     AuthFailed,
     AuthThrottled,
     Denied,
+    ProxyHeaders(proxy::Outcome),
 }
 
 impl Lasting {
-    pub const ALL: [Lasting; 9] = [
+    pub const ALL: [Lasting; 16] = [
         Lasting::Requests,
         Lasting::HandedOver,
         Lasting::ClosedByReplacement,
@@ -102,7 +106,22 @@ impl Lasting {
         Lasting::AuthFailed,
         Lasting::AuthThrottled,
         Lasting::Denied,
+        Lasting::ProxyHeaders(proxy::Outcome::V1),
+        Lasting::ProxyHeaders(proxy::Outcome::V2),
+        Lasting::ProxyHeaders(proxy::Outcome::Local),
+        Lasting::ProxyHeaders(proxy::Outcome::Missing),
+        Lasting::ProxyHeaders(proxy::Outcome::Malformed),
+        Lasting::ProxyHeaders(proxy::Outcome::Truncated),
+        Lasting::ProxyHeaders(proxy::Outcome::Timeout),
     ];
+
+    /// Position in [`Lasting::ALL`] (and in [`ServiceTotals`]).
+    fn index(self) -> usize {
+        Lasting::ALL
+            .iter()
+            .position(|&count| count == self)
+            .expect("every count is in Lasting::ALL")
+    }
 
     fn counter(self, counters: &ServiceCounters) -> &AtomicU64 {
         match self {
@@ -115,6 +134,7 @@ impl Lasting {
             Lasting::AuthFailed => &counters.auth_failed,
             Lasting::AuthThrottled => &counters.auth_throttled,
             Lasting::Denied => &counters.denied,
+            Lasting::ProxyHeaders(outcome) => &counters.proxy_headers[outcome.index()],
         }
     }
 }
@@ -130,7 +150,7 @@ impl ServiceTotals {
     }
 
     pub fn get(&self, count: Lasting) -> u64 {
-        self.0[count as usize]
+        self.0[count.index()]
     }
 
     pub fn add(&mut self, other: ServiceTotals) {
@@ -206,7 +226,10 @@ impl WorkerCell {
                 &counters.auth_failed,
                 &counters.auth_throttled,
                 &counters.denied,
-            ] {
+            ]
+            .into_iter()
+            .chain(&counters.proxy_headers)
+            {
                 counter.store(0, Relaxed);
             }
         }

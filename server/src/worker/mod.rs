@@ -506,6 +506,7 @@ impl Worker {
             .filter(|(_, conn)| match (conn.linger_deadline(), sweep) {
                 (Some(until), _) => now >= until,
                 (None, Sweep::All) => true,
+                (None, _) if conn.header_overdue(now) => true,
                 (None, _) if conn.is_offered() => false,
                 (None, Sweep::Idle(quiet)) => {
                     now.saturating_duration_since(conn.last_active) >= quiet
@@ -538,7 +539,11 @@ impl Worker {
             if conn.is_staying() && conn.linger_deadline().is_none() {
                 conn.counters().closed_by_replacement.fetch_add(1, Relaxed);
             }
-            let verdict = if conn.linger_deadline().is_some() || hopeless {
+            let overdue_header = conn.header_overdue(now);
+            if overdue_header {
+                conn.abandon_header();
+            }
+            let verdict = if conn.linger_deadline().is_some() || hopeless || overdue_header {
                 Verdict::Close
             } else {
                 conn.close_gracefully(&mut self.scratch, self.poll.registry(), now)
