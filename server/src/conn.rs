@@ -492,7 +492,7 @@ impl Conn {
     fn refuse_header(&self, proxy: PeerKey, outcome: Outcome, reason: &dyn std::fmt::Display) {
         self.counters.proxy_headers[outcome.index()].fetch_add(1, Relaxed);
         log::warn!(
-            "connection from {proxy} refused ({}): {reason}",
+            "connection from {proxy}: PROXY header refused ({}): {reason}",
             outcome.name()
         );
     }
