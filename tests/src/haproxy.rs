@@ -1,7 +1,7 @@
 //! HAProxy in front of forkpool instances, for the tests: Debian's `haproxy` run in the
 //! foreground (`-db`) in its own process group, with a configuration made like
 //! `deploy/haproxy.cfg` (TCP mode, the PROXY protocol to the instances, the same health
-//! checks), a loopback port per frontend, and an admin socket to read the servers' states
+//! checks, TLS toward the instances if asked), a loopback port per frontend, and an admin socket to read the servers' states
 //! and drain one. Dropping it kills the group and reaps it, also when a test panics.
 //!
 //! HAProxy cannot report a port it bound on `:0`: each frontend's port is found free by
@@ -41,6 +41,9 @@ pub struct Service {
     pub name: &'static str,
     pub servers: Vec<SocketAddr>,
     pub send_proxy: SendProxy,
+    /// TLS toward the servers, their certificates checked against this CA (and the name
+    /// `localhost`), as deploy/haproxy.cfg's bank backend; `None`: plain text.
+    pub tls_ca: Option<PathBuf>,
 }
 
 /// A running HAProxy (see the module docs).
@@ -247,6 +250,12 @@ fn configuration(
             SendProxy::V1 => "send-proxy",
             SendProxy::V2 => "send-proxy-v2",
         };
+        let tls = service.tls_ca.as_ref().map_or_else(String::new, |ca| {
+            format!(
+                " ssl verify required ca-file {} verifyhost localhost",
+                ca.display()
+            )
+        });
         text += &format!(
             "frontend {name}\n\
              \x20   bind {addr}\n\
@@ -256,7 +265,7 @@ fn configuration(
              \x20   option tcp-check\n\
              \x20   tcp-check send \"{send}\\n\"\n\
              \x20   tcp-check expect string {expect}\n\
-             \x20   default-server check inter 200ms fall 1 rise 1 {send_proxy}\n",
+             \x20   default-server check inter 200ms fall 1 rise 1 {send_proxy}{tls}\n",
             name = service.name
         );
         for (index, server) in service.servers.iter().enumerate() {

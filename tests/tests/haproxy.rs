@@ -5,13 +5,16 @@
 
 use std::io::{ErrorKind, Write};
 use std::net::{SocketAddr, TcpStream};
+use std::path::Path;
+use std::process::Command;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
 use forkpool_testkit::haproxy::{Haproxy, SendProxy, Service};
 use forkpool_testkit::log_phrase::THROUGH_PROXY;
-use forkpool_testkit::{connect, metric, read_line, wait_until, Server, Signal};
+use forkpool_testkit::pki::{TestPki, Validity};
+use forkpool_testkit::{connect, metric, read_line, tool, wait_until, Server, Signal};
 
 const WAIT: Duration = Duration::from_secs(30);
 /// Tries to get one request answered, each on a new connection, before it counts as failed.
@@ -25,6 +28,58 @@ fn instance() -> Server {
         .start()
 }
 
+/// `forkpool_proxy_headers_total{service, result}` of `server`.
+fn headers_counted(server: &Server, service: &str, result: &str) -> f64 {
+    metric(
+        &server.metrics(),
+        &format!("forkpool_proxy_headers_total{{service=\"{service}\",result=\"{result}\"}}"),
+    )
+}
+
+/// Every connection of `service` came with a valid header (health checks included).
+fn no_header_refused(server: &Server, service: &str) {
+    for result in ["missing", "malformed", "truncated", "timeout"] {
+        assert_eq!(
+            headers_counted(server, service, result),
+            0.0,
+            "{service} {result}"
+        );
+    }
+}
+
+/// Which of `instances` logged the client at `port` through the proxy (waits for one).
+fn served_by(instances: &[Server], port: u16) -> Vec<usize> {
+    let needle = format!("connection from 127.0.0.1:{port}{THROUGH_PROXY}");
+    wait_until(&format!("client {port} logged"), WAIT, || {
+        let found: Vec<usize> = (0..instances.len())
+            .filter(|&i| instances[i].has_logged(&needle))
+            .collect();
+        (!found.is_empty()).then_some(found)
+    })
+}
+
+/// Opens `count` connections to `addr`, each sending `request` and checking `reply`;
+/// checks that each landed on exactly one of `instances`, which logged the client's own
+/// address, and that each instance got at least one.
+fn spread_over(instances: &[Server], addr: SocketAddr, count: usize, request: &str, reply: &str) {
+    let mut per_instance = vec![0; instances.len()];
+    for _ in 0..count {
+        let mut client = connect(addr);
+        client
+            .write_all(format!("{request}\n").as_bytes())
+            .expect("send");
+        assert_eq!(read_line(&mut client), reply, "{request}");
+        let port = client.local_addr().expect("bound").port();
+        let found = served_by(instances, port);
+        assert_eq!(found.len(), 1, "client {port} logged by {found:?}");
+        per_instance[found[0]] += 1;
+    }
+    assert!(
+        per_instance.iter().all(|&n| n > 0),
+        "connections per instance {per_instance:?}"
+    );
+}
+
 #[test]
 fn connections_land_on_both_instances_which_log_the_real_client() {
     let instances = [instance(), instance()];
@@ -33,11 +88,13 @@ fn connections_land_on_both_instances_which_log_the_real_client() {
             name: "echo",
             servers: instances.iter().map(Server::echo_addr).collect(),
             send_proxy: SendProxy::V1,
+            tls_ca: None,
         },
         Service {
             name: "bank",
             servers: instances.iter().map(Server::bank_addr).collect(),
             send_proxy: SendProxy::V2,
+            tls_ca: None,
         },
     ]) else {
         return;
@@ -46,52 +103,81 @@ fn connections_land_on_both_instances_which_log_the_real_client() {
         haproxy.wait_all_up(service, WAIT);
     }
     for (service, request, reply) in [("echo", "hello", "HELLO"), ("bank", "PING", "PONG")] {
-        let mut ports = Vec::new();
-        for _ in 0..8 {
-            let mut client = connect(haproxy.addr(service));
-            client
-                .write_all(format!("{request}\n").as_bytes())
-                .expect("send");
-            assert_eq!(read_line(&mut client), reply, "{service}");
-            ports.push(client.local_addr().expect("bound").port());
+        spread_over(&instances, haproxy.addr(service), 8, request, reply);
+        for server in &instances {
+            no_header_refused(server, service);
         }
-        // Each client's own address and port is in the log of the instance that served it.
-        let served_by = |port: u16| {
-            let needle = format!("connection from 127.0.0.1:{port}{THROUGH_PROXY}");
-            wait_until(&format!("{service} client {port} logged"), WAIT, || {
-                let found: Vec<usize> = (0..instances.len())
-                    .filter(|&i| instances[i].has_logged(&needle))
-                    .collect();
-                (!found.is_empty()).then_some(found)
-            })
-        };
-        let mut per_instance = [0; 2];
-        for port in ports {
-            let found = served_by(port);
-            assert_eq!(
-                found.len(),
-                1,
-                "{service} client {port} logged by {found:?}"
-            );
-            per_instance[found[0]] += 1;
-        }
+    }
+}
+
+#[test]
+fn over_tls_the_header_comes_before_the_handshake() {
+    let pki = TestPki::new();
+    let cert = pki.issue("instance", &["localhost"], Validity::Current);
+    let (cert, key) = (
+        cert.cert.display().to_string(),
+        cert.key.display().to_string(),
+    );
+    let instances = [(); 2].map(|()| {
+        Server::builder()
+            .args(["--proxy-protocol", "bank"])
+            .args(["--bank-tls-cert", &cert, "--bank-tls-key", &key])
+            .args(["--status-addr", "127.0.0.1:0"])
+            .start()
+    });
+    let Some(haproxy) = Haproxy::start(&[Service {
+        name: "bank",
+        servers: instances.iter().map(Server::bank_addr).collect(),
+        send_proxy: SendProxy::V2,
+        tls_ca: Some(pki.ca_file().to_path_buf()),
+    }]) else {
+        return;
+    };
+    haproxy.wait_all_up("bank", WAIT);
+    spread_over(&instances, haproxy.addr("bank"), 8, "PING", "PONG");
+    for server in &instances {
+        no_header_refused(server, "bank");
+        let page = server.metrics();
+        let handshakes = metric(&page, "forkpool_tls_handshakes_total{service=\"bank\"}");
+        let failures = metric(
+            &page,
+            "forkpool_tls_handshake_failures_total{service=\"bank\"}",
+        );
         assert!(
-            per_instance.iter().all(|&n| n > 0),
-            "{service}: connections per instance {per_instance:?}"
+            handshakes > 0.0 && failures == 0.0,
+            "{handshakes} {failures}"
         );
     }
-    // Every connection, HAProxy's health checks included, came with a valid header.
-    for server in &instances {
-        let page = server.metrics();
-        for service in ["echo", "bank"] {
-            for result in ["missing", "malformed", "truncated", "timeout"] {
-                let series = format!(
-                    "forkpool_proxy_headers_total{{service=\"{service}\",result=\"{result}\"}}"
-                );
-                assert_eq!(metric(&page, &series), 0.0, "{series}");
-            }
-        }
-    }
+}
+
+/// deploy/haproxy.cfg passes haproxy's own check (`haproxy -c`), with its CA file and admin
+/// socket moved to a temporary directory.
+#[test]
+fn the_deploy_example_is_a_valid_haproxy_configuration() {
+    let Some(binary) = tool("haproxy") else {
+        return;
+    };
+    let pki = TestPki::new();
+    let example = Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/haproxy.cfg");
+    let text = std::fs::read_to_string(&example).expect("deploy/haproxy.cfg exists");
+    let dir = tempfile::tempdir().expect("a temporary directory");
+    let text = text
+        .replace(
+            "/etc/haproxy/forkpool-ca.pem",
+            &pki.ca_file().display().to_string(),
+        )
+        .replace("/run/haproxy/", &format!("{}/", dir.path().display()));
+    let config = dir.path().join("haproxy.cfg");
+    std::fs::write(&config, text).expect("write the copy");
+    let out = Command::new(binary)
+        .arg("-c")
+        .arg("-f")
+        .arg(&config)
+        .output()
+        .expect("haproxy -c runs");
+    let said = String::from_utf8_lossy(&[out.stdout, out.stderr].concat()).into_owned();
+    assert!(out.status.success(), "{said}");
+    assert!(!said.contains("[WARNING]"), "{said}");
 }
 
 /// What the load's clients saw.
@@ -171,6 +257,7 @@ fn an_instance_sigtermed_under_load_fails_no_request_of_clients_that_reconnect()
         name: "echo",
         servers: instances.iter().map(Server::echo_addr).collect(),
         send_proxy: SendProxy::V2,
+        tls_ca: None,
     }]) else {
         return;
     };
