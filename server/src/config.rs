@@ -214,6 +214,11 @@ pub struct Cli {
     /// Serve `GET /metrics` (Prometheus) and `GET /status` here. [default: off]
     #[arg(long, value_name = "ADDR")]
     pub status_addr: Option<SocketAddr>,
+    /// Services behind a proxy that sends the PROXY protocol (v1 or v2) header, e.g.
+    /// `bank` or `echo,bank`: each connection must start with one, and the client it names is
+    /// the peer for logs and the AUTH throttle. `none` for none. [default: none]
+    #[arg(long, value_name = "SERVICES", value_delimiter = ',')]
+    pub proxy_protocol: Option<Vec<String>>,
     /// Durability of each bank operation: `never` (page cache: survives any process death,
     /// not a power loss) or `always` (on disk before the reply). [default: never]
     #[arg(long, value_name = "POLICY")]
@@ -264,6 +269,7 @@ pub struct FileConfig {
     pub max_requests_jitter: Option<u64>,
     pub pid_file: Option<PathBuf>,
     pub status_addr: Option<String>,
+    pub proxy_protocol: Option<Vec<String>>,
 }
 
 /// Every setting, validated.
@@ -299,6 +305,7 @@ pub struct Config {
     pub max_requests_jitter: u64,
     pub pid_file: Option<PathBuf>,
     pub status_addr: Option<SocketAddr>,
+    pub proxy_protocol: ProxiedServices,
 }
 
 /// Why the settings could not be loaded; each names the file or setting and the cause.
@@ -345,6 +352,42 @@ pub enum ConfigError {
         name: &'static str,
         addr: ListenAddr,
     },
+}
+
+/// The services behind a proxy that sends PROXY protocol headers (`proxy_protocol`).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct ProxiedServices([bool; ServiceKind::ALL.len()]);
+
+impl ProxiedServices {
+    /// Must `kind`'s connections start with a PROXY header?
+    pub fn covers(self, kind: ServiceKind) -> bool {
+        self.0[kind.index()]
+    }
+
+    /// The flag's list if given, else the file's, else none. A malformed file value is an
+    /// error even when the flag overrides it, as for the addresses.
+    fn pick(flag: Option<&[String]>, file: Option<&[String]>) -> Result<Self, ConfigError> {
+        let from_file = file.map(ProxiedServices::parse).transpose()?;
+        match flag.map(ProxiedServices::parse).transpose()? {
+            Some(services) => Ok(services),
+            None => Ok(from_file.unwrap_or_default()),
+        }
+    }
+
+    /// Service names (`echo`, `bank`), or the single word `none`.
+    fn parse(names: &[String]) -> Result<Self, ConfigError> {
+        let mut services = ProxiedServices::default();
+        let none = matches!(names, [only] if only == "none");
+        for name in names.iter().filter(|_| !none) {
+            let kind = ServiceKind::named(name).ok_or_else(|| ConfigError::Invalid {
+                name: "proxy_protocol",
+                value: names.join(","),
+                reason: "expected service names (echo, bank) or none",
+            })?;
+            services.0[kind.index()] = true;
+        }
+        Ok(services)
+    }
 }
 
 /// How Unix socket files are created (for `unix:/path` addresses).
@@ -511,6 +554,10 @@ impl Config {
                 .unwrap_or(0),
             pid_file: cli.pid_file.clone().or(file.pid_file),
             status_addr: pick_optional_addr("status_addr", cli.status_addr, file.status_addr)?,
+            proxy_protocol: ProxiedServices::pick(
+                cli.proxy_protocol.as_deref(),
+                file.proxy_protocol.as_deref(),
+            )?,
         };
         config.validate()?;
         Ok(config)
@@ -1270,5 +1317,51 @@ mod tests {
             .unwrap_err()
             .to_string()
             .contains("graceful_timeout"));
+    }
+
+    #[test]
+    fn proxy_protocol_names_services_flag_over_file_and_refuses_unknown_names() {
+        let names = |list: &[&str]| list.iter().map(|name| name.to_string()).collect::<Vec<_>>();
+        let services = |flag: Option<&[&str]>, file: Option<&[&str]>| {
+            let (flag, file) = (flag.map(names), file.map(names));
+            ProxiedServices::pick(flag.as_deref(), file.as_deref())
+                .map(|set| ServiceKind::ALL.map(|kind| set.covers(kind)))
+        };
+        assert_eq!(
+            services(None, None).ok(),
+            Some([false, false]),
+            "off by default"
+        );
+        assert_eq!(services(None, Some(&["bank"])).ok(), Some([false, true]));
+        assert_eq!(
+            services(Some(&["echo", "bank"]), Some(&["bank"])).ok(),
+            Some([true, true])
+        );
+        assert_eq!(
+            services(Some(&["none"]), Some(&["echo"])).ok(),
+            Some([false, false]),
+            "the flag turns the file's list off"
+        );
+        assert_eq!(services(None, Some(&[])).ok(), Some([false, false]));
+        for (flag, file) in [
+            (Some(&["bank", "http"][..]), None),
+            (Some(&["Bank"][..]), None),
+            (Some(&["none", "bank"][..]), None),
+            (Some(&["bank"][..]), Some(&[""][..])),
+        ] {
+            let error = services(flag, file)
+                .expect_err("an unknown service")
+                .to_string();
+            assert!(
+                error.starts_with("invalid setting proxy_protocol = ")
+                    && error.ends_with("expected service names (echo, bank) or none"),
+                "{error}"
+            );
+        }
+        let cli = Cli::try_parse_from(["forkpool-server", "--proxy-protocol", "echo,bank"])
+            .expect("a comma-separated list");
+        let config = Config::load(&cli).expect("valid settings");
+        assert!(config.proxy_protocol.covers(ServiceKind::Echo));
+        assert!(config.proxy_protocol.covers(ServiceKind::Bank));
     }
 }

@@ -8,6 +8,13 @@
 //! one read's worth), and goes on when the worker calls [`Conn::resume`] with what the
 //! session waited for.
 //!
+//! A connection of a service behind a proxy (`proxy_protocol`) starts by waiting for its
+//! PROXY header: the socket is peeked at (nothing is consumed until the header is whole, so a
+//! header torn across packets is simply read again with more), then exactly the header's bytes
+//! are read, and the session, told who the client really is, starts at the next byte. A
+//! connection without a valid header within [`PROXY_HEADER_TIMEOUT`] is closed, logged and
+//! counted by outcome.
+//!
 //! An idle connection holds no buffer: reads go into the worker's shared buffer and replies
 //! are written straight from the worker's scratch buffer; only what the socket did not take
 //! is copied into the connection.
@@ -21,9 +28,11 @@ use forkpool_common::codec::Flow;
 use mio::{Interest, Registry, Token};
 
 use crate::handover::ConnState;
+use crate::proxy::{self, Outcome, Parsed};
 use crate::scoreboard::ServiceCounters;
 use crate::service::{Session, Step};
 use crate::tls::{tls_failure, Transport};
+use crate::users::PeerKey;
 
 /// How long a closing connection keeps reading (and discarding) after its last reply, so
 /// that unread request bytes do not turn the close into a reset that destroys the replies.
@@ -33,6 +42,9 @@ pub const LINGER_TIMEOUT: Duration = Duration::from_secs(2);
 const READS_PER_TURN: usize = 4;
 /// How many bytes a closing connection discards before it gives up on a clean close.
 const LINGER_MAX_BYTES: usize = 1024 * 1024;
+/// How long a connection behind a proxy may take to send its PROXY header (a proxy sends it
+/// with the connection, so only a broken or hostile peer needs more).
+pub const PROXY_HEADER_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// Buffers shared by every connection of a worker (one worker serves one connection at a
 /// time, so one of each is enough).
@@ -60,6 +72,12 @@ pub struct Limits {
 /// Where a connection is in its life.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Phase {
+    /// Behind a proxy: nothing is read for the session until the PROXY header, due by
+    /// `until`, has named the client; `proxy` is the socket's own peer.
+    AwaitingHeader {
+        until: Instant,
+        proxy: PeerKey,
+    },
     Open,
     /// Offered to a successor (retiring worker): deregistered, neither read nor written,
     /// until the master says whether the successor took it.
@@ -171,6 +189,27 @@ impl Conn {
         self.counters
     }
 
+    /// The service is behind a proxy: the connection from `proxy` must start with a PROXY
+    /// header, due within [`PROXY_HEADER_TIMEOUT`].
+    pub fn expect_proxy_header(&mut self, proxy: PeerKey, now: Instant) {
+        self.phase = Phase::AwaitingHeader {
+            until: now + PROXY_HEADER_TIMEOUT,
+            proxy,
+        };
+    }
+
+    /// Is its PROXY header overdue (the worker then closes it: see [`Conn::abandon_header`])?
+    pub fn header_overdue(&self, now: Instant) -> bool {
+        matches!(self.phase, Phase::AwaitingHeader { until, .. } if now >= until)
+    }
+
+    /// Gives up on an overdue PROXY header: logged and counted; the worker closes it.
+    pub fn abandon_header(&self) {
+        if let Phase::AwaitingHeader { proxy, .. } = self.phase {
+            self.refuse_header(proxy, Outcome::Timeout, &"no complete PROXY header in time");
+        }
+    }
+
     /// Registers the socket (for writable too while replies are pending).
     pub fn register(&mut self, registry: &Registry) -> io::Result<()> {
         self.wants_writable = self.unsent() > 0;
@@ -191,8 +230,11 @@ impl Conn {
 
     /// Retiring: a connection that cannot be handed over (an open TLS session) is served
     /// here to a request boundary, then closed, like one no successor took.
+    /// So is one still waiting for its PROXY header (the successor could not tell it from a
+    /// connection that has its header).
     pub fn stay_if_unmovable(&mut self) {
-        if self.phase == Phase::Open && self.stream.is_tls() {
+        let awaiting = matches!(self.phase, Phase::AwaitingHeader { .. });
+        if (self.phase == Phase::Open && self.stream.is_tls()) || awaiting {
             self.staying = true;
         }
     }
@@ -424,6 +466,10 @@ impl Conn {
         registry: &Registry,
         now: Instant,
     ) -> Verdict {
+        if let Phase::AwaitingHeader { .. } = self.phase {
+            // Nothing read, nothing owed: the socket may simply close.
+            return Verdict::Close;
+        }
         if self.phase == Phase::Open {
             self.phase = Phase::Closing;
             // Bytes held back (the start of a UTF-8 sequence) go out as they are.
@@ -456,6 +502,14 @@ impl Conn {
         }
         if let Phase::Lingering { .. } = self.phase {
             return self.discard_input(scratch, now);
+        }
+        if let Phase::AwaitingHeader { proxy, .. } = self.phase {
+            if !self.read_proxy_header(proxy, readiness, scratch, now)? {
+                return Ok(Verdict::Keep);
+            }
+            if self.phase != Phase::Open {
+                return Ok(Verdict::Close);
+            }
         }
         if self.waiting {
             // Nothing is read while a request waits (what arrives is read once it is over).
@@ -504,6 +558,77 @@ impl Conn {
         self.flush(now)?;
         self.update_interest(registry)?;
         self.after_flush(scratch, now)
+    }
+
+    /// Peeks at the PROXY header: once it is whole, reads exactly its bytes, tells the
+    /// session who the client is, and opens the connection (to be read to the end: the
+    /// client's first bytes may have come with the header). Returns false while more is
+    /// needed; a refused header leaves the connection out of `Open` (the caller closes it).
+    fn read_proxy_header(
+        &mut self,
+        proxy: PeerKey,
+        readiness: Readiness,
+        scratch: &mut Scratch,
+        now: Instant,
+    ) -> io::Result<bool> {
+        use nix::sys::socket::{recv, MsgFlags};
+        let fd = self.stream.as_fd().as_raw_fd();
+        let window = &mut scratch.read[..proxy::MAX_HEADER_BYTES];
+        let arrived = match recv(fd, window, MsgFlags::MSG_PEEK | MsgFlags::MSG_DONTWAIT) {
+            Ok(n) => n,
+            Err(nix::errno::Errno::EAGAIN | nix::errno::Errno::EINTR) => return Ok(false),
+            Err(e) => return Err(e.into()),
+        };
+        // After the peer's EOF everything it sent is in the socket: nothing more will come.
+        let ended = arrived == 0 || readiness.read_closed;
+        let (header, len) = match proxy::parse(&window[..arrived]) {
+            Ok(Parsed::Complete { header, len }) => (header, len),
+            Ok(Parsed::Incomplete) if !ended => return Ok(false),
+            Ok(Parsed::Incomplete) if arrived == 0 => {
+                self.refuse_header(proxy, Outcome::Missing, &"closed before sending anything");
+                return Ok(true);
+            }
+            Ok(Parsed::Incomplete) => {
+                self.refuse_header(proxy, Outcome::Truncated, &"closed within its PROXY header");
+                return Ok(true);
+            }
+            Err(e) => {
+                self.refuse_header(proxy, Outcome::of_error(&e), &e);
+                return Ok(true);
+            }
+        };
+        let mut taken = 0;
+        while taken < len {
+            match recv(fd, &mut window[taken..len], MsgFlags::MSG_DONTWAIT) {
+                Ok(0) => return Err(io::ErrorKind::UnexpectedEof.into()),
+                Ok(n) => taken += n,
+                Err(nix::errno::Errno::EINTR) => {}
+                Err(e) => return Err(e.into()),
+            }
+        }
+        self.counters.bytes_in.fetch_add(len as u64, Relaxed);
+        self.counters.proxy_headers[Outcome::of_header(&header).index()].fetch_add(1, Relaxed);
+        if let Some(client) = header.source() {
+            log::debug!("connection from {client} through proxy {proxy}");
+            self.session.proxied(PeerKey::Ip(client.ip()));
+        } else {
+            log::debug!("connection from proxy {proxy} for no named client ({header:?})");
+            self.session.proxied(proxy);
+        }
+        self.last_active = now;
+        self.phase = Phase::Open;
+        self.read_paused = true;
+        Ok(true)
+    }
+
+    /// A connection whose PROXY header is refused: logged with the reason and counted; it
+    /// goes to `Closing` with nothing to send.
+    fn refuse_header(&self, proxy: PeerKey, outcome: Outcome, reason: &dyn std::fmt::Display) {
+        self.counters.proxy_headers[outcome.index()].fetch_add(1, Relaxed);
+        log::warn!(
+            "connection from {proxy}: PROXY header refused ({}): {reason}",
+            outcome.name()
+        );
     }
 
     /// One read and the replies to it. Reports whether the socket may hold more.

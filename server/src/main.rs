@@ -15,6 +15,7 @@ mod master_link;
 mod pidfile;
 mod pool;
 mod process;
+mod proxy;
 mod scoreboard;
 mod service;
 mod status;

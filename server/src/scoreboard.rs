@@ -10,6 +10,7 @@ use std::time::Duration;
 use nix::sys::mman::{mmap_anonymous, MapFlags, ProtFlags};
 use nix::time::{clock_gettime, ClockId};
 
+use crate::proxy;
 use crate::service::ServiceKind;
 
 /// What a worker is doing.
@@ -76,6 +77,8 @@ pub struct ServiceCounters {
     pub auth_failed: AtomicU64,
     pub auth_throttled: AtomicU64,
     pub denied: AtomicU64,
+    /// PROXY headers by outcome (services behind a proxy), by [`proxy::Outcome::index`].
+    pub proxy_headers: [AtomicU64; proxy::Outcome::ALL.len()],
 }
 
 /// The counters of [`ServiceCounters`] that outlive the worker (summed into totals when it
@@ -91,10 +94,11 @@ pub enum Lasting {
     AuthFailed,
     AuthThrottled,
     Denied,
+    ProxyHeaders(proxy::Outcome),
 }
 
 impl Lasting {
-    pub const ALL: [Lasting; 9] = [
+    pub const ALL: [Lasting; 16] = [
         Lasting::Requests,
         Lasting::HandedOver,
         Lasting::ClosedByReplacement,
@@ -104,7 +108,22 @@ impl Lasting {
         Lasting::AuthFailed,
         Lasting::AuthThrottled,
         Lasting::Denied,
+        Lasting::ProxyHeaders(proxy::Outcome::V1),
+        Lasting::ProxyHeaders(proxy::Outcome::V2),
+        Lasting::ProxyHeaders(proxy::Outcome::Local),
+        Lasting::ProxyHeaders(proxy::Outcome::Missing),
+        Lasting::ProxyHeaders(proxy::Outcome::Malformed),
+        Lasting::ProxyHeaders(proxy::Outcome::Truncated),
+        Lasting::ProxyHeaders(proxy::Outcome::Timeout),
     ];
+
+    /// Position in [`Lasting::ALL`] (and in [`ServiceTotals`]).
+    fn index(self) -> usize {
+        Lasting::ALL
+            .iter()
+            .position(|&count| count == self)
+            .expect("every count is in Lasting::ALL")
+    }
 
     fn counter(self, counters: &ServiceCounters) -> &AtomicU64 {
         match self {
@@ -117,6 +136,7 @@ impl Lasting {
             Lasting::AuthFailed => &counters.auth_failed,
             Lasting::AuthThrottled => &counters.auth_throttled,
             Lasting::Denied => &counters.denied,
+            Lasting::ProxyHeaders(outcome) => &counters.proxy_headers[outcome.index()],
         }
     }
 }
@@ -132,7 +152,7 @@ impl ServiceTotals {
     }
 
     pub fn get(&self, count: Lasting) -> u64 {
-        self.0[count as usize]
+        self.0[count.index()]
     }
 
     pub fn add(&mut self, other: ServiceTotals) {
@@ -209,7 +229,10 @@ impl WorkerCell {
                 &counters.auth_failed,
                 &counters.auth_throttled,
                 &counters.denied,
-            ] {
+            ]
+            .into_iter()
+            .chain(&counters.proxy_headers)
+            {
                 counter.store(0, Relaxed);
             }
         }

@@ -167,6 +167,16 @@ impl Session {
         }
     }
 
+    /// The connection comes through a proxy whose PROXY header named `client` (or, naming
+    /// none, the proxy itself): logs and the AUTH throttle see that peer from now on, and the
+    /// socket's Unix peer uid, the proxy's, authenticates nobody.
+    pub fn proxied(&mut self, client: PeerKey) {
+        if let Session::Bank(session) = self {
+            session.access.peer = client;
+            session.access.auth = ConnAuth::new();
+        }
+    }
+
     /// Handles bytes read from the client, appending the replies to `out` (see [`Step`]).
     pub fn on_input(&mut self, input: &[u8], out: &mut Vec<u8>) -> Step {
         match self {

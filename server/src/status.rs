@@ -12,6 +12,7 @@ use mio::net::{TcpListener, TcpStream};
 use mio::{Interest, Registry, Token};
 
 use crate::pool::{RestartCounts, RestartReason};
+use crate::proxy;
 use crate::scoreboard::{Lasting, ServiceTotals, WorkerCell, WorkerState};
 use crate::service::ServiceKind;
 
@@ -308,6 +309,26 @@ pub fn metrics(view: &PoolView<'_>) -> String {
             }
         });
     }
+    family_block(
+        &mut out,
+        "forkpool_proxy_headers_total",
+        "counter",
+        "PROXY protocol headers on services behind a proxy, by outcome (v1, v2, local: \
+         accepted; missing, malformed, truncated, timeout: connection closed).",
+        |b| {
+            for kind in ServiceKind::ALL {
+                for outcome in proxy::Outcome::ALL {
+                    let value = totals[kind.index()].get(Lasting::ProxyHeaders(outcome));
+                    let _ = writeln!(
+                        b,
+                        "forkpool_proxy_headers_total{{service=\"{}\",result=\"{}\"}} {value}",
+                        kind.name(),
+                        outcome.name()
+                    );
+                }
+            }
+        },
+    );
     let bank = totals[ServiceKind::Bank.index()];
     family_block(
         &mut out,

@@ -15,6 +15,7 @@ use std::sync::mpsc;
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
+pub mod haproxy;
 pub mod pg;
 pub mod pki;
 
@@ -121,8 +122,16 @@ pub mod log_phrase {
     pub const GRACEFUL_TIMEOUT: &str = "graceful timeout: killing";
     /// A USR2 upgrade did not complete.
     pub const UPGRADE_FAILED: &str = "upgrade failed";
+    /// A connection of a service behind a proxy got its PROXY header naming the client
+    /// (debug level): `connection from 192.0.2.7:51234 through proxy 127.0.0.1`.
+    pub const THROUGH_PROXY: &str = " through proxy ";
+    /// A connection of a service behind a proxy had no valid PROXY header and was closed:
+    /// `PROXY header refused (missing): ...`.
+    pub const PROXY_REFUSED: &str = "PROXY header refused (";
     /// Every phrase as it stands in the server's source, for the check against it.
-    pub const ALL: [&str; 9] = [
+    pub const ALL: [&str; 11] = [
+        THROUGH_PROXY,
+        PROXY_REFUSED,
         ACCEPTED,
         DRAINING,
         WORKERS_SERVING,

@@ -193,6 +193,9 @@ impl Worker {
         let counters = self.cell.counters(kind);
         let session = Session::new(kind, self.sessions, peer, counters);
         let mut conn = Conn::new(stream, token, session, counters, now);
+        if self.settings.config.proxy_protocol.covers(kind) {
+            conn.expect_proxy_header(peer, now);
+        }
         if let Err(e) = conn.register(self.poll.registry()) {
             log::warn!("cannot register a connection: {e}");
             return;

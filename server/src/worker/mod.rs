@@ -545,6 +545,7 @@ impl Worker {
             .filter(|(_, conn)| match (conn.linger_deadline(), sweep) {
                 (Some(until), _) => now >= until,
                 (None, Sweep::All) => true,
+                (None, _) if conn.header_overdue(now) => true,
                 (None, _) if conn.is_offered() => false,
                 // A request waiting for a wake-up is not idleness, and a drain lets the
                 // service answer it (only the drain's deadline closes it).
@@ -580,7 +581,11 @@ impl Worker {
             if conn.is_staying() && conn.linger_deadline().is_none() {
                 conn.counters().closed_by_replacement.fetch_add(1, Relaxed);
             }
-            let verdict = if conn.linger_deadline().is_some() || hopeless {
+            let overdue_header = conn.header_overdue(now);
+            if overdue_header {
+                conn.abandon_header();
+            }
+            let verdict = if conn.linger_deadline().is_some() || hopeless || overdue_header {
                 Verdict::Close
             } else {
                 conn.close_gracefully(&mut self.scratch, self.poll.registry(), now)
