@@ -285,6 +285,8 @@ pub(crate) fn crash_point() {
 }
 
 #[cfg(test)]
+mod crash_tests;
+#[cfg(test)]
 mod ops_tests;
 #[cfg(test)]
 mod test_support;
