@@ -4,6 +4,8 @@
 use std::io;
 use std::path::PathBuf;
 
+use forkpool_common::queue::QueueErrorKind;
+
 use crate::validate::Finding;
 
 /// Why a store file could not be opened or created. Every variant names the file.
@@ -124,4 +126,21 @@ pub enum OpError {
     /// the result cannot be trusted; only a restart clears it.
     #[error("the queue store file cannot be read (truncated or failing); restart the server")]
     FileFault,
+}
+
+impl OpError {
+    /// The queue protocol's error word for this error (`ERR <kind> ...`).
+    pub fn kind(&self) -> QueueErrorKind {
+        match self {
+            OpError::Full => QueueErrorKind::Full,
+            OpError::Empty => QueueErrorKind::Empty,
+            OpError::NoSuchQueue => QueueErrorKind::NoSuchQueue,
+            OpError::NotReserved(_) => QueueErrorKind::NotReserved,
+            OpError::PayloadTooLong { .. } => QueueErrorKind::PayloadTooLong,
+            OpError::TooManyQueues(_) => QueueErrorKind::TooManyQueues,
+            OpError::StoreFull(_) => QueueErrorKind::StoreFull,
+            OpError::TooManyWaiters(_) => QueueErrorKind::TooManyWaiters,
+            OpError::Unrecoverable | OpError::FileFault => QueueErrorKind::Internal,
+        }
+    }
 }

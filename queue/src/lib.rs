@@ -40,7 +40,7 @@ use std::os::fd::{AsRawFd, RawFd};
 use std::path::{Path, PathBuf};
 
 pub use error::{OpError, StoreError};
-pub use forkpool_common::bank::AccountName as QueueName;
+pub use forkpool_common::queue::QueueName;
 pub use layout::{MAX_JOBS, MAX_PAYLOAD, MAX_QUEUES, MAX_WAITERS};
 pub use ops::Cancelled;
 pub use validate::Finding;
