@@ -57,10 +57,10 @@ fn check_repaired(store: Store, path: &Path, s: &Scenario<'_>, expected: &[Strin
     assert_eq!(store.lock_holder(), 0, "{}: the lock is free", s.name);
     let mut buf = Vec::new();
     store
-        .put(&name("probe"), b"p", party(0, 1), Mode::NoWait)
+        .put(&name("probe"), b"p", party(1), Mode::NoWait)
         .expect("the store still takes a put");
     store
-        .get(&name("probe"), party(0, 1), Mode::NoWait, &mut buf)
+        .get(&name("probe"), party(1), Mode::NoWait, &mut buf)
         .expect("and a get");
     store.check();
     drop(store);
@@ -91,24 +91,19 @@ fn configure(store: &Store, maxsize: u64) {
 }
 
 fn put_now(store: &Store, payload: &[u8]) {
-    let done = store.put(&name("q"), payload, party(0, 1), Mode::NoWait);
+    let done = store.put(&name("q"), payload, party(1), Mode::NoWait);
     assert!(matches!(done, Ok((Attempt::Now(_), _))), "{done:?}");
 }
 
 fn park_get(store: &Store) {
     let mut buf = Vec::new();
-    let parked = store.get(&name("q"), party(2, 9), Mode::Wait, &mut buf);
+    let parked = store.get(&name("q"), party(9), Mode::Wait, &mut buf);
     assert!(matches!(parked, Ok((Attempt::Parked(_), _))), "{parked:?}");
 }
 
 fn put_step(store: &Store) -> bool {
     store
-        .put(
-            &name("q"),
-            b"a payload of some words",
-            party(1, 1),
-            Mode::Wait,
-        )
+        .put(&name("q"), b"a payload of some words", party(1), Mode::Wait)
         .is_ok()
 }
 
@@ -117,7 +112,7 @@ static GOT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
 
 fn get_step(store: &Store) -> bool {
     let mut buf = Vec::new();
-    match store.get(&name("q"), party(1, 1), Mode::NoWait, &mut buf) {
+    match store.get(&name("q"), party(1), Mode::NoWait, &mut buf) {
         Ok((Attempt::Now(id), _)) => {
             GOT.store(id, std::sync::atomic::Ordering::Relaxed);
             true
@@ -128,7 +123,7 @@ fn get_step(store: &Store) -> bool {
 
 fn done_step(store: &Store) -> bool {
     let id = GOT.load(std::sync::atomic::Ordering::Relaxed);
-    store.done(id, party(1, 1)).is_ok()
+    store.done(id, party(1)).is_ok()
 }
 
 #[test]
@@ -163,7 +158,7 @@ fn a_get_that_admits_a_parked_putter_is_all_or_nothing() {
         setup: &|s| {
             configure(s, 1);
             put_now(s, b"one");
-            let parked = s.put(&name("q"), b"two", party(2, 9), Mode::Wait);
+            let parked = s.put(&name("q"), b"two", party(9), Mode::Wait);
             assert!(matches!(parked, Ok((Attempt::Parked(_), _))));
         },
         steps: &[&get_step],
@@ -177,7 +172,7 @@ fn a_done_that_ends_a_join_is_all_or_nothing() {
         setup: &|s| {
             configure(s, 0);
             put_now(s, b"only");
-            let parked = s.join(&name("q"), party(2, 9));
+            let parked = s.join(&name("q"), party(9));
             assert!(matches!(parked, Ok(Attempt::Parked(_))));
         },
         steps: &[&get_step, &done_step],
@@ -192,7 +187,7 @@ fn withdrawing_a_dead_worker_s_blocked_put_is_all_or_nothing() {
             configure(s, 1);
             put_now(s, b"one");
             let parked = run_in_child(s, 0, &|s| {
-                let parked = s.put(&name("q"), b"two", party(1, 1), Mode::Wait);
+                let parked = s.put(&name("q"), b"two", party(1), Mode::Wait);
                 matches!(parked, Ok((Attempt::Parked(_), _)))
             });
             assert_eq!(parked, 0);

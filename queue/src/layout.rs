@@ -80,8 +80,7 @@ pub(crate) mod w {
     pub(crate) const QUEUE: u64 = 2;
     pub(crate) const PREV: u64 = 3;
     pub(crate) const NEXT: u64 = 4;
-    /// The worker index whose wake-up source is poked when the wait is served.
-    pub(crate) const WORKER: u64 = 5;
+    /// (Word 5 is unused.) The waiting process (woken when the wait is served) and its connection.
     pub(crate) const OWNER_PID: u64 = 6;
     pub(crate) const OWNER_CONN: u64 = 7;
     /// Unique per wait (from NEXT_SEQ): a ticket naming a recycled record is stale.

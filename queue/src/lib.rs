@@ -15,9 +15,9 @@
 //!   shared memory (FIFO per queue and kind, across workers) and returns a [`Ticket`]; the
 //!   operation that later makes it possible (a PUT for a parked GET, a GET for a parked PUT, the
 //!   last DONE for a JOIN) serves the waiter in place (the job is handed to the waiting
-//!   connection directly) and returns the worker indexes to wake ([`WakeSet`]); the woken
-//!   worker collects the outcome with [`Store::claim`]. The wake-up mechanism itself (an
-//!   eventfd per worker) is the server's: this crate does no I/O besides its file.
+//!   connection directly) and returns the processes to wake ([`WakeSet`]); the woken
+//!   process collects the outcome with [`Store::claim`]. The wake-up mechanism itself is the
+//!   server's: this crate does no I/O besides its file.
 //! * Jobs handed to a connection are owned by (process, connection); [`Store::release`] (a
 //!   connection closed) and [`Store::release_process`] (a worker died) return them to the head
 //!   of their queue: at-least-once delivery.
@@ -80,11 +80,10 @@ impl Default for StoreOptions {
     }
 }
 
-/// Who asks: a connection (`conn`, unique within its process) of the worker whose wake-up
-/// source is number `worker`. The process is this one's pid.
+/// Who asks: connection `conn` (unique within its process) of this process, which is the
+/// process woken when the wait is served.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Party {
-    pub worker: u32,
     pub conn: u64,
 }
 
@@ -120,29 +119,30 @@ pub enum Outcome {
     Joined,
 }
 
-/// Most worker indexes a [`WakeSet`] holds (the server's `max_workers` must not exceed it).
-pub const MAX_WORKER_INDEX: u32 = 256;
-
-/// The workers whose waiting connections an operation served: poke each one's wake-up source.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+/// The processes whose waiting connections an operation served: poke each one's wake-up
+/// source. Usually empty or one.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct WakeSet {
-    bits: [u64; (MAX_WORKER_INDEX / 64) as usize],
+    pids: Vec<i32>,
 }
 
 impl WakeSet {
-    pub(crate) fn add(&mut self, worker: u64) {
-        if let Some(word) = self.bits.get_mut((worker / 64) as usize) {
-            *word |= 1 << (worker % 64);
+    pub(crate) fn add(&mut self, pid: u64) {
+        let Ok(pid) = i32::try_from(pid) else {
+            return;
+        };
+        if !self.pids.contains(&pid) {
+            self.pids.push(pid);
         }
     }
 
     pub fn is_empty(&self) -> bool {
-        self.bits.iter().all(|&w| w == 0)
+        self.pids.is_empty()
     }
 
-    /// The worker indexes, ascending.
-    pub fn iter(&self) -> impl Iterator<Item = u32> + '_ {
-        (0..MAX_WORKER_INDEX).filter(|&i| self.bits[(i / 64) as usize] & (1 << (i % 64)) != 0)
+    /// The pids, in the order they were served.
+    pub fn iter(&self) -> impl Iterator<Item = i32> + '_ {
+        self.pids.iter().copied()
     }
 }
 

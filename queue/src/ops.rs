@@ -575,7 +575,6 @@ impl Store {
         tx.set(field(w::STATE), waiter_state::WAITING);
         tx.set(field(w::KIND), kind as u64);
         tx.set(field(w::QUEUE), qi);
-        tx.set(field(w::WORKER), u64::from(party.worker));
         tx.set(field(w::OWNER_PID), my_pid() as u64);
         tx.set(field(w::OWNER_CONN), party.conn);
         tx.set(field(w::SERIAL), serial);
@@ -744,7 +743,7 @@ impl Store {
             self.unlink(&mut tx, served);
             tx.set(g.waiter(served, w::STATE), waiter_state::SERVED);
             tx.commit();
-            wakes.add(self.region.get(g.waiter(served, w::WORKER)));
+            wakes.add(self.region.get(g.waiter(served, w::OWNER_PID)));
         }
     }
 }

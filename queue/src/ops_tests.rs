@@ -1,7 +1,7 @@
 //! The operations' contract, one behaviour per test, each ending with the cold start's
 //! consistency check on the live state.
 
-use crate::test_support::{name, open_when_free, party, run_in_child, small};
+use crate::test_support::{me, name, open_when_free, party, run_in_child, small};
 use crate::{Attempt, Cancelled, Mode, OpError, Outcome, Store, StoreError};
 
 fn store() -> (tempfile::TempDir, Store) {
@@ -11,7 +11,7 @@ fn store() -> (tempfile::TempDir, Store) {
 }
 
 fn put(store: &Store, queue: &str, payload: &str) -> u64 {
-    match store.put(&name(queue), payload.as_bytes(), party(0, 1), Mode::NoWait) {
+    match store.put(&name(queue), payload.as_bytes(), party(1), Mode::NoWait) {
         Ok((Attempt::Now(id), _)) => id,
         other => panic!("put {payload}: {other:?}"),
     }
@@ -19,7 +19,7 @@ fn put(store: &Store, queue: &str, payload: &str) -> u64 {
 
 fn get(store: &Store, queue: &str, conn: u64) -> (u64, String) {
     let mut payload = Vec::new();
-    match store.get(&name(queue), party(0, conn), Mode::NoWait, &mut payload) {
+    match store.get(&name(queue), party(conn), Mode::NoWait, &mut payload) {
         Ok((Attempt::Now(id), _)) => (id, String::from_utf8(payload).expect("utf8")),
         other => panic!("get: {other:?}"),
     }
@@ -43,7 +43,7 @@ fn jobs_come_out_in_order_with_their_payloads_and_done_counts() {
         (a, "first job, with spaces 1 2".into())
     );
     assert_eq!(get(&store, "work", 7), (b, String::new()));
-    store.done(a, party(0, 7)).expect("done");
+    store.done(a, party(7)).expect("done");
     let stats = store.stats(&name("work")).expect("stats");
     assert_eq!(
         (stats.depth, stats.in_flight, stats.put, stats.done),
@@ -57,29 +57,29 @@ fn jobs_come_out_in_order_with_their_payloads_and_done_counts() {
 fn nowait_edges_and_refusals_change_nothing() {
     let (_dir, store) = store();
     let mut buf = Vec::new();
-    let empty = store.get(&name("e"), party(0, 1), Mode::NoWait, &mut buf);
+    let empty = store.get(&name("e"), party(1), Mode::NoWait, &mut buf);
     assert_eq!(empty.err(), Some(OpError::Empty));
     store.configure(&name("e"), 2).expect("configure");
     put(&store, "e", "1");
     put(&store, "e", "2");
-    let full = store.put(&name("e"), b"3", party(0, 1), Mode::NoWait);
+    let full = store.put(&name("e"), b"3", party(1), Mode::NoWait);
     assert_eq!(full.err(), Some(OpError::Full));
-    let long = store.put(&name("e"), &[b'y'; 41], party(0, 1), Mode::NoWait);
+    let long = store.put(&name("e"), &[b'y'; 41], party(1), Mode::NoWait);
     assert_eq!(
         long.err(),
         Some(OpError::PayloadTooLong { len: 41, max: 40 })
     );
     let (id, _) = get(&store, "e", 1);
-    assert_eq!(store.done(id, party(0, 2)), Err(OpError::NotReserved(id)));
+    assert_eq!(store.done(id, party(2)), Err(OpError::NotReserved(id)));
     assert_eq!(
-        store.done(id + 1, party(0, 1)),
+        store.done(id + 1, party(1)),
         Err(OpError::NotReserved(id + 1))
     );
     assert_eq!(store.stats(&name("nope")).err(), Some(OpError::NoSuchQueue));
     for q in ["a", "b", "c"] {
         put(&store, q, "x");
     }
-    let fifth = store.put(&name("d"), b"x", party(0, 1), Mode::NoWait);
+    let fifth = store.put(&name("d"), b"x", party(1), Mode::NoWait);
     assert_eq!(fifth.err(), Some(OpError::TooManyQueues(4)));
     let stats = store.stats(&name("e")).expect("stats");
     assert_eq!((stats.depth, stats.in_flight, stats.put), (1, 1, 2));
@@ -92,28 +92,28 @@ fn parked_getters_are_served_in_arrival_order_and_their_workers_woken() {
     let mut buf = Vec::new();
     let first = parked(
         store
-            .get(&name("q"), party(3, 1), Mode::Wait, &mut buf)
+            .get(&name("q"), party(1), Mode::Wait, &mut buf)
             .expect("get")
             .0,
     );
     let second = parked(
         store
-            .get(&name("q"), party(5, 2), Mode::Wait, &mut buf)
+            .get(&name("q"), party(2), Mode::Wait, &mut buf)
             .expect("get")
             .0,
     );
     assert_eq!(store.claim(first, &mut buf), Ok(None), "still waiting");
     let (Attempt::Now(a), wakes) = store
-        .put(&name("q"), b"A", party(0, 9), Mode::Wait)
+        .put(&name("q"), b"A", party(9), Mode::Wait)
         .expect("put")
     else {
         panic!("a put with a waiting getter completes");
     };
-    assert_eq!(wakes.iter().collect::<Vec<_>>(), [3]);
+    assert_eq!(wakes.iter().collect::<Vec<_>>(), [me()]);
     let (_, wakes) = store
-        .put(&name("q"), b"B", party(0, 9), Mode::Wait)
+        .put(&name("q"), b"B", party(9), Mode::Wait)
         .expect("put");
-    assert_eq!(wakes.iter().collect::<Vec<_>>(), [5]);
+    assert_eq!(wakes.iter().collect::<Vec<_>>(), [me()]);
     assert_eq!(store.claim(first, &mut buf), Ok(Some(Outcome::Job(a))));
     assert_eq!(buf, b"A");
     buf.clear();
@@ -128,7 +128,7 @@ fn parked_getters_are_served_in_arrival_order_and_their_workers_woken() {
         "a ticket is claimed once"
     );
     store
-        .done(a, party(3, 1))
+        .done(a, party(1))
         .expect("the job is the waiting connection's");
     store.check();
 }
@@ -140,19 +140,19 @@ fn a_full_queue_parks_putters_until_a_get_makes_room() {
     put(&store, "q", "one");
     let ticket = parked(
         store
-            .put(&name("q"), b"two", party(4, 1), Mode::Wait)
+            .put(&name("q"), b"two", party(1), Mode::Wait)
             .expect("put")
             .0,
     );
     assert_eq!(store.stats(&name("q")).expect("stats").waiting_putters, 1);
     let mut buf = Vec::new();
     let (Attempt::Now(_), wakes) = store
-        .get(&name("q"), party(0, 2), Mode::Wait, &mut buf)
+        .get(&name("q"), party(2), Mode::Wait, &mut buf)
         .expect("get")
     else {
         panic!("a get on a non-empty queue completes");
     };
-    assert_eq!(wakes.iter().collect::<Vec<_>>(), [4]);
+    assert_eq!(wakes.iter().collect::<Vec<_>>(), [me()]);
     let Ok(Some(Outcome::Put(id))) = store.claim(ticket, &mut buf) else {
         panic!("the putter was served");
     };
@@ -163,21 +163,18 @@ fn a_full_queue_parks_putters_until_a_get_makes_room() {
 #[test]
 fn join_waits_for_the_last_done() {
     let (_dir, store) = store();
-    assert_eq!(
-        store.join(&name("unknown"), party(0, 1)),
-        Ok(Attempt::Now(()))
-    );
+    assert_eq!(store.join(&name("unknown"), party(1)), Ok(Attempt::Now(())));
     put(&store, "q", "a");
     put(&store, "q", "b");
-    let ticket = parked(store.join(&name("q"), party(6, 1)).expect("join"));
+    let ticket = parked(store.join(&name("q"), party(1)).expect("join"));
     let (a, _) = get(&store, "q", 2);
     let (b, _) = get(&store, "q", 2);
-    assert!(store.done(a, party(0, 2)).expect("done").is_empty());
-    let wakes = store.done(b, party(0, 2)).expect("done");
-    assert_eq!(wakes.iter().collect::<Vec<_>>(), [6]);
+    assert!(store.done(a, party(2)).expect("done").is_empty());
+    let wakes = store.done(b, party(2)).expect("done");
+    assert_eq!(wakes.iter().collect::<Vec<_>>(), [me()]);
     let mut buf = Vec::new();
     assert_eq!(store.claim(ticket, &mut buf), Ok(Some(Outcome::Joined)));
-    assert_eq!(store.join(&name("q"), party(0, 1)), Ok(Attempt::Now(())));
+    assert_eq!(store.join(&name("q"), party(1)), Ok(Attempt::Now(())));
     store.check();
 }
 
@@ -187,7 +184,7 @@ fn cancelling_withdraws_a_wait_or_returns_what_it_was_served() {
     let mut buf = Vec::new();
     let waiting = parked(
         store
-            .get(&name("q"), party(0, 1), Mode::Wait, &mut buf)
+            .get(&name("q"), party(1), Mode::Wait, &mut buf)
             .expect("get")
             .0,
     );
@@ -197,18 +194,18 @@ fn cancelling_withdraws_a_wait_or_returns_what_it_was_served() {
     );
     let served = parked(
         store
-            .get(&name("q"), party(0, 1), Mode::Wait, &mut buf)
+            .get(&name("q"), party(1), Mode::Wait, &mut buf)
             .expect("get")
             .0,
     );
     let id = put(&store, "q", "job");
     let (cancelled, _) = store.cancel(served, &mut buf).expect("cancel");
     assert_eq!(cancelled, Cancelled::Served(Outcome::Job(id)));
-    store.release(id, party(0, 1)).expect("release");
+    store.release(id, party(1)).expect("release");
     store.configure(&name("q"), 1).expect("configure");
     let pending = parked(
         store
-            .put(&name("q"), b"never", party(0, 2), Mode::Wait)
+            .put(&name("q"), b"never", party(2), Mode::Wait)
             .expect("put")
             .0,
     );
@@ -234,9 +231,9 @@ fn released_jobs_go_back_to_the_head_of_their_queue() {
     put(&store, "q", "c");
     get(&store, "q", 1);
     get(&store, "q", 1);
-    store.release(b, party(0, 1)).expect("release b");
-    store.release(a, party(0, 1)).expect("release a");
-    assert_eq!(store.release(a, party(0, 1)), Err(OpError::NotReserved(a)));
+    store.release(b, party(1)).expect("release b");
+    store.release(a, party(1)).expect("release a");
+    assert_eq!(store.release(a, party(1)), Err(OpError::NotReserved(a)));
     assert_eq!(get(&store, "q", 2).0, a);
     assert_eq!(get(&store, "q", 2).0, b);
     store.check();
@@ -249,9 +246,9 @@ fn a_dead_process_s_jobs_and_waits_are_released() {
     put(&store, "q", "b");
     let code = run_in_child(&store, 0, &|s| {
         let mut buf = Vec::new();
-        let held = s.get(&name("q"), party(1, 1), Mode::Wait, &mut buf).is_ok()
-            && s.get(&name("q"), party(1, 1), Mode::Wait, &mut buf).is_ok();
-        let parked = s.get(&name("q"), party(1, 1), Mode::Wait, &mut buf);
+        let held = s.get(&name("q"), party(1), Mode::Wait, &mut buf).is_ok()
+            && s.get(&name("q"), party(1), Mode::Wait, &mut buf).is_ok();
+        let parked = s.get(&name("q"), party(1), Mode::Wait, &mut buf);
         held && matches!(parked, Ok((Attempt::Parked(_), _)))
     });
     assert_eq!(code, 0);
@@ -279,9 +276,9 @@ fn release_process_returns_a_reaped_worker_s_share() {
     put(&store, "q", "a");
     let code = run_in_child(&store, 0, &|s| {
         let mut buf = Vec::new();
-        s.get(&name("q"), party(1, 1), Mode::Wait, &mut buf).is_ok()
+        s.get(&name("q"), party(1), Mode::Wait, &mut buf).is_ok()
             && matches!(
-                s.get(&name("q"), party(1, 1), Mode::Wait, &mut buf),
+                s.get(&name("q"), party(1), Mode::Wait, &mut buf),
                 Ok((Attempt::Parked(_), _))
             )
     });

@@ -19,8 +19,13 @@ pub(crate) fn name(s: &str) -> QueueName {
     QueueName::new(s.as_bytes()).expect("test queue names are valid")
 }
 
-pub(crate) fn party(worker: u32, conn: u64) -> Party {
-    Party { worker, conn }
+pub(crate) fn party(conn: u64) -> Party {
+    Party { conn }
+}
+
+/// This process's pid, as a wake set lists it.
+pub(crate) fn me() -> i32 {
+    forkpool_shm::my_pid()
 }
 
 pub(crate) fn small() -> StoreOptions {
