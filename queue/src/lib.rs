@@ -36,7 +36,7 @@ mod validate;
 
 use std::fmt;
 use std::fs::File;
-use std::os::fd::{AsRawFd, RawFd};
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd, RawFd};
 use std::path::{Path, PathBuf};
 
 pub use error::{OpError, StoreError};
@@ -206,6 +206,28 @@ impl Store {
         Ok(store)
     }
 
+    /// Warm attach, for a new master after a binary upgrade: maps the store open on `fd`
+    /// (inherited from the old master, whose open file description holds the flock) after
+    /// checking its header against `opts`, WITHOUT initialising the lock or recovering
+    /// anything: the old master's workers use the store right now.
+    pub fn adopt(fd: OwnedFd, path: &Path, opts: &StoreOptions) -> Result<Store, StoreError> {
+        let expected = check_options(path, opts)?;
+        forkpool_shm::register_atfork();
+        let file = File::from(fd);
+        let geometry = file::validate(&file, path, &expected)?;
+        let region = Region::map(&file, geometry).map_err(|source| StoreError::Io {
+            path: path.to_path_buf(),
+            action: "mmap",
+            source,
+        })?;
+        Ok(Store {
+            region,
+            file,
+            path: path.to_path_buf(),
+            default_maxsize: opts.default_maxsize,
+        })
+    }
+
     pub fn path(&self) -> &Path {
         &self.path
     }
@@ -223,8 +245,16 @@ impl Store {
 }
 
 impl AsRawFd for Store {
+    /// The descriptor holding the flock, to hand to a new binary for [`Store::adopt`] (the
+    /// caller clears `FD_CLOEXEC` on it).
     fn as_raw_fd(&self) -> RawFd {
         self.file.as_raw_fd()
+    }
+}
+
+impl AsFd for Store {
+    fn as_fd(&self) -> BorrowedFd<'_> {
+        self.file.as_fd()
     }
 }
 

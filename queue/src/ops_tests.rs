@@ -395,3 +395,15 @@ fn garbage_is_not_a_store() {
     ));
     assert_eq!(std::fs::read(&path).expect("read"), vec![0x5a; 10_000]);
 }
+
+#[test]
+fn an_adopted_store_is_the_same_store_untouched() {
+    let (dir, store) = store();
+    let id = put(&store, "q", "shared");
+    let fd = std::os::fd::AsFd::as_fd(&store)
+        .try_clone_to_owned()
+        .expect("dup");
+    let adopted = Store::adopt(fd, &dir.path().join("q.bin"), &small()).expect("adopt");
+    assert_eq!(get(&adopted, "q", 1).0, id);
+    assert_eq!(store.stats(&name("q")).expect("stats").in_flight, 1);
+}
