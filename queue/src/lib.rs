@@ -108,6 +108,16 @@ pub enum Attempt<T> {
     Parked(Ticket),
 }
 
+impl<T> Attempt<T> {
+    /// The same attempt with `f` applied to what was done at once.
+    pub fn map<U>(self, f: impl FnOnce(T) -> U) -> Attempt<U> {
+        match self {
+            Attempt::Now(done) => Attempt::Now(f(done)),
+            Attempt::Parked(ticket) => Attempt::Parked(ticket),
+        }
+    }
+}
+
 /// What a served wait got.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Outcome {

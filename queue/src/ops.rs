@@ -90,10 +90,27 @@ impl Store {
     /// Takes the store lock; if its holder died, rolls its operation back and settles every
     /// queue first (collecting the wake-ups into `wakes`).
     fn lock(&self, wakes: &mut WakeSet) -> Result<Locked<'_>, OpError> {
+        let acquired = self.region.lock().lock().map(Some);
+        self.locked(acquired, wakes)
+            .map(|locked| locked.expect("a waiting lock always acquires"))
+    }
+
+    /// [`Store::lock`] without waiting: `None` if someone holds the lock.
+    fn try_lock(&self, wakes: &mut WakeSet) -> Result<Option<Locked<'_>>, OpError> {
+        let acquired = self.region.lock().try_lock();
+        self.locked(acquired, wakes)
+    }
+
+    fn locked(
+        &self,
+        acquired: Result<Option<Acquired>, forkpool_shm::NotRecoverable>,
+        wakes: &mut WakeSet,
+    ) -> Result<Option<Locked<'_>>, OpError> {
         let lock = self.region.lock();
-        match lock.lock() {
-            Ok(Acquired::Clean) => Ok(Locked { store: self }),
-            Ok(Acquired::OwnerDied) => {
+        match acquired {
+            Ok(None) => Ok(None),
+            Ok(Some(Acquired::Clean)) => Ok(Some(Locked { store: self })),
+            Ok(Some(Acquired::OwnerDied)) => {
                 let undone = self.region.roll_back();
                 self.region
                     .word(hdr::RECOVERIES)
@@ -104,7 +121,7 @@ impl Store {
                 );
                 self.settle_all(wakes);
                 lock.consistent();
-                Ok(Locked { store: self })
+                Ok(Some(Locked { store: self }))
             }
             Err(_) => Err(OpError::Unrecoverable),
         }
@@ -253,6 +270,29 @@ impl Store {
         self.checked(result)
     }
 
+    /// Moves job `id`, held by connection `from` = (pid, connection) of another process, to
+    /// `party`'s connection of this one (a connection handed over to this worker).
+    pub fn take_over(&self, id: u64, from: (i32, u64), party: Party) -> Result<(), OpError> {
+        let mut wakes = WakeSet::default();
+        let _locked = self.lock(&mut wakes)?;
+        let g = *self.region.geometry();
+        let job = id % u64::from(g.max_jobs);
+        let field = |f| self.region.get(g.job(job, f));
+        let held = job < self.region.get(hdr::JOBS_HIGH)
+            && field(j::ID) == id
+            && field(j::STATE) == job_state::RESERVED
+            && field(j::OWNER_PID) == from.0 as u64
+            && field(j::OWNER_CONN) == from.1;
+        if !held {
+            return self.checked(Err(OpError::NotReserved(id)));
+        }
+        let mut tx = Tx::begin(&self.region);
+        tx.set(g.job(job, j::OWNER_PID), my_pid() as u64);
+        tx.set(g.job(job, j::OWNER_CONN), party.conn);
+        tx.commit();
+        self.checked(Ok(()))
+    }
+
     /// JOIN: done at once if every job put to the queue so far is done (an unknown queue has
     /// none), else parks until then.
     pub fn join(&self, name: &QueueName, party: Party) -> Result<Attempt<()>, OpError> {
@@ -305,6 +345,12 @@ impl Store {
         self.checked(result)
     }
 
+    /// Whether the ticket's wait has been served (a lock-free read: a worker woken up asks
+    /// this of each of its waits before it takes the lock to [`Store::claim`]).
+    pub fn served(&self, ticket: Ticket) -> bool {
+        self.ticket_state(ticket) == Some(waiter_state::SERVED)
+    }
+
     /// Ends a wait (timeout, closing connection): withdrawn if still waiting (a PUT's job is
     /// dropped), else the outcome it was served.
     pub fn cancel(
@@ -330,12 +376,15 @@ impl Store {
 
     /// A dead process's share: its waits are dropped (a served GET's job and every job it
     /// held go back to the head of their queues, oldest first). The master calls it when it
-    /// reaps a worker.
-    pub fn release_process(&self, pid: i32) -> Result<WakeSet, OpError> {
+    /// reaps a worker, so it never waits for the lock: `None` if the lock is held (try
+    /// again later; a stopped holder must not stop the master's loop).
+    pub fn release_process(&self, pid: i32) -> Result<Option<WakeSet>, OpError> {
         let mut wakes = WakeSet::default();
-        let _locked = self.lock(&mut wakes)?;
+        let Some(_locked) = self.try_lock(&mut wakes)? else {
+            return Ok(None);
+        };
         self.release_owners(|owner| owner == pid as u64, &mut wakes);
-        self.checked(Ok(wakes))
+        self.checked(Ok(Some(wakes)))
     }
 
     /// One queue's figures.

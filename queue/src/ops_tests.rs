@@ -286,7 +286,7 @@ fn release_process_returns_a_reaped_worker_s_share() {
     let g = *store.region.geometry();
     let owner = store.region.get(g.waiter(0, crate::layout::w::OWNER_PID));
     let child_pid = i32::try_from(owner).expect("pid");
-    store.release_process(child_pid).expect("release");
+    assert!(store.release_process(child_pid).expect("release").is_some());
     let stats = store.stats(&name("q")).expect("stats");
     assert_eq!(
         (stats.depth, stats.in_flight, stats.waiting_getters),
@@ -406,4 +406,20 @@ fn an_adopted_store_is_the_same_store_untouched() {
     let adopted = Store::adopt(fd, &dir.path().join("q.bin"), &small()).expect("adopt");
     assert_eq!(get(&adopted, "q", 1).0, id);
     assert_eq!(store.stats(&name("q")).expect("stats").in_flight, 1);
+}
+
+#[test]
+fn a_handed_over_connection_takes_its_jobs_along() {
+    let (_dir, store) = store();
+    let id = put(&store, "q", "job");
+    get(&store, "q", 1);
+    let me = forkpool_shm::my_pid();
+    assert_eq!(
+        store.take_over(id, (me, 2), party(3)),
+        Err(OpError::NotReserved(id))
+    );
+    store.take_over(id, (me, 1), party(3)).expect("take over");
+    assert_eq!(store.done(id, party(1)), Err(OpError::NotReserved(id)));
+    store.done(id, party(3)).expect("done by the new owner");
+    store.check();
 }
