@@ -8,12 +8,15 @@
 //!   mapping;
 //! * the SIGBUS answer (`fault.rs`): a mapping whose file shrinks or cannot be read gets a
 //!   zero page instead of killing the process, and [`Mapping::faulted`] says so;
-//! * [`SharedWord`]: one atomic word shared with the processes forked after it was made.
+//! * [`SharedWord`]: one atomic word shared with the processes forked after it was made;
+//! * [`futex_wait`] / [`futex_wake_all`]: sleep until a shared word changes (`futex.rs`).
 
 mod fault;
+mod futex;
 mod lock;
 mod mapping;
 
+pub use futex::{futex_wait, futex_wake_all};
 pub use lock::{
     my_pid, pid_alive, register_atfork, run_wait_hook, set_wait_hook, Acquired, LockWord,
     NotRecoverable, LOCK_WAIT_SLICE, MUTEX_BYTES,
