@@ -4,7 +4,8 @@
 //! file, flush, rename, flush of the directory), each step a call of its own.
 //!
 //! [`FileStore`] is the real one: next to the ledger `NAME`, the segments `NAME.log0` and
-//! `NAME.log1` (`posix_fallocate`d, so a flush never has to write the file's size) and the
+//! `NAME.log1` (allocated and zero-filled when created, so a flush writes data, never the
+//! file's size or extent state) and the
 //! checkpoint `NAME.ckpt` (written as `NAME.ckpt.tmp` first).
 
 use std::ffi::OsString;
@@ -53,6 +54,21 @@ fn sibling(path: &Path, suffix: &str) -> PathBuf {
     path.with_file_name(name)
 }
 
+/// Allocates a new segment by writing zeros over all of it, then flushes it: blocks that
+/// `posix_fallocate` only reserves are "unwritten", and the first write to each would change
+/// metadata, which every `fdatasync` after it would then have to commit too.
+fn fill_with_zeros(file: &File, bytes: u64) -> io::Result<()> {
+    nix::fcntl::posix_fallocate(file.as_raw_fd(), 0, bytes as libc::off_t)?;
+    let zeros = vec![0u8; 1 << 20];
+    let mut at = 0;
+    while at < bytes {
+        let n = zeros.len().min((bytes - at) as usize);
+        file.write_all_at(&zeros[..n], at)?;
+        at += n as u64;
+    }
+    file.sync_all()
+}
+
 /// Whether the ledger at `path` has a checkpoint (it ran with `--fsync always`).
 pub(crate) fn has_checkpoint(path: &Path) -> bool {
     sibling(path, ".ckpt").exists()
@@ -70,8 +86,7 @@ impl FileStore {
                 .truncate(false)
                 .open(sibling(path, &format!(".log{i}")))?;
             if file.metadata()?.len() == 0 {
-                nix::fcntl::posix_fallocate(file.as_raw_fd(), 0, segment_bytes as libc::off_t)?;
-                file.sync_all()?;
+                fill_with_zeros(&file, segment_bytes)?;
             }
             Ok(file)
         };

@@ -74,7 +74,7 @@ pub struct LedgerOptions {
 }
 
 /// Default size of each operation log segment (a checkpoint starts at half of one).
-pub const DEFAULT_LOG_SEGMENT_BYTES: u64 = 64 << 20;
+pub const DEFAULT_LOG_SEGMENT_BYTES: u64 = 16 << 20;
 
 impl Default for LedgerOptions {
     fn default() -> Self {
