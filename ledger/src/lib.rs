@@ -205,7 +205,7 @@ impl Ledger {
     /// workers of the old master may be using it. `guard` is the path guard the old master
     /// passed on ([`Ledger::guard_fd`]); without one (an old master that had none) the guard
     /// is taken afresh. `path` names the file in messages and health checks. The capacity is
-    /// the file's; `fsync` is this process's policy.
+    /// the file's, and so is the fsync policy (`fsync` differing from it is logged).
     pub fn adopt(
         fd: OwnedFd,
         guard: Option<OwnedFd>,
@@ -220,6 +220,22 @@ impl Ledger {
             Some(fd) => PathGuard::inherited(fd),
             None => acquire_guard(path, &file::LedgerPath::resolve(path)?.canonical)?,
         };
+        // The policy is the running ledger's: a log exists (it has a checkpoint) exactly when
+        // the master that started it runs `always`. Workers of both generations must agree,
+        // or changes of one would be missing from the log the next cold start rebuilds from.
+        let running = if logstore::has_checkpoint(path) {
+            FsyncPolicy::Always
+        } else {
+            FsyncPolicy::Never
+        };
+        if running != fsync {
+            log::warn!(
+                "ledger {}: --fsync {fsync} asked for, but the running ledger is --fsync \
+                 {running}, which a binary upgrade keeps; a restart changes it",
+                path.display()
+            );
+        }
+        let fsync = running;
         let mut ledger = Ledger::map(file, geometry, path, fsync, guard)?;
         if fsync == FsyncPolicy::Always {
             let store = open_store(path, options::DEFAULT_LOG_SEGMENT_BYTES)?;

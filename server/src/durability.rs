@@ -131,13 +131,19 @@ impl Syncer {
         self.failed.load(Relaxed)
     }
 
+    /// Waits for a request beyond the last one served, flushes (unless another process's
+    /// flush already covered it) and wakes the loop. The loop is woken for every request,
+    /// flushed here or not: a reply parked while another worker's flush was under way waits
+    /// for this wake, not for a flush of ours.
     fn run(&self) {
+        let mut served = 0;
         loop {
             {
                 let mut wanted = self.wanted.lock().unwrap_or_else(|e| e.into_inner());
-                while *wanted <= self.ledger.durable_lsn() {
+                while *wanted <= served {
                     wanted = self.asked.wait(wanted).unwrap_or_else(|e| e.into_inner());
                 }
+                served = *wanted;
             }
             let flushed = self.ledger.flush();
             if let Err(e) = &flushed {
