@@ -52,13 +52,16 @@ class Server:
         self.proc.wait(timeout=30)
 
 
-def bench(kind, addr, connections, extra=()):
-    args = [str(BENCH), kind, "--addr", addr, "-c", str(connections), "-d", DURATION,
+def bench(kind, addr, connections, extra=(), duration=DURATION):
+    args = [str(BENCH), kind, "--addr", addr, "-c", str(connections), "-d", duration,
             "--json", *extra]
     if kind == "bank":
         args += ["--mix", "transfer=100"]
     out = subprocess.run(args, capture_output=True, text=True, check=False)
-    report = json.loads(out.stdout)
+    try:
+        report = json.loads(out.stdout)
+    except json.JSONDecodeError:
+        sys.exit(f"forkpool-bench {' '.join(args[1:])}: no report: {out.stderr.strip()}")
     if report["exit_code"] != 0:
         sys.exit(f"forkpool-bench {kind} -c {connections}: {report['verdict']}")
     return report
@@ -126,7 +129,7 @@ def log_bytes_per_op_and_recovery():
         end, records = walk_log(data / "ledger.bin.log0")
         per_op = end / records
         more = int((0.95 * SEGMENT / 2 - end) / per_op)
-        bench("bank", server.bank, 50, ["-n", str(more), "--warmup", "0", "-d", "120"])
+        bench("bank", server.bank, 50, ["-n", str(more), "--warmup", "0"], duration="120")
         end, records = walk_log(data / "ledger.bin.log0")
         assert walk_log(data / "ledger.bin.log1")[1] == 0, "no checkpoint yet"
     finally:

@@ -166,6 +166,44 @@ impl Syncer {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use forkpool_common::bank::AccountName;
+    use forkpool_ledger::LedgerOptions;
+    use mio::{Events, Poll};
+    use std::time::Duration;
+
+    /// A reply parked while another process's flush was under way: by the time the syncer
+    /// looks, the log is durable past it, and the loop must still be woken.
+    #[test]
+    fn the_loop_is_woken_when_another_flush_already_covered_the_reply() {
+        let dir = Box::leak(Box::new(tempfile::tempdir().expect("a temporary directory")));
+        let options = LedgerOptions {
+            max_accounts: 16,
+            fsync: FsyncPolicy::Always,
+            log_segment_bytes: 1 << 20,
+            ..LedgerOptions::default()
+        };
+        let ledger = Ledger::open(&dir.path().join("ledger.bin"), &options).expect("a ledger");
+        let ledger: &'static Ledger = Box::leak(Box::new(ledger));
+        let mut poll = Poll::new().expect("poll");
+        let token = Token(1);
+        let syncer = Syncer::start(ledger, poll.registry(), token)
+            .expect("start the syncer")
+            .expect("a syncer under --fsync always");
+        let mut events = Events::with_capacity(4);
+        for round in 0..20 {
+            let acct = AccountName::new(b"a").expect("a valid name");
+            ledger.deposit(&acct, 1).expect("deposit");
+            let lsn = ledger.appended_lsn();
+            ledger.flush().expect("another worker's flush");
+            syncer.want(lsn);
+            poll.poll(&mut events, Some(Duration::from_secs(5)))
+                .expect("poll");
+            assert!(
+                events.iter().any(|e| e.token() == token),
+                "round {round}: the syncer did not wake the loop"
+            );
+        }
+    }
 
     #[test]
     fn replies_leave_in_order_once_the_log_covers_them() {
