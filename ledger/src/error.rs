@@ -105,6 +105,27 @@ pub enum LedgerError {
     /// The options cannot describe a ledger (e.g. `max_accounts` of 0).
     #[error("ledger {path}: invalid options: {detail}")]
     InvalidOptions { path: PathBuf, detail: String },
+    /// The checkpoint of `--fsync always` is not whole (its checksum fails): it was
+    /// installed only after it was flushed, so the disk damaged it. Nothing was changed.
+    #[error(
+        "ledger {path}: its checkpoint ({path}.ckpt) is damaged (checksum mismatch); nothing \
+         was changed"
+    )]
+    CheckpointCorrupt { path: PathBuf },
+    /// A record in the middle of the operation log is damaged: a later record proves it was
+    /// on stable storage, so it is not a torn tail that a power loss explains. Nothing was
+    /// changed; cutting the log there would lose acknowledged operations.
+    #[error(
+        "ledger {path}: the operation log is damaged in the middle (record LSN {lsn}, at offset \
+         {offset} of {path}.log{segment}, is not whole, and a later record shows it had been \
+         flushed); nothing was changed, and starting would lose acknowledged operations"
+    )]
+    LogCorrupt {
+        path: PathBuf,
+        lsn: u64,
+        segment: u8,
+        offset: u64,
+    },
     /// A lock could not be repaired during cold-start recovery.
     #[error("ledger {path}: recovery failed: {source}")]
     Recovery {
@@ -131,6 +152,10 @@ pub enum OpError {
     Overflow,
     #[error("the ledger is full")]
     LedgerFull,
+    /// `--fsync always`: the operation log has no room until a checkpoint frees a segment
+    /// (protocol word `unavailable`); nothing changed.
+    #[error("the operation log is full until the next checkpoint; nothing changed, try again")]
+    LogFull,
     /// A lock reported `ENOTRECOVERABLE`: a repair failed earlier. Only a cold start (which
     /// re-initialises every lock) clears it. Never happens unless the ledger has a bug.
     #[error("ledger lock {0} is not recoverable; restart the server")]
@@ -152,6 +177,7 @@ impl OpError {
             OpError::BadAmount => ErrorKind::BadAmount,
             OpError::Overflow => ErrorKind::Overflow,
             OpError::LedgerFull => ErrorKind::LedgerFull,
+            OpError::LogFull => ErrorKind::Unavailable,
             OpError::Unrecoverable(_) | OpError::FileFault(_) => ErrorKind::Internal,
         }
     }

@@ -63,6 +63,10 @@ pub enum FileFault {
     /// Another process wrote to the file or changed its size through a system call.
     #[error("the ledger file was written to by another process")]
     Written,
+    /// `--fsync always`: the operation log could not be written or flushed, so nothing done
+    /// since can be promised (and the mapping may show changes the log does not hold).
+    #[error("the operation log could not be written or flushed")]
+    LogFailed,
 }
 
 impl FileFault {
@@ -72,7 +76,7 @@ impl FileFault {
     pub fn refuses_reads(self) -> bool {
         matches!(
             self,
-            FileFault::Unreadable | FileFault::Resized | FileFault::Written
+            FileFault::Unreadable | FileFault::Resized | FileFault::Written | FileFault::LogFailed
         )
     }
 
@@ -84,6 +88,7 @@ impl FileFault {
             FileFault::Deleted,
             FileFault::Replaced,
             FileFault::Written,
+            FileFault::LogFailed,
         ]
         .into_iter()
         .find(|&fault| fault as u32 == code)
@@ -271,7 +276,7 @@ impl Ledger {
     }
 
     /// Records a fault for every process; the process that records it first logs it.
-    fn fail(&self, fault: FileFault, detail: &str) {
+    pub(crate) fn fail(&self, fault: FileFault, detail: &str) {
         if self.health.record(fault) {
             log::error!("ledger {}: {detail}", self.path.display());
         }

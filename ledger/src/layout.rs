@@ -12,7 +12,7 @@
 //! Integers in the immutable header are little-endian; the live fields use native order
 //! (the header records the platform's mutex size, and the format is for one machine).
 
-use std::sync::atomic::AtomicU64;
+use std::sync::atomic::{AtomicU32, AtomicU64};
 
 use forkpool_shm::{LockWord, Plain, MUTEX_BYTES};
 
@@ -58,6 +58,42 @@ pub(crate) struct Header {
     pub(crate) alloc: LockWord,
     /// Undo journal of the allocation lock's critical section (one holder at a time).
     pub(crate) journal: AllocJournal,
+    _pad2: [u64; 4],
+    /// The redo log's shared state (`--fsync always`; set up by every cold start).
+    pub(crate) wal: WalState,
+}
+
+/// Where the redo log stands, shared by every process (see `durable.rs`). Changed under the
+/// `append` lock, except `durable` and `flushed`, which only the holder of `flush` raises.
+#[repr(C, align(64))]
+pub(crate) struct WalState {
+    /// Serialises appends; taken last, after any stripe or the allocation lock.
+    pub(crate) append: LockWord,
+    /// Held by the one process flushing the log.
+    pub(crate) flush: LockWord,
+    /// Held by the one process writing a checkpoint.
+    pub(crate) checkpoint: LockWord,
+    /// LSN of the next record; every record below it is written.
+    pub(crate) next_lsn: AtomicU64,
+    /// Every record up to this LSN is on stable storage.
+    pub(crate) durable: AtomicU64,
+    /// Bumped after `durable` moves: the futex word flush waiters sleep on.
+    pub(crate) flushed: AtomicU32,
+    _pad: u32,
+    /// The segment (0/1) appends go to, and the offset of the next record in it.
+    pub(crate) active: AtomicU64,
+    pub(crate) end: AtomicU64,
+    /// LSN of the last switch record (the other segment holds the records before it).
+    pub(crate) switch_lsn: AtomicU64,
+    /// The segment of the installed checkpoint's position: the other one is free to reuse.
+    pub(crate) checkpoint_log: AtomicU64,
+    /// The log's life (see `redo.rs`).
+    pub(crate) epoch: AtomicU64,
+    /// The append in progress: its LSN (0: none), offset and intent record, for the repair
+    /// of an appender that died holding `append`.
+    pub(crate) appending_lsn: AtomicU64,
+    pub(crate) appending_offset: AtomicU64,
+    pub(crate) appending_intent: AtomicU64,
 }
 
 /// The allocation lock's own undo record: whoever next acquires the lock after its holder
@@ -129,12 +165,13 @@ pub(crate) struct Slot {
     _pad: u64,
 }
 
-// SAFETY (all six): `repr(C)` structs of atomics, `LockWord`s and (the header's) bytes and
+// SAFETY (all seven): `repr(C)` structs of atomics, `LockWord`s and (the header's) bytes and
 // padding that are never written through the mapping (`fixed` is written with `pwrite` at
 // creation, before the file is mapped, and read with `pread`): any bytes are a valid value,
 // and every change goes through an atomic or happens under the lock word that guards it.
 unsafe impl Plain for Header {}
 unsafe impl Plain for AllocJournal {}
+unsafe impl Plain for WalState {}
 unsafe impl Plain for Stripe {}
 unsafe impl Plain for Intent {}
 unsafe impl Plain for Entry {}

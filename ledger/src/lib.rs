@@ -25,15 +25,18 @@
 //! `docs/LEDGER.md`. This crate does no I/O besides its file (and the guard's socket), and
 //! knows nothing of the protocol beyond [`OpError::kind`].
 
+mod durable;
 mod error;
 mod file;
 mod guard;
 mod health;
 mod layout;
+mod logstore;
 mod name;
 mod ops;
 mod options;
 mod recovery;
+mod redo;
 mod region;
 mod validate;
 
@@ -49,7 +52,7 @@ pub use health::{FileFault, Health};
 pub use name::{AccountName, MAX_ACCOUNT_LEN};
 pub use options::{
     FsyncPolicy, LedgerOptions, ParseFsyncPolicyError, DEFAULT_INTENT_RECORDS,
-    DEFAULT_MAX_ACCOUNTS, DEFAULT_STRIPES, MAX_MAX_ACCOUNTS,
+    DEFAULT_LOG_SEGMENT_BYTES, DEFAULT_MAX_ACCOUNTS, DEFAULT_STRIPES, MAX_MAX_ACCOUNTS,
 };
 pub use validate::{Finding, Problem, Structure};
 
@@ -80,6 +83,8 @@ pub enum LockId {
     Stripe(u32),
     /// The allocation lock: serialises account creation (always taken after stripes).
     Alloc,
+    /// The operation log's append lock (`--fsync always`; taken last).
+    Log,
 }
 
 impl fmt::Display for LockId {
@@ -87,6 +92,7 @@ impl fmt::Display for LockId {
         match self {
             LockId::Stripe(i) => write!(f, "stripe {i}"),
             LockId::Alloc => f.write_str("alloc"),
+            LockId::Log => f.write_str("log"),
         }
     }
 }
@@ -123,8 +129,10 @@ pub struct Ledger {
     absolute_path: PathBuf,
     /// The mapped file's (device, inode).
     identity: FileId,
-    /// Whether operations msync before returning.
+    /// The durability policy in force.
     fsync: FsyncPolicy,
+    /// The redo log, under `FsyncPolicy::Always`.
+    wal: Option<durable::Wal>,
     /// The file's health as every process using the ledger knows it.
     health: SharedHealth,
     /// Keeps other servers off the path while any process of ours lives.
@@ -157,7 +165,7 @@ impl Ledger {
     /// Before touching the file it takes the path's guard (see [`LedgerError::PathInUse`])
     /// and removes temp files left by creators that died mid-creation.
     pub fn open(path: &Path, opts: &LedgerOptions) -> Result<Ledger, LedgerError> {
-        Ledger::open_keyed(path, opts, &file::random_key)
+        Ledger::open_keyed(path, opts, &file::random_key, None)
     }
 
     /// [`Ledger::open`], with the hash key of a new file from `new_key` (tests make files
@@ -166,6 +174,7 @@ impl Ledger {
         path: &Path,
         opts: &LedgerOptions,
         new_key: &dyn Fn() -> u64,
+        store: Option<Box<dyn logstore::LogStore>>,
     ) -> Result<Ledger, LedgerError> {
         file::check_options(path, opts)?;
         forkpool_shm::register_atfork();
@@ -174,8 +183,19 @@ impl Ledger {
         file::remove_stale_temps(&target);
         let file = file::open_locked(&target, opts, new_key)?;
         let geometry = file::validate(&file, path, Some(opts.max_accounts))?;
-        let ledger = Ledger::map(file, geometry, path, opts.fsync, guard)?;
+        let store = match store {
+            Some(store) => Some(store),
+            None if opts.fsync == FsyncPolicy::Always || logstore::has_checkpoint(path) => {
+                Some(open_store(path, opts.log_segment_bytes)?)
+            }
+            None => None,
+        };
+        let mut ledger = Ledger::map(file, geometry, path, opts.fsync, guard)?;
+        ledger.wal = store.map(|store| durable::Wal { store });
         ledger.cold_start()?;
+        if opts.fsync == FsyncPolicy::Never && ledger.wal.take().is_some() {
+            ledger.leave_log()?;
+        }
         Ok(ledger)
     }
 
@@ -185,7 +205,7 @@ impl Ledger {
     /// workers of the old master may be using it. `guard` is the path guard the old master
     /// passed on ([`Ledger::guard_fd`]); without one (an old master that had none) the guard
     /// is taken afresh. `path` names the file in messages and health checks. The capacity is
-    /// the file's; `fsync` is this process's policy.
+    /// the file's, and so is the fsync policy (`fsync` differing from it is logged).
     pub fn adopt(
         fd: OwnedFd,
         guard: Option<OwnedFd>,
@@ -200,7 +220,47 @@ impl Ledger {
             Some(fd) => PathGuard::inherited(fd),
             None => acquire_guard(path, &file::LedgerPath::resolve(path)?.canonical)?,
         };
-        Ledger::map(file, geometry, path, fsync, guard)
+        // The policy is the running ledger's: a log exists (it has a checkpoint) exactly when
+        // the master that started it runs `always`. Workers of both generations must agree,
+        // or changes of one would be missing from the log the next cold start rebuilds from.
+        let running = if logstore::has_checkpoint(path) {
+            FsyncPolicy::Always
+        } else {
+            FsyncPolicy::Never
+        };
+        if running != fsync {
+            log::warn!(
+                "ledger {}: --fsync {fsync} asked for, but the running ledger is --fsync \
+                 {running}, which a binary upgrade keeps; a restart changes it",
+                path.display()
+            );
+        }
+        let fsync = running;
+        let mut ledger = Ledger::map(file, geometry, path, fsync, guard)?;
+        if fsync == FsyncPolicy::Always {
+            let store = open_store(path, options::DEFAULT_LOG_SEGMENT_BYTES)?;
+            ledger.wal = Some(durable::Wal { store });
+        }
+        Ok(ledger)
+    }
+
+    /// After a cold start under `--fsync never` of a ledger that had a log: the rebuilt
+    /// table is flushed, then the log's files are removed (they would be stale).
+    fn leave_log(&self) -> Result<(), LedgerError> {
+        let io = |action| {
+            move |source| LedgerError::Io {
+                path: self.path.clone(),
+                action,
+                source,
+            }
+        };
+        self.file.sync_data().map_err(io("fsync"))?;
+        logstore::FileStore::remove(&self.path).map_err(io("remove the operation log"))?;
+        log::info!(
+            "ledger {}: --fsync never: the operation log and its checkpoint were removed",
+            self.path.display()
+        );
+        Ok(())
     }
 
     /// Maps a validated, locked file.
@@ -229,6 +289,7 @@ impl Ledger {
             file,
             path: path.to_path_buf(),
             fsync,
+            wal: None,
             guard,
         })
     }
@@ -284,6 +345,17 @@ impl Ledger {
     pub fn guard_fd(&self) -> RawFd {
         self.guard.as_raw_fd()
     }
+}
+
+/// The operation log's files next to the ledger at `path`.
+fn open_store(path: &Path, segment_bytes: u64) -> Result<Box<dyn logstore::LogStore>, LedgerError> {
+    let store =
+        logstore::FileStore::open(path, segment_bytes).map_err(|source| LedgerError::Io {
+            path: path.to_path_buf(),
+            action: "open the operation log",
+            source,
+        })?;
+    Ok(Box::new(store))
 }
 
 /// Takes the path guard of `canonical` for the ledger at `path`.
@@ -346,5 +418,7 @@ pub(crate) fn crash_point() {
 mod crash_tests;
 #[cfg(test)]
 mod mutation_tests;
+#[cfg(test)]
+mod sim_tests;
 #[cfg(test)]
 mod test_support;

@@ -33,7 +33,7 @@ use crate::layout::{
     is_live, AllocJournal, Entry, Geometry, Header, Intent, Slot, Stripe, INTENT_BYTES, SLOT_BYTES,
     STRIPE_BYTES,
 };
-use crate::test_support::{acct, open_when_free, run_in_child};
+use crate::test_support::{acct, env_u64, open_when_free, run_in_child, scratch_dir, Rng};
 use crate::validate::{Finding, Problem, Structure};
 use crate::{AccountName, Health, Ledger, LedgerError, LedgerOptions, OpError, MAX_AMOUNT};
 
@@ -58,58 +58,6 @@ fn base_options() -> LedgerOptions {
         intent_records: 1,
         ..options()
     }
-}
-
-fn env_u64(name: &str) -> Option<u64> {
-    let value = std::env::var(name).ok()?;
-    let parsed = match value.strip_prefix("0x") {
-        Some(hex) => u64::from_str_radix(hex, 16),
-        None => value.parse(),
-    };
-    Some(parsed.unwrap_or_else(|_| panic!("{name}={value} is not a number")))
-}
-
-/// splitmix64: small, fast, and the same everywhere.
-struct Rng(u64);
-
-impl Rng {
-    /// The generator of case `case` of a run seeded `seed` (each case replays alone).
-    fn for_case(seed: u64, case: u64) -> Rng {
-        let mut rng = Rng(seed ^ case.wrapping_mul(0x9e37_79b9_7f4a_7c15));
-        rng.next();
-        rng
-    }
-
-    fn next(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-        z ^ (z >> 31)
-    }
-
-    fn below(&mut self, n: u64) -> u64 {
-        self.next() % n.max(1)
-    }
-
-    fn pick<'a, T>(&mut self, items: &'a [T]) -> &'a T {
-        &items[self.below(items.len() as u64) as usize]
-    }
-
-    fn chance(&mut self, percent: u64) -> bool {
-        self.below(100) < percent
-    }
-}
-
-/// A directory for the test files: tmpfs if there is one (each accepted open msyncs).
-fn scratch_dir() -> tempfile::TempDir {
-    let shm = Path::new("/dev/shm");
-    if shm.is_dir() {
-        if let Ok(dir) = tempfile::tempdir_in(shm) {
-            return dir;
-        }
-    }
-    tempfile::tempdir().expect("tempdir")
 }
 
 // ---------------------------------------------------------------------------------------

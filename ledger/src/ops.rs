@@ -11,7 +11,7 @@ use std::sync::atomic::Ordering::{AcqRel, Acquire, Relaxed, Release};
 use crate::crash_point;
 use crate::health::Access;
 use crate::layout::{live_tag, Entry, Intent, Slot, ACTIVE, FREE, IDLE, TOMB};
-use crate::{AccountName, Audit, FsyncPolicy, Ledger, LockId, OpError, MAX_AMOUNT};
+use crate::{AccountName, Audit, Ledger, LockId, OpError, MAX_AMOUNT};
 use forkpool_shm::{my_pid, pid_alive, run_wait_hook, Acquired};
 
 /// Back-off while every intent record is in use by live processes.
@@ -85,7 +85,7 @@ impl Entry {
 }
 
 impl Slot {
-    fn holds(&self, tag: u64, name: &AccountName, words: &[u64; 8]) -> bool {
+    pub(crate) fn holds(&self, tag: u64, name: &AccountName, words: &[u64; 8]) -> bool {
         self.tag.load(Acquire) == tag
             && self.name_len.load(Relaxed) == crate::name::stored_len(name)
             && self
@@ -286,7 +286,6 @@ impl Ledger {
         let (i, old_tag) = found.ok_or(OpError::LedgerFull)?;
         let record = claim.record();
         record.entries[entry].set(s, i, 0, tag);
-        self.persist(record);
         crash_point();
         header.journal.open(i, old_tag, count);
         crash_point();
@@ -320,30 +319,27 @@ impl Ledger {
         stripe.total_hi.store((total >> 64) as u64, Relaxed);
     }
 
-    /// Under `FsyncPolicy::Always`, writes the pages of `obj` to disk before going on. An
-    /// msync error is logged; the operation cannot be undone at that point.
-    pub(crate) fn persist<T: forkpool_shm::Plain>(&self, obj: &T) {
-        if self.fsync == FsyncPolicy::Always {
-            if let Err(e) = self.region.sync(obj) {
-                log::error!("ledger {}: msync failed: {e}", self.path.display());
-            }
-        }
-    }
-
     /// The common end of DEPOSIT and WITHDRAW, once the undo entry (record entry 0) holds
     /// the before-image: writes the new balance, moves the stripe total by `(add, sub)`, then
-    /// retires the entry (the commit).
-    fn commit_balance(&self, claim: &Claim<'_>, s: u32, i: u64, new: u64, (add, sub): (u64, u64)) {
+    /// commits (`commit_change`: the redo record under `--fsync always`) and retires the
+    /// entry.
+    fn commit_balance(
+        &self,
+        claim: &Claim<'_>,
+        (acct, s, i): (&AccountName, u32, u64),
+        new: u64,
+        (add, sub): (u64, u64),
+    ) -> Result<(), OpError> {
         crash_point();
         let slot = self.slot(i);
         slot.balance.store(new, Relaxed);
         crash_point();
         self.adjust_total(s, add, sub);
-        self.persist(slot);
+        let logged = self.commit_change(claim.index, &[(acct, new)]);
         crash_point();
         claim.record().entries[0].clear();
-        self.persist(claim.record());
         crash_point();
+        logged
     }
 
     /// Adds `amount` to `acct`, opening it if new. Errors, checked in this order:
@@ -355,6 +351,7 @@ impl Ledger {
 
     fn apply_deposit(&self, acct: &AccountName, amount: u64) -> Result<u64, OpError> {
         check_amount(amount)?;
+        self.check_log_room()?;
         let tag = self.tag_of(acct);
         let s = self.stripe_of(tag);
         let claim = self.claim()?;
@@ -370,12 +367,11 @@ impl Ledger {
                     .filter(|&b| b <= MAX_AMOUNT)
                     .ok_or(OpError::Overflow)?;
                 entry.set(s, i, before, 0);
-                self.persist(claim.record());
                 (i, new)
             }
             None => (self.create(&claim, 0, s, acct, tag)?, amount),
         };
-        self.commit_balance(&claim, s, i, new, (amount, 0));
+        self.commit_balance(&claim, (acct, s, i), new, (amount, 0))?;
         Ok(new)
     }
 
@@ -387,6 +383,7 @@ impl Ledger {
 
     fn apply_withdraw(&self, acct: &AccountName, amount: u64) -> Result<u64, OpError> {
         check_amount(amount)?;
+        self.check_log_room()?;
         let tag = self.tag_of(acct);
         let s = self.stripe_of(tag);
         let claim = self.claim()?;
@@ -400,8 +397,7 @@ impl Ledger {
             .ok_or(OpError::InsufficientFunds)?;
         let entry = &claim.record().entries[0];
         entry.set(s, i, before, 0);
-        self.persist(claim.record());
-        self.commit_balance(&claim, s, i, new, (0, amount));
+        self.commit_balance(&claim, (acct, s, i), new, (0, amount))?;
         Ok(new)
     }
 
@@ -425,6 +421,7 @@ impl Ledger {
         amount: u64,
     ) -> Result<(u64, u64), OpError> {
         check_amount(amount)?;
+        self.check_log_room()?;
         if from == to {
             return Err(OpError::SameAccount);
         }
@@ -459,7 +456,6 @@ impl Ledger {
         };
         crash_point();
         record.entries[0].set(sf, fi, from_before, 0);
-        self.persist(record);
         crash_point();
         self.slot(fi).balance.store(from_new, Relaxed);
         crash_point();
@@ -467,18 +463,17 @@ impl Ledger {
         crash_point();
         self.adjust_total(sf, 0, amount);
         self.adjust_total(st, amount, 0);
-        self.persist(self.slot(fi));
-        self.persist(self.slot(ti));
         crash_point();
         // Both halves are written: from here a repair of either stripe keeps them.
-        record.commit.store(1, Release);
-        self.persist(record);
+        let to_new = to_before + amount;
+        let logged = self.commit_change(claim.index, &[(from, from_new), (to, to_new)]);
         crash_point();
         record.entries[0].clear();
         crash_point();
         record.entries[1].clear();
         crash_point();
-        Ok((from_new, to_before + amount))
+        logged?;
+        Ok((from_new, to_new))
     }
 
     /// The balance of `acct`, or `NoSuchAccount`.
@@ -500,15 +495,7 @@ impl Ledger {
     }
 
     fn exact_audit(&self) -> Result<Audit, OpError> {
-        let mut all = AllStripes {
-            ledger: self,
-            held: 0,
-        };
-        for s in 0..self.region.geometry().stripes {
-            let guard = self.lock_stripe(s)?;
-            std::mem::forget(guard);
-            all.held += 1;
-        }
+        let _all = self.lock_all_stripes()?;
         let _alloc = self.lock_alloc()?;
         // With every lock held, nothing moves: the lock-free read is exact.
         Ok(self.approximate_audit())
@@ -540,9 +527,25 @@ impl Ledger {
     }
 }
 
-/// Stripes 0..held, locked by `audit` (without a Vec: a forked test child may audit);
+impl Ledger {
+    /// Takes every stripe, in ascending order: no operation is in flight while they are held.
+    pub(crate) fn lock_all_stripes(&self) -> Result<AllStripes<'_>, OpError> {
+        let mut all = AllStripes {
+            ledger: self,
+            held: 0,
+        };
+        for s in 0..self.region.geometry().stripes {
+            let guard = self.lock_stripe(s)?;
+            std::mem::forget(guard);
+            all.held += 1;
+        }
+        Ok(all)
+    }
+}
+
+/// Stripes 0..held, locked by `lock_all_stripes` (without a Vec: a forked test child may audit);
 /// unlocked in descending order on drop.
-struct AllStripes<'a> {
+pub(crate) struct AllStripes<'a> {
     ledger: &'a Ledger,
     held: u32,
 }

@@ -12,9 +12,9 @@ pub enum FsyncPolicy {
     /// and, since page writeback has no order, may leave a torn state (see docs/LEDGER.md).
     #[default]
     Never,
-    /// `msync(MS_SYNC)` the undo record before touching balances, the balances before
-    /// committing, and the commit before replying: a replied operation survives power loss
-    /// and an interrupted one is rolled back on the next cold start.
+    /// Log every change to a redo log and flush it by group commit (`durable.rs`): an
+    /// operation whose reply waited for [`crate::Ledger::flush`] survives a power loss, and
+    /// the cold start rebuilds the table from the last checkpoint and the log.
     Always,
 }
 
@@ -68,7 +68,13 @@ pub struct LedgerOptions {
     pub stripes: u32,
     /// Intent records of a new file (1..=65536). An existing file keeps its own.
     pub intent_records: u32,
+    /// `--fsync always`: bytes of each of the two operation log segments when they are
+    /// created (existing ones keep their size).
+    pub log_segment_bytes: u64,
 }
+
+/// Default size of each operation log segment (a checkpoint starts at half of one).
+pub const DEFAULT_LOG_SEGMENT_BYTES: u64 = 16 << 20;
 
 impl Default for LedgerOptions {
     fn default() -> Self {
@@ -77,6 +83,7 @@ impl Default for LedgerOptions {
             fsync: FsyncPolicy::Never,
             stripes: DEFAULT_STRIPES,
             intent_records: DEFAULT_INTENT_RECORDS,
+            log_segment_bytes: DEFAULT_LOG_SEGMENT_BYTES,
         }
     }
 }

@@ -14,7 +14,7 @@ use std::sync::atomic::Ordering::{AcqRel, Acquire, Relaxed, Release};
 use crate::crash_point;
 use crate::error::LedgerError;
 use crate::layout::{is_live, ACTIVE, IDLE, TOMB};
-use crate::{Ledger, OpError};
+use crate::{FsyncPolicy, Ledger, OpError};
 
 impl Ledger {
     /// Rolls back the allocation journal of a holder that died. Caller holds the alloc lock.
@@ -70,6 +70,7 @@ impl Ledger {
             "ledger {}: a process died holding stripe {s}; repairing it",
             self.path.display()
         );
+        self.settle_appends()?;
         self.undo_entries(s)?;
         let _alloc = self.lock_alloc()?;
         self.recount_stripe(s);
@@ -110,12 +111,8 @@ impl Ledger {
                         self.path.display()
                     );
                 }
-                if let Some(slot) = self.region.slot(i) {
-                    self.persist(slot);
-                }
                 crash_point();
                 entry.clear();
-                self.persist(record);
                 crash_point();
             }
             let all_clear = record
@@ -151,8 +148,20 @@ impl Ledger {
     /// recovery reads and the state it would leave (read-only: a bad file is refused
     /// untouched), re-initialise every lock, repair every record, recompute the count and the
     /// stripe totals.
+    ///
+    /// With an operation log that has a checkpoint, the table is rebuilt from them instead
+    /// (`durable.rs`): after a power loss the mapped table may be torn, so it is not read.
+    /// Under `--fsync always` a new checkpoint then starts the log afresh.
     pub(crate) fn cold_start(&self) -> Result<(), LedgerError> {
-        self.check_contents()?;
+        let rebuilt = match &self.wal {
+            Some(wal) => self.rebuild(wal)?,
+            None => None,
+        };
+        if rebuilt.is_none() {
+            self.check_contents()?;
+        } else {
+            crate::durable::forget_records(self);
+        }
         let header = self.region.header();
         for s in 0..self.region.geometry().stripes {
             // SAFETY: cold start: this process holds the exclusive flock (so no other
@@ -207,11 +216,9 @@ impl Ledger {
         for (s, total) in totals.into_iter().enumerate() {
             self.store_total(s as u32, total);
         }
-        if let Err(e) = self.region.sync(header) {
-            log::warn!(
-                "ledger {}: msync of header failed: {e}",
-                self.path.display()
-            );
+        if let (Some(wal), FsyncPolicy::Always) = (&self.wal, self.fsync) {
+            let (epoch, next_lsn) = rebuilt.unwrap_or((0, 1));
+            self.start_log(wal, epoch + 1, next_lsn)?;
         }
         log::info!(
             "ledger {}: opened, {count} of {} accounts",

@@ -6,7 +6,7 @@
 use std::fs::File;
 use std::io;
 
-use forkpool_shm::{Mapping, Plain};
+use forkpool_shm::Mapping;
 
 use crate::layout::{
     Geometry, Header, Intent, Slot, Stripe, INTENT_BYTES, SLOT_BYTES, STRIPE_BYTES,
@@ -58,10 +58,5 @@ impl Region {
     pub(crate) fn slot(&self, i: u64) -> Option<&Slot> {
         (i < self.geometry.table_slots)
             .then(|| self.mapping.at(self.geometry.off_slots + i * SLOT_BYTES))
-    }
-
-    /// Synchronously writes the pages holding `obj`, which lies in this mapping, to the file.
-    pub(crate) fn sync<T: Plain>(&self, obj: &T) -> io::Result<()> {
-        self.mapping.sync(obj)
     }
 }

@@ -26,9 +26,16 @@ pub(crate) fn open_when_free(
     options: &LedgerOptions,
     new_key: &dyn Fn() -> u64,
 ) -> Result<Ledger, LedgerError> {
+    when_free(|| Ledger::open_keyed(path, options, new_key, None))
+}
+
+/// Runs `open` until it no longer finds the ledger held (see [`open_when_free`]).
+pub(crate) fn when_free(
+    open: impl Fn() -> Result<Ledger, LedgerError>,
+) -> Result<Ledger, LedgerError> {
     let deadline = Instant::now() + HELD_TIMEOUT;
     loop {
-        match Ledger::open_keyed(path, options, new_key) {
+        match open() {
             Err(LedgerError::Locked { .. } | LedgerError::PathInUse { .. })
                 if Instant::now() < deadline =>
             {
@@ -68,4 +75,56 @@ pub(crate) fn run_in_child(ledger: &Ledger, k: u32, op: &dyn Fn(&Ledger) -> bool
             other => panic!("child ended unexpectedly: {other:?}"),
         },
     }
+}
+
+pub(crate) fn env_u64(name: &str) -> Option<u64> {
+    let value = std::env::var(name).ok()?;
+    let parsed = match value.strip_prefix("0x") {
+        Some(hex) => u64::from_str_radix(hex, 16),
+        None => value.parse(),
+    };
+    Some(parsed.unwrap_or_else(|_| panic!("{name}={value} is not a number")))
+}
+
+/// splitmix64: small, fast, and the same everywhere.
+pub(crate) struct Rng(u64);
+
+impl Rng {
+    /// The generator of case `case` of a run seeded `seed` (each case replays alone).
+    pub(crate) fn for_case(seed: u64, case: u64) -> Rng {
+        let mut rng = Rng(seed ^ case.wrapping_mul(0x9e37_79b9_7f4a_7c15));
+        rng.next();
+        rng
+    }
+
+    pub(crate) fn next(&mut self) -> u64 {
+        self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
+        let mut z = self.0;
+        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+        z ^ (z >> 31)
+    }
+
+    pub(crate) fn below(&mut self, n: u64) -> u64 {
+        self.next() % n.max(1)
+    }
+
+    pub(crate) fn pick<'a, T>(&mut self, items: &'a [T]) -> &'a T {
+        &items[self.below(items.len() as u64) as usize]
+    }
+
+    pub(crate) fn chance(&mut self, percent: u64) -> bool {
+        self.below(100) < percent
+    }
+}
+
+/// A directory for the test files: tmpfs if there is one (each accepted open msyncs).
+pub(crate) fn scratch_dir() -> tempfile::TempDir {
+    let shm = Path::new("/dev/shm");
+    if shm.is_dir() {
+        if let Ok(dir) = tempfile::tempdir_in(shm) {
+            return dir;
+        }
+    }
+    tempfile::tempdir().expect("tempdir")
 }

@@ -437,12 +437,13 @@ impl Config {
         LedgerLocation::of(&self.ledger)
     }
 
-    /// Settings a reload cannot change (the ledger and its capacity, the status address, the
-    /// pid file): taken from the `running` ones, each requested change logged.
+    /// Settings a reload cannot change (the ledger, its capacity and fsync policy, the status
+    /// address, the pid file): taken from the `running` ones, each requested change logged.
     pub fn keep_fixed_settings(&mut self, running: &Config) {
         for (name, changed) in [
             ("ledger", self.ledger != running.ledger),
             ("max_accounts", self.max_accounts != running.max_accounts),
+            ("fsync", self.fsync != running.fsync),
             ("status_addr", self.status_addr != running.status_addr),
             ("pid_file", self.pid_file != running.pid_file),
         ] {
@@ -452,6 +453,7 @@ impl Config {
         }
         self.ledger.clone_from(&running.ledger);
         self.max_accounts = running.max_accounts;
+        self.fsync = running.fsync;
         self.status_addr = running.status_addr;
         self.pid_file.clone_from(&running.pid_file);
     }

@@ -27,6 +27,7 @@ use std::time::{Duration, Instant};
 use forkpool_common::codec::Flow;
 use mio::{Interest, Registry, Token};
 
+use crate::durability::Gate;
 use crate::handover::ConnState;
 use crate::proxy::{self, Outcome, Parsed};
 use crate::scoreboard::ServiceCounters;
@@ -117,6 +118,9 @@ pub struct Conn {
     /// Replies the socket has not taken yet; `sent` of them are already written.
     pending: Vec<u8>,
     sent: usize,
+    /// Replies that wait for the ledger's log to be durable (`--fsync always`); they come
+    /// after `pending`.
+    gate: Gate,
     /// Registered for writable events (only while replies are pending).
     wants_writable: bool,
     /// The client sent EOF: nothing more will be read.
@@ -154,6 +158,7 @@ impl Conn {
             counters,
             pending: Vec::new(),
             sent: 0,
+            gate: Gate::default(),
             wants_writable: false,
             peer_closed: false,
             read_paused: false,
@@ -255,6 +260,13 @@ impl Conn {
     /// registration belongs to the shared open file description) and nothing is read from
     /// it any more. Returns its state, to travel with the descriptor.
     pub fn offer(&mut self, registry: &Registry) -> io::Result<ConnState> {
+        // Held replies travel as pending ones once the log covers them: flushed here, in
+        // the loop (a retiring worker, a rare event).
+        if let Some(syncer) = self.session.syncer().filter(|_| self.is_gated()) {
+            syncer.ledger().flush().map_err(io::Error::other)?;
+            let ready = self.gate.release_all();
+            self.pending.extend_from_slice(&ready);
+        }
         registry.deregister(&mut self.stream)?;
         self.phase = Phase::Offered;
         Ok(ConnState {
@@ -309,7 +321,35 @@ impl Conn {
 
     /// Is the connection open and idle: no reply pending or awaited, not closing?
     pub fn is_quiet(&self) -> bool {
-        self.phase == Phase::Open && self.unsent() == 0 && !self.waiting
+        self.phase == Phase::Open && self.unsent() == 0 && self.gate.is_empty() && !self.waiting
+    }
+
+    /// Do replies wait for the ledger's log to be durable?
+    pub fn is_gated(&self) -> bool {
+        !self.gate.is_empty()
+    }
+
+    /// The log may be durable further: sends the replies it now covers and goes on serving
+    /// (reading resumes if the held replies had stopped it). A failed flush closes the
+    /// connection: what its replies say can no longer be promised.
+    pub fn release_gate(
+        &mut self,
+        scratch: &mut Scratch,
+        limits: Limits,
+        registry: &Registry,
+        now: Instant,
+    ) -> Verdict {
+        let Some(syncer) = self.session.syncer() else {
+            return Verdict::Keep;
+        };
+        if syncer.failed() {
+            return Verdict::Close;
+        }
+        let ready = self.gate.release(syncer.ledger().durable_lsn());
+        if self.send(&ready).is_err() {
+            return Verdict::Close;
+        }
+        self.on_ready(Readiness::default(), scratch, limits, registry, now)
     }
 
     /// Does the session hold a request it cannot answer yet?
@@ -339,7 +379,7 @@ impl Conn {
             self.unread = Vec::new();
         }
         let replies = std::mem::take(&mut scratch.write);
-        let sent = self.send(&replies);
+        let sent = self.answer(&replies);
         scratch.write = replies;
         if sent.is_err() {
             return Verdict::Close;
@@ -400,7 +440,7 @@ impl Conn {
         let step = self.session.on_input(&unread, &mut scratch.write);
         self.take_step(step, &unread);
         let replies = std::mem::take(&mut scratch.write);
-        let sent = self.send(&replies);
+        let sent = self.answer(&replies);
         scratch.write = replies;
         sent
     }
@@ -543,9 +583,9 @@ impl Conn {
                 break;
             }
             reads += 1;
-            if self.unsent() >= limits.output_limit {
+            if self.held() >= limits.output_limit {
                 self.flush(now)?;
-                if self.unsent() >= limits.output_limit {
+                if self.held() >= limits.output_limit {
                     self.read_paused = true;
                     break;
                 }
@@ -655,7 +695,7 @@ impl Conn {
             self.session.on_input(&scratch.read[..n], out)
         };
         self.take_step(step, &scratch.read[..n]);
-        self.send(&scratch.write)?;
+        self.answer(&scratch.write)?;
         Ok(
             if n == 0 || self.waiting || (n < scratch.read.len() && !to_the_end) {
                 ReadOutcome::Drained
@@ -663,6 +703,24 @@ impl Conn {
                 ReadOutcome::More
             },
         )
+    }
+
+    /// Sends `replies`, or holds them behind the gate until the ledger's log is durable up to
+    /// everything they report or read (the last LSN appended now covers it) and asks the
+    /// syncer to flush. Once one reply waits, every later one waits behind it.
+    fn answer(&mut self, replies: &[u8]) -> io::Result<()> {
+        let Some(syncer) = self.session.syncer() else {
+            return self.send(replies);
+        };
+        let lsn = syncer.ledger().appended_lsn();
+        if self.gate.is_empty() && lsn <= syncer.ledger().durable_lsn() {
+            return self.send(replies);
+        }
+        if !replies.is_empty() {
+            self.gate.hold(replies, lsn);
+            syncer.want(lsn);
+        }
+        Ok(())
     }
 
     /// Writes `replies` after whatever is already pending; keeps what the socket refuses.
@@ -708,9 +766,15 @@ impl Conn {
         self.pending.len() - self.sent
     }
 
-    /// Nothing waits to be written: no reply, and no TLS record the socket has not taken.
+    /// Reply bytes not yet sent, held ones included (the backpressure measure).
+    fn held(&self) -> usize {
+        self.unsent() + self.gate.len()
+    }
+
+    /// Nothing waits to be written: no reply (held or pending), and no TLS record the socket
+    /// has not taken.
     fn all_sent(&self) -> bool {
-        self.unsent() == 0 && !self.stream.wants_write()
+        self.unsent() == 0 && self.gate.is_empty() && !self.stream.wants_write()
     }
 
     fn update_interest(&mut self, registry: &Registry) -> io::Result<()> {
@@ -879,6 +943,7 @@ mod tests {
         let context = SessionContext {
             config: Box::leak(Box::new(config)),
             ledger: Box::leak(Box::new(ledger)),
+            syncer: None,
             users: None,
             throttle: Box::leak(Box::default()),
         };

@@ -6,6 +6,7 @@ mod broker;
 mod channel;
 mod config;
 mod conn;
+mod durability;
 mod handover;
 mod inherit;
 mod listener;

@@ -1,6 +1,7 @@
 //! The services a connection can speak, as byte-in/bytes-out sessions: the worker hands a
 //! session whatever it read and sends whatever the session wrote. No socket here.
 
+use crate::durability::Syncer;
 use std::cell::RefCell;
 use std::sync::atomic::Ordering::Relaxed;
 use std::time::Instant;
@@ -91,6 +92,8 @@ pub struct BankSession {
     framer: LineFramer,
     /// The worker's ledger, mapped for the worker's whole life.
     ledger: &'static Ledger,
+    /// Under `--fsync always`: the worker's flusher, whose durable LSN gates the replies.
+    syncer: Option<&'static Syncer>,
     access: Access,
 }
 
@@ -114,6 +117,8 @@ pub struct SessionContext {
     /// The worker's settings (`max_line` for the bank).
     pub config: &'static Config,
     pub ledger: &'static Ledger,
+    /// Under `--fsync always`, the worker's flusher (see `durability.rs`).
+    pub syncer: Option<&'static Syncer>,
     /// The bank's users, if a users file is configured.
     pub users: Option<&'static Users>,
     /// Failed AUTHs per peer, for the whole worker (one thread: a `RefCell` is enough).
@@ -156,6 +161,7 @@ impl Session {
             ServiceKind::Bank => Session::Bank(BankSession {
                 framer,
                 ledger: context.ledger,
+                syncer: context.syncer,
                 access: Access {
                     users: context.users,
                     throttle: context.throttle,
@@ -233,6 +239,15 @@ impl Session {
                     consumed,
                 }
             }
+        }
+    }
+
+    /// The flusher whose durable LSN the replies of this session wait for (a bank session
+    /// under `--fsync always`); `None`: replies go out at once.
+    pub fn syncer(&self) -> Option<&'static Syncer> {
+        match self {
+            Session::Bank(session) => session.syncer,
+            _ => None,
         }
     }
 
@@ -429,6 +444,7 @@ mod tests {
         SessionContext {
             config: Box::leak(Box::new(config)),
             ledger: Box::leak(Box::new(ledger)),
+            syncer: None,
             users: None,
             throttle: Box::leak(Box::default()),
         }

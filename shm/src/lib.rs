@@ -11,13 +11,16 @@
 //! * [`SharedWord`]: one atomic word shared with the processes forked after it was made;
 //! * [`create_allocated`] and [`try_lock`]: making a shared file that no one sees half made,
 //!   and the exclusive flock that marks a file in use.
+//! * [`futex_wait`] / [`futex_wake_all`]: sleep until a shared word changes (`futex.rs`).
 
 mod create;
 mod fault;
+mod futex;
 mod lock;
 mod mapping;
 
 pub use create::{create_allocated, temp_prefix, try_lock, CreateError};
+pub use futex::{futex_wait, futex_wake_all};
 pub use lock::{
     my_pid, pid_alive, register_atfork, run_wait_hook, set_wait_hook, Acquired, LockWord,
     NotRecoverable, LOCK_WAIT_SLICE, MUTEX_BYTES,

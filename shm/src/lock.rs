@@ -236,3 +236,36 @@ fn realtime_after(d: Duration) -> libc::timespec {
         tv_nsec: then.subsec_nanos() as libc::c_long,
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::Mapping;
+
+    #[test]
+    fn try_lock_takes_a_free_lock_and_refuses_a_held_one() {
+        let file = tempfile::NamedTempFile::new().expect("temp file");
+        file.as_file().set_len(crate::PAGE).expect("size");
+        let mapping = Mapping::map(file.as_file(), crate::PAGE).expect("map");
+        let word: &LockWord = mapping.at(0);
+        // SAFETY: a fresh private file that no other thread or process uses.
+        unsafe { word.init() }.expect("init");
+        assert_eq!(word.try_lock(), Ok(Some(Acquired::Clean)));
+        assert_eq!(word.holder(), my_pid());
+        // SAFETY: the child only tries the lock and `_exit`s with the answer.
+        match unsafe { nix::unistd::fork() }.expect("fork") {
+            nix::unistd::ForkResult::Child => {
+                let code = if word.try_lock() == Ok(None) { 0 } else { 1 };
+                // SAFETY: _exit is async-signal-safe and never returns.
+                unsafe { libc::_exit(code) }
+            }
+            nix::unistd::ForkResult::Parent { child } => {
+                let status = nix::sys::wait::waitpid(child, None).expect("waitpid");
+                assert_eq!(status, nix::sys::wait::WaitStatus::Exited(child, 0));
+            }
+        }
+        word.unlock();
+        assert_eq!(word.try_lock(), Ok(Some(Acquired::Clean)));
+        word.unlock();
+    }
+}

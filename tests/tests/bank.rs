@@ -545,7 +545,18 @@ fn one_hundred_clients_grabbing_ten_tickets_at_once_get_exactly_ten() {
 
 #[test]
 fn concurrent_random_transfers_conserve_money_and_match_the_acknowledged_ones() {
-    let server = Server::builder().args(["--workers", "2"]).start();
+    concurrent_random_transfers("never");
+}
+
+#[test]
+fn concurrent_random_transfers_conserve_money_with_fsync_always() {
+    concurrent_random_transfers("always");
+}
+
+fn concurrent_random_transfers(fsync: &str) {
+    let server = Server::builder()
+        .args(["--workers", "2", "--fsync", fsync])
+        .start();
     let load = Load::open(&server);
     let addr = server.bank_addr();
     let stop_auditing = AtomicBool::new(false);
@@ -590,9 +601,20 @@ fn concurrent_random_transfers_conserve_money_and_match_the_acknowledged_ones() 
 
 #[test]
 fn workers_sigkilled_every_fifty_ms_lose_no_money_and_no_acknowledged_transfer() {
+    workers_sigkilled_every_fifty_ms("never");
+}
+
+#[test]
+fn workers_sigkilled_every_fifty_ms_with_fsync_always_lose_nothing_acknowledged() {
+    workers_sigkilled_every_fifty_ms("always");
+}
+
+fn workers_sigkilled_every_fifty_ms(fsync: &str) {
     const CHAOS: Duration = Duration::from_secs(3);
     const MIN_KILLS: usize = 30;
-    let server = Server::builder().args(["--workers", "2"]).start();
+    let server = Server::builder()
+        .args(["--workers", "2", "--fsync", fsync])
+        .start();
     let load = Load::open(&server);
     let addr = server.bank_addr();
     let stop = AtomicBool::new(false);
@@ -677,7 +699,23 @@ fn workers_sigkilled_every_fifty_ms_lose_no_money_and_no_acknowledged_transfer()
 
 #[test]
 fn balances_survive_a_graceful_restart_and_a_sigkill_of_the_whole_process_group() {
-    let mut server = Server::start();
+    balances_survive_restarts("never");
+}
+
+#[test]
+fn balances_survive_restarts_with_fsync_always() {
+    balances_survive_restarts("always");
+}
+
+fn balances_survive_restarts(fsync: &str) {
+    let start = |dir: Option<std::sync::Arc<tempfile::TempDir>>| {
+        let builder = Server::builder().args(["--fsync", fsync]);
+        match dir {
+            Some(dir) => builder.data_dir(dir).start(),
+            None => builder.start(),
+        }
+    };
+    let mut server = start(None);
     let mut bank = server.connect_bank();
     let long_name = "L".repeat(64);
     expect_replies(
@@ -702,7 +740,7 @@ fn balances_survive_a_graceful_restart_and_a_sigkill_of_the_whole_process_group(
 
     server.signal(Signal::SIGTERM);
     assert!(server.wait_exit(Duration::from_secs(10)).success());
-    let mut server = Server::builder().data_dir(server.data_dir()).start();
+    let mut server = start(Some(server.data_dir()));
     let mut bank = server.connect_bank();
     assert_eq!(
         snapshot(&mut bank, &names),
@@ -725,7 +763,7 @@ fn balances_survive_a_graceful_restart_and_a_sigkill_of_the_whole_process_group(
     killpg(server.pid, Signal::SIGKILL).expect("SIGKILL the process group");
     // The output ends once the master and every worker are gone (and the ledger unlocked).
     server.wait_exit(Duration::from_secs(10));
-    let server = Server::builder().data_dir(server.data_dir()).start();
+    let server = start(Some(server.data_dir()));
     let mut bank = server.connect_bank();
     assert_eq!(
         snapshot(&mut bank, &names),

@@ -11,6 +11,7 @@
 //! here to a request boundary and closed.
 
 use std::cell::RefCell;
+use std::collections::BTreeSet;
 use std::io;
 use std::ops::ControlFlow;
 use std::sync::atomic::Ordering::Relaxed;
@@ -30,6 +31,7 @@ use slab::Slab;
 use crate::channel::Channel;
 use crate::config::Config;
 use crate::conn::{Conn, Limits, Readiness, Scratch, Verdict, LINGER_TIMEOUT};
+use crate::durability::Syncer;
 use crate::listener::ListeningSocket;
 use crate::master_link::{LeaveReason, Message};
 use crate::process;
@@ -135,6 +137,8 @@ fn jitter_seed() -> u64 {
 const SIGNAL_TOKEN: Token = Token(usize::MAX - 1);
 /// The link to the master.
 const LINK_TOKEN: Token = Token(usize::MAX - 2);
+/// The syncer: the ledger's log may be durable further (`--fsync always`).
+const SYNCED_TOKEN: Token = Token(usize::MAX - 3);
 /// Connection tokens start here; lower tokens are listeners (a slot may accept from the
 /// sockets of every slot of a larger pool that shrank).
 const FIRST_CONN_TOKEN: usize = 1 << 16;
@@ -221,6 +225,8 @@ struct Worker {
     short_of_descriptors: bool,
     /// Connections with input left unread because their turn was over.
     another_turn: Vec<usize>,
+    /// Connections whose replies wait for the ledger's log to be durable.
+    gated: BTreeSet<usize>,
     /// TLS handshakes this turn may still drive (see [`HANDSHAKES_PER_TURN`]).
     handshakes_left: usize,
     /// Accepting paused after EMFILE/ENFILE until then.
@@ -253,6 +259,8 @@ impl Worker {
         // The worker keeps its ledger mapping and settings for its whole life; sessions
         // borrow them.
         let ledger: &'static Ledger = Box::leak(Box::new(setup.ledger));
+        // The flusher thread exists only in the worker, started after the fork.
+        let syncer = Syncer::start(ledger, poll.registry(), SYNCED_TOKEN)?;
         let settings: &'static WorkerSettings = Box::leak(Box::new(setup.settings));
         let mut link = setup.link;
         poll.registry().register(
@@ -274,6 +282,7 @@ impl Worker {
             sessions: SessionContext {
                 config: &settings.config,
                 ledger,
+                syncer,
                 users: settings.users.as_deref(),
                 throttle: Box::leak(Box::new(RefCell::new(AuthThrottle::default()))),
             },
@@ -284,6 +293,7 @@ impl Worker {
             link_writable: false,
             accept_paused_until: None,
             another_turn: Vec::new(),
+            gated: BTreeSet::new(),
             handshakes_left: HANDSHAKES_PER_TURN,
             short_of_descriptors: false,
             next_sweep: now + SWEEP_INTERVAL,
@@ -310,6 +320,7 @@ impl Worker {
                         }
                     }
                     LINK_TOKEN => self.on_link(event.is_writable(), now),
+                    SYNCED_TOKEN => self.release_gated(now),
                     Token(index) if index < FIRST_CONN_TOKEN => self.accept_batch(index, now),
                     Token(token) => {
                         let readiness = Readiness {
@@ -455,15 +466,35 @@ impl Worker {
         self.settle(key, verdict, now);
     }
 
-    /// After connection `key` was driven: closed if it says so, or driven again next turn
-    /// if its read budget ran out.
+    /// After connection `key` was driven: closed if it says so; else driven again next turn
+    /// if its read budget ran out, and released when the log is durable if replies wait.
     fn settle(&mut self, key: usize, verdict: Verdict, now: Instant) {
+        let Some(conn) = self.conns.get(key) else {
+            return;
+        };
         if verdict == Verdict::Close {
             self.close(key, now);
-        } else if self.conns.get(key).is_some_and(Conn::needs_another_turn)
-            && !self.another_turn.contains(&key)
-        {
+            return;
+        }
+        if conn.needs_another_turn() && !self.another_turn.contains(&key) {
             self.another_turn.push(key);
+        }
+        if conn.is_gated() {
+            self.gated.insert(key);
+        }
+    }
+
+    /// The syncer says the log may be durable further: sends what it now covers.
+    fn release_gated(&mut self, now: Instant) {
+        let limits = Limits {
+            output_limit: self.settings.config.output_limit,
+        };
+        for key in std::mem::take(&mut self.gated) {
+            let Some(conn) = self.conns.get_mut(key) else {
+                continue;
+            };
+            let verdict = conn.release_gate(&mut self.scratch, limits, self.poll.registry(), now);
+            self.settle(key, verdict, now);
         }
     }
 
