@@ -849,7 +849,7 @@ mod tests {
         assert_eq!(received.len(), sent);
         assert!(received
             .chunks(1024)
-            .all(|chunk| chunk[..1023].iter().all(|&b| b == b'X')));
+            .all(|chunk| chunk.iter().take(1023).all(|&b| b == b'X')));
     }
 
     #[test]
