@@ -15,6 +15,7 @@
 //! is copied into the connection.
 
 use std::io::{self, Read, Write};
+use std::net::IpAddr;
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd};
 use std::sync::atomic::Ordering::Relaxed;
 use std::time::{Duration, Instant};
@@ -125,6 +126,8 @@ pub struct Conn {
     /// boundary, then closed.
     staying: bool,
     phase: Phase,
+    /// The client its PROXY header named (behind a proxy): it travels with a hand-over.
+    client: Option<IpAddr>,
     /// When bytes last moved either way (for the idle timeout and the drain).
     pub last_active: Instant,
 }
@@ -150,6 +153,7 @@ impl Conn {
             turn_spent: false,
             staying: false,
             phase: Phase::Open,
+            client: None,
             last_active: now,
         }
     }
@@ -168,6 +172,7 @@ impl Conn {
         Conn {
             pending: state.pending.clone(),
             peer_closed: state.peer_closed,
+            client: state.client,
             read_paused: true,
             ..Conn::new(stream, token, session, counters, now)
         }
@@ -249,6 +254,7 @@ impl Conn {
             session: self.session.export(),
             pending: self.pending[self.sent..].to_vec(),
             peer_closed: self.peer_closed,
+            client: self.client,
         })
     }
 
@@ -476,6 +482,7 @@ impl Conn {
         self.counters.proxy_headers[Outcome::of_header(&header).index()].fetch_add(1, Relaxed);
         if let Some(client) = header.source() {
             log::debug!("connection from {client} through proxy {proxy}");
+            self.client = Some(client.ip());
             self.session.proxied(PeerKey::Ip(client.ip()));
         } else {
             log::debug!("connection from proxy {proxy} for no named client ({header:?})");
