@@ -353,7 +353,7 @@ fn push_u64_field(out: &mut Vec<u8>, n: u64) {
 }
 
 /// Appends `n` in decimal without going through `fmt` (no allocation, no formatter machinery).
-fn push_decimal(out: &mut Vec<u8>, mut n: u128) {
+pub(crate) fn push_decimal(out: &mut Vec<u8>, mut n: u128) {
     // u128::MAX has 39 decimal digits.
     let mut digits = [0u8; 39];
     let mut i = digits.len();
@@ -630,7 +630,7 @@ pub fn escape_for_reply(input: &[u8], max_input: usize) -> String {
     s
 }
 
-fn quote(input: &[u8]) -> String {
+pub(crate) fn quote(input: &[u8]) -> String {
     escape_for_reply(input, MAX_QUOTED_INPUT_BYTES)
 }
 
@@ -902,7 +902,7 @@ impl Reply {
 
 /// Writes `detail` keeping printable ASCII (a `\` stays as it is, so an already escaped detail
 /// is not escaped twice) and `\xHH` for everything else, at most [`MAX_DETAIL_BYTES`] bytes.
-fn write_clean_detail(out: &mut Vec<u8>, detail: &[u8]) {
+pub(crate) fn write_clean_detail(out: &mut Vec<u8>, detail: &[u8]) {
     const HEX: &[u8; 16] = b"0123456789abcdef";
     const ELLIPSIS: &[u8] = b"...";
     let start = out.len();

@@ -2,4 +2,5 @@
 //! (no I/O), and the TLS session driver both sides run in their mio loops.
 pub mod bank;
 pub mod codec;
+pub mod queue;
 pub mod tls;

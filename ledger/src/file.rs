@@ -9,10 +9,11 @@
 use std::ffi::OsString;
 use std::fs::{self, File, OpenOptions};
 use std::io;
-use std::os::fd::AsRawFd;
 use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::{FileExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
+
+use forkpool_shm::CreateError;
 
 use crate::error::LedgerError;
 use crate::health::FileId;
@@ -118,10 +119,7 @@ impl<'a> LedgerPath<'a> {
 
     /// `.NAME.tmp.` : the start of every temp file name of this ledger.
     fn temp_prefix(&self) -> OsString {
-        let mut prefix = OsString::from(".");
-        prefix.push(&self.name);
-        prefix.push(".tmp.");
-        prefix
+        forkpool_shm::temp_prefix(&self.name)
     }
 }
 
@@ -279,7 +277,7 @@ fn remove_if_abandoned(path: &Path) -> io::Result<Option<u64>> {
         .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK)
         .open(path)?;
     let metadata = file.metadata()?;
-    if !metadata.file_type().is_file() || !try_lock(&file)? {
+    if !metadata.file_type().is_file() || !forkpool_shm::try_lock(&file)? {
         return Ok(None);
     }
     // Still the file we locked (not a new one of a live creator that reused the name)?
@@ -290,25 +288,11 @@ fn remove_if_abandoned(path: &Path) -> io::Result<Option<u64>> {
     Ok(Some(metadata.len()))
 }
 
-/// Tries the exclusive flock without waiting: true if taken, false if someone holds it.
-#[allow(deprecated)] // see lock_exclusive
-fn try_lock(file: &File) -> io::Result<bool> {
-    use nix::errno::Errno;
-    use nix::fcntl::{flock, FlockArg};
-    match flock(file.as_raw_fd(), FlockArg::LockExclusiveNonblock) {
-        Ok(()) => Ok(true),
-        Err(Errno::EWOULDBLOCK) => Ok(false),
-        Err(e) => Err(e.into()),
-    }
-}
-
 /// Takes (or, for a descriptor that already holds it, confirms) the exclusive flock.
 ///
-/// Deliberately never unlocked: the lock belongs to the open file description, which forked
-/// workers share, so an explicit LOCK_UN in a worker would drop the master's lock. nix's
-/// replacement (`Flock`) unlocks on drop, hence the deprecated function.
+/// Deliberately never unlocked (see [`forkpool_shm::try_lock`]).
 pub(crate) fn lock_exclusive(file: &File, path: &Path) -> Result<(), LedgerError> {
-    match try_lock(file) {
+    match forkpool_shm::try_lock(file) {
         Ok(true) => Ok(()),
         Ok(false) => Err(LedgerError::Locked {
             path: path.to_path_buf(),
@@ -379,20 +363,16 @@ pub(crate) fn validate(
     Ok(geometry)
 }
 
-/// Creates a new, fully allocated ledger file at the path: a temp file `.NAME.tmp.PID` in the
-/// same directory, flocked while it exists (see [`remove_stale_temps`]), `posix_fallocate`,
-/// header, fsync, link into place, temp removed, directory fsynced. `link` never replaces a
-/// file: if something appeared at the path meanwhile, this returns Ok and the caller opens
-/// whatever is there (and checks it).
+/// Creates a new, fully allocated ledger file at the path ([`forkpool_shm::create_allocated`]:
+/// a temp file `.NAME.tmp.PID` flocked while it exists, see [`remove_stale_temps`]). If
+/// something appeared at the path meanwhile, this returns Ok and the caller opens whatever is
+/// there (and checks it).
 fn create(
     target: &LedgerPath<'_>,
     opts: &LedgerOptions,
     new_key: &dyn Fn() -> u64,
 ) -> Result<(), LedgerError> {
     let path = target.given;
-    let mut tmp_name = target.temp_prefix();
-    tmp_name.push(std::process::id().to_string());
-    let tmp = TempFile::create(target.dir.join(tmp_name), path)?;
     let geometry = Geometry::new(
         opts.max_accounts,
         opts.stripes,
@@ -400,71 +380,28 @@ fn create(
         new_key(),
     );
     let size = geometry.file_size;
-    let len = libc::off_t::try_from(size).map_err(|_| LedgerError::InvalidOptions {
-        path: path.to_path_buf(),
-        detail: format!("file size {size} does not fit off_t"),
-    })?;
-    // Real blocks, not a sparse file: a store into a hole on a full disk would SIGBUS.
-    match nix::fcntl::posix_fallocate(tmp.file.as_raw_fd(), 0, len) {
-        Ok(()) => {}
-        Err(e @ (nix::errno::Errno::ENOSPC | nix::errno::Errno::EFBIG)) => {
-            return Err(LedgerError::DiskFull {
+    forkpool_shm::create_allocated(&target.dir, &target.name, size, &geometry.encode()).map_err(
+        |e| match e {
+            CreateError::DiskFull(source) => LedgerError::DiskFull {
                 path: path.to_path_buf(),
                 bytes: size,
-                source: e.into(),
-            })
-        }
-        Err(e) => return Err(io_err(&tmp.path, "posix_fallocate")(e.into())),
-    }
-    tmp.file
-        .write_all_at(&geometry.encode(), 0)
-        .map_err(io_err(&tmp.path, "write header"))?;
-    tmp.file.sync_all().map_err(io_err(&tmp.path, "fsync"))?;
-    match fs::hard_link(&tmp.path, path) {
-        Ok(()) => {}
-        // Someone else's file (or link) is there now: the caller opens it and judges it.
-        Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {}
-        Err(e) => return Err(io_err(path, "link into place")(e)),
-    }
-    drop(tmp);
-    File::open(&target.dir)
-        .and_then(|d| d.sync_all())
-        .map_err(io_err(&target.dir, "fsync directory"))
-}
-
-/// A temp file being made into a ledger: created exclusively, flocked for its whole life,
-/// removed on drop (whether it was linked into place or not).
-struct TempFile {
-    path: PathBuf,
-    file: File,
-}
-
-impl TempFile {
-    /// Creates the temp file `path` for the ledger `ledger` (named in errors).
-    fn create(path: PathBuf, ledger: &Path) -> Result<TempFile, LedgerError> {
-        let file = OpenOptions::new()
-            .read(true)
-            .write(true)
-            .create_new(true)
-            .mode(0o600)
-            .custom_flags(libc::O_NOFOLLOW)
-            .open(&path)
-            .map_err(io_err(ledger, "create a temp file in its directory"))?;
-        let tmp = TempFile { path, file };
-        match try_lock(&tmp.file) {
-            Ok(true) => Ok(tmp),
-            Ok(false) => Err(io_err(&tmp.path, "flock")(io::ErrorKind::WouldBlock.into())),
-            Err(e) => Err(io_err(&tmp.path, "flock")(e)),
-        }
-    }
-}
-
-impl Drop for TempFile {
-    fn drop(&mut self) {
-        if let Err(e) = fs::remove_file(&self.path) {
-            log::warn!("cannot remove {}: {e}", self.path.display());
-        }
-    }
+                source,
+            },
+            CreateError::TooLarge => LedgerError::InvalidOptions {
+                path: path.to_path_buf(),
+                detail: format!("file size {size} does not fit off_t"),
+            },
+            CreateError::Io {
+                path,
+                action,
+                source,
+            } => LedgerError::Io {
+                path,
+                action,
+                source,
+            },
+        },
+    )
 }
 
 /// A per-file random hash key (from the kernel's CSPRNG via /dev/urandom; time and pid if

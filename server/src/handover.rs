@@ -46,6 +46,9 @@ pub struct ConnState {
     pub session: SessionState,
     /// Replies written by the predecessor that the socket has not taken yet.
     pub pending: Vec<u8>,
+    /// Input the predecessor read but its session did not look at (it arrived behind a
+    /// request that waited): the successor feeds it before reading the socket.
+    pub unread: Vec<u8>,
     /// The client has sent EOF: the successor answers what is left and closes.
     pub peer_closed: bool,
     /// The client a PROXY header named (the socket's own peer is the proxy): the successor's
@@ -73,8 +76,8 @@ impl ConnState {
 
     /// The wire form: service, flags, then the session's bytes, the pending replies, the
     /// authenticated user (its name then its token's 32-byte digest; empty if none) and the
-    /// proxied client's address (4 or 16 bytes; empty if none), each with a u64
-    /// little-endian length.
+    /// unread input and the proxied client's address (4 or 16 bytes; empty if none), each
+    /// with a u64 little-endian length.
     pub fn encode(&self) -> Vec<u8> {
         let (service, mut flags, session, user) = match &self.session {
             SessionState::Echo { held, mid_line } => {
@@ -95,9 +98,10 @@ impl ConnState {
             Some(IpAddr::V4(ip)) => ip.octets().to_vec(),
             Some(IpAddr::V6(ip)) => ip.octets().to_vec(),
         };
-        let mut out = Vec::with_capacity(50 + session.len() + self.pending.len() + user.len());
+        let fields = [session, &self.pending, &user, &self.unread, &client];
+        let mut out = Vec::with_capacity(2 + fields.iter().map(|f| 8 + f.len()).sum::<usize>());
         out.extend_from_slice(&[service, flags]);
-        for field in [session, &self.pending, &user, &client] {
+        for field in fields {
             out.extend_from_slice(&(field.len() as u64).to_le_bytes());
             out.extend_from_slice(field);
         }
@@ -113,6 +117,7 @@ impl ConnState {
         let session = reader.field()?;
         let pending = reader.field()?;
         let user = reader.field()?;
+        let unread = reader.field()?;
         let client = decode_client(&reader.field()?)?;
         if !reader.0.is_empty() {
             return Err(BadState("trailing bytes"));
@@ -131,6 +136,7 @@ impl ConnState {
         Ok(ConnState {
             session,
             pending,
+            unread,
             peer_closed: flags & PEER_CLOSED != 0,
             client,
         })
@@ -223,6 +229,7 @@ mod tests {
                     mid_line: true,
                 },
                 pending: b"HALF A REPLY".to_vec(),
+                unread: Vec::new(),
                 peer_closed: false,
                 client: Some("2001:db8::7".parse().expect("an address")),
             },
@@ -232,6 +239,7 @@ mod tests {
                     user: None,
                 },
                 pending: Vec::new(),
+                unread: b"PING\nBALANCE bob\n".to_vec(),
                 peer_closed: true,
                 client: None,
             },
@@ -241,6 +249,7 @@ mod tests {
                     user: Some((UserName::new(b"alice").expect("a name"), [7; 32])),
                 },
                 pending: b"OK alice\n".to_vec(),
+                unread: Vec::new(),
                 peer_closed: false,
                 client: Some("192.0.2.7".parse().expect("an address")),
             },
@@ -281,6 +290,7 @@ mod tests {
                 user: None,
             },
             pending: vec![b'Y'; 1 << 20],
+            unread: vec![b'Z'; 60_000],
             peer_closed: false,
             client: None,
         };

@@ -49,6 +49,20 @@ impl ServiceKind {
     }
 }
 
+/// What a session made of some input.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Step {
+    /// [`Flow::Stop`]: send what was written, then close. [`Flow::Wait`]: the session holds
+    /// a request it cannot answer yet; the connection reads nothing more until
+    /// [`crate::conn::Conn::resume`] says the wait is over.
+    pub flow: Flow,
+    /// Requests (lines) the input completed, the waiting one included.
+    pub requests: u64,
+    /// Bytes of the input looked at: all of them, except after a wait, where the rest is
+    /// left for the connection to feed again once the wait is over.
+    pub consumed: usize,
+}
+
 /// The protocol state of one connection.
 #[derive(Debug)]
 pub enum Session {
@@ -57,6 +71,10 @@ pub enum Session {
     Echo(EchoSession),
     /// Bank: one request per line, one reply line per request, in order.
     Bank(BankSession),
+    /// A service that waits (tests of the connection's waiting only): a line `hold` waits
+    /// until resumed, any other line is answered `OK <line>`.
+    #[cfg(test)]
+    Hold(LineFramer),
 }
 
 /// An echo connection: the uppercaser's state, and where the client is in its lines.
@@ -159,27 +177,25 @@ impl Session {
         }
     }
 
-    /// Handles bytes read from the client, appending the replies to `out`; returns whether
-    /// to go on ([`Flow::Stop`]: send what is in `out`, then close) and how many requests
-    /// (lines) the input completed.
-    pub fn on_input(&mut self, input: &[u8], out: &mut Vec<u8>) -> (Flow, u64) {
+    /// Handles bytes read from the client, appending the replies to `out` (see [`Step`]).
+    pub fn on_input(&mut self, input: &[u8], out: &mut Vec<u8>) -> Step {
         match self {
             Session::Echo(echo) => {
                 echo.upper.feed(input, out);
                 if let Some(&last) = input.last() {
                     echo.mid_line = last != b'\n';
                 }
-                (
-                    Flow::Continue,
-                    memchr::memchr_iter(b'\n', input).count() as u64,
-                )
+                Step {
+                    flow: Flow::Continue,
+                    requests: memchr::memchr_iter(b'\n', input).count() as u64,
+                    consumed: input.len(),
+                }
             }
             Session::Bank(session) => {
                 let (ledger, access) = (session.ledger, &mut session.access);
                 let max_line = session.framer.max_line();
                 let mut requests = 0;
-                // The bank answers every line at once: it never waits, so all is consumed.
-                let (flow, _) = session.framer.feed(input, |frame| {
+                let (flow, consumed) = session.framer.feed(input, |frame| {
                     requests += 1;
                     match frame {
                         Frame::Line(line) => answer_line(ledger, access, line, out),
@@ -189,7 +205,33 @@ impl Session {
                         }
                     }
                 });
-                (flow, requests)
+                Step {
+                    flow,
+                    requests,
+                    consumed,
+                }
+            }
+            #[cfg(test)]
+            Session::Hold(framer) => {
+                let mut requests = 0;
+                let (flow, consumed) = framer.feed(input, |frame| {
+                    requests += 1;
+                    match frame {
+                        Frame::Line(b"hold") => Flow::Wait,
+                        Frame::Line(line) => {
+                            out.extend_from_slice(b"OK ");
+                            out.extend_from_slice(line);
+                            out.push(b'\n');
+                            Flow::Continue
+                        }
+                        Frame::TooLong => Flow::Stop,
+                    }
+                });
+                Step {
+                    flow,
+                    requests,
+                    consumed,
+                }
             }
         }
     }
@@ -200,6 +242,8 @@ impl Session {
         match self {
             Session::Echo(echo) => echo.mid_line,
             Session::Bank(session) => session.framer.buffered() > 0,
+            #[cfg(test)]
+            Session::Hold(framer) => framer.buffered() > 0,
         }
     }
 
@@ -213,6 +257,12 @@ impl Session {
             Session::Bank(session) => SessionState::Bank {
                 partial: session.framer.partial().unwrap_or_default().to_vec(),
                 user: session.access.auth.export(),
+            },
+            // A test session travels as a bank session would.
+            #[cfg(test)]
+            Session::Hold(framer) => SessionState::Bank {
+                partial: framer.partial().unwrap_or_default().to_vec(),
+                user: None,
             },
         }
     }
@@ -253,8 +303,9 @@ impl Session {
     }
 
     /// The client half-closed: answer what is left (an unterminated last line), counted
-    /// as in [`Session::on_input`].
-    pub fn on_eof(&mut self, out: &mut Vec<u8>) -> (Flow, u64) {
+    /// as in [`Session::on_input`]. The flow is [`Flow::Stop`], or [`Flow::Wait`] if the
+    /// last line waits (the connection closes once it is answered).
+    pub fn on_eof(&mut self, out: &mut Vec<u8>) -> Step {
         let answered = match self {
             Session::Echo(echo) => {
                 let before = out.len();
@@ -268,8 +319,24 @@ impl Session {
                 }
                 None => false,
             },
+            #[cfg(test)]
+            Session::Hold(framer) => {
+                let waits = framer.finish().is_some_and(|line| line == b"hold");
+                if waits {
+                    return Step {
+                        flow: Flow::Wait,
+                        requests: 1,
+                        consumed: 0,
+                    };
+                }
+                false
+            }
         };
-        (Flow::Stop, u64::from(answered))
+        Step {
+            flow: Flow::Stop,
+            requests: u64::from(answered),
+            consumed: 0,
+        }
     }
 }
 
@@ -378,9 +445,12 @@ mod tests {
     fn feed(session: &mut Session, pieces: &[&[u8]]) -> (Vec<u8>, Flow, u64) {
         let (mut out, mut flow, mut requests) = (Vec::new(), Flow::Continue, 0);
         for piece in pieces {
-            let (f, n) = session.on_input(piece, &mut out);
-            flow = f;
-            requests += n;
+            let step = session.on_input(piece, &mut out);
+            if step.flow != Flow::Stop {
+                assert_eq!(step.consumed, piece.len(), "echo and the bank never wait");
+            }
+            flow = step.flow;
+            requests += step.requests;
         }
         (out, flow, requests)
     }
@@ -415,7 +485,11 @@ mod tests {
         let mut out = Vec::new();
         assert_eq!(
             echo.on_eof(&mut out),
-            (Flow::Stop, 0),
+            Step {
+                flow: Flow::Stop,
+                requests: 0,
+                consumed: 0
+            },
             "nothing left: no request"
         );
         let (out, _, _) = feed(&mut echo, &[b"tail"]);
@@ -454,7 +528,8 @@ mod tests {
         let mut bank = session(ServiceKind::Bank, 64);
         feed(&mut bank, &[b"DEPOSIT bob 5"]);
         let mut out = Vec::new();
-        assert_eq!(bank.on_eof(&mut out), (Flow::Stop, 1));
+        let step = bank.on_eof(&mut out);
+        assert_eq!((step.flow, step.requests), (Flow::Stop, 1));
         assert_eq!(out, b"OK 5\n");
         let mut none = Vec::new();
         bank.on_server_close(&mut none);

@@ -8,12 +8,16 @@
 //!   mapping;
 //! * the SIGBUS answer (`fault.rs`): a mapping whose file shrinks or cannot be read gets a
 //!   zero page instead of killing the process, and [`Mapping::faulted`] says so;
-//! * [`SharedWord`]: one atomic word shared with the processes forked after it was made.
+//! * [`SharedWord`]: one atomic word shared with the processes forked after it was made;
+//! * [`create_allocated`] and [`try_lock`]: making a shared file that no one sees half made,
+//!   and the exclusive flock that marks a file in use.
 
+mod create;
 mod fault;
 mod lock;
 mod mapping;
 
+pub use create::{create_allocated, temp_prefix, try_lock, CreateError};
 pub use lock::{
     my_pid, pid_alive, register_atfork, run_wait_hook, set_wait_hook, Acquired, LockWord,
     NotRecoverable, LOCK_WAIT_SLICE, MUTEX_BYTES,

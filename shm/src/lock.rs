@@ -178,6 +178,21 @@ impl LockWord {
         Ok(acquired)
     }
 
+    /// Acquires the mutex if it is free, without waiting (`None`: someone holds it).
+    /// Records this process as the holder when it succeeds.
+    pub fn try_lock(&self) -> Result<Option<Acquired>, NotRecoverable> {
+        // SAFETY: as in `lock`: a valid process-shared robust mutex inside the live mapping.
+        let rc = unsafe { libc::pthread_mutex_trylock(self.mutex.get()) };
+        let acquired = match rc {
+            0 => Acquired::Clean,
+            libc::EOWNERDEAD => Acquired::OwnerDied,
+            libc::EBUSY => return Ok(None),
+            _ => return Err(NotRecoverable),
+        };
+        self.holder.store(my_pid(), Ordering::Relaxed);
+        Ok(Some(acquired))
+    }
+
     /// Marks a mutex obtained with [`Acquired::OwnerDied`] as consistent again. Call only
     /// after the state it protects has been repaired.
     pub fn consistent(&self) {

@@ -1,0 +1,146 @@
+//! Error types of the queue store: [`StoreError`] for opening a store file (each variant names
+//! the file), [`OpError`] for an operation.
+
+use std::io;
+use std::path::PathBuf;
+
+use forkpool_common::queue::QueueErrorKind;
+
+use crate::validate::Finding;
+
+/// Why a store file could not be opened or created. Every variant names the file.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    /// A system call failed; `action` says which step (e.g. "open", "mmap").
+    #[error("queue store {path}: {action} failed: {source}")]
+    Io {
+        path: PathBuf,
+        action: &'static str,
+        #[source]
+        source: io::Error,
+    },
+    /// Creating the file found no space for it; nothing was left under the final name.
+    #[error("queue store {path}: no space to create a {bytes}-byte file: {source}")]
+    DiskFull {
+        path: PathBuf,
+        bytes: u64,
+        #[source]
+        source: io::Error,
+    },
+    /// Another open file description holds the exclusive flock (another live server).
+    #[error("queue store {path} is locked by another process (is another server running on it?)")]
+    Locked { path: PathBuf },
+    /// The path cannot name a store file (it ends in '/', or has no file name).
+    #[error("queue store {path}: {reason}")]
+    BadPath { path: PathBuf, reason: &'static str },
+    /// The path names something other than a regular file.
+    #[error("queue store {path} is not a regular file")]
+    NotAFile { path: PathBuf },
+    /// The path kept changing while it was being opened.
+    #[error("queue store {path} kept changing while it was being opened; try again")]
+    Unstable { path: PathBuf },
+    /// The file is shorter than its header or than the size its header describes.
+    #[error("queue store {path} is truncated: {actual} bytes, expected {expected}")]
+    Truncated {
+        path: PathBuf,
+        actual: u64,
+        expected: u64,
+    },
+    /// The file does not start with the store's magic: it is not a queue store.
+    #[error("queue store {path} is not a forkpool queue file (bad magic)")]
+    BadMagic { path: PathBuf },
+    #[error("queue store {path} has layout version {found}, this build reads version {expected}")]
+    WrongVersion {
+        path: PathBuf,
+        found: u32,
+        expected: u32,
+    },
+    /// The header does not match its checksum or describes an impossible layout.
+    #[error("queue store {path} is corrupt: {detail}")]
+    Corrupt { path: PathBuf, detail: String },
+    /// A structure that recovery would read or produce is inconsistent: nothing was applied,
+    /// the file is unchanged.
+    #[error("queue store {path} is corrupt: {finding}; the file was left unchanged")]
+    Damaged {
+        path: PathBuf,
+        #[source]
+        finding: Finding,
+    },
+    /// The file was made on a platform whose lock words differ in size.
+    #[error("queue store {path} was created on an incompatible platform: {detail}")]
+    Incompatible { path: PathBuf, detail: String },
+    /// The file's limits differ from the configured ones. A store is never resized in place.
+    #[error(
+        "queue store {path} was made with {setting} = {file}, the configuration says \
+         {configured}; configure {file} or move the file away"
+    )]
+    LimitsMismatch {
+        path: PathBuf,
+        setting: &'static str,
+        file: u64,
+        configured: u64,
+    },
+    /// The options cannot describe a store.
+    #[error("queue store {path}: invalid options: {detail}")]
+    InvalidOptions { path: PathBuf, detail: String },
+    /// The store lock is unusable at the cold start.
+    #[error("queue store {path}: recovery failed: {source}")]
+    Recovery {
+        path: PathBuf,
+        #[source]
+        source: OpError,
+    },
+}
+
+/// Why an operation failed; a failed operation changed nothing.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum OpError {
+    /// A non-blocking PUT on a queue holding `maxsize` ready jobs.
+    #[error("the queue is full")]
+    Full,
+    /// A non-blocking GET on a queue with no ready job.
+    #[error("the queue is empty")]
+    Empty,
+    /// The queue was never created (STATS, CONFIG reads).
+    #[error("no such queue")]
+    NoSuchQueue,
+    /// DONE of a job that this connection does not hold.
+    #[error("job {0} is not reserved by this connection")]
+    NotReserved(u64),
+    /// The payload is longer than the file's `max_payload`.
+    #[error("the payload is {len} bytes, the limit (max_payload) is {max}")]
+    PayloadTooLong { len: usize, max: u32 },
+    /// No room for another queue (`max_queues`).
+    #[error("no room for another queue (max_queues is {0})")]
+    TooManyQueues(u32),
+    /// No free job record (`max_jobs` jobs are ready, reserved or being put).
+    #[error("no room for another job (max_jobs is {0})")]
+    StoreFull(u32),
+    /// No free waiter record (`max_waiters` requests are waiting).
+    #[error("too many waiting requests (max_waiters is {0})")]
+    TooManyWaiters(u32),
+    /// The store lock reported `ENOTRECOVERABLE`; only a restart clears it.
+    #[error("the queue store lock is not recoverable; restart the server")]
+    Unrecoverable,
+    /// The store file failed under the running server (a SIGBUS answered with a zero page):
+    /// the result cannot be trusted; only a restart clears it.
+    #[error("the queue store file cannot be read (truncated or failing); restart the server")]
+    FileFault,
+}
+
+impl OpError {
+    /// The queue protocol's error word for this error (`ERR <kind> ...`).
+    pub fn kind(&self) -> QueueErrorKind {
+        match self {
+            OpError::Full => QueueErrorKind::Full,
+            OpError::Empty => QueueErrorKind::Empty,
+            OpError::NoSuchQueue => QueueErrorKind::NoSuchQueue,
+            OpError::NotReserved(_) => QueueErrorKind::NotReserved,
+            OpError::PayloadTooLong { .. } => QueueErrorKind::PayloadTooLong,
+            OpError::TooManyQueues(_) => QueueErrorKind::TooManyQueues,
+            OpError::StoreFull(_) => QueueErrorKind::StoreFull,
+            OpError::TooManyWaiters(_) => QueueErrorKind::TooManyWaiters,
+            OpError::Unrecoverable | OpError::FileFault => QueueErrorKind::Internal,
+        }
+    }
+}
