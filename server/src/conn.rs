@@ -20,6 +20,7 @@
 //! is copied into the connection.
 
 use std::io::{self, Read, Write};
+use std::net::IpAddr;
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd};
 use std::sync::atomic::Ordering::Relaxed;
 use std::time::{Duration, Instant};
@@ -139,6 +140,8 @@ pub struct Conn {
     /// request that waits); fed before anything else is read.
     unread: Vec<u8>,
     phase: Phase,
+    /// The client its PROXY header named (behind a proxy): it travels with a hand-over.
+    client: Option<IpAddr>,
     /// When bytes last moved either way (for the idle timeout and the drain).
     pub last_active: Instant,
 }
@@ -167,6 +170,7 @@ impl Conn {
             waiting: false,
             unread: Vec::new(),
             phase: Phase::Open,
+            client: None,
             last_active: now,
         }
     }
@@ -186,6 +190,7 @@ impl Conn {
         conn.pending = state.pending.clone();
         conn.unread = state.unread.clone();
         conn.peer_closed = state.peer_closed;
+        conn.client = state.client;
         conn.read_paused = true;
         conn
     }
@@ -274,6 +279,7 @@ impl Conn {
             pending: self.pending[self.sent..].to_vec(),
             unread: self.unread.clone(),
             peer_closed: self.peer_closed,
+            client: self.client,
         })
     }
 
@@ -650,6 +656,7 @@ impl Conn {
         self.counters.proxy_headers[Outcome::of_header(&header).index()].fetch_add(1, Relaxed);
         if let Some(client) = header.source() {
             log::debug!("connection from {client} through proxy {proxy}");
+            self.client = Some(client.ip());
             self.session.proxied(PeerKey::Ip(client.ip()));
         } else {
             log::debug!("connection from proxy {proxy} for no named client ({header:?})");

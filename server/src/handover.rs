@@ -1,7 +1,7 @@
 //! What a connection is, apart from its socket, when it moves to another worker: the
 //! protocol state its session holds (echo: the start of a UTF-8 sequence cut by a read, and
-//! whether a line is under way; bank: the unfinished request line) and the replies its client
-//! has not taken yet. The socket itself travels as a descriptor; bytes the client sent that
+//! whether a line is under way; bank: the unfinished request line), the replies its client
+//! has not taken yet, and, behind a proxy, the client its PROXY header named. The socket itself travels as a descriptor; bytes the client sent that
 //! nobody has read stay in it for the successor.
 //!
 //! [`ConnState::encode`] / [`ConnState::decode`] are the wire form, part of the versioned
@@ -10,6 +10,7 @@
 
 use std::fs::File;
 use std::io::{self, Read, Seek, Write};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 use std::os::fd::OwnedFd;
 
 use forkpool_common::bank::UserName;
@@ -50,6 +51,9 @@ pub struct ConnState {
     pub unread: Vec<u8>,
     /// The client has sent EOF: the successor answers what is left and closes.
     pub peer_closed: bool,
+    /// The client a PROXY header named (the socket's own peer is the proxy): the successor's
+    /// peer for logs and the AUTH throttle.
+    pub client: Option<IpAddr>,
 }
 
 /// Why a received state cannot be used.
@@ -72,7 +76,8 @@ impl ConnState {
 
     /// The wire form: service, flags, then the session's bytes, the pending replies, the
     /// authenticated user (its name then its token's 32-byte digest; empty if none) and the
-    /// unread input, each with a u64 little-endian length.
+    /// unread input and the proxied client's address (4 or 16 bytes; empty if none), each
+    /// with a u64 little-endian length.
     pub fn encode(&self) -> Vec<u8> {
         let (service, mut flags, session, user) = match &self.session {
             SessionState::Echo { held, mid_line } => {
@@ -88,7 +93,12 @@ impl ConnState {
         if self.peer_closed {
             flags |= PEER_CLOSED;
         }
-        let fields = [session, &self.pending, &user, &self.unread];
+        let client = match self.client {
+            None => Vec::new(),
+            Some(IpAddr::V4(ip)) => ip.octets().to_vec(),
+            Some(IpAddr::V6(ip)) => ip.octets().to_vec(),
+        };
+        let fields = [session, &self.pending, &user, &self.unread, &client];
         let mut out = Vec::with_capacity(2 + fields.iter().map(|f| 8 + f.len()).sum::<usize>());
         out.extend_from_slice(&[service, flags]);
         for field in fields {
@@ -108,6 +118,7 @@ impl ConnState {
         let pending = reader.field()?;
         let user = reader.field()?;
         let unread = reader.field()?;
+        let client = decode_client(&reader.field()?)?;
         if !reader.0.is_empty() {
             return Err(BadState("trailing bytes"));
         }
@@ -127,8 +138,23 @@ impl ConnState {
             pending,
             unread,
             peer_closed: flags & PEER_CLOSED != 0,
+            client,
         })
     }
+}
+
+/// A proxied client's address from its wire form (empty: none).
+fn decode_client(bytes: &[u8]) -> Result<Option<IpAddr>, BadState> {
+    Ok(match bytes.len() {
+        0 => None,
+        4 => Some(IpAddr::V4(Ipv4Addr::from(
+            <[u8; 4]>::try_from(bytes).map_err(|_| BadState("client address"))?,
+        ))),
+        16 => Some(IpAddr::V6(Ipv6Addr::from(
+            <[u8; 16]>::try_from(bytes).map_err(|_| BadState("client address"))?,
+        ))),
+        _ => return Err(BadState("client address")),
+    })
 }
 
 /// An authenticated user from its wire form (empty: none).
@@ -205,6 +231,7 @@ mod tests {
                 pending: b"HALF A REPLY".to_vec(),
                 unread: Vec::new(),
                 peer_closed: false,
+                client: Some("2001:db8::7".parse().expect("an address")),
             },
             ConnState {
                 session: SessionState::Bank {
@@ -214,6 +241,7 @@ mod tests {
                 pending: Vec::new(),
                 unread: b"PING\nBALANCE bob\n".to_vec(),
                 peer_closed: true,
+                client: None,
             },
             ConnState {
                 session: SessionState::Bank {
@@ -223,6 +251,7 @@ mod tests {
                 pending: b"OK alice\n".to_vec(),
                 unread: Vec::new(),
                 peer_closed: false,
+                client: Some("192.0.2.7".parse().expect("an address")),
             },
         ]
     }
@@ -263,6 +292,7 @@ mod tests {
             pending: vec![b'Y'; 1 << 20],
             unread: vec![b'Z'; 60_000],
             peer_closed: false,
+            client: None,
         };
         let fd = write_memfd(&state.encode()).expect("a memfd");
         let bytes = read_memfd(fd).expect("read it back");

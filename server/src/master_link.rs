@@ -21,7 +21,8 @@ use crate::channel::{Channel, Received};
 use crate::handover::{self, BadState, ConnState, INLINE_STATE_BYTES};
 
 /// The version of this wire form and of [`ConnState`]'s; bump on any change.
-pub const FORMAT_VERSION: u8 = 2;
+/// (3: a connection's state carries the client a PROXY header named.)
+pub const FORMAT_VERSION: u8 = 3;
 const MAGIC: [u8; 3] = *b"FPL";
 
 /// Why a worker drains.
@@ -263,6 +264,7 @@ mod tests {
             pending: b"OK 1\n".to_vec(),
             unread: b"PING\n".to_vec(),
             peer_closed: false,
+            client: None,
         }
     }
 

@@ -9,7 +9,7 @@ use std::path::Path;
 use std::time::Duration;
 
 use forkpool_testkit::log_phrase::{PROXY_REFUSED, THROUGH_PROXY};
-use forkpool_testkit::{metric, read_line, request_line, Server};
+use forkpool_testkit::{metric, read_line, request_line, wait_until, Server, Signal};
 
 const WAIT: Duration = Duration::from_secs(20);
 
@@ -217,4 +217,31 @@ fn the_auth_throttle_counts_the_client_behind_the_proxy_not_the_proxy() {
         request_line(&mut bank, "AUTH alice example-alice-token"),
         "OK alice"
     );
+}
+
+#[test]
+fn a_connection_handed_over_to_another_worker_keeps_its_real_client() {
+    let users = Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/users.toml");
+    let server = proxied("bank", &["--users-file", &users.display().to_string()]);
+    let before = server.wait_settled(1, WAIT);
+    let mut bank = server.connect_bank();
+    bank.write_all(format!("{}PING\n", v1_header("192.0.2.5", 1)).as_bytes())
+        .expect("send");
+    assert_eq!(read_line(&mut bank), "PONG");
+    // A reload replaces the worker: the connection moves to its successor.
+    server.signal(Signal::SIGHUP);
+    wait_until("the worker replaced", WAIT, || {
+        let now = server.wait_settled(1, WAIT);
+        (now != before).then_some(())
+    });
+    assert_eq!(
+        request_line(&mut bank, "AUTH alice not-the-token"),
+        "ERR denied invalid user or token"
+    );
+    server.wait_log("AUTH as alice from 192.0.2.5 failed", WAIT);
+    let handed_over = metric(
+        &server.metrics(),
+        "forkpool_connections_handed_over_total{service=\"bank\"}",
+    );
+    assert_eq!(handed_over, 1.0);
 }

@@ -21,6 +21,7 @@ use crate::conn::{Conn, Readiness};
 use crate::handover::ConnState;
 use crate::master_link::{self, Incoming, Message};
 use crate::service::Session;
+use crate::users::PeerKey;
 
 impl Worker {
     /// Sends `message` to the master (with a connection's socket, lent), keeping the link's
@@ -167,6 +168,8 @@ impl Worker {
         let at_cap = self.conns.len() >= self.settings.config.max_connections;
         let serving = matches!(self.state, State::Serving) && !at_cap;
         let adopted = adopted_socket(socket).ok().and_then(|(stream, peer)| {
+            // Behind a proxy the socket's peer is the proxy: the client is the header's.
+            let peer = state.client.map_or(peer, PeerKey::Ip);
             let session = Session::resume(state.session.clone(), self.sessions, peer, counters)?;
             Some((stream, session))
         });
