@@ -37,6 +37,14 @@ pub enum SessionState {
         /// The user the connection authenticated as, with its token's digest.
         user: Option<(UserName, [u8; 32])>,
     },
+    Queue {
+        /// The unfinished request line.
+        partial: Vec<u8>,
+        /// Who holds the connection's jobs in the store now: (pid, connection number).
+        owner: (i32, u64),
+        /// The jobs the connection fetched and has not done.
+        held: Vec<u64>,
+    },
 }
 
 /// Everything a successor needs to continue a connection.
@@ -59,6 +67,7 @@ pub struct BadState(pub &'static str);
 
 const ECHO: u8 = 1;
 const BANK: u8 = 2;
+const QUEUE: u8 = 3;
 const PEER_CLOSED: u8 = 1;
 const MID_LINE: u8 = 2;
 
@@ -67,6 +76,7 @@ impl ConnState {
         match self.session {
             SessionState::Echo { .. } => ServiceKind::Echo,
             SessionState::Bank { .. } => ServiceKind::Bank,
+            SessionState::Queue { .. } => ServiceKind::Queue,
         }
     }
 
@@ -83,6 +93,18 @@ impl ConnState {
                     [name.as_str().as_bytes(), &digest].concat()
                 });
                 (BANK, 0, partial, user)
+            }
+            // The user field carries the owner and the held job ids (u64 little-endian).
+            SessionState::Queue {
+                partial,
+                owner,
+                held,
+            } => {
+                let words = [i64::from(owner.0) as u64, owner.1]
+                    .into_iter()
+                    .chain(held.iter().copied());
+                let owned = words.flat_map(u64::to_le_bytes).collect();
+                (QUEUE, 0, partial, owned)
             }
         };
         if self.peer_closed {
@@ -120,6 +142,7 @@ impl ConnState {
                 partial: session,
                 user: decode_user(&user)?,
             },
+            QUEUE if flags & MID_LINE == 0 => decode_queue(session, &user)?,
             _ => return Err(BadState("unknown service or inconsistent session")),
         };
         Ok(ConnState {
@@ -129,6 +152,28 @@ impl ConnState {
             peer_closed: flags & PEER_CLOSED != 0,
         })
     }
+}
+
+/// A queue session from its wire form (see `encode`).
+fn decode_queue(partial: Vec<u8>, owned: &[u8]) -> Result<SessionState, BadState> {
+    if owned.len() < 16 || !owned.len().is_multiple_of(8) {
+        return Err(BadState("queue owner"));
+    }
+    let mut words = owned.chunks_exact(8).map(|w| {
+        let mut b = [0u8; 8];
+        b.copy_from_slice(w);
+        u64::from_le_bytes(b)
+    });
+    let pid = words.next().and_then(|w| i32::try_from(w as i64).ok());
+    let conn = words.next();
+    let (Some(pid), Some(conn)) = (pid, conn) else {
+        return Err(BadState("queue owner"));
+    };
+    Ok(SessionState::Queue {
+        partial,
+        owner: (pid, conn),
+        held: words.collect(),
+    })
 }
 
 /// An authenticated user from its wire form (empty: none).
@@ -203,6 +248,16 @@ mod tests {
                     mid_line: true,
                 },
                 pending: b"HALF A REPLY".to_vec(),
+                unread: Vec::new(),
+                peer_closed: false,
+            },
+            ConnState {
+                session: SessionState::Queue {
+                    partial: b"GET jo".to_vec(),
+                    owner: (4242, 7),
+                    held: vec![65_537, 3 << 40],
+                },
+                pending: b"JOB 65537 x\n".to_vec(),
                 unread: Vec::new(),
                 peer_closed: false,
             },

@@ -15,6 +15,7 @@ mod master_link;
 mod pidfile;
 mod pool;
 mod process;
+mod queue;
 mod scoreboard;
 mod service;
 mod status;
@@ -22,6 +23,7 @@ mod tls;
 mod unix_listener;
 mod upgrade;
 mod users;
+mod wakeup;
 mod worker;
 
 use std::process::ExitCode;
