@@ -10,7 +10,7 @@ use std::net::{SocketAddr, TcpStream};
 use std::time::{Duration, Instant};
 
 use forkpool_testkit::{
-    connect, read_line, request_line, socket_owner, wait_until, Server, Signal,
+    connect, metric, read_line, request_line, socket_owner, wait_until, Server, Signal,
 };
 
 const WAIT: Duration = Duration::from_secs(20);
@@ -362,4 +362,26 @@ fn a_drain_answers_a_waiting_get_and_a_reload_moves_it_to_a_new_worker() {
     server.signal(Signal::SIGTERM);
     assert!(read_line(&mut waiting).starts_with("ERR shutting-down "));
     assert!(server.wait_exit(WAIT).success());
+}
+
+#[test]
+fn metrics_show_depth_in_flight_and_parked_requests() {
+    let server = Server::builder()
+        .args(["--status-addr", "127.0.0.1:0"])
+        .start();
+    let mut conn = queue(&server);
+    for n in 1..=3 {
+        assert!(request_line(&mut conn, &format!("PUT m 0 j{n}")).starts_with("OK "));
+    }
+    job(&request_line(&mut conn, "GET m"));
+    let mut waiter = queue(&server);
+    waiter.write_all(b"GET empty\n").expect("send GET");
+    let page = wait_until("a parked GET in the metrics", WAIT, || {
+        let page = server.metrics();
+        (metric(&page, "forkpool_queue_waiting{kind=\"get\"}") == 1.0).then_some(page)
+    });
+    assert_eq!(metric(&page, "forkpool_queue_depth"), 2.0);
+    assert_eq!(metric(&page, "forkpool_queue_in_flight"), 1.0);
+    assert_eq!(metric(&page, "forkpool_queue_put_total"), 3.0);
+    assert_eq!(metric(&page, "forkpool_queue_queues"), 2.0);
 }

@@ -772,6 +772,7 @@ impl Master {
             restarts: self.pool.restarts(),
             finished: self.pool.finished(),
             ledger: Some(self.ledger.overview()),
+            queue: Some(self.queue.overview()),
         };
         server.on_events(tokens, self.io.poll.registry(), &view);
     }
