@@ -1,8 +1,9 @@
 //! The queue service over real TCP: the producer-consumer seed scenario across workers
 //! (maxsize 3, JOIN returning when the last job is done, every job delivered once), blocked
 //! getters served in order across workers, timeouts and the _NOWAIT variants, jobs of closed
-//! connections and of SIGKILLed workers delivered again, persistence across a restart, a
-//! foreign store file refused untouched, and every malformed line answered on one line.
+//! connections and of SIGKILLed workers delivered again (one at a time, and as chaos under
+//! load), persistence across a restart, a foreign store file refused untouched, every
+//! malformed line answered on one line, drains and reloads with a waiting GET, metrics.
 
 use std::collections::BTreeMap;
 use std::io::Write;
@@ -384,4 +385,94 @@ fn metrics_show_depth_in_flight_and_parked_requests() {
     assert_eq!(metric(&page, "forkpool_queue_in_flight"), 1.0);
     assert_eq!(metric(&page, "forkpool_queue_put_total"), 3.0);
     assert_eq!(metric(&page, "forkpool_queue_queues"), 2.0);
+}
+
+/// One request on a connection that may be reset (its worker killed): `None` then.
+fn try_request(conn: &mut TcpStream, line: &str) -> Option<String> {
+    use std::io::{BufRead, BufReader};
+    conn.write_all(format!("{line}\n").as_bytes()).ok()?;
+    let mut reply = Vec::new();
+    let mut reader = BufReader::new(conn.try_clone().ok()?);
+    reader.read_until(b'\n', &mut reply).ok()?;
+    let reply = String::from_utf8(reply).ok()?;
+    reply.strip_suffix('\n').map(str::to_string)
+}
+
+#[test]
+fn chaos_dropped_consumers_and_killed_workers_lose_no_job() {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    use std::sync::{Arc, Mutex};
+    const JOBS: usize = 200;
+    let server = Server::builder().args(["--workers", "3"]).start();
+    let addr = server.queue_addr();
+    let mut producer = queue(&server);
+    for n in 0..JOBS {
+        assert!(request_line(&mut producer, &format!("PUT chaos 0 job {n}")).starts_with("OK "));
+    }
+    let seen = Arc::new(Mutex::new(Vec::<String>::new()));
+    let stop = Arc::new(AtomicBool::new(false));
+    let consumers: Vec<_> = (0..4)
+        .map(|c| {
+            let (seen, stop) = (Arc::clone(&seen), Arc::clone(&stop));
+            std::thread::spawn(move || {
+                let mut conn = connect(addr);
+                let mut got = 0usize;
+                while !stop.load(Ordering::Relaxed) {
+                    let Some(reply) = try_request(&mut conn, "GET chaos 100") else {
+                        conn = connect(addr);
+                        continue;
+                    };
+                    if !reply.starts_with("JOB ") {
+                        continue;
+                    }
+                    let (id, payload) = job(&reply);
+                    seen.lock().expect("the list").push(payload);
+                    got += 1;
+                    // Every 7th job of a consumer: the connection is dropped before DONE.
+                    if (got + c).is_multiple_of(7) {
+                        conn = connect(addr);
+                        continue;
+                    }
+                    if try_request(&mut conn, &format!("DONE {id}")).is_none() {
+                        conn = connect(addr);
+                    }
+                }
+            })
+        })
+        .collect();
+    for third in [1, 2] {
+        wait_until("progress before a kill", WAIT, || {
+            (stat(addr, "chaos", "done") >= (JOBS * third / 3) as u64).then_some(())
+        });
+        let victim = server.workers()[0];
+        nix::sys::signal::kill(victim, Signal::SIGKILL).expect("kill a worker");
+        wait_until("the killed worker to be replaced", WAIT, || {
+            let now = server.workers();
+            (now.len() == 3 && !now.contains(&victim)).then_some(())
+        });
+    }
+    wait_until("every job done", Duration::from_secs(60), || {
+        (stat(addr, "chaos", "done") == JOBS as u64).then_some(())
+    });
+    stop.store(true, Ordering::Relaxed);
+    for consumer in consumers {
+        consumer.join().expect("consumer");
+    }
+    let s = stats(addr, "chaos");
+    assert_eq!(
+        (s["put"], s["done"], s["depth"], s["in_flight"]),
+        (JOBS as u64, JOBS as u64, 0, 0),
+        "the counters add up"
+    );
+    let seen = seen.lock().expect("the list");
+    for n in 0..JOBS {
+        assert!(
+            seen.contains(&format!("job {n}")),
+            "job {n} was never delivered"
+        );
+    }
+    assert!(
+        seen.len() > JOBS,
+        "jobs of dropped connections were delivered again"
+    );
 }
