@@ -339,6 +339,8 @@ fn a_drain_answers_a_waiting_get_and_a_reload_moves_it_to_a_new_worker() {
     // Reload: the workers retire and hand their connections over; the waiting GET is
     // withdrawn, parked again by the successor, and served there.
     let mut moved = queue(&server);
+    assert!(request_line(&mut moved, "PUT move 0 held").starts_with("OK "));
+    let (held, _) = job(&request_line(&mut moved, "GET move"));
     moved.write_all(b"GET move\n").expect("send GET");
     wait_until("the getter to park", WAIT, || {
         (stat(addr, "move", "getters") == 1).then_some(())
@@ -354,6 +356,8 @@ fn a_drain_answers_a_waiting_get_and_a_reload_moves_it_to_a_new_worker() {
     });
     assert!(request_line(&mut queue(&server), "PUT move 0 after reload").starts_with("OK "));
     assert_eq!(job(&read_line(&mut moved)).1, "after reload");
+    // The job fetched before the reload moved with the connection: its DONE is accepted.
+    assert_eq!(request_line(&mut moved, &format!("DONE {held}")), "OK");
     // Shutdown: the waiting GET is answered, not dropped.
     let mut waiting = queue(&server);
     waiting.write_all(b"GET idle\n").expect("send GET");
