@@ -171,6 +171,21 @@ pub struct QueueStats {
     pub waiting_joiners: u64,
 }
 
+/// Every queue's figures summed, for the monitoring pages (see [`Store::overview`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct Overview {
+    pub queues: u64,
+    pub depth: u64,
+    pub in_flight: u64,
+    pub put: u64,
+    pub done: u64,
+    pub waiting_getters: u64,
+    pub waiting_putters: u64,
+    pub waiting_joiners: u64,
+    /// Operations rolled back after their process died, over the file's life.
+    pub recoveries: u64,
+}
+
 /// A mapped, flocked store file. Usable in forked children; `Send + Sync`.
 pub struct Store {
     region: Region,

@@ -409,6 +409,31 @@ impl Store {
         self.checked(Ok(list))
     }
 
+    /// Every queue's figures summed, read WITHOUT the lock (for monitoring: the master must
+    /// never wait for it): not one consistent instant.
+    pub fn overview(&self) -> crate::Overview {
+        let count = self
+            .region
+            .get(hdr::QUEUE_COUNT)
+            .min(u64::from(self.region.geometry().max_queues));
+        let mut overview = crate::Overview {
+            queues: count,
+            recoveries: self.region.get(hdr::RECOVERIES),
+            ..crate::Overview::default()
+        };
+        for qi in 0..count {
+            let s = self.queue_stats(qi);
+            overview.depth += s.depth;
+            overview.in_flight += s.in_flight;
+            overview.put += s.put;
+            overview.done += s.done;
+            overview.waiting_getters += s.waiting_getters;
+            overview.waiting_putters += s.waiting_putters;
+            overview.waiting_joiners += s.waiting_joiners;
+        }
+        overview
+    }
+
     // ----- under the lock -----
 
     pub(crate) fn queue_stats(&self, qi: u64) -> QueueStats {

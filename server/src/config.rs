@@ -10,6 +10,7 @@ use std::time::Duration;
 
 use clap::Parser;
 use forkpool_ledger::{FsyncPolicy, DEFAULT_MAX_ACCOUNTS, MAX_MAX_ACCOUNTS};
+use forkpool_queue::{DEFAULT_MAX_JOBS, DEFAULT_MAX_PAYLOAD, MAX_JOBS, MAX_PAYLOAD};
 use serde::Deserialize;
 
 use crate::listener::AcceptMode;
@@ -18,6 +19,8 @@ use crate::tls::TlsFiles;
 
 pub const DEFAULT_ECHO_ADDR: &str = "127.0.0.1:7878";
 pub const DEFAULT_BANK_ADDR: &str = "127.0.0.1:7879";
+pub const DEFAULT_QUEUE_ADDR: &str = "127.0.0.1:7880";
+pub const DEFAULT_QUEUE_STORE_PATH: &str = "./data/queue.bin";
 pub const DEFAULT_BACKLOG: u32 = 1024;
 pub const DEFAULT_GRACEFUL_TIMEOUT_SECS: f64 = 30.0;
 pub const DEFAULT_IDLE_TIMEOUT_SECS: f64 = 300.0;
@@ -133,6 +136,9 @@ pub struct Cli {
     /// Address of the bank service. [default: 127.0.0.1:7879]
     #[arg(long, value_name = "ADDR")]
     pub bank_addr: Option<ListenAddr>,
+    /// Address of the queue service. [default: 127.0.0.1:7880]
+    #[arg(long, value_name = "ADDR")]
+    pub queue_addr: Option<ListenAddr>,
     /// Certificate chain (PEM, leaf first) that turns on TLS for the echo service; needs
     /// --echo-tls-key. [default: none, plain text]
     #[arg(long, value_name = "FILE")]
@@ -191,6 +197,19 @@ pub struct Cli {
     /// [default: 65536]
     #[arg(long, value_name = "N")]
     pub max_accounts: Option<u64>,
+    /// File holding the job queues (created if missing). [default: ./data/queue.bin]
+    #[arg(long, value_name = "PATH")]
+    pub queue_store: Option<PathBuf>,
+    /// Most jobs the queue store holds at once (must match an existing file).
+    /// [default: 65536]
+    #[arg(long, value_name = "N")]
+    pub queue_max_jobs: Option<u32>,
+    /// Longest job payload in bytes (must match an existing file). [default: 1024]
+    #[arg(long, value_name = "BYTES")]
+    pub queue_max_payload: Option<u32>,
+    /// maxsize of a queue created on first use (0 = unbounded). [default: 0]
+    #[arg(long, value_name = "N")]
+    pub queue_default_maxsize: Option<u64>,
     /// How workers share each address: `reuseport` (a socket per worker, balanced by the
     /// kernel) or `shared` (one socket, every worker accepts from it). [default: reuseport]
     #[arg(long, value_name = "MODE")]
@@ -245,6 +264,7 @@ pub enum Command {
 pub struct FileConfig {
     pub echo_addr: Option<String>,
     pub bank_addr: Option<String>,
+    pub queue_addr: Option<String>,
     pub echo_tls_cert: Option<PathBuf>,
     pub echo_tls_key: Option<PathBuf>,
     pub bank_tls_cert: Option<PathBuf>,
@@ -262,6 +282,10 @@ pub struct FileConfig {
     pub output_limit: Option<usize>,
     pub ledger: Option<PathBuf>,
     pub max_accounts: Option<u64>,
+    pub queue_store: Option<PathBuf>,
+    pub queue_max_jobs: Option<u32>,
+    pub queue_max_payload: Option<u32>,
+    pub queue_default_maxsize: Option<u64>,
     pub fsync: Option<String>,
     pub accept: Option<AcceptMode>,
     pub worker_timeout: Option<f64>,
@@ -277,6 +301,7 @@ pub struct FileConfig {
 pub struct Config {
     pub echo_addr: ListenAddr,
     pub bank_addr: ListenAddr,
+    pub queue_addr: ListenAddr,
     /// `None`: the echo service speaks plain text.
     pub echo_tls: Option<TlsFiles>,
     /// `None`: the bank speaks plain text.
@@ -296,6 +321,10 @@ pub struct Config {
     pub output_limit: usize,
     pub ledger: PathBuf,
     pub max_accounts: u64,
+    pub queue_store: PathBuf,
+    pub queue_max_jobs: u32,
+    pub queue_max_payload: u32,
+    pub queue_default_maxsize: u64,
     pub fsync: FsyncPolicy,
     pub accept: AcceptMode,
     /// `None`: hang detection off.
@@ -382,7 +411,7 @@ impl ProxiedServices {
             let kind = ServiceKind::named(name).ok_or_else(|| ConfigError::Invalid {
                 name: "proxy_protocol",
                 value: names.join(","),
-                reason: "expected service names (echo, bank) or none",
+                reason: "expected service names (echo, bank, queue) or none",
             })?;
             services.0[kind.index()] = true;
         }
@@ -421,6 +450,7 @@ impl Config {
         match kind {
             ServiceKind::Echo => &self.echo_addr,
             ServiceKind::Bank => &self.bank_addr,
+            ServiceKind::Queue => &self.queue_addr,
         }
     }
 
@@ -429,6 +459,8 @@ impl Config {
         match kind {
             ServiceKind::Echo => self.echo_tls.as_ref(),
             ServiceKind::Bank => self.bank_tls.as_ref(),
+            // The queue speaks plain text (TLS for it is not built yet).
+            ServiceKind::Queue => None,
         }
     }
 
@@ -444,6 +476,15 @@ impl Config {
             ("ledger", self.ledger != running.ledger),
             ("max_accounts", self.max_accounts != running.max_accounts),
             ("fsync", self.fsync != running.fsync),
+            ("queue_store", self.queue_store != running.queue_store),
+            (
+                "queue_max_jobs",
+                self.queue_max_jobs != running.queue_max_jobs,
+            ),
+            (
+                "queue_max_payload",
+                self.queue_max_payload != running.queue_max_payload,
+            ),
             ("status_addr", self.status_addr != running.status_addr),
             ("pid_file", self.pid_file != running.pid_file),
         ] {
@@ -454,6 +495,9 @@ impl Config {
         self.ledger.clone_from(&running.ledger);
         self.max_accounts = running.max_accounts;
         self.fsync = running.fsync;
+        self.queue_store.clone_from(&running.queue_store);
+        self.queue_max_jobs = running.queue_max_jobs;
+        self.queue_max_payload = running.queue_max_payload;
         self.status_addr = running.status_addr;
         self.pid_file.clone_from(&running.pid_file);
     }
@@ -480,6 +524,12 @@ impl Config {
                 cli.bank_addr.clone(),
                 file.bank_addr,
                 DEFAULT_BANK_ADDR,
+            )?,
+            queue_addr: pick_addr(
+                "queue_addr",
+                cli.queue_addr.clone(),
+                file.queue_addr,
+                DEFAULT_QUEUE_ADDR,
             )?,
             echo_tls: pick_tls(
                 (
@@ -541,6 +591,23 @@ impl Config {
                 .max_accounts
                 .or(file.max_accounts)
                 .unwrap_or(DEFAULT_MAX_ACCOUNTS),
+            queue_store: cli
+                .queue_store
+                .clone()
+                .or(file.queue_store)
+                .unwrap_or_else(|| PathBuf::from(DEFAULT_QUEUE_STORE_PATH)),
+            queue_max_jobs: cli
+                .queue_max_jobs
+                .or(file.queue_max_jobs)
+                .unwrap_or(DEFAULT_MAX_JOBS),
+            queue_max_payload: cli
+                .queue_max_payload
+                .or(file.queue_max_payload)
+                .unwrap_or(DEFAULT_MAX_PAYLOAD),
+            queue_default_maxsize: cli
+                .queue_default_maxsize
+                .or(file.queue_default_maxsize)
+                .unwrap_or(0),
             fsync: pick_fsync(cli.fsync, file.fsync)?,
             accept: cli.accept.or(file.accept).unwrap_or_default(),
             worker_timeout: Some(seconds(
@@ -575,6 +642,9 @@ impl Config {
             ("max_line", self.max_line as u64),
             ("output_limit", self.output_limit as u64),
             ("max_accounts", self.max_accounts),
+            ("queue_max_jobs", u64::from(self.queue_max_jobs)),
+            ("queue_max_payload", u64::from(self.queue_max_payload)),
+            ("queue_default_maxsize", self.queue_default_maxsize),
             ("max_requests", self.max_requests),
             ("max_requests_jitter", self.max_requests_jitter),
         ];
@@ -605,14 +675,27 @@ impl Config {
         if let LedgerLocation::Postgres(_) = self.ledger_location() {
             return Err(ConfigError::PostgresNotServed);
         }
-        let same_port = matches!(&self.echo_addr, ListenAddr::Tcp(addr) if addr.port() == 0);
-        if self.echo_addr == self.bank_addr && !same_port {
-            return Err(ConfigError::Invalid {
-                name: "bank_addr",
-                value: self.bank_addr.to_string(),
-                reason: "must differ from echo_addr",
-            });
+        let addrs = [
+            ("echo_addr", &self.echo_addr),
+            ("bank_addr", &self.bank_addr),
+            ("queue_addr", &self.queue_addr),
+        ];
+        for (i, (name, addr)) in addrs.iter().enumerate() {
+            let any_port = matches!(addr, ListenAddr::Tcp(a) if a.port() == 0);
+            if !any_port && addrs[..i].iter().any(|(_, earlier)| earlier == addr) {
+                return Err(ConfigError::Invalid {
+                    name,
+                    value: addr.to_string(),
+                    reason: "must differ from the other services' addresses",
+                });
+            }
         }
+        check(
+            "queue_store",
+            self.queue_store.display(),
+            !self.queue_store.as_os_str().is_empty(),
+            "must not be empty",
+        )?;
         for (name, kind) in [
             ("echo_addr", ServiceKind::Echo),
             ("bank_addr", ServiceKind::Bank),
@@ -649,7 +732,7 @@ pub const MAX_CONNECTIONS_LIMIT: u64 = 1 << 20;
 pub const MIN_WORKER_TIMEOUT: Duration = Duration::from_millis(100);
 
 /// Every numeric setting's range, in one table (the validation and its tests read it).
-pub const LIMITS: [Limit; 8] = [
+pub const LIMITS: [Limit; 11] = [
     Limit {
         name: "workers",
         range: 1..=MAX_WORKERS as u64,
@@ -679,6 +762,21 @@ pub const LIMITS: [Limit; 8] = [
         name: "max_accounts",
         range: 1..=MAX_MAX_ACCOUNTS,
         reason: "must be 1 to 16777216",
+    },
+    Limit {
+        name: "queue_max_jobs",
+        range: 1..=MAX_JOBS as u64,
+        reason: "must be 1 to 16777216",
+    },
+    Limit {
+        name: "queue_max_payload",
+        range: 1..=MAX_PAYLOAD as u64,
+        reason: "must be 1 to 1048576 bytes",
+    },
+    Limit {
+        name: "queue_default_maxsize",
+        range: 0..=MAX_REQUESTS_LIMIT,
+        reason: "must be 0 (unbounded) to 281474976710656",
     },
     Limit {
         name: "max_requests",
@@ -1331,20 +1429,20 @@ mod tests {
         };
         assert_eq!(
             services(None, None).ok(),
-            Some([false, false]),
+            Some([false, false, false]),
             "off by default"
         );
-        assert_eq!(services(None, Some(&["bank"])).ok(), Some([false, true]));
+        assert_eq!(services(None, Some(&["bank"])).ok(), Some([false, true, false]));
         assert_eq!(
             services(Some(&["echo", "bank"]), Some(&["bank"])).ok(),
-            Some([true, true])
+            Some([true, true, false])
         );
         assert_eq!(
             services(Some(&["none"]), Some(&["echo"])).ok(),
-            Some([false, false]),
+            Some([false, false, false]),
             "the flag turns the file's list off"
         );
-        assert_eq!(services(None, Some(&[])).ok(), Some([false, false]));
+        assert_eq!(services(None, Some(&[])).ok(), Some([false, false, false]));
         for (flag, file) in [
             (Some(&["bank", "http"][..]), None),
             (Some(&["Bank"][..]), None),
@@ -1356,7 +1454,7 @@ mod tests {
                 .to_string();
             assert!(
                 error.starts_with("invalid setting proxy_protocol = ")
-                    && error.ends_with("expected service names (echo, bank) or none"),
+                    && error.ends_with("expected service names (echo, bank, queue) or none"),
                 "{error}"
             );
         }

@@ -359,6 +359,11 @@ impl Conn {
     }
 
     /// Does the session hold a request it cannot answer yet?
+    /// The connection's session (a service's wake-up reaches its state through it).
+    pub fn session(&mut self) -> &mut Session {
+        &mut self.session
+    }
+
     pub fn is_waiting(&self) -> bool {
         self.waiting
     }
@@ -396,10 +401,6 @@ impl Conn {
         self.on_ready(Readiness::default(), scratch, limits, registry, now)
     }
 
-    #[cfg_attr(
-        not(test),
-        expect(dead_code, reason = "the queue's parked requests are on their way")
-    )]
     /// The service gave up a wait without answering (it cancelled a parked request, to hand
     /// the connection over or to serve it again): `request`, the waiting request's bytes, goes
     /// back in front of the unread input, to be fed again.
@@ -953,6 +954,7 @@ mod tests {
             syncer: None,
             users: None,
             throttle: Box::leak(Box::default()),
+            queue: crate::queue::test_hub(),
         };
         let counters: &'static ServiceCounters = Box::leak(Box::default());
         let poll = Poll::new().expect("a poll");

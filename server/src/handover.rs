@@ -38,6 +38,14 @@ pub enum SessionState {
         /// The user the connection authenticated as, with its token's digest.
         user: Option<(UserName, [u8; 32])>,
     },
+    Queue {
+        /// The unfinished request line.
+        partial: Vec<u8>,
+        /// Who holds the connection's jobs in the store now: (pid, connection number).
+        owner: (i32, u64),
+        /// The jobs the connection fetched and has not done.
+        held: Vec<u64>,
+    },
 }
 
 /// Everything a successor needs to continue a connection.
@@ -63,6 +71,7 @@ pub struct BadState(pub &'static str);
 
 const ECHO: u8 = 1;
 const BANK: u8 = 2;
+const QUEUE: u8 = 3;
 const PEER_CLOSED: u8 = 1;
 const MID_LINE: u8 = 2;
 
@@ -71,6 +80,7 @@ impl ConnState {
         match self.session {
             SessionState::Echo { .. } => ServiceKind::Echo,
             SessionState::Bank { .. } => ServiceKind::Bank,
+            SessionState::Queue { .. } => ServiceKind::Queue,
         }
     }
 
@@ -88,6 +98,18 @@ impl ConnState {
                     [name.as_str().as_bytes(), &digest].concat()
                 });
                 (BANK, 0, partial, user)
+            }
+            // The user field carries the owner and the held job ids (u64 little-endian).
+            SessionState::Queue {
+                partial,
+                owner,
+                held,
+            } => {
+                let words = [i64::from(owner.0) as u64, owner.1]
+                    .into_iter()
+                    .chain(held.iter().copied());
+                let owned = words.flat_map(u64::to_le_bytes).collect();
+                (QUEUE, 0, partial, owned)
             }
         };
         if self.peer_closed {
@@ -131,6 +153,7 @@ impl ConnState {
                 partial: session,
                 user: decode_user(&user)?,
             },
+            QUEUE if flags & MID_LINE == 0 => decode_queue(session, &user)?,
             _ => return Err(BadState("unknown service or inconsistent session")),
         };
         Ok(ConnState {
@@ -154,6 +177,28 @@ fn decode_client(bytes: &[u8]) -> Result<Option<IpAddr>, BadState> {
             <[u8; 16]>::try_from(bytes).map_err(|_| BadState("client address"))?,
         ))),
         _ => return Err(BadState("client address")),
+    })
+}
+
+/// A queue session from its wire form (see `encode`).
+fn decode_queue(partial: Vec<u8>, owned: &[u8]) -> Result<SessionState, BadState> {
+    if owned.len() < 16 || !owned.len().is_multiple_of(8) {
+        return Err(BadState("queue owner"));
+    }
+    let mut words = owned.chunks_exact(8).map(|w| {
+        let mut b = [0u8; 8];
+        b.copy_from_slice(w);
+        u64::from_le_bytes(b)
+    });
+    let pid = words.next().and_then(|w| i32::try_from(w as i64).ok());
+    let conn = words.next();
+    let (Some(pid), Some(conn)) = (pid, conn) else {
+        return Err(BadState("queue owner"));
+    };
+    Ok(SessionState::Queue {
+        partial,
+        owner: (pid, conn),
+        held: words.collect(),
     })
 }
 
@@ -232,6 +277,17 @@ mod tests {
                 unread: Vec::new(),
                 peer_closed: false,
                 client: Some("2001:db8::7".parse().expect("an address")),
+            },
+            ConnState {
+                session: SessionState::Queue {
+                    partial: b"GET jo".to_vec(),
+                    owner: (4242, 7),
+                    held: vec![65_537, 3 << 40],
+                },
+                pending: b"JOB 65537 x\n".to_vec(),
+                unread: Vec::new(),
+                peer_closed: false,
+                client: Some("192.0.2.7".parse().expect("an address")),
             },
             ConnState {
                 session: SessionState::Bank {

@@ -27,6 +27,8 @@ pub struct Inherited {
     pub ledger: Option<OwnedFd>,
     /// The ledger path's guard, which keeps other servers off the path (an upgrade).
     pub ledger_guard: Option<OwnedFd>,
+    /// The queue store file (an upgrade), its flock held by the old master's description.
+    pub queue: Option<OwnedFd>,
     /// The link to the master being replaced (binary upgrade), on which it passes its
     /// workers' connections.
     pub handover: Option<OwnedFd>,
@@ -74,6 +76,7 @@ pub fn take() -> Result<Inherited, TakeError> {
             (_, Some(kind)) => inherited.listeners.push((kind, fd)),
             ("ledger", None) => inherited.ledger = Some(fd),
             ("ledger-guard", None) => inherited.ledger_guard = Some(fd),
+            ("queue-store", None) => inherited.queue = Some(fd),
             ("handover", None) => inherited.handover = Some(fd),
             (other, None) => log::warn!("ignoring an inherited descriptor named {other:?}"),
         }

@@ -17,6 +17,7 @@ mod pidfile;
 mod pool;
 mod process;
 mod proxy;
+mod queue;
 mod scoreboard;
 mod service;
 mod status;
@@ -24,6 +25,7 @@ mod tls;
 mod unix_listener;
 mod upgrade;
 mod users;
+mod wakeup;
 mod worker;
 
 use std::process::ExitCode;

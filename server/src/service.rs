@@ -13,6 +13,7 @@ use forkpool_ledger::Ledger;
 use crate::bank;
 use crate::config::Config;
 use crate::handover::SessionState;
+use crate::queue::{QueueConn, QueueHub};
 use crate::scoreboard::ServiceCounters;
 use crate::users::{AuthOutcome, AuthThrottle, ConnAuth, PeerKey, Users};
 
@@ -21,17 +22,19 @@ use crate::users::{AuthOutcome, AuthThrottle, ConnAuth, PeerKey, Users};
 pub enum ServiceKind {
     Echo,
     Bank,
+    Queue,
 }
 
 impl ServiceKind {
     /// Every service, in the order of per-service arrays.
-    pub const ALL: [ServiceKind; 2] = [ServiceKind::Echo, ServiceKind::Bank];
+    pub const ALL: [ServiceKind; 3] = [ServiceKind::Echo, ServiceKind::Bank, ServiceKind::Queue];
 
     /// Position in per-service arrays.
     pub fn index(self) -> usize {
         match self {
             ServiceKind::Echo => 0,
             ServiceKind::Bank => 1,
+            ServiceKind::Queue => 2,
         }
     }
 
@@ -46,6 +49,7 @@ impl ServiceKind {
         match self {
             ServiceKind::Echo => "echo",
             ServiceKind::Bank => "bank",
+            ServiceKind::Queue => "queue",
         }
     }
 }
@@ -72,6 +76,8 @@ pub enum Session {
     Echo(EchoSession),
     /// Bank: one request per line, one reply line per request, in order.
     Bank(BankSession),
+    /// Queue: one request per line; a blocking request waits for the store.
+    Queue(QueueSession),
     /// A service that waits (tests of the connection's waiting only): a line `hold` waits
     /// until resumed, any other line is answered `OK <line>`.
     #[cfg(test)]
@@ -84,6 +90,14 @@ pub struct EchoSession {
     upper: Uppercaser,
     /// The last byte read was not a newline: part of a line is answered, the rest is due.
     mid_line: bool,
+}
+
+/// A queue connection: its unfinished request line and its share of the store (jobs it
+/// holds, its wait).
+#[derive(Debug)]
+pub struct QueueSession {
+    framer: LineFramer,
+    conn: QueueConn,
 }
 
 /// A bank connection: its unfinished request line, the ledger it works on, and who it is.
@@ -123,6 +137,8 @@ pub struct SessionContext {
     pub users: Option<&'static Users>,
     /// Failed AUTHs per peer, for the whole worker (one thread: a `RefCell` is enough).
     pub throttle: &'static RefCell<AuthThrottle>,
+    /// The job queues and this worker's wake-ups.
+    pub queue: &'static QueueHub,
 }
 
 impl Session {
@@ -158,6 +174,10 @@ impl Session {
     ) -> Session {
         match kind {
             ServiceKind::Echo => Session::Echo(EchoSession::default()),
+            ServiceKind::Queue => Session::Queue(QueueSession {
+                framer,
+                conn: QueueConn::new(context.queue),
+            }),
             ServiceKind::Bank => Session::Bank(BankSession {
                 framer,
                 ledger: context.ledger,
@@ -217,6 +237,26 @@ impl Session {
                     consumed,
                 }
             }
+            Session::Queue(session) => {
+                let (conn, now) = (&mut session.conn, Instant::now());
+                let max_line = session.framer.max_line();
+                let mut requests = 0;
+                let (flow, consumed) = session.framer.feed(input, |frame| {
+                    requests += 1;
+                    match frame {
+                        Frame::Line(line) => conn.answer(line, now, out),
+                        Frame::TooLong => {
+                            Reply::from(ProtocolError::line_too_long(max_line)).write_to(out);
+                            Flow::Stop
+                        }
+                    }
+                });
+                Step {
+                    flow,
+                    requests,
+                    consumed,
+                }
+            }
             #[cfg(test)]
             Session::Hold(framer) => {
                 let mut requests = 0;
@@ -257,8 +297,17 @@ impl Session {
         match self {
             Session::Echo(echo) => echo.mid_line,
             Session::Bank(session) => session.framer.buffered() > 0,
+            Session::Queue(session) => session.framer.buffered() > 0,
             #[cfg(test)]
             Session::Hold(framer) => framer.buffered() > 0,
+        }
+    }
+
+    /// The queue connection's state, if this is a queue session.
+    pub fn queue(&mut self) -> Option<&mut QueueConn> {
+        match self {
+            Session::Queue(session) => Some(&mut session.conn),
+            _ => None,
         }
     }
 
@@ -273,6 +322,14 @@ impl Session {
                 partial: session.framer.partial().unwrap_or_default().to_vec(),
                 user: session.access.auth.export(),
             },
+            Session::Queue(session) => {
+                let (owner, held) = session.conn.export();
+                SessionState::Queue {
+                    partial: session.framer.partial().unwrap_or_default().to_vec(),
+                    owner,
+                    held,
+                }
+            }
             // A test session travels as a bank session would.
             #[cfg(test)]
             Session::Hold(framer) => SessionState::Bank {
@@ -305,6 +362,14 @@ impl Session {
                 let framer = LineFramer::resume(context.config.max_line, partial);
                 Session::open(ServiceKind::Bank, context, peer, counters, auth, framer)
             }
+            SessionState::Queue {
+                partial,
+                owner,
+                held,
+            } => Session::Queue(QueueSession {
+                framer: LineFramer::resume(context.config.max_line, partial),
+                conn: QueueConn::adopt(context.queue, owner, held),
+            }),
         })
     }
 
@@ -330,6 +395,19 @@ impl Session {
             Session::Bank(session) => match session.framer.finish() {
                 Some(line) => {
                     answer_line(session.ledger, &mut session.access, &line, out);
+                    true
+                }
+                None => false,
+            },
+            Session::Queue(session) => match session.framer.finish() {
+                Some(line) => {
+                    if session.conn.answer(&line, Instant::now(), out) == Flow::Wait {
+                        return Step {
+                            flow: Flow::Wait,
+                            requests: 1,
+                            consumed: 0,
+                        };
+                    }
                     true
                 }
                 None => false,
@@ -447,6 +525,7 @@ mod tests {
             syncer: None,
             users: None,
             throttle: Box::leak(Box::default()),
+            queue: crate::queue::test_hub(),
         }
     }
 
@@ -537,6 +616,33 @@ mod tests {
         assert_eq!(requests, 1);
         assert!(out.starts_with(b"ERR line-too-long "), "{out:?}");
         assert!(out.ends_with(b"\n") && out.iter().filter(|&&b| b == b'\n').count() == 1);
+    }
+
+    #[test]
+    fn a_queue_get_waits_and_leaves_the_input_behind_it_for_later() {
+        let mut getter = session(ServiceKind::Queue, 64);
+        let mut out = Vec::new();
+        let input = b"GET_NOWAIT w\nGET w\nPING\n";
+        let step = getter.on_input(input, &mut out);
+        assert!(out.starts_with(b"ERR empty "), "{out:?}");
+        assert_eq!((step.flow, step.requests), (Flow::Wait, 2));
+        assert_eq!(
+            &input[step.consumed..],
+            b"PING\n",
+            "the line after the wait is left"
+        );
+        assert!(!getter.queue().expect("a queue session").served());
+        let mut putter = session(ServiceKind::Queue, 64);
+        let (reply, _, _) = feed(&mut putter, &[b"PUT w 0 a b 1\n"]);
+        assert!(reply.starts_with(b"OK "), "{reply:?}");
+        let queue = getter.queue().expect("a queue session");
+        assert!(queue.served());
+        let mut out = Vec::new();
+        assert_eq!(queue.on_wakeup(&mut out), Flow::Continue);
+        assert!(
+            out.starts_with(b"JOB ") && out.ends_with(b" a b 1\n"),
+            "{out:?}"
+        );
     }
 
     #[test]

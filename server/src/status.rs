@@ -40,6 +40,8 @@ pub struct PoolView<'a> {
     pub finished: [ServiceTotals; ServiceKind::ALL.len()],
     /// The ledger's health and a lock-free snapshot of it (not one consistent instant).
     pub ledger: Option<Overview>,
+    /// The job queues' figures, summed, read without the store lock.
+    pub queue: Option<forkpool_queue::Overview>,
 }
 
 struct StatusConn {
@@ -407,7 +409,61 @@ pub fn metrics(view: &PoolView<'_>) -> String {
     if let Some(ledger) = view.ledger {
         ledger_metrics(&mut out, &ledger);
     }
+    if let Some(queue) = view.queue {
+        queue_metrics(&mut out, &queue);
+    }
     out
+}
+
+/// The job queues' families (every queue summed; STATS gives one queue's).
+fn queue_metrics(out: &mut String, queue: &forkpool_queue::Overview) {
+    let gauges = [
+        ("forkpool_queue_queues", "Job queues created.", queue.queues),
+        (
+            "forkpool_queue_depth",
+            "Jobs ready to be fetched.",
+            queue.depth,
+        ),
+        (
+            "forkpool_queue_in_flight",
+            "Jobs fetched and not yet done.",
+            queue.in_flight,
+        ),
+    ];
+    for (name, help, value) in gauges {
+        family_block(out, name, "gauge", help, |b| {
+            let _ = writeln!(b, "{name} {value}");
+        });
+    }
+    family_block(
+        out,
+        "forkpool_queue_waiting",
+        "gauge",
+        "Requests parked on the queues, by kind.",
+        |b| {
+            for (kind, value) in [
+                ("get", queue.waiting_getters),
+                ("put", queue.waiting_putters),
+                ("join", queue.waiting_joiners),
+            ] {
+                let _ = writeln!(b, "forkpool_queue_waiting{{kind=\"{kind}\"}} {value}");
+            }
+        },
+    );
+    let counters = [
+        ("forkpool_queue_put_total", "Jobs put.", queue.put),
+        ("forkpool_queue_done_total", "Jobs done.", queue.done),
+        (
+            "forkpool_queue_recoveries_total",
+            "Queue operations rolled back after their process died.",
+            queue.recoveries,
+        ),
+    ];
+    for (name, help, value) in counters {
+        family_block(out, name, "counter", help, |b| {
+            let _ = writeln!(b, "{name} {value}");
+        });
+    }
 }
 
 /// The ledger's families: whether its file failed, and its figures while they can be read.

@@ -216,13 +216,13 @@ pub fn server_transport(
 #[derive(Debug)]
 pub struct ServiceTls {
     /// By [`ServiceKind::index`].
-    services: [Option<ReloadableTls>; 2],
+    services: [Option<ReloadableTls>; ServiceKind::ALL.len()],
 }
 
 impl ServiceTls {
     /// Loads the files `config` names; any bad file is an error (the server does not start).
     pub fn load(config: &Config) -> Result<ServiceTls, CertError> {
-        let mut services = [None, None];
+        let mut services = [const { None }; ServiceKind::ALL.len()];
         for kind in ServiceKind::ALL {
             if let Some(files) = config.tls(kind) {
                 services[kind.index()] = Some(ReloadableTls::load(files.clone())?);

@@ -226,12 +226,19 @@ impl ServerBuilder {
         let defaults = [
             ("--echo-addr", "127.0.0.1:0".to_string()),
             ("--bank-addr", "127.0.0.1:0".to_string()),
+            ("--queue-addr", "127.0.0.1:0".to_string()),
             ("--workers", "2".to_string()),
             ("--graceful-timeout", "5".to_string()),
             (
                 "--ledger",
                 dir.path().join("ledger.bin").display().to_string(),
             ),
+            (
+                "--queue-store",
+                dir.path().join("queue.bin").display().to_string(),
+            ),
+            // Small enough to make quickly on every test server.
+            ("--queue-max-jobs", "4096".to_string()),
         ];
         for (flag, value) in defaults {
             if !given(flag) && !self.without.iter().any(|f| f == flag) && server_accepts(flag) {
@@ -294,6 +301,7 @@ impl ServerBuilder {
             pid,
             echo: None,
             bank: None,
+            queue: None,
             status: None,
             log,
             stderr_log,
@@ -347,6 +355,7 @@ pub struct Server {
     pub pid: Pid,
     pub echo: Option<SocketAddr>,
     pub bank: Option<SocketAddr>,
+    pub queue: Option<SocketAddr>,
     /// The HTTP status address (`status=` in the ready line, with `--status-addr`).
     pub status: Option<SocketAddr>,
     log: Arc<Mutex<Vec<String>>>,
@@ -391,6 +400,7 @@ impl Server {
                 match key {
                     "echo" => self.echo = value.parse().ok(),
                     "bank" => self.bank = value.parse().ok(),
+                    "queue" => self.queue = value.parse().ok(),
                     "status" => self.status = value.parse().ok(),
                     "pid" => assert_eq!(value, self.pid.to_string(), "ready line names the master"),
                     _ => {}
@@ -405,6 +415,10 @@ impl Server {
 
     pub fn bank_addr(&self) -> SocketAddr {
         self.bank.expect("the ready line names the bank address")
+    }
+
+    pub fn queue_addr(&self) -> SocketAddr {
+        self.queue.expect("the ready line names the queue address")
     }
 
     pub fn status_addr(&self) -> SocketAddr {

@@ -25,6 +25,7 @@ use signal_hook::consts::{SIGHUP, SIGINT, SIGQUIT, SIGTERM, SIGTTIN, SIGTTOU, SI
 use signal_hook_mio::v1_0::Signals;
 
 use forkpool_ledger::Ledger;
+use forkpool_queue::Store;
 
 use crate::broker::{Broker, Candidate, Routing, WorkerNews};
 use crate::channel::{self, Channel};
@@ -40,6 +41,7 @@ use crate::status::{PoolView, StatusServer, WorkerView};
 use crate::tls::ServiceTls;
 use crate::upgrade::{Takeover, Upgrade};
 use crate::users::Users;
+use crate::wakeup::Wakeup as QueueWakeup;
 use crate::worker::{WorkerSettings, WorkerSetup};
 
 mod start;
@@ -106,6 +108,14 @@ pub struct Master {
     /// The bank ledger, opened (and recovered) before any fork; every worker inherits the
     /// mapping. The master itself never takes a ledger lock.
     ledger: Ledger,
+    /// The job queues, opened (and recovered) before any fork; every worker inherits the
+    /// mapping. The master only returns a dead worker's jobs and waits to the store.
+    queue: Store,
+    /// Wakes the workers whose waits a dead worker's released jobs served.
+    wakeup: QueueWakeup,
+    /// Dead workers whose share of the queue store is not released yet (the store lock was
+    /// busy: the master never waits for it).
+    unreleased: Vec<Pid>,
     /// The TLS services' certificates, loaded at start and re-read on HUP (a bad file keeps
     /// the current one); each new worker gets them.
     tls: ServiceTls,
@@ -391,7 +401,28 @@ impl Master {
         }
     }
 
+    /// Returns the queue jobs and waits of dead workers to the store (those whose release
+    /// found the lock busy are tried again at the next inspection).
+    fn release_queue_shares(&mut self, dead: Option<Pid>) {
+        self.unreleased.extend(dead);
+        let store = &self.queue;
+        let wakeup = &self.wakeup;
+        self.unreleased
+            .retain(|pid| match store.release_process(pid.as_raw()) {
+                Ok(Some(wakes)) => {
+                    wakeup.poke(&wakes);
+                    false
+                }
+                Ok(None) => true,
+                Err(e) => {
+                    log::error!("queue store: cannot release the jobs of pid {pid}: {e}");
+                    false
+                }
+            });
+    }
+
     fn on_worker_exit(&mut self, pid: Pid, exit: Exit) {
+        self.release_queue_shares(Some(pid));
         // What it said before it died counts; the connections offered to it go elsewhere.
         if let Some(worker) = self.pool.workers().iter().find(|w| w.pid == pid) {
             let token = link_token(worker.cell_index);
@@ -448,6 +479,7 @@ impl Master {
         self.next_inspection = now + INSPECTION_INTERVAL;
         // Logs (once) a ledger file truncated, overwritten, deleted or replaced under us.
         self.ledger.check_file();
+        self.release_queue_shares(None);
         let timeout = self.config.graceful_timeout;
         for pid in self.pool.overdue_retirees(now, timeout) {
             log::warn!("worker (pid {pid}) still retiring after {timeout:?}: killing it");
@@ -564,6 +596,7 @@ impl Master {
         let mut fds = self.listeners.named_fds();
         fds.push((std::os::fd::AsRawFd::as_raw_fd(&self.ledger), "ledger"));
         fds.push((self.ledger.guard_fd(), "ledger-guard"));
+        fds.push((std::os::fd::AsRawFd::as_raw_fd(&self.queue), "queue-store"));
         match Upgrade::start(
             &self.exe,
             &self.args,
@@ -707,6 +740,7 @@ impl Master {
             listeners: self.listeners.for_slot(child.slot)?,
             link: child.link,
             ledger: self.ledger,
+            queue: self.queue,
             cell: self.pool.cell(child.cell_index),
             settings: WorkerSettings::new(&self.config, &self.tls, self.users.as_ref()),
         })
@@ -738,6 +772,7 @@ impl Master {
             restarts: self.pool.restarts(),
             finished: self.pool.finished(),
             ledger: Some(self.ledger.overview()),
+            queue: Some(self.queue.overview()),
         };
         server.on_events(tokens, self.io.poll.registry(), &view);
     }

@@ -15,6 +15,7 @@ use signal_hook::consts::{
 use signal_hook_mio::v1_0::Signals;
 
 use forkpool_ledger::{Ledger, LedgerOptions};
+use forkpool_queue::{Store, StoreOptions};
 
 use super::{
     Master, MasterIo, Phase, ANNOUNCED_VERSION_VAR, PEER_TOKEN, SCOREBOARD_CELLS, SIGNAL_TOKEN,
@@ -42,11 +43,15 @@ pub enum StartError {
     #[error(transparent)]
     Ledger(#[from] forkpool_ledger::LedgerError),
     #[error(transparent)]
+    Queue(#[from] forkpool_queue::StoreError),
+    #[error(transparent)]
     PidFile(#[from] crate::pidfile::PidFileError),
     #[error(transparent)]
     Inherit(#[from] inherit::TakeError),
     #[error("cannot find this program's path (needed for USR2 upgrades): {0}")]
     CurrentExe(#[source] io::Error),
+    #[error("cannot make the queue's wake-up socket: {0}")]
+    Wakeup(#[source] io::Error),
     #[error("cannot set up the master's event loop: {0}")]
     EventLoop(#[source] io::Error),
     #[error("cannot listen on status address {addr}: {source}")]
@@ -128,6 +133,17 @@ impl Master {
             audit.total,
             config.fsync
         );
+        let queue_options = StoreOptions {
+            max_jobs: config.queue_max_jobs,
+            max_payload: config.queue_max_payload,
+            default_maxsize: config.queue_default_maxsize,
+            ..StoreOptions::default()
+        };
+        let queue = match inherited.queue.take() {
+            // A binary upgrade: the old master's workers use the store right now.
+            Some(fd) => Store::adopt(fd, &config.queue_store, &queue_options)?,
+            None => Store::open(&config.queue_store, &queue_options)?,
+        };
         if let (Some(path), Some(users)) = (&config.users_file, &users) {
             log::info!("users file {}: {} users", path.display(), users.len());
         }
@@ -146,6 +162,9 @@ impl Master {
             tls,
             users,
             ledger,
+            queue,
+            wakeup: crate::wakeup::Wakeup::sender().map_err(StartError::Wakeup)?,
+            unreleased: Vec::new(),
             listeners,
             pool,
             phase: Phase::Running,

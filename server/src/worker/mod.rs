@@ -19,7 +19,9 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use forkpool_common::codec::Flow;
+use forkpool_common::queue::QueueErrorKind;
 use forkpool_ledger::Ledger;
+use forkpool_queue::Store;
 use mio::unix::SourceFd;
 use mio::{Events, Interest, Poll, Token};
 use nix::unistd::Pid;
@@ -35,10 +37,12 @@ use crate::durability::Syncer;
 use crate::listener::ListeningSocket;
 use crate::master_link::{LeaveReason, Message};
 use crate::process;
+use crate::queue::{QueueHub, Withdrawn};
 use crate::scoreboard::{self, WorkerCell, WorkerState};
 use crate::service::{ServiceKind, Session, SessionContext};
 use crate::tls::ServiceTls;
 use crate::users::{AuthThrottle, Users};
+use crate::wakeup::Wakeup;
 
 mod accept;
 mod link;
@@ -53,6 +57,7 @@ pub struct WorkerSetup {
     /// This worker's end of its link to the master.
     pub link: Channel,
     pub ledger: Ledger,
+    pub queue: Store,
     /// This worker's scoreboard cell.
     pub cell: &'static WorkerCell,
     pub settings: WorkerSettings,
@@ -139,6 +144,8 @@ const SIGNAL_TOKEN: Token = Token(usize::MAX - 1);
 const LINK_TOKEN: Token = Token(usize::MAX - 2);
 /// The syncer: the ledger's log may be durable further (`--fsync always`).
 const SYNCED_TOKEN: Token = Token(usize::MAX - 3);
+/// This worker's queue wake-ups (`wakeup.rs`).
+const WAKEUP_TOKEN: Token = Token(usize::MAX - 4);
 /// Connection tokens start here; lower tokens are listeners (a slot may accept from the
 /// sockets of every slot of a larger pool that shrank).
 const FIRST_CONN_TOKEN: usize = 1 << 16;
@@ -232,6 +239,11 @@ struct Worker {
     /// Accepting paused after EMFILE/ENFILE until then.
     accept_paused_until: Option<Instant>,
     next_sweep: Instant,
+    /// The queue store and this worker's wake-ups (shared with the sessions).
+    queue: &'static QueueHub,
+    /// When parked queue requests give up: (deadline, connection key). An entry whose
+    /// connection no longer waits with that deadline is stale and ignored.
+    queue_deadlines: std::collections::BTreeSet<(Instant, usize)>,
 }
 
 impl Worker {
@@ -262,6 +274,15 @@ impl Worker {
         // The flusher thread exists only in the worker, started after the fork.
         let syncer = Syncer::start(ledger, poll.registry(), SYNCED_TOKEN)?;
         let settings: &'static WorkerSettings = Box::leak(Box::new(setup.settings));
+        let queue: &'static QueueHub = Box::leak(Box::new(QueueHub {
+            store: setup.queue,
+            wakeup: Wakeup::bind()?,
+        }));
+        poll.registry().register(
+            &mut SourceFd(&queue.wakeup.raw_fd()),
+            WAKEUP_TOKEN,
+            Interest::READABLE,
+        )?;
         let mut link = setup.link;
         poll.registry().register(
             &mut SourceFd(&link.raw_fd()),
@@ -285,7 +306,10 @@ impl Worker {
                 syncer,
                 users: settings.users.as_deref(),
                 throttle: Box::leak(Box::new(RefCell::new(AuthThrottle::default()))),
+                queue,
             },
+            queue,
+            queue_deadlines: std::collections::BTreeSet::new(),
             settings,
             state: State::Serving,
             cell: setup.cell,
@@ -321,6 +345,7 @@ impl Worker {
                     }
                     LINK_TOKEN => self.on_link(event.is_writable(), now),
                     SYNCED_TOKEN => self.release_gated(now),
+                    WAKEUP_TOKEN => self.on_queue_wakeup(now),
                     Token(index) if index < FIRST_CONN_TOKEN => self.accept_batch(index, now),
                     Token(token) => {
                         let readiness = Readiness {
@@ -358,6 +383,9 @@ impl Worker {
         let mut wake = self.next_sweep.min(now + self.settings.heartbeat);
         if let Some(until) = self.accept_paused_until {
             wake = wake.min(until);
+        }
+        if let Some(&(deadline, _)) = self.queue_deadlines.first() {
+            wake = wake.min(deadline);
         }
         wake.saturating_duration_since(now)
     }
@@ -432,6 +460,7 @@ impl Worker {
         };
         self.cell.set_state(WorkerState::Draining);
         self.next_sweep = now;
+        self.end_queue_waits(why, now);
         if why == Drain::Retire {
             self.offer_connections();
         }
@@ -467,19 +496,29 @@ impl Worker {
     }
 
     /// After connection `key` was driven: closed if it says so; else driven again next turn
-    /// if its read budget ran out, and released when the log is durable if replies wait.
+    /// if its read budget ran out, released when the log is durable if replies wait, and
+    /// answered at its deadline if a queue request waits.
     fn settle(&mut self, key: usize, verdict: Verdict, now: Instant) {
-        let Some(conn) = self.conns.get(key) else {
+        let Some(conn) = self.conns.get_mut(key) else {
             return;
         };
         if verdict == Verdict::Close {
             self.close(key, now);
             return;
         }
-        if conn.needs_another_turn() && !self.another_turn.contains(&key) {
+        let (another_turn, gated) = (conn.needs_another_turn(), conn.is_gated());
+        let deadline = if conn.is_waiting() {
+            conn.session().queue().and_then(|queue| queue.deadline())
+        } else {
+            None
+        };
+        if let Some(deadline) = deadline {
+            self.queue_deadlines.insert((deadline, key));
+        }
+        if another_turn && !self.another_turn.contains(&key) {
             self.another_turn.push(key);
         }
-        if conn.is_gated() {
+        if gated {
             self.gated.insert(key);
         }
     }
@@ -502,10 +541,6 @@ impl Worker {
     /// `deliver` hands its session what it waited for (see [`Conn::resume`]). A service
     /// tags its waits with its own unique ids and maps them to keys: keys are reused once a
     /// connection closes, so a wake-up for a closed connection must not reach this.
-    #[expect(
-        dead_code,
-        reason = "the first waiting services (queue, PostgreSQL) are on their way"
-    )]
     fn resume(
         &mut self,
         key: usize,
@@ -528,6 +563,89 @@ impl Worker {
         self.settle(key, verdict, now);
     }
 
+    /// The keys of the connections waiting on the queue.
+    fn queue_waiters(&mut self) -> Vec<usize> {
+        self.conns
+            .iter_mut()
+            .filter(|(_, conn)| conn.is_waiting())
+            .filter_map(|(key, conn)| conn.session().queue().map(|_| key))
+            .collect()
+    }
+
+    /// Pokes arrived: every waiting queue connection whose wait was served gets its reply.
+    fn on_queue_wakeup(&mut self, now: Instant) {
+        self.queue.wakeup.drain();
+        for key in self.queue_waiters() {
+            let served = self
+                .conns
+                .get_mut(key)
+                .and_then(|conn| conn.session().queue().map(|q| q.served()))
+                .unwrap_or(false);
+            if served {
+                self.resume(
+                    key,
+                    |session, out| session.queue().map_or(Flow::Continue, |q| q.on_wakeup(out)),
+                    now,
+                );
+            }
+        }
+    }
+
+    /// Parked queue requests whose timeout has come are answered `ERR timeout` (or with
+    /// what they were served at the last instant).
+    fn queue_timeouts(&mut self, now: Instant) {
+        while let Some(&(deadline, key)) = self.queue_deadlines.first() {
+            if deadline > now {
+                break;
+            }
+            self.queue_deadlines.pop_first();
+            self.resume(
+                key,
+                |session, out| {
+                    session.queue().map_or(Flow::Continue, |q| {
+                        q.give_up(QueueErrorKind::Timeout, Some(now), out)
+                    })
+                },
+                now,
+            );
+        }
+    }
+
+    /// A drain starts: a shutdown answers every parked queue request `ERR shutting-down`;
+    /// a retirement withdraws them, so the connection can move to a successor, which parks
+    /// the request again (a wait served meanwhile is answered here instead).
+    fn end_queue_waits(&mut self, why: Drain, now: Instant) {
+        for key in self.queue_waiters() {
+            if why == Drain::Shutdown {
+                self.resume(
+                    key,
+                    |session, out| {
+                        session.queue().map_or(Flow::Continue, |q| {
+                            q.give_up(QueueErrorKind::ShuttingDown, None, out)
+                        })
+                    },
+                    now,
+                );
+                continue;
+            }
+            let mut request = None;
+            self.resume(
+                key,
+                |session, out| match session.queue().map(|q| q.withdraw(out)) {
+                    Some(Withdrawn::Request(bytes)) => {
+                        request = Some(bytes);
+                        Flow::Wait
+                    }
+                    _ => Flow::Continue,
+                },
+                now,
+            );
+            if let (Some(bytes), Some(conn)) = (request, self.conns.get_mut(key)) {
+                conn.cancel_wait(&bytes);
+            }
+        }
+    }
+
     /// Drives again the connections whose read budget ran out last turn.
     fn take_another_turn(&mut self, now: Instant) {
         for key in std::mem::take(&mut self.another_turn) {
@@ -543,6 +661,7 @@ impl Worker {
     }
 
     fn on_timers(&mut self, now: Instant) {
+        self.queue_timeouts(now);
         if self.accept_paused_until.is_some_and(|until| now >= until) {
             self.pause_or_resume_accepting(now);
         }
