@@ -599,7 +599,7 @@ mod tests {
         let config = Config::load(&Cli::default()).expect("default settings");
         let context = SessionContext {
             config: Box::leak(Box::new(config)),
-            ledger: Box::leak(Box::new(ledger)),
+            ledger: crate::bank::Backend::File(Box::leak(Box::new(ledger))),
             users: None,
             throttle: Box::leak(Box::default()),
         };

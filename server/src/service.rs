@@ -7,9 +7,8 @@ use std::time::Instant;
 
 use forkpool_common::bank::{parse_request, ProtocolError, Reply, Request};
 use forkpool_common::codec::{Flow, Frame, LineFramer, Uppercaser};
-use forkpool_ledger::Ledger;
 
-use crate::bank;
+use crate::bank::{self, Backend};
 use crate::config::Config;
 use crate::handover::SessionState;
 use crate::scoreboard::ServiceCounters;
@@ -71,8 +70,8 @@ pub struct EchoSession {
 #[derive(Debug)]
 pub struct BankSession {
     framer: LineFramer,
-    /// The worker's ledger, mapped for the worker's whole life.
-    ledger: &'static Ledger,
+    /// The worker's ledger, for the worker's whole life.
+    ledger: Backend,
     access: Access,
 }
 
@@ -95,7 +94,7 @@ struct Access {
 pub struct SessionContext {
     /// The worker's settings (`max_line` for the bank).
     pub config: &'static Config,
-    pub ledger: &'static Ledger,
+    pub ledger: Backend,
     /// The bank's users, if a users file is configured.
     pub users: Option<&'static Users>,
     /// Failed AUTHs per peer, for the whole worker (one thread: a `RefCell` is enough).
@@ -265,7 +264,7 @@ impl Session {
 
 /// Answers one bank request line; QUIT stops the connection after its `BYE`, and so does
 /// the AUTH failure that exhausts the connection's tries.
-fn answer_line(ledger: &Ledger, access: &mut Access, line: &[u8], out: &mut Vec<u8>) -> Flow {
+fn answer_line(ledger: Backend, access: &mut Access, line: &[u8], out: &mut Vec<u8>) -> Flow {
     let request = match parse_request(line) {
         Ok(request) => request,
         Err(error) => {
@@ -277,7 +276,14 @@ fn answer_line(ledger: &Ledger, access: &mut Access, line: &[u8], out: &mut Vec<
         reply.write_to(out);
         return flow;
     }
-    bank::execute(ledger, &request).write_to(out);
+    match ledger {
+        Backend::File(ledger) => bank::execute(ledger, &request).write_to(out),
+        Backend::Db(_) => Reply::from(ProtocolError::unavailable(
+            std::time::Duration::ZERO,
+            "not served by the worker yet",
+        ))
+        .write_to(out),
+    }
     if request == Request::Quit {
         Flow::Stop
     } else {
@@ -329,7 +335,7 @@ impl Access {
 mod tests {
     use super::*;
     use crate::config::Cli;
-    use forkpool_ledger::LedgerOptions;
+    use forkpool_ledger::{Ledger, LedgerOptions};
 
     /// A context with `max_line` and a fresh ledger, kept for the test process's life (a
     /// session borrows both for `'static`, as in a worker).
@@ -351,7 +357,7 @@ mod tests {
         .expect("valid settings");
         SessionContext {
             config: Box::leak(Box::new(config)),
-            ledger: Box::leak(Box::new(ledger)),
+            ledger: Backend::File(Box::leak(Box::new(ledger))),
             users: None,
             throttle: Box::leak(Box::default()),
         }

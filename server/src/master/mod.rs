@@ -24,8 +24,6 @@ use nix::unistd::Pid;
 use signal_hook::consts::{SIGHUP, SIGINT, SIGQUIT, SIGTERM, SIGTTIN, SIGTTOU, SIGUSR2};
 use signal_hook_mio::v1_0::Signals;
 
-use forkpool_ledger::Ledger;
-
 use crate::broker::{Broker, Candidate, Routing, WorkerNews};
 use crate::channel::{self, Channel};
 use crate::config::{Cli, Config, MAX_WORKERS};
@@ -37,6 +35,7 @@ use crate::process::{self, Exit, Forked};
 use crate::scoreboard::{Lasting, ServiceTotals};
 use crate::service::ServiceKind;
 use crate::status::{PoolView, StatusServer, WorkerView};
+use crate::store::Store;
 use crate::tls::ServiceTls;
 use crate::upgrade::{Takeover, Upgrade};
 use crate::users::Users;
@@ -103,9 +102,10 @@ pub struct Master {
     /// The links to the workers (and to the other master of an upgrade), and the live
     /// connections passed between them.
     broker: Broker,
-    /// The bank ledger, opened (and recovered) before any fork; every worker inherits the
-    /// mapping. The master itself never takes a ledger lock.
-    ledger: Ledger,
+    /// The bank ledger, opened (and recovered) or prepared before any fork; every worker
+    /// inherits the file's mapping or connects to the database. The master itself never
+    /// takes a ledger lock.
+    store: Store,
     /// The TLS services' certificates, loaded at start and re-read on HUP (a bad file keeps
     /// the current one); each new worker gets them.
     tls: ServiceTls,
@@ -446,8 +446,7 @@ impl Master {
             return;
         }
         self.next_inspection = now + INSPECTION_INTERVAL;
-        // Logs (once) a ledger file truncated, overwritten, deleted or replaced under us.
-        self.ledger.check_file();
+        self.store.check_file();
         let timeout = self.config.graceful_timeout;
         for pid in self.pool.overdue_retirees(now, timeout) {
             log::warn!("worker (pid {pid}) still retiring after {timeout:?}: killing it");
@@ -463,7 +462,7 @@ impl Master {
         let Some(timeout) = self.config.worker_timeout else {
             return;
         };
-        let holders: Vec<i32> = self.ledger.lock_holders().iter().map(|h| h.pid).collect();
+        let holders = self.store.lock_holders();
         let mut hung = self.pool.silent_workers(timeout);
         // Lock holders first: they are what the others wait for.
         hung.sort_by_key(|(pid, _, _)| !holders.contains(&pid.as_raw()));
@@ -562,8 +561,7 @@ impl Master {
             return;
         }
         let mut fds = self.listeners.named_fds();
-        fds.push((std::os::fd::AsRawFd::as_raw_fd(&self.ledger), "ledger"));
-        fds.push((self.ledger.guard_fd(), "ledger-guard"));
+        fds.extend(self.store.upgrade_fds());
         match Upgrade::start(
             &self.exe,
             &self.args,
@@ -706,7 +704,7 @@ impl Master {
             master: self.pid,
             listeners: self.listeners.for_slot(child.slot)?,
             link: child.link,
-            ledger: self.ledger,
+            store: self.store,
             cell: self.pool.cell(child.cell_index),
             settings: WorkerSettings::new(&self.config, &self.tls, self.users.as_ref()),
         })
@@ -737,7 +735,8 @@ impl Master {
             workers: &workers,
             restarts: self.pool.restarts(),
             finished: self.pool.finished(),
-            ledger: Some(self.ledger.overview()),
+            ledger: self.store.overview(),
+            db: self.store.is_postgres().then(|| self.pool.db_stats()),
         };
         server.on_events(tokens, self.io.poll.registry(), &view);
     }

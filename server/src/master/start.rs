@@ -14,8 +14,6 @@ use signal_hook::consts::{
 };
 use signal_hook_mio::v1_0::Signals;
 
-use forkpool_ledger::{Ledger, LedgerOptions};
-
 use super::{
     Master, MasterIo, Phase, ANNOUNCED_VERSION_VAR, PEER_TOKEN, SCOREBOARD_CELLS, SIGNAL_TOKEN,
     STATUS_HTTP_TOKENS,
@@ -30,6 +28,7 @@ use crate::pidfile::PidFile;
 use crate::pool::Pool;
 use crate::service::ServiceKind;
 use crate::status::StatusServer;
+use crate::store::Store;
 use crate::tls::ServiceTls;
 use crate::upgrade::Takeover;
 use crate::users::{Users, UsersError};
@@ -40,7 +39,7 @@ pub enum StartError {
     #[error(transparent)]
     Listen(#[from] ListenError),
     #[error(transparent)]
-    Ledger(#[from] forkpool_ledger::LedgerError),
+    Ledger(#[from] crate::store::StoreError),
     #[error(transparent)]
     PidFile(#[from] crate::pidfile::PidFileError),
     #[error(transparent)]
@@ -101,33 +100,7 @@ impl Master {
         let io = MasterIo::new(config.status_addr)?;
         let pool = Pool::new(config.workers, SCOREBOARD_CELLS).map_err(StartError::Scoreboard)?;
         // The ledger last: it logs what it opened, and a failed start is one line.
-        let ledger = match inherited.ledger.take() {
-            // A binary upgrade: the old master's workers use the ledger right now, so its
-            // locks must not be re-initialised nor recovery run.
-            Some(fd) => Ledger::adopt(
-                fd,
-                inherited.ledger_guard.take(),
-                &config.ledger,
-                config.fsync,
-            )?,
-            None => Ledger::open(
-                &config.ledger,
-                &LedgerOptions {
-                    max_accounts: config.max_accounts,
-                    fsync: config.fsync,
-                    ..LedgerOptions::default()
-                },
-            )?,
-        };
-        // A lock-free read: after an upgrade the old master's workers hold the locks.
-        let audit = ledger.approximate_audit();
-        log::info!(
-            "ledger {}: {} accounts, total {}, fsync {}",
-            config.ledger.display(),
-            audit.accounts,
-            audit.total,
-            config.fsync
-        );
+        let store = Store::open(&config, &mut inherited)?;
         if let (Some(path), Some(users)) = (&config.users_file, &users) {
             log::info!("users file {}: {} users", path.display(), users.len());
         }
@@ -145,7 +118,7 @@ impl Master {
             broker,
             tls,
             users,
-            ledger,
+            store,
             listeners,
             pool,
             phase: Phase::Running,

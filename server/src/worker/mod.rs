@@ -17,7 +17,6 @@ use std::sync::atomic::Ordering::Relaxed;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use forkpool_ledger::Ledger;
 use mio::unix::SourceFd;
 use mio::{Events, Interest, Poll, Token};
 use nix::unistd::Pid;
@@ -26,14 +25,17 @@ use signal_hook::consts::{SIGINT, SIGQUIT, SIGTERM, SIGUSR1};
 use signal_hook_mio::v1_0::Signals;
 use slab::Slab;
 
+use crate::bank::Backend;
 use crate::channel::Channel;
 use crate::config::Config;
 use crate::conn::{Conn, Limits, Readiness, Scratch, Verdict, LINGER_TIMEOUT};
+use crate::db::DbBank;
 use crate::listener::ListeningSocket;
 use crate::master_link::{LeaveReason, Message};
 use crate::process;
 use crate::scoreboard::{self, WorkerCell, WorkerState};
 use crate::service::{ServiceKind, SessionContext};
+use crate::store::Store;
 use crate::tls::ServiceTls;
 use crate::users::{AuthThrottle, Users};
 
@@ -49,7 +51,8 @@ pub struct WorkerSetup {
     pub listeners: Vec<(ServiceKind, ListeningSocket)>,
     /// This worker's end of its link to the master.
     pub link: Channel,
-    pub ledger: Ledger,
+    /// The ledger file's mapping, or the database to connect to.
+    pub store: Store,
     /// This worker's scoreboard cell.
     pub cell: &'static WorkerCell,
     pub settings: WorkerSettings,
@@ -100,6 +103,23 @@ impl WorkerSettings {
     }
 }
 
+/// The worker's ledger: the file's mapping inherited from the master, or a pool of database
+/// connections of its own (opened now, after the fork, in the background).
+fn open_ledger(store: Store, config: &Config, registry: &mio::Registry) -> io::Result<Backend> {
+    Ok(match store {
+        Store::File(ledger) => Backend::File(Box::leak(Box::new(ledger))),
+        Store::Postgres(mut settings) => {
+            // A reload may have changed the pool's size and deadline since the master read
+            // the URL.
+            settings.connections = config.ledger_connections;
+            settings.deadline = config.ledger_timeout;
+            Backend::Db(Box::leak(Box::new(DbBank::start(
+                settings, registry, DB_TOKEN,
+            )?)))
+        }
+    })
+}
+
 /// How often a worker beats: at least once a second, and four times per worker timeout.
 fn heartbeat_interval(worker_timeout: Option<Duration>) -> Duration {
     let second = Duration::from_secs(1);
@@ -134,6 +154,8 @@ fn jitter_seed() -> u64 {
 const SIGNAL_TOKEN: Token = Token(usize::MAX - 1);
 /// The link to the master.
 const LINK_TOKEN: Token = Token(usize::MAX - 2);
+/// The database pool's wake-up: replies are ready (a PostgreSQL ledger).
+const DB_TOKEN: Token = Token(usize::MAX - 3);
 /// Connection tokens start here; lower tokens are listeners (a slot may accept from the
 /// sockets of every slot of a larger pool that shrank).
 const FIRST_CONN_TOKEN: usize = 1 << 16;
@@ -249,10 +271,10 @@ impl Worker {
             listening.watch(poll.registry(), Token(index))?;
             listeners.push(listening);
         }
-        // The worker keeps its ledger mapping and settings for its whole life; sessions
-        // borrow them.
-        let ledger: &'static Ledger = Box::leak(Box::new(setup.ledger));
         let settings: &'static WorkerSettings = Box::leak(Box::new(setup.settings));
+        // The worker keeps its ledger (mapping or database pool) and settings for its whole
+        // life; sessions borrow them.
+        let ledger = open_ledger(setup.store, &settings.config, poll.registry())?;
         let mut link = setup.link;
         poll.registry().register(
             &mut SourceFd(&link.raw_fd()),
@@ -289,6 +311,17 @@ impl Worker {
         }))
     }
 
+    /// The database pool's replies are ready: each goes to the connection waiting for it.
+    fn on_db_replies(&mut self) {
+        let Backend::Db(db) = self.sessions.ledger else {
+            return;
+        };
+        for (key, reply) in db.completions() {
+            log::trace!("ledger reply for connection {key}: {reply:?}");
+        }
+        self.cell.db.publish(&db.stats());
+    }
+
     fn serve(&mut self) -> io::Result<()> {
         let mut events = Events::with_capacity(EVENTS_CAPACITY);
         loop {
@@ -309,6 +342,7 @@ impl Worker {
                         }
                     }
                     LINK_TOKEN => self.on_link(event.is_writable(), now),
+                    DB_TOKEN => self.on_db_replies(),
                     Token(index) if index < FIRST_CONN_TOKEN => self.accept_batch(index, now),
                     Token(token) => {
                         let readiness = Readiness {
