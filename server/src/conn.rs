@@ -3,6 +3,11 @@
 //! edge-triggered I/O rules (read until the socket is drained, ask for writable only while
 //! output is pending), backpressure, and the lingering close.
 //!
+//! A session may wait (a blocking request, a reply from a database thread): the connection
+//! then reads nothing more, keeps the input the session has not looked at (`unread`, at most
+//! one read's worth), and goes on when the worker calls [`Conn::resume`] with what the
+//! session waited for.
+//!
 //! An idle connection holds no buffer: reads go into the worker's shared buffer and replies
 //! are written straight from the worker's scratch buffer; only what the socket did not take
 //! is copied into the connection.
@@ -17,7 +22,7 @@ use mio::{Interest, Registry, Token};
 
 use crate::handover::ConnState;
 use crate::scoreboard::ServiceCounters;
-use crate::service::Session;
+use crate::service::{Session, Step};
 use crate::tls::{tls_failure, Transport};
 
 /// How long a closing connection keeps reading (and discarding) after its last reply, so
@@ -106,6 +111,11 @@ pub struct Conn {
     /// A retiring worker found no successor for it: it is served here to a request
     /// boundary, then closed.
     staying: bool,
+    /// The session holds a request it cannot answer yet: nothing is read until it can.
+    waiting: bool,
+    /// Input read from the socket that the session has not looked at (it arrived behind a
+    /// request that waits); fed before anything else is read.
+    unread: Vec<u8>,
     phase: Phase,
     /// When bytes last moved either way (for the idle timeout and the drain).
     pub last_active: Instant,
@@ -131,14 +141,16 @@ impl Conn {
             read_paused: false,
             turn_spent: false,
             staying: false,
+            waiting: false,
+            unread: Vec::new(),
             phase: Phase::Open,
             last_active: now,
         }
     }
 
-    /// A connection continued from another worker: its unsent replies and whether its
-    /// client has sent EOF come with it. Input may already wait in the socket (no readiness
-    /// edge will announce it), so the first drive reads to the end.
+    /// A connection continued from another worker: its unsent replies, its unread input
+    /// and whether its client has sent EOF come with it. Input may already wait in the
+    /// socket (no readiness edge will announce it), so the first drive reads to the end.
     pub fn adopt(
         stream: Transport,
         token: Token,
@@ -147,12 +159,12 @@ impl Conn {
         state: &ConnState,
         now: Instant,
     ) -> Conn {
-        Conn {
-            pending: state.pending.clone(),
-            peer_closed: state.peer_closed,
-            read_paused: true,
-            ..Conn::new(stream, token, session, counters, now)
-        }
+        let mut conn = Conn::new(stream, token, session, counters, now);
+        conn.pending = state.pending.clone();
+        conn.unread = state.unread.clone();
+        conn.peer_closed = state.peer_closed;
+        conn.read_paused = true;
+        conn
     }
 
     pub fn counters(&self) -> &'static ServiceCounters {
@@ -174,7 +186,7 @@ impl Conn {
     /// can continue (a closing one finishes here) that has not come back already. A TLS
     /// session lives in this process's memory: it cannot move with its descriptor.
     pub fn may_be_offered(&self) -> bool {
-        self.phase == Phase::Open && !self.staying && !self.stream.is_tls()
+        self.phase == Phase::Open && !self.staying && !self.waiting && !self.stream.is_tls()
     }
 
     /// Retiring: a connection that cannot be handed over (an open TLS session) is served
@@ -206,6 +218,7 @@ impl Conn {
         Ok(ConnState {
             session: self.session.export(),
             pending: self.pending[self.sent..].to_vec(),
+            unread: self.unread.clone(),
             peer_closed: self.peer_closed,
         })
     }
@@ -246,14 +259,121 @@ impl Conn {
         self.stream.as_fd()
     }
 
-    /// Is the client part-way through a request (see [`Session::mid_request`])?
+    /// Is the client part-way through a request (see [`Session::mid_request`]), or is a
+    /// request waiting or unread?
     pub fn mid_request(&self) -> bool {
-        self.session.mid_request()
+        self.session.mid_request() || self.waiting || !self.unread.is_empty()
     }
 
-    /// Is the connection open and idle: no reply pending, not closing?
+    /// Is the connection open and idle: no reply pending or awaited, not closing?
     pub fn is_quiet(&self) -> bool {
-        self.phase == Phase::Open && self.unsent() == 0
+        self.phase == Phase::Open && self.unsent() == 0 && !self.waiting
+    }
+
+    /// Does the session hold a request it cannot answer yet?
+    pub fn is_waiting(&self) -> bool {
+        self.waiting
+    }
+
+    /// The wait is over: `deliver` gives the session what it waited for and writes the
+    /// reply, returning [`Flow::Wait`] if the session must go on waiting. Then the input
+    /// that arrived meanwhile is answered. Nothing happens if the connection is not waiting.
+    pub fn resume(
+        &mut self,
+        deliver: impl FnOnce(&mut Session, &mut Vec<u8>) -> Flow,
+        scratch: &mut Scratch,
+        limits: Limits,
+        registry: &Registry,
+        now: Instant,
+    ) -> Verdict {
+        if !self.waiting {
+            return Verdict::Keep;
+        }
+        scratch.write.clear();
+        let flow = deliver(&mut self.session, &mut scratch.write);
+        self.set_waiting(flow == Flow::Wait);
+        if flow == Flow::Stop {
+            self.phase = Phase::Closing;
+            self.unread = Vec::new();
+        }
+        let replies = std::mem::take(&mut scratch.write);
+        let sent = self.send(&replies);
+        scratch.write = replies;
+        if sent.is_err() {
+            return Verdict::Close;
+        }
+        self.last_active = now;
+        // Input may have arrived while the session waited: no new edge will announce it.
+        self.read_paused = true;
+        self.on_ready(Readiness::default(), scratch, limits, registry, now)
+    }
+
+    #[cfg_attr(
+        not(test),
+        expect(dead_code, reason = "the queue's parked requests are on their way")
+    )]
+    /// The service gave up a wait without answering (it cancelled a parked request, to hand
+    /// the connection over or to serve it again): `request`, the waiting request's bytes, goes
+    /// back in front of the unread input, to be fed again.
+    pub fn cancel_wait(&mut self, request: &[u8]) {
+        if !self.waiting {
+            return;
+        }
+        self.set_waiting(false);
+        self.unread.splice(0..0, request.iter().copied());
+        self.read_paused = true;
+    }
+
+    fn set_waiting(&mut self, waiting: bool) {
+        if waiting != self.waiting {
+            let gauge = &self.counters.waiting;
+            if waiting {
+                gauge.fetch_add(1, Relaxed);
+            } else {
+                gauge.fetch_sub(1, Relaxed);
+            }
+            self.waiting = waiting;
+        }
+    }
+
+    /// What the session made of `input`: counted, and a wait or a stop taken note of.
+    fn take_step(&mut self, step: Step, input: &[u8]) {
+        if step.requests > 0 {
+            self.counters.requests.fetch_add(step.requests, Relaxed);
+        }
+        match step.flow {
+            Flow::Continue => {}
+            Flow::Stop => self.phase = Phase::Closing,
+            Flow::Wait => {
+                self.set_waiting(true);
+                self.unread = input.get(step.consumed..).unwrap_or_default().to_vec();
+            }
+        }
+    }
+
+    /// Answers the input a wait left unread (an adopted connection's too).
+    fn feed_unread(&mut self, scratch: &mut Scratch) -> io::Result<()> {
+        let unread = std::mem::take(&mut self.unread);
+        scratch.write.clear();
+        let step = self.session.on_input(&unread, &mut scratch.write);
+        self.take_step(step, &unread);
+        let replies = std::mem::take(&mut scratch.write);
+        let sent = self.send(&replies);
+        scratch.write = replies;
+        sent
+    }
+
+    /// Waiting, the socket reported a hang-up or an error: a reset ends the connection (no
+    /// reply can reach the client); an orderly EOF does not (a half-closed client may still
+    /// be waiting for the answer).
+    fn check_not_reset(&self) -> io::Result<()> {
+        use nix::sys::socket::{recv, MsgFlags};
+        let mut byte = [0u8; 1];
+        let flags = MsgFlags::MSG_PEEK | MsgFlags::MSG_DONTWAIT;
+        match recv(self.stream.as_fd().as_raw_fd(), &mut byte, flags) {
+            Err(nix::errno::Errno::EAGAIN) | Ok(_) => Ok(()),
+            Err(errno) => Err(errno.into()),
+        }
     }
 
     /// Did this connection stop reading only because its turn was over? The worker then
@@ -337,6 +457,20 @@ impl Conn {
         if let Phase::Lingering { .. } = self.phase {
             return self.discard_input(scratch, now);
         }
+        if self.waiting {
+            // Nothing is read while a request waits (what arrives is read once it is over).
+            if readiness.read_closed {
+                self.check_not_reset()?;
+            }
+            if readiness.writable {
+                self.flush(now)?;
+            }
+            self.update_interest(registry)?;
+            return Ok(Verdict::Keep);
+        }
+        if !self.unread.is_empty() && self.phase == Phase::Open {
+            self.feed_unread(scratch)?;
+        }
         // A connection paused by backpressure still has unread input and will get no new
         // readable edge for it: read again once replies drain below the limit.
         let mut may_read = readiness.readable || readiness.read_closed || self.read_paused;
@@ -348,7 +482,7 @@ impl Conn {
         }
         let mut reads = 0;
         self.turn_spent = false;
-        while may_read && self.phase == Phase::Open && !self.peer_closed {
+        while may_read && self.phase == Phase::Open && !self.peer_closed && !self.waiting {
             if reads == READS_PER_TURN {
                 self.read_paused = true;
                 self.turn_spent = true;
@@ -387,7 +521,7 @@ impl Conn {
         };
         let out = &mut scratch.write;
         out.clear();
-        let (flow, requests) = if n == 0 {
+        let step = if n == 0 {
             self.peer_closed = true;
             self.session.on_eof(out)
         } else {
@@ -395,18 +529,15 @@ impl Conn {
             self.counters.bytes_in.fetch_add(n as u64, Relaxed);
             self.session.on_input(&scratch.read[..n], out)
         };
-        if flow == Flow::Stop {
-            self.phase = Phase::Closing;
-        }
-        if requests > 0 {
-            self.counters.requests.fetch_add(requests, Relaxed);
-        }
+        self.take_step(step, &scratch.read[..n]);
         self.send(&scratch.write)?;
-        Ok(if n == 0 || (n < scratch.read.len() && !to_the_end) {
-            ReadOutcome::Drained
-        } else {
-            ReadOutcome::More
-        })
+        Ok(
+            if n == 0 || self.waiting || (n < scratch.read.len() && !to_the_end) {
+                ReadOutcome::Drained
+            } else {
+                ReadOutcome::More
+            },
+        )
     }
 
     /// Writes `replies` after whatever is already pending; keeps what the socket refuses.
@@ -473,7 +604,7 @@ impl Conn {
 
     /// Once every reply is out: close after the client's EOF, or shut down and linger.
     fn after_flush(&mut self, scratch: &mut Scratch, now: Instant) -> io::Result<Verdict> {
-        if !self.all_sent() {
+        if !self.all_sent() || self.waiting {
             return Ok(Verdict::Keep);
         }
         if self.peer_closed {
@@ -519,6 +650,13 @@ impl Conn {
         }
         self.phase = Phase::Lingering { until, discarded };
         Ok(Verdict::Keep)
+    }
+}
+
+impl Drop for Conn {
+    /// A connection closed while it waited no longer counts as waiting.
+    fn drop(&mut self) {
+        self.set_waiting(false);
     }
 }
 
@@ -578,6 +716,22 @@ mod tests {
     }
 
     fn pair(kind: ServiceKind, output_limit: usize) -> Pair {
+        pair_of(output_limit, |context, peer, counters| {
+            Session::new(kind, context, peer, counters)
+        })
+    }
+
+    /// A connection whose session waits on each line `hold` (see `Session::Hold`).
+    fn holding_pair() -> Pair {
+        pair_of(1 << 20, |_, _, _| {
+            Session::Hold(forkpool_common::codec::LineFramer::new(64))
+        })
+    }
+
+    fn pair_of(
+        output_limit: usize,
+        session: impl FnOnce(SessionContext, PeerKey, &'static ServiceCounters) -> Session,
+    ) -> Pair {
         let listener = TcpListener::bind("127.0.0.1:0").expect("bind loopback");
         let client = StdStream::connect(listener.local_addr().expect("bound")).expect("connect");
         client
@@ -609,7 +763,7 @@ mod tests {
         let mut conn = Conn::new(
             Transport::Plain(mio::net::TcpStream::from_std(server)),
             TOKEN,
-            Session::new(kind, context, peer, counters),
+            session(context, peer, counters),
             counters,
             Instant::now(),
         );
@@ -641,6 +795,32 @@ mod tests {
                 self.poll.registry(),
                 Instant::now(),
             )
+        }
+
+        /// Ends the wait with `reply` and `flow` (what a service's wake-up does).
+        fn resume(&mut self, reply: &'static [u8], flow: Flow) -> Verdict {
+            self.conn.resume(
+                |_, out| {
+                    out.extend_from_slice(reply);
+                    flow
+                },
+                &mut self.scratch,
+                self.limits,
+                self.poll.registry(),
+                Instant::now(),
+            )
+        }
+
+        /// Reads exactly `expected.len()` bytes from the client and compares.
+        fn expect_replies(&mut self, expected: &[u8]) {
+            let mut replies = vec![0u8; expected.len()];
+            self.client
+                .read_exact(&mut replies)
+                .expect("read the replies");
+            assert_eq!(
+                String::from_utf8_lossy(&replies),
+                String::from_utf8_lossy(expected)
+            );
         }
 
         /// Steps until `done` says so (panics after WAIT); returns the last verdict.
@@ -686,11 +866,12 @@ mod tests {
         line.push(b'\n');
         let mut sent = 0usize;
         let deadline = Instant::now() + WAIT;
-        // Send without reading until the connection stops reading.
+        // Send without reading until the connection stops reading. A write the socket takes
+        // only part of is continued where it stopped, so the stream stays lines of 1 KiB.
         while !pair.conn.read_paused {
             assert!(Instant::now() < deadline, "the connection kept reading");
             loop {
-                match pair.client.write(&line) {
+                match pair.client.write(&line[sent % line.len()..]) {
                     Ok(n) => sent += n,
                     Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
                     Err(e) => panic!("send: {e}"),
@@ -722,9 +903,98 @@ mod tests {
             }
         }
         assert_eq!(received.len(), sent);
-        assert!(received
-            .chunks(1024)
-            .all(|chunk| chunk[..1023].iter().all(|&b| b == b'X')));
+        let uppercased =
+            |(i, &byte): (usize, &u8)| byte == line[i % line.len()].to_ascii_uppercase();
+        assert!(received.iter().enumerate().all(uppercased));
+    }
+
+    #[test]
+    fn a_waiting_request_holds_back_the_input_behind_it_until_it_is_resumed() {
+        let mut pair = holding_pair();
+        let waiting = &pair.conn.counters().waiting;
+        pair.client.write_all(b"a\nhold\nb\n").expect("send");
+        pair.drive_until("a wait", |conn, _| conn.is_waiting());
+        pair.expect_replies(b"OK a\n");
+        assert_eq!(waiting.load(Relaxed), 1);
+        assert!(pair.conn.mid_request() && !pair.conn.is_quiet());
+        assert!(!pair.conn.may_be_offered(), "not at a request boundary");
+        // Input that arrives during the wait is left in the socket.
+        let read_so_far = pair.conn.counters().bytes_in.load(Relaxed);
+        pair.client.write_all(b"c\n").expect("send");
+        for _ in 0..3 {
+            assert_eq!(pair.step(), Verdict::Keep);
+        }
+        assert_eq!(pair.conn.counters().bytes_in.load(Relaxed), read_so_far);
+        // A wake-up that is not the end of the wait keeps it waiting.
+        assert_eq!(pair.resume(b"", Flow::Wait), Verdict::Keep);
+        assert!(pair.conn.is_waiting());
+        assert_eq!(pair.resume(b"RESUMED\n", Flow::Continue), Verdict::Keep);
+        pair.drive_until("every request", |conn, _| {
+            conn.counters().requests.load(Relaxed) == 4
+        });
+        pair.expect_replies(b"RESUMED\nOK b\nOK c\n");
+        assert_eq!(waiting.load(Relaxed), 0);
+        assert!(pair.conn.is_quiet() && !pair.conn.mid_request());
+    }
+
+    #[test]
+    fn a_cancelled_wait_puts_its_request_back_in_front_of_the_unread_input() {
+        let mut pair = holding_pair();
+        pair.client.write_all(b"hold\nb\n").expect("send");
+        pair.drive_until("a wait", |conn, _| conn.is_waiting());
+        pair.conn.cancel_wait(b"hold\n");
+        assert!(!pair.conn.is_waiting());
+        assert!(pair.conn.may_be_offered());
+        let state = pair.conn.offer(pair.poll.registry()).expect("offer");
+        assert_eq!(state.unread, b"hold\nb\n", "the successor answers both");
+    }
+
+    #[test]
+    fn a_waiting_connection_outlives_the_clients_eof_and_answers_before_closing() {
+        let mut pair = holding_pair();
+        pair.client.write_all(b"x\nhold").expect("send");
+        pair.client
+            .shutdown(std::net::Shutdown::Write)
+            .expect("half-close");
+        pair.drive_until("a wait at the end of the input", |conn, _| {
+            conn.is_waiting() && conn.peer_closed
+        });
+        for _ in 0..3 {
+            assert_eq!(pair.step(), Verdict::Keep, "the EOF does not end the wait");
+        }
+        assert_eq!(pair.resume(b"RESUMED\n", Flow::Continue), Verdict::Close);
+        let Pair {
+            conn, mut client, ..
+        } = pair;
+        drop(conn);
+        let mut replies = Vec::new();
+        client
+            .read_to_end(&mut replies)
+            .expect("a clean end of stream");
+        assert_eq!(replies, b"OK x\nRESUMED\n");
+    }
+
+    #[test]
+    fn a_reset_ends_a_wait_and_the_gauge_forgets_it() {
+        let mut pair = holding_pair();
+        pair.client.write_all(b"hold\n").expect("send");
+        pair.drive_until("a wait", |conn, _| conn.is_waiting());
+        let waiting = &pair.conn.counters().waiting;
+        assert_eq!(waiting.load(Relaxed), 1);
+        socket2::SockRef::from(&pair.client)
+            .set_linger(Some(Duration::ZERO))
+            .expect("SO_LINGER 0");
+        // Close the client (a reset, with SO_LINGER 0); a connection to nowhere in particular
+        // takes its place in the pair.
+        let elsewhere = TcpListener::bind("127.0.0.1:0").expect("bind loopback");
+        let stand_in = StdStream::connect(elsewhere.local_addr().expect("bound")).expect("connect");
+        drop(std::mem::replace(&mut pair.client, stand_in));
+        pair.drive_until("the reset to close it", |_, verdict| {
+            verdict == Verdict::Close
+        });
+        let Pair { conn, .. } = pair;
+        drop(conn);
+        assert_eq!(waiting.load(Relaxed), 0);
     }
 
     #[test]

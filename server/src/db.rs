@@ -5,6 +5,10 @@
 //! Connection keys are reused as soon as a connection closes, so a request is known by a
 //! ticket unique in this worker; a session that goes away while its request is in flight
 //! forgets the ticket ([`Pending`]'s `Drop`), and the reply, when it comes, is dropped.
+//!
+//! A session does not know its connection's key: it submits, and the worker, which drives
+//! one connection at a time, [`DbBank::claim`]s what was submitted for the connection it
+//! just drove (every drive of a connection ends in the worker's `settle`, which claims).
 
 use std::cell::{Cell, RefCell};
 use std::collections::HashMap;
@@ -19,7 +23,9 @@ use mio::{Registry, Token, Waker};
 pub struct DbBank {
     bank: PgBank,
     next_ticket: Cell<u64>,
-    /// The connection (its key in the worker's slab) waiting for each ticket in flight.
+    /// Tickets submitted while a connection was driven, not yet claimed for it.
+    unclaimed: RefCell<Vec<u64>>,
+    /// The connection (its key in the worker's slab) waiting for each claimed ticket.
     waiting: RefCell<HashMap<u64, usize>>,
 }
 
@@ -42,6 +48,7 @@ pub struct Pending {
 impl Drop for Pending {
     fn drop(&mut self) {
         self.db.waiting.borrow_mut().remove(&self.ticket);
+        self.db.unclaimed.borrow_mut().retain(|&t| t != self.ticket);
     }
 }
 
@@ -58,17 +65,26 @@ impl DbBank {
         Ok(DbBank {
             bank: PgBank::start(settings, wake)?,
             next_ticket: Cell::new(0),
+            unclaimed: RefCell::default(),
             waiting: RefCell::default(),
         })
     }
 
-    /// Queues `op` for the connection with key `conn`; never blocks.
-    pub fn submit(&'static self, conn: usize, op: LedgerOp) -> Pending {
+    /// Queues `op` for the connection being driven; never blocks.
+    pub fn submit(&'static self, op: LedgerOp) -> Pending {
         let ticket = self.next_ticket.get();
         self.next_ticket.set(ticket + 1);
-        self.waiting.borrow_mut().insert(ticket, conn);
+        self.unclaimed.borrow_mut().push(ticket);
         self.bank.submit(ticket, op);
         Pending { db: self, ticket }
+    }
+
+    /// The requests submitted since the last claim are connection `conn`'s.
+    pub fn claim(&self, conn: usize) {
+        let mut waiting = self.waiting.borrow_mut();
+        for ticket in self.unclaimed.borrow_mut().drain(..) {
+            waiting.insert(ticket, conn);
+        }
     }
 
     /// The replies that came back, each with the key of the connection waiting for it
@@ -83,7 +99,7 @@ impl DbBank {
             .collect()
     }
 
-    /// Requests submitted and not answered yet (connections gone included until their
+    /// The pool's figures (requests of connections gone count as in flight until their
     /// reply comes: they still occupy the pool).
     pub fn stats(&self) -> PgStats {
         self.bank.stats()

@@ -45,6 +45,9 @@ pub struct ConnState {
     pub session: SessionState,
     /// Replies written by the predecessor that the socket has not taken yet.
     pub pending: Vec<u8>,
+    /// Input the predecessor read but its session did not look at (it arrived behind a
+    /// request that waited): the successor feeds it before reading the socket.
+    pub unread: Vec<u8>,
     /// The client has sent EOF: the successor answers what is left and closes.
     pub peer_closed: bool,
 }
@@ -67,9 +70,9 @@ impl ConnState {
         }
     }
 
-    /// The wire form: service, flags, then the session's bytes, the pending replies and the
-    /// authenticated user (its name then its token's 32-byte digest; empty if none), each
-    /// with a u64 little-endian length.
+    /// The wire form: service, flags, then the session's bytes, the pending replies, the
+    /// authenticated user (its name then its token's 32-byte digest; empty if none) and the
+    /// unread input, each with a u64 little-endian length.
     pub fn encode(&self) -> Vec<u8> {
         let (service, mut flags, session, user) = match &self.session {
             SessionState::Echo { held, mid_line } => {
@@ -85,9 +88,10 @@ impl ConnState {
         if self.peer_closed {
             flags |= PEER_CLOSED;
         }
-        let mut out = Vec::with_capacity(26 + session.len() + self.pending.len() + user.len());
+        let fields = [session, &self.pending, &user, &self.unread];
+        let mut out = Vec::with_capacity(2 + fields.iter().map(|f| 8 + f.len()).sum::<usize>());
         out.extend_from_slice(&[service, flags]);
-        for field in [session, &self.pending, &user] {
+        for field in fields {
             out.extend_from_slice(&(field.len() as u64).to_le_bytes());
             out.extend_from_slice(field);
         }
@@ -103,6 +107,7 @@ impl ConnState {
         let session = reader.field()?;
         let pending = reader.field()?;
         let user = reader.field()?;
+        let unread = reader.field()?;
         if !reader.0.is_empty() {
             return Err(BadState("trailing bytes"));
         }
@@ -120,6 +125,7 @@ impl ConnState {
         Ok(ConnState {
             session,
             pending,
+            unread,
             peer_closed: flags & PEER_CLOSED != 0,
         })
     }
@@ -197,6 +203,7 @@ mod tests {
                     mid_line: true,
                 },
                 pending: b"HALF A REPLY".to_vec(),
+                unread: Vec::new(),
                 peer_closed: false,
             },
             ConnState {
@@ -205,6 +212,7 @@ mod tests {
                     user: None,
                 },
                 pending: Vec::new(),
+                unread: b"PING\nBALANCE bob\n".to_vec(),
                 peer_closed: true,
             },
             ConnState {
@@ -213,6 +221,7 @@ mod tests {
                     user: Some((UserName::new(b"alice").expect("a name"), [7; 32])),
                 },
                 pending: b"OK alice\n".to_vec(),
+                unread: Vec::new(),
                 peer_closed: false,
             },
         ]
@@ -252,6 +261,7 @@ mod tests {
                 user: None,
             },
             pending: vec![b'Y'; 1 << 20],
+            unread: vec![b'Z'; 60_000],
             peer_closed: false,
         };
         let fd = write_memfd(&state.encode()).expect("a memfd");

@@ -21,7 +21,7 @@ use crate::channel::{Channel, Received};
 use crate::handover::{self, BadState, ConnState, INLINE_STATE_BYTES};
 
 /// The version of this wire form and of [`ConnState`]'s; bump on any change.
-pub const FORMAT_VERSION: u8 = 1;
+pub const FORMAT_VERSION: u8 = 2;
 const MAGIC: [u8; 3] = *b"FPL";
 
 /// Why a worker drains.
@@ -261,6 +261,7 @@ mod tests {
                 user: None,
             },
             pending: b"OK 1\n".to_vec(),
+            unread: b"PING\n".to_vec(),
             peer_closed: false,
         }
     }

@@ -59,6 +59,8 @@ impl WorkerState {
 #[repr(C)]
 pub struct ServiceCounters {
     pub open_connections: AtomicU64,
+    /// Connections whose session waits for a wake-up (a blocking request, a database reply).
+    pub waiting: AtomicU64,
     pub accepted: AtomicU64,
     pub requests: AtomicU64,
     pub bytes_in: AtomicU64,
@@ -297,6 +299,7 @@ impl WorkerCell {
         for counters in &self.services {
             for counter in [
                 &counters.open_connections,
+                &counters.waiting,
                 &counters.accepted,
                 &counters.requests,
                 &counters.bytes_in,

@@ -7,9 +7,11 @@ use std::time::Instant;
 
 use forkpool_common::bank::{parse_request, ProtocolError, Reply, Request};
 use forkpool_common::codec::{Flow, Frame, LineFramer, Uppercaser};
+use forkpool_pgledger::LedgerOp;
 
 use crate::bank::{self, Backend};
 use crate::config::Config;
+use crate::db::Pending;
 use crate::handover::SessionState;
 use crate::scoreboard::ServiceCounters;
 use crate::users::{AuthOutcome, AuthThrottle, ConnAuth, PeerKey, Users};
@@ -48,6 +50,20 @@ impl ServiceKind {
     }
 }
 
+/// What a session made of some input.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Step {
+    /// [`Flow::Stop`]: send what was written, then close. [`Flow::Wait`]: the session holds
+    /// a request it cannot answer yet; the connection reads nothing more until
+    /// [`crate::conn::Conn::resume`] says the wait is over.
+    pub flow: Flow,
+    /// Requests (lines) the input completed, the waiting one included.
+    pub requests: u64,
+    /// Bytes of the input looked at: all of them, except after a wait, where the rest is
+    /// left for the connection to feed again once the wait is over.
+    pub consumed: usize,
+}
+
 /// The protocol state of one connection.
 #[derive(Debug)]
 pub enum Session {
@@ -56,6 +72,10 @@ pub enum Session {
     Echo(EchoSession),
     /// Bank: one request per line, one reply line per request, in order.
     Bank(BankSession),
+    /// A service that waits (tests of the connection's waiting only): a line `hold` waits
+    /// until resumed, any other line is answered `OK <line>`.
+    #[cfg(test)]
+    Hold(LineFramer),
 }
 
 /// An echo connection: the uppercaser's state, and where the client is in its lines.
@@ -72,6 +92,8 @@ pub struct BankSession {
     framer: LineFramer,
     /// The worker's ledger, for the worker's whole life.
     ledger: Backend,
+    /// The request submitted to the database whose reply the session waits for.
+    pending: Option<Pending>,
     access: Access,
 }
 
@@ -137,6 +159,7 @@ impl Session {
             ServiceKind::Bank => Session::Bank(BankSession {
                 framer,
                 ledger: context.ledger,
+                pending: None,
                 access: Access {
                     users: context.users,
                     throttle: context.throttle,
@@ -148,37 +171,62 @@ impl Session {
         }
     }
 
-    /// Handles bytes read from the client, appending the replies to `out`; returns whether
-    /// to go on ([`Flow::Stop`]: send what is in `out`, then close) and how many requests
-    /// (lines) the input completed.
-    pub fn on_input(&mut self, input: &[u8], out: &mut Vec<u8>) -> (Flow, u64) {
+    /// Handles bytes read from the client, appending the replies to `out` (see [`Step`]).
+    pub fn on_input(&mut self, input: &[u8], out: &mut Vec<u8>) -> Step {
         match self {
             Session::Echo(echo) => {
                 echo.upper.feed(input, out);
                 if let Some(&last) = input.last() {
                     echo.mid_line = last != b'\n';
                 }
-                (
-                    Flow::Continue,
-                    memchr::memchr_iter(b'\n', input).count() as u64,
-                )
+                Step {
+                    flow: Flow::Continue,
+                    requests: memchr::memchr_iter(b'\n', input).count() as u64,
+                    consumed: input.len(),
+                }
             }
             Session::Bank(session) => {
-                let (ledger, access) = (session.ledger, &mut session.access);
+                let (ledger, access, pending) =
+                    (session.ledger, &mut session.access, &mut session.pending);
                 let max_line = session.framer.max_line();
                 let mut requests = 0;
-                // The bank answers every line at once: it never waits, so all is consumed.
-                let (flow, _) = session.framer.feed(input, |frame| {
+                let (flow, consumed) = session.framer.feed(input, |frame| {
                     requests += 1;
                     match frame {
-                        Frame::Line(line) => answer_line(ledger, access, line, out),
+                        Frame::Line(line) => answer_line(ledger, access, pending, line, out),
                         Frame::TooLong => {
                             Reply::from(ProtocolError::line_too_long(max_line)).write_to(out);
                             Flow::Stop
                         }
                     }
                 });
-                (flow, requests)
+                Step {
+                    flow,
+                    requests,
+                    consumed,
+                }
+            }
+            #[cfg(test)]
+            Session::Hold(framer) => {
+                let mut requests = 0;
+                let (flow, consumed) = framer.feed(input, |frame| {
+                    requests += 1;
+                    match frame {
+                        Frame::Line(b"hold") => Flow::Wait,
+                        Frame::Line(line) => {
+                            out.extend_from_slice(b"OK ");
+                            out.extend_from_slice(line);
+                            out.push(b'\n');
+                            Flow::Continue
+                        }
+                        Frame::TooLong => Flow::Stop,
+                    }
+                });
+                Step {
+                    flow,
+                    requests,
+                    consumed,
+                }
             }
         }
     }
@@ -189,6 +237,8 @@ impl Session {
         match self {
             Session::Echo(echo) => echo.mid_line,
             Session::Bank(session) => session.framer.buffered() > 0,
+            #[cfg(test)]
+            Session::Hold(framer) => framer.buffered() > 0,
         }
     }
 
@@ -202,6 +252,12 @@ impl Session {
             Session::Bank(session) => SessionState::Bank {
                 partial: session.framer.partial().unwrap_or_default().to_vec(),
                 user: session.access.auth.export(),
+            },
+            // A test session travels as a bank session would.
+            #[cfg(test)]
+            Session::Hold(framer) => SessionState::Bank {
+                partial: framer.partial().unwrap_or_default().to_vec(),
+                user: None,
             },
         }
     }
@@ -232,6 +288,16 @@ impl Session {
         })
     }
 
+    /// The database's reply to the request the session waits for: written, and the session
+    /// goes on with the input behind it.
+    pub fn ledger_reply(&mut self, reply: &Reply, out: &mut Vec<u8>) -> Flow {
+        if let Session::Bank(session) = self {
+            session.pending = None;
+            reply.write_to(out);
+        }
+        Flow::Continue
+    }
+
     /// The server closes the connection: echo sends the bytes it held back (an unfinished
     /// UTF-8 sequence, invalid on its own, goes back unchanged). An unfinished bank line is
     /// not a request and gets no reply.
@@ -242,8 +308,9 @@ impl Session {
     }
 
     /// The client half-closed: answer what is left (an unterminated last line), counted
-    /// as in [`Session::on_input`].
-    pub fn on_eof(&mut self, out: &mut Vec<u8>) -> (Flow, u64) {
+    /// as in [`Session::on_input`]. The flow is [`Flow::Stop`], or [`Flow::Wait`] if the
+    /// last line waits (the connection closes once it is answered).
+    pub fn on_eof(&mut self, out: &mut Vec<u8>) -> Step {
         let answered = match self {
             Session::Echo(echo) => {
                 let before = out.len();
@@ -252,19 +319,56 @@ impl Session {
             }
             Session::Bank(session) => match session.framer.finish() {
                 Some(line) => {
-                    answer_line(session.ledger, &mut session.access, &line, out);
+                    let flow = answer_line(
+                        session.ledger,
+                        &mut session.access,
+                        &mut session.pending,
+                        &line,
+                        out,
+                    );
+                    if flow == Flow::Wait {
+                        return Step {
+                            flow,
+                            requests: 1,
+                            consumed: 0,
+                        };
+                    }
                     true
                 }
                 None => false,
             },
+            #[cfg(test)]
+            Session::Hold(framer) => {
+                let waits = framer.finish().is_some_and(|line| line == b"hold");
+                if waits {
+                    return Step {
+                        flow: Flow::Wait,
+                        requests: 1,
+                        consumed: 0,
+                    };
+                }
+                false
+            }
         };
-        (Flow::Stop, u64::from(answered))
+        Step {
+            flow: Flow::Stop,
+            requests: u64::from(answered),
+            consumed: 0,
+        }
     }
 }
 
 /// Answers one bank request line; QUIT stops the connection after its `BYE`, and so does
 /// the AUTH failure that exhausts the connection's tries.
-fn answer_line(ledger: Backend, access: &mut Access, line: &[u8], out: &mut Vec<u8>) -> Flow {
+/// With a database, a request for the ledger is submitted and the session waits
+/// ([`Flow::Wait`]) for its reply, which [`Session::ledger_reply`] writes.
+fn answer_line(
+    ledger: Backend,
+    access: &mut Access,
+    pending: &mut Option<Pending>,
+    line: &[u8],
+    out: &mut Vec<u8>,
+) -> Flow {
     let request = match parse_request(line) {
         Ok(request) => request,
         Err(error) => {
@@ -276,13 +380,13 @@ fn answer_line(ledger: Backend, access: &mut Access, line: &[u8], out: &mut Vec<
         reply.write_to(out);
         return flow;
     }
-    match ledger {
-        Backend::File(ledger) => bank::execute(ledger, &request).write_to(out),
-        Backend::Db(_) => Reply::from(ProtocolError::unavailable(
-            std::time::Duration::ZERO,
-            "not served by the worker yet",
-        ))
-        .write_to(out),
+    match (ledger, LedgerOp::of(&request)) {
+        (Backend::File(ledger), _) => bank::execute(ledger, &request).write_to(out),
+        (Backend::Db(db), Some(op)) => {
+            *pending = Some(db.submit(op));
+            return Flow::Wait;
+        }
+        (Backend::Db(_), None) => bank::without_ledger(&request).write_to(out),
     }
     if request == Request::Quit {
         Flow::Stop
@@ -374,9 +478,12 @@ mod tests {
     fn feed(session: &mut Session, pieces: &[&[u8]]) -> (Vec<u8>, Flow, u64) {
         let (mut out, mut flow, mut requests) = (Vec::new(), Flow::Continue, 0);
         for piece in pieces {
-            let (f, n) = session.on_input(piece, &mut out);
-            flow = f;
-            requests += n;
+            let step = session.on_input(piece, &mut out);
+            if step.flow != Flow::Stop {
+                assert_eq!(step.consumed, piece.len(), "echo and the bank never wait");
+            }
+            flow = step.flow;
+            requests += step.requests;
         }
         (out, flow, requests)
     }
@@ -411,7 +518,11 @@ mod tests {
         let mut out = Vec::new();
         assert_eq!(
             echo.on_eof(&mut out),
-            (Flow::Stop, 0),
+            Step {
+                flow: Flow::Stop,
+                requests: 0,
+                consumed: 0
+            },
             "nothing left: no request"
         );
         let (out, _, _) = feed(&mut echo, &[b"tail"]);
@@ -450,7 +561,8 @@ mod tests {
         let mut bank = session(ServiceKind::Bank, 64);
         feed(&mut bank, &[b"DEPOSIT bob 5"]);
         let mut out = Vec::new();
-        assert_eq!(bank.on_eof(&mut out), (Flow::Stop, 1));
+        let step = bank.on_eof(&mut out);
+        assert_eq!((step.flow, step.requests), (Flow::Stop, 1));
         assert_eq!(out, b"OK 5\n");
         let mut none = Vec::new();
         bank.on_server_close(&mut none);

@@ -349,6 +349,14 @@ pub fn metrics(view: &PoolView<'_>) -> String {
     per_worker(
         &mut out,
         view,
+        "forkpool_worker_waiting_connections",
+        "gauge",
+        "Connections per worker whose request waits for a wake-up (a blocking request, a database reply).",
+        |c| c.waiting.load(Relaxed),
+    );
+    per_worker(
+        &mut out,
+        view,
         "forkpool_worker_requests_total",
         "counter",
         "Requests served per live worker.",

@@ -17,6 +17,7 @@ use std::sync::atomic::Ordering::Relaxed;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use forkpool_common::codec::Flow;
 use mio::unix::SourceFd;
 use mio::{Events, Interest, Poll, Token};
 use nix::unistd::Pid;
@@ -34,7 +35,7 @@ use crate::listener::ListeningSocket;
 use crate::master_link::{LeaveReason, Message};
 use crate::process;
 use crate::scoreboard::{self, WorkerCell, WorkerState};
-use crate::service::{ServiceKind, SessionContext};
+use crate::service::{ServiceKind, Session, SessionContext};
 use crate::store::Store;
 use crate::tls::ServiceTls;
 use crate::users::{AuthThrottle, Users};
@@ -312,12 +313,12 @@ impl Worker {
     }
 
     /// The database pool's replies are ready: each goes to the connection waiting for it.
-    fn on_db_replies(&mut self) {
+    fn on_db_replies(&mut self, now: Instant) {
         let Backend::Db(db) = self.sessions.ledger else {
             return;
         };
         for (key, reply) in db.completions() {
-            log::trace!("ledger reply for connection {key}: {reply:?}");
+            self.resume(key, |session, out| session.ledger_reply(&reply, out), now);
         }
         self.cell.db.publish(&db.stats());
     }
@@ -342,7 +343,7 @@ impl Worker {
                         }
                     }
                     LINK_TOKEN => self.on_link(event.is_writable(), now),
-                    DB_TOKEN => self.on_db_replies(),
+                    DB_TOKEN => self.on_db_replies(now),
                     Token(index) if index < FIRST_CONN_TOKEN => self.accept_batch(index, now),
                     Token(token) => {
                         let readiness = Readiness {
@@ -485,11 +486,48 @@ impl Worker {
             self.poll.registry(),
             now,
         );
+        self.settle(key, verdict, now);
+    }
+
+    /// After connection `key` was driven: closed if it says so, or driven again next turn
+    /// if its read budget ran out.
+    fn settle(&mut self, key: usize, verdict: Verdict, now: Instant) {
+        if let Backend::Db(db) = self.sessions.ledger {
+            db.claim(key);
+        }
         if verdict == Verdict::Close {
             self.close(key, now);
-        } else if conn.needs_another_turn() && !self.another_turn.contains(&key) {
+        } else if self.conns.get(key).is_some_and(Conn::needs_another_turn)
+            && !self.another_turn.contains(&key)
+        {
             self.another_turn.push(key);
         }
+    }
+
+    /// A wake-up for the waiting connection `key` (from the service that made it wait):
+    /// `deliver` hands its session what it waited for (see [`Conn::resume`]). A service
+    /// tags its waits with its own unique ids and maps them to keys: keys are reused once a
+    /// connection closes, so a wake-up for a closed connection must not reach this.
+    fn resume(
+        &mut self,
+        key: usize,
+        deliver: impl FnOnce(&mut Session, &mut Vec<u8>) -> Flow,
+        now: Instant,
+    ) {
+        let Some(conn) = self.conns.get_mut(key) else {
+            return;
+        };
+        let limits = Limits {
+            output_limit: self.settings.config.output_limit,
+        };
+        let verdict = conn.resume(
+            deliver,
+            &mut self.scratch,
+            limits,
+            self.poll.registry(),
+            now,
+        );
+        self.settle(key, verdict, now);
     }
 
     /// Drives again the connections whose read budget ran out last turn.
@@ -541,6 +579,9 @@ impl Worker {
                 (Some(until), _) => now >= until,
                 (None, Sweep::All) => true,
                 (None, _) if conn.is_offered() => false,
+                // A request waiting for a wake-up is not idleness, and a drain lets the
+                // service answer it (only the drain's deadline closes it).
+                (None, _) if conn.is_waiting() => false,
                 (None, Sweep::Idle(quiet)) => {
                     now.saturating_duration_since(conn.last_active) >= quiet
                 }
