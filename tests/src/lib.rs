@@ -135,6 +135,15 @@ pub mod log_phrase {
     ];
 }
 
+/// Where a test server's bank keeps its accounts.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LedgerKind {
+    /// The shared-memory ledger file, in the server's data directory (the default).
+    File,
+    /// A fresh database of this test binary's PostgreSQL cluster (see [`pg`]).
+    Postgres,
+}
+
 /// Options for starting a server; every test gets its own ledger and short timeouts.
 pub struct ServerBuilder {
     args: Vec<String>,
@@ -151,6 +160,19 @@ pub struct ServerBuilder {
 }
 
 impl ServerBuilder {
+    /// Keeps the bank's accounts in `kind`. `None` when PostgreSQL is asked for and not
+    /// installed (noted, and a failure under `CI`): the test has nothing to run.
+    pub fn ledger(self, kind: LedgerKind) -> Option<Self> {
+        Some(match kind {
+            LedgerKind::File => self,
+            LedgerKind::Postgres => {
+                let cluster = pg::postgres()?;
+                let url = cluster.url(&cluster.new_database());
+                self.args(["--ledger".to_string(), url])
+            }
+        })
+    }
+
     /// Adds command-line arguments (they win over the harness's defaults).
     pub fn args<I: IntoIterator<Item = S>, S: Into<String>>(mut self, args: I) -> Self {
         self.args.extend(args.into_iter().map(Into::into));
