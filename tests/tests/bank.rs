@@ -618,7 +618,7 @@ fn concurrent_random_transfers_conserve_money_and_match_the_acknowledged_ones(le
             .map(|client| {
                 scope.spawn(move || {
                     let mut batches = 0;
-                    run_transfers(addr, client, 32, || {
+                    run_transfers(addr, ledger, client, 32, || {
                         batches += 1;
                         batches <= 40
                     })
@@ -667,7 +667,9 @@ fn workers_sigkilled_every_fifty_ms_lose_no_money_and_no_acknowledged_transfer(l
         let clients: Vec<_> = (0..CLIENTS)
             .map(|client| {
                 let stop = &stop;
-                scope.spawn(move || run_transfers(addr, client, 8, || !stop.load(Ordering::SeqCst)))
+                scope.spawn(move || {
+                    run_transfers(addr, ledger, client, 8, || !stop.load(Ordering::SeqCst))
+                })
             })
             .collect();
         let auditor = scope.spawn(|| audit_while(addr, &stop));
@@ -1219,6 +1221,7 @@ struct Tally {
 /// and the witness balance then classifies the batch's unanswered transfers.
 fn run_transfers(
     addr: SocketAddr,
+    ledger: LedgerKind,
     client: usize,
     batch: usize,
     mut more: impl FnMut() -> bool,
@@ -1268,6 +1271,7 @@ fn run_transfers(
         if replies.dropped {
             tally.drops += 1;
             // How many of this batch's witnesses were applied, replies or not.
+            settle_killed_requests(ledger);
             let (held, fresh) = balance_on_a_fresh_connection(addr, &destination);
             stream = Some(fresh);
             let applied = usize::try_from(held - 1 - witnessed_before).expect("a small count");
@@ -1289,6 +1293,17 @@ fn run_transfers(
         }
     }
     tally
+}
+
+/// Waits until every request of a killed worker has its final outcome: at once with the
+/// ledger file (a killed worker's operation is repaired before anyone reads), after the
+/// killed workers' database connections are gone with PostgreSQL.
+fn settle_killed_requests(ledger: LedgerKind) {
+    if ledger == LedgerKind::Postgres {
+        if let Some(cluster) = forkpool_testkit::pg::postgres() {
+            cluster.wait_dead_workers_gone();
+        }
+    }
 }
 
 /// Reads an account's balance on a new connection (again if a kill drops that one too) and

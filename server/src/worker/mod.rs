@@ -114,6 +114,7 @@ fn open_ledger(store: Store, config: &Config, registry: &mio::Registry) -> io::R
             // the URL.
             settings.connections = config.ledger_connections;
             settings.deadline = config.ledger_timeout;
+            settings.label_connections(&format!("worker {}", std::process::id()));
             Backend::Db(Box::leak(Box::new(DbBank::start(
                 settings, registry, DB_TOKEN,
             )?)))
