@@ -930,6 +930,34 @@ pub fn is_alive(pid: Pid) -> bool {
     process_state(pid).is_some_and(|state| state != 'Z')
 }
 
+/// Checks a `/metrics` page with `promtool check metrics` (when promtool is installed, see
+/// [`tool`]); panics with promtool's complaints and the page.
+pub fn check_with_promtool(page: &str) {
+    let Some(promtool) = tool("promtool") else {
+        return;
+    };
+    let mut check = Command::new(promtool)
+        .args(["check", "metrics"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("promtool runs");
+    check
+        .stdin
+        .take()
+        .expect("stdin is piped")
+        .write_all(page.as_bytes())
+        .expect("feed promtool");
+    let out = check.wait_with_output().expect("promtool finishes");
+    assert!(
+        out.status.success(),
+        "promtool check metrics failed:\n{}{}\n{page}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
 /// The path of an external tool a test needs, or `None` (the test then does nothing) when
 /// it is missing outside CI. Under CI (`CI` set) a missing tool fails the test: `.ci/run`
 /// installs every tool the tests use.

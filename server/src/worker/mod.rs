@@ -321,7 +321,15 @@ impl Worker {
         for (key, reply) in db.completions() {
             self.resume(key, |session, out| session.ledger_reply(&reply, out), now);
         }
-        self.cell.db.publish(&db.stats());
+        self.publish_db_stats();
+    }
+
+    /// Copies the database pool's figures to the scoreboard (after replies, and at each
+    /// sweep: connections open and close without any request).
+    fn publish_db_stats(&self) {
+        if let Backend::Db(db) = self.sessions.ledger {
+            self.cell.db.publish(&db.stats());
+        }
     }
 
     fn serve(&mut self) -> io::Result<()> {
@@ -568,6 +576,7 @@ impl Worker {
         };
         self.next_sweep = now + tick;
         self.sweep(now, sweep);
+        self.publish_db_stats();
     }
 
     /// Closes the connections `sweep` names and ends overdue lingering closes. A silent
