@@ -8,12 +8,12 @@
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::TcpStream;
 use std::path::Path;
-use std::process::{Command, Stdio};
+use std::process::Command;
 use std::time::{Duration, Instant};
 
 use forkpool_testkit::{
     bench_json, check_with_promtool, http_request, is_alive, json_number, log_phrase, metric,
-    process_state, read_line, request_line, socket_owner, tool, wait_until, Server, Signal,
+    process_state, read_line, request_line, socket_owner, wait_until, Server, Signal,
 };
 use nix::sys::signal::kill;
 use nix::unistd::Pid;
