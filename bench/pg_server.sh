@@ -1,14 +1,16 @@
 #!/usr/bin/env bash
 # forkpool's bank over the wire with its ledger on PostgreSQL (issue 18), next to the floor:
 # pgbench running the same transfer transaction (bench/pgbench_transfer.sql) with the same
-# client count against the same cluster; 1 instance (2 workers) and 2 instances (2 workers
-# each) sharing one database; and the server's CPU per request next to the shared-memory
-# ledger's at the same load. Prints a Markdown table.
+# client count against the same cluster, one instance (2 workers); and the server's CPU per
+# request next to the shared-memory ledger's at the same load. Prints a Markdown table.
+# (Two instances on one database are not measured yet: forkpool-bench checks the ledger's
+# total during its setup and at the end, and a second bench writing to the same database
+# makes that check fail.)
 #
 #   bench/pg_server.sh                        # 16 and 64 clients, 10 s each, fsync on
 #   CLIENTS="16" SECONDS_EACH=5 bench/pg_server.sh
 #
-# Each forkpool worker gets clients/(2 x instances) database connections (pgbench has one per
+# Each forkpool worker gets clients/2 database connections (pgbench has one per
 # client). forkpool-bench opens its own accounts (bench-0 ..) and checks every reply; its
 # server CPU is the process tree of each instance (--server-pid).
 set -euo pipefail
@@ -90,8 +92,8 @@ wire() {
             ((map(.server_cpu_us) | add) / (map(.requests) | add))] | @tsv' -r "${jsons[@]}"
 }
 
-echo "| clients | pgbench TPS | forkpool 1 instance transfers/s | ratio | forkpool 2 instances transfers/s | ratio | server CPU µs/transfer PG (1 inst.) | server CPU µs/transfer shm ledger |"
-echo "|---:|---:|---:|---:|---:|---:|---:|---:|"
+echo "| clients | pgbench TPS | forkpool transfers/s | ratio | server CPU µs/transfer, PG ledger | server CPU µs/transfer, shm ledger |"
+echo "|---:|---:|---:|---:|---:|---:|"
 for c in $CLIENTS; do
     "${psql[@]}" -d floor -c "VACUUM ANALYZE" >/dev/null
     floor=$("$bin/pgbench" -h "$root/sock" -p "$PORT" -U postgres -n -M prepared \
@@ -101,14 +103,9 @@ for c in $CLIENTS; do
     start_server "$wire_url" $((c / 2))
     read -r one one_cpu < <(wire "$c" "$PID" "$ADDR")
     kill -TERM "$PID"; wait "$PID" || true
-    start_server "$wire_url" $((c / 4)); a_pid=$PID a_addr=$ADDR
-    start_server "$wire_url" $((c / 4))
-    read -r two _ < <(wire "$c" "$a_pid" "$a_addr" "$PID" "$ADDR")
-    kill -TERM "$a_pid" "$PID"; wait "$a_pid" "$PID" || true
     start_server "$root/ledger-$c.bin" 1
     read -r _ shm_cpu < <(wire "$c" "$PID" "$ADDR")
     kill -TERM "$PID"; wait "$PID" || true
-    printf "| %s | %.0f | %.0f | %.2f | %.0f | %.2f | %.1f | %.1f |\n" "$c" "$floor" \
-        "$one" "$(awk -v a="$one" -v b="$floor" 'BEGIN { print a / b }')" \
-        "$two" "$(awk -v a="$two" -v b="$floor" 'BEGIN { print a / b }')" "$one_cpu" "$shm_cpu"
+    printf "| %s | %.0f | %.0f | %.2f | %.1f | %.1f |\n" "$c" "$floor" \
+        "$one" "$(awk -v a="$one" -v b="$floor" 'BEGIN { print a / b }')" "$one_cpu" "$shm_cpu"
 done
