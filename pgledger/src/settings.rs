@@ -121,6 +121,14 @@ impl PgSettings {
         Ok(())
     }
 
+    /// Appends ` {label}` to the connections' `application_name` (e.g. the worker's pid, so
+    /// that `pg_stat_activity` tells which process each connection serves).
+    pub fn label_connections(&mut self, label: &str) {
+        let name = self.config.get_application_name().unwrap_or("forkpool");
+        let labelled = format!("{name} {label}");
+        self.config.application_name(labelled);
+    }
+
     /// Where the pool connects, for logs (no user, no password).
     pub fn target(&self) -> String {
         let host = match self.config.get_hosts().first() {
@@ -248,6 +256,9 @@ mod tests {
         assert_eq!(s.config.get_password(), Some(&b"pw"[..]));
         assert_eq!(s.config.get_dbname(), Some("money"));
         assert_eq!(s.target(), "db.example:6000/money");
+        let mut s = settings("postgres://u@h/db", &[]).expect("valid");
+        s.label_connections("worker 42");
+        assert_eq!(s.config.get_application_name(), Some("forkpool worker 42"));
     }
 
     #[test]

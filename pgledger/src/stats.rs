@@ -13,7 +13,7 @@ pub const LATENCY_BUCKETS_US: [u64; 14] = [
 ];
 
 /// A snapshot of the pool's state.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct PgStats {
     /// Connections the pool is configured to open.
     pub connections: u64,
@@ -34,6 +34,8 @@ pub struct PgStats {
     /// Requests per latency bucket: `latency[i]` counts those at most
     /// `LATENCY_BUCKETS_US[i]` µs, the last entry those slower than every bound.
     pub latency: Vec<u64>,
+    /// The latencies of all completed requests added up, in µs (a histogram's `_sum`).
+    pub latency_sum_us: u64,
 }
 
 /// The live counters behind [`PgStats`].
@@ -47,6 +49,7 @@ pub(crate) struct Counters {
     pub(crate) unavailable: AtomicU64,
     pub(crate) resolved: AtomicU64,
     latency: [AtomicU64; LATENCY_BUCKETS_US.len() + 1],
+    latency_sum_us: AtomicU64,
 }
 
 impl Counters {
@@ -62,6 +65,7 @@ impl Counters {
             .position(|&bound| micros <= bound)
             .unwrap_or(LATENCY_BUCKETS_US.len());
         self.latency[bucket].fetch_add(1, Relaxed);
+        self.latency_sum_us.fetch_add(micros, Relaxed);
         self.completed.fetch_add(1, Relaxed);
     }
 
@@ -77,6 +81,7 @@ impl Counters {
             unavailable: self.unavailable.load(Relaxed),
             resolved: self.resolved.load(Relaxed),
             latency: self.latency.iter().map(|c| c.load(Relaxed)).collect(),
+            latency_sum_us: self.latency_sum_us.load(Relaxed),
         }
     }
 }
@@ -96,6 +101,7 @@ mod tests {
         assert_eq!(stats.latency[1], 1);
         assert_eq!(stats.latency[LATENCY_BUCKETS_US.len()], 1);
         assert_eq!(stats.completed, 3);
+        assert_eq!(stats.latency_sum_us, 250 + 251 + 60_000_000);
         assert_eq!(stats.connections, 4);
     }
 }

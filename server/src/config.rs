@@ -10,6 +10,7 @@ use std::time::Duration;
 
 use clap::Parser;
 use forkpool_ledger::{FsyncPolicy, DEFAULT_MAX_ACCOUNTS, MAX_MAX_ACCOUNTS};
+use forkpool_pgledger::{PgSettings, SettingsError, DEFAULT_CONNECTIONS, DEFAULT_DEADLINE};
 use forkpool_queue::{DEFAULT_MAX_JOBS, DEFAULT_MAX_PAYLOAD, MAX_JOBS, MAX_PAYLOAD};
 use serde::Deserialize;
 
@@ -29,6 +30,8 @@ pub const DEFAULT_MAX_LINE_BYTES: usize = 64 * 1024;
 pub const DEFAULT_OUTPUT_LIMIT_BYTES: usize = 1024 * 1024;
 pub const DEFAULT_WORKER_TIMEOUT_SECS: f64 = 30.0;
 pub const DEFAULT_LEDGER_PATH: &str = "./data/ledger.bin";
+/// Shortest per-request deadline of a PostgreSQL ledger.
+pub const MIN_LEDGER_TIMEOUT: Duration = Duration::from_millis(10);
 /// The most worker processes one master will run (a bound on everything sized per worker).
 pub const MAX_WORKERS: usize = 1024;
 /// The prefix of a Unix-socket address in the settings.
@@ -190,9 +193,18 @@ pub struct Cli {
     /// [default: 1048576]
     #[arg(long, value_name = "BYTES")]
     pub output_limit: Option<usize>,
-    /// File holding the bank ledger (created if missing). [default: ./data/ledger.bin]
-    #[arg(long, value_name = "PATH")]
+    /// File holding the bank ledger (created if missing), or a postgres:// (postgresql://)
+    /// URL of a PostgreSQL database shared by several instances (PG* variables fill what
+    /// the URL leaves out). [default: ./data/ledger.bin]
+    #[arg(long, value_name = "PATH|URL")]
     pub ledger: Option<PathBuf>,
+    /// PostgreSQL ledger: database connections per worker. [default: 4]
+    #[arg(long, value_name = "N")]
+    pub ledger_connections: Option<usize>,
+    /// PostgreSQL ledger: seconds a bank request may wait for the database before it gets
+    /// `ERR unavailable` (at least 0.01). [default: 2]
+    #[arg(long, value_name = "SECS")]
+    pub ledger_timeout: Option<f64>,
     /// Capacity of the ledger, in accounts (must match an existing ledger file).
     /// [default: 65536]
     #[arg(long, value_name = "N")]
@@ -281,6 +293,8 @@ pub struct FileConfig {
     pub max_line: Option<usize>,
     pub output_limit: Option<usize>,
     pub ledger: Option<PathBuf>,
+    pub ledger_connections: Option<usize>,
+    pub ledger_timeout: Option<f64>,
     pub max_accounts: Option<u64>,
     pub queue_store: Option<PathBuf>,
     pub queue_max_jobs: Option<u32>,
@@ -319,7 +333,12 @@ pub struct Config {
     pub max_connections: usize,
     pub max_line: usize,
     pub output_limit: usize,
+    /// A file path or a database URL (see [`LedgerLocation`]).
     pub ledger: PathBuf,
+    /// Database connections per worker (a PostgreSQL ledger only).
+    pub ledger_connections: usize,
+    /// Per-request deadline (a PostgreSQL ledger only).
+    pub ledger_timeout: Duration,
     pub max_accounts: u64,
     pub queue_store: PathBuf,
     pub queue_max_jobs: u32,
@@ -370,9 +389,9 @@ pub enum ConfigError {
          set users_file, or bank_open = true to let anyone who reaches it move money"
     )]
     Unprotected { addr: ListenAddr },
-    /// The URL is not quoted: it may hold a password.
-    #[error("ledger: PostgreSQL ledgers are not served yet (only ledger files are)")]
-    PostgresNotServed,
+    /// The URL is never quoted: it may hold a password.
+    #[error("ledger: {0}")]
+    LedgerUrl(#[source] SettingsError),
     #[error(
         "{name} = {addr}: TLS is for connections that cross a network; a Unix socket is served \
          in plain text (remove the service's TLS certificate or listen on TCP)"
@@ -467,6 +486,20 @@ impl Config {
     /// The `ledger` setting as a file or a database URL.
     pub fn ledger_location(&self) -> LedgerLocation {
         LedgerLocation::of(&self.ledger)
+    }
+
+    /// How to reach and use the PostgreSQL ledger, if `ledger` is a database URL: the URL
+    /// completed from the `PG*` environment variables, with the pool's settings.
+    pub fn postgres(&self) -> Result<Option<PgSettings>, ConfigError> {
+        let LedgerLocation::Postgres(url) = self.ledger_location() else {
+            return Ok(None);
+        };
+        let mut settings =
+            PgSettings::from_url(&url, self.max_accounts).map_err(ConfigError::LedgerUrl)?;
+        settings.connections = self.ledger_connections;
+        settings.deadline = self.ledger_timeout;
+        settings.validate().map_err(ConfigError::LedgerUrl)?;
+        Ok(Some(settings))
     }
 
     /// Settings a reload cannot change (the ledger, its capacity and fsync policy, the status
@@ -587,6 +620,15 @@ impl Config {
                 .clone()
                 .or(file.ledger)
                 .unwrap_or_else(|| PathBuf::from(DEFAULT_LEDGER_PATH)),
+            ledger_connections: cli
+                .ledger_connections
+                .or(file.ledger_connections)
+                .unwrap_or(DEFAULT_CONNECTIONS),
+            ledger_timeout: seconds(
+                "ledger_timeout",
+                cli.ledger_timeout.or(file.ledger_timeout),
+                DEFAULT_DEADLINE.as_secs_f64(),
+            )?,
             max_accounts: cli
                 .max_accounts
                 .or(file.max_accounts)
@@ -637,6 +679,7 @@ impl Config {
     fn validate(&self) -> Result<(), ConfigError> {
         let counts = [
             ("workers", self.workers as u64),
+            ("ledger_connections", self.ledger_connections as u64),
             ("backlog", u64::from(self.backlog)),
             ("max_connections", self.max_connections as u64),
             ("max_line", self.max_line as u64),
@@ -672,9 +715,13 @@ impl Config {
             !self.ledger.as_os_str().is_empty(),
             "must not be empty",
         )?;
-        if let LedgerLocation::Postgres(_) = self.ledger_location() {
-            return Err(ConfigError::PostgresNotServed);
-        }
+        check(
+            "ledger_timeout",
+            self.ledger_timeout.as_secs_f64(),
+            self.ledger_timeout >= MIN_LEDGER_TIMEOUT,
+            "must be at least 0.01 seconds",
+        )?;
+        self.postgres()?;
         let addrs = [
             ("echo_addr", &self.echo_addr),
             ("bank_addr", &self.bank_addr),
@@ -732,11 +779,16 @@ pub const MAX_CONNECTIONS_LIMIT: u64 = 1 << 20;
 pub const MIN_WORKER_TIMEOUT: Duration = Duration::from_millis(100);
 
 /// Every numeric setting's range, in one table (the validation and its tests read it).
-pub const LIMITS: [Limit; 11] = [
+pub const LIMITS: [Limit; 12] = [
     Limit {
         name: "workers",
         range: 1..=MAX_WORKERS as u64,
         reason: "must be 1 to 1024",
+    },
+    Limit {
+        name: "ledger_connections",
+        range: 1..=forkpool_pgledger::MAX_CONNECTIONS as u64,
+        reason: "must be 1 to 256",
     },
     Limit {
         name: "backlog",
@@ -1010,11 +1062,50 @@ mod tests {
         );
         let cli = Cli {
             ledger: Some(PathBuf::from("postgres://bank:secret@db/forkpool")),
+            ledger_connections: Some(7),
+            ledger_timeout: Some(0.5),
             ..Cli::default()
         };
-        let refused = Config::load(&cli).expect_err("not served yet");
-        assert!(matches!(refused, ConfigError::PostgresNotServed));
-        assert!(!refused.to_string().contains("secret"));
+        let config = Config::load(&cli).expect("a database URL is a ledger");
+        let settings = config.postgres().expect("valid").expect("a database");
+        assert_eq!(settings.target(), "db:5432/forkpool");
+        assert_eq!(settings.connections, 7);
+        assert_eq!(settings.deadline, Duration::from_millis(500));
+        assert!(Config::load(&Cli::default())
+            .expect("defaults")
+            .postgres()
+            .expect("valid")
+            .is_none());
+    }
+
+    /// A database URL that cannot be used is refused at load, on one line, without the URL
+    /// (it may hold a password).
+    #[test]
+    fn a_bad_ledger_url_is_refused_without_quoting_it() {
+        for (url, says) in [
+            (
+                "postgres://bank:secret@db:notaport/forkpool",
+                "does not parse",
+            ),
+            (
+                "postgres://bank:secret@db/forkpool?sslmode=require",
+                "sslmode=require",
+            ),
+            (
+                "postgresql://bank:secret@db/x?connect_timeout=x",
+                "does not parse",
+            ),
+        ] {
+            let cli = Cli {
+                ledger: Some(PathBuf::from(url)),
+                ..Cli::default()
+            };
+            let err = Config::load(&cli).expect_err(url).to_string();
+            assert!(err.starts_with("ledger: ") && err.contains(says), "{err}");
+            assert!(!err.contains("secret") && !err.contains('\n'), "{err}");
+        }
+        let err = load_text("ledger_timeout = 0.001\n").unwrap_err();
+        assert!(err.contains("ledger_timeout = 0.001"), "{err}");
     }
 
     #[test]
@@ -1432,7 +1523,10 @@ mod tests {
             Some([false, false, false]),
             "off by default"
         );
-        assert_eq!(services(None, Some(&["bank"])).ok(), Some([false, true, false]));
+        assert_eq!(
+            services(None, Some(&["bank"])).ok(),
+            Some([false, true, false])
+        );
         assert_eq!(
             services(Some(&["echo", "bank"]), Some(&["bank"])).ok(),
             Some([true, true, false])

@@ -950,7 +950,7 @@ mod tests {
         let config = Config::load(&Cli::default()).expect("default settings");
         let context = SessionContext {
             config: Box::leak(Box::new(config)),
-            ledger: Box::leak(Box::new(ledger)),
+            ledger: crate::bank::Backend::File(Box::leak(Box::new(ledger))),
             syncer: None,
             users: None,
             throttle: Box::leak(Box::default()),

@@ -4,7 +4,8 @@
 //! `LISTEN_FDNAMES` (`echo`, `bank`, and for an upgrade `ledger`, `ledger-guard` and
 //! `handover`, the link on which the old master passes its workers' connections). An upgrade also sets
 //! `FORKPOOL_UPGRADE_FROM` to the old master's pid, which the new one signals once ready; it
-//! is believed only from our parent, with the ledger passed.
+//! is believed only from our parent, with the ledger file or the hand-over link passed (a
+//! master whose ledger is a database passes no ledger descriptor).
 
 use std::ffi::{OsStr, OsString};
 use std::io;
@@ -63,7 +64,8 @@ pub enum TakeError {
 
 /// Takes the passed descriptors (if `LISTEN_PID` is this process) and clears the variables,
 /// so that no child of ours mistakes them for its own. `FORKPOOL_UPGRADE_FROM` is trusted only
-/// if it names our parent and that parent passed us the ledger, as an upgrading master does.
+/// if it names our parent and that parent passed us the ledger or the hand-over link, as an
+/// upgrading master does.
 pub fn take() -> Result<Inherited, TakeError> {
     let upgrade_from = std::env::var_os(UPGRADE_FROM);
     std::env::remove_var(UPGRADE_FROM);
@@ -82,13 +84,15 @@ pub fn take() -> Result<Inherited, TakeError> {
         }
     }
     if let Some(value) = upgrade_from {
-        inherited.upgrade_from = Some(verify_upgrade_from(&value, inherited.ledger.is_some())?);
+        let passed = inherited.ledger.is_some() || inherited.handover.is_some();
+        inherited.upgrade_from = Some(verify_upgrade_from(&value, passed)?);
     }
     Ok(inherited)
 }
 
-/// The pid in `value`, if it is our parent and it passed us the ledger.
-fn verify_upgrade_from(value: &OsStr, got_ledger: bool) -> Result<Pid, TakeError> {
+/// The pid in `value`, if it is our parent and it passed us what only an upgrading master
+/// passes (`got_upgrade_fds`).
+fn verify_upgrade_from(value: &OsStr, got_upgrade_fds: bool) -> Result<Pid, TakeError> {
     let untrusted = |why| TakeError::UntrustedUpgrade {
         value: value.to_string_lossy().into_owned(),
         why,
@@ -101,8 +105,10 @@ fn verify_upgrade_from(value: &OsStr, got_ledger: bool) -> Result<Pid, TakeError
     if Pid::from_raw(pid) != nix::unistd::getppid() {
         return Err(untrusted("it is not our parent"));
     }
-    if !got_ledger {
-        return Err(untrusted("it passed no ledger descriptor"));
+    if !got_upgrade_fds {
+        return Err(untrusted(
+            "it passed neither a ledger nor a hand-over descriptor",
+        ));
     }
     Ok(Pid::from_raw(pid))
 }

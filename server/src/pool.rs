@@ -6,10 +6,11 @@
 use std::fmt;
 use std::time::{Duration, Instant};
 
+use forkpool_pgledger::PgStats;
 use nix::unistd::Pid;
 
 use crate::process::Exit;
-use crate::scoreboard::{Scoreboard, ServiceTotals, WorkerCell, WorkerState};
+use crate::scoreboard::{add_db_stats, Scoreboard, ServiceTotals, WorkerCell, WorkerState};
 use crate::service::ServiceKind;
 
 /// A worker that fails on its own within this time of starting counts as a crash loop.
@@ -154,6 +155,8 @@ pub struct Pool {
     restarts: RestartCounts,
     /// What workers already reaped did, per service (totals never go backwards).
     finished: [ServiceTotals; ServiceKind::ALL.len()],
+    /// The counters of the database pools of workers already reaped (their gauges are 0).
+    finished_db: PgStats,
 }
 
 impl Pool {
@@ -166,6 +169,7 @@ impl Pool {
             scoreboard: Scoreboard::new(cells)?,
             restarts: RestartCounts::default(),
             finished: [ServiceTotals::default(); ServiceKind::ALL.len()],
+            finished_db: PgStats::default(),
         };
         pool.resize(size);
         Ok(pool)
@@ -187,6 +191,15 @@ impl Pool {
     /// Per service, what the workers reaped so far did.
     pub fn finished(&self) -> [ServiceTotals; ServiceKind::ALL.len()] {
         self.finished
+    }
+
+    /// The database pools of every worker, live or gone, summed (a PostgreSQL ledger).
+    pub fn db_stats(&self) -> PgStats {
+        let mut sum = self.finished_db.clone();
+        for worker in &self.workers {
+            add_db_stats(&mut sum, &worker.cell.db.snapshot());
+        }
+        sum
     }
 
     /// Replaces the slots with `size` fresh ones, each due a worker now (a reload: every
@@ -389,6 +402,13 @@ impl Pool {
         for kind in ServiceKind::ALL {
             self.finished[kind.index()].add(ServiceTotals::of(worker.cell.counters(kind)));
         }
+        let gone = PgStats {
+            connections: 0,
+            connections_up: 0,
+            in_flight: 0,
+            ..worker.cell.db.snapshot()
+        };
+        add_db_stats(&mut self.finished_db, &gone);
         worker.cell.set_state(WorkerState::Free);
         if shutting_down || !worker.phase.holds_slot() {
             return Some((worker, ExitVerdict::Expected));

@@ -7,6 +7,7 @@ use std::num::NonZeroUsize;
 use std::sync::atomic::{AtomicPtr, AtomicU64, AtomicU8, Ordering::Relaxed};
 use std::time::Duration;
 
+use forkpool_pgledger::{PgStats, LATENCY_BUCKETS_US};
 use nix::sys::mman::{mmap_anonymous, MapFlags, ProtFlags};
 use nix::time::{clock_gettime, ClockId};
 
@@ -162,6 +163,105 @@ impl ServiceTotals {
     }
 }
 
+/// One worker's database pool (a PostgreSQL ledger), as it last published it: a copy of its
+/// [`PgStats`], whose counters live on the pool's own thread in the worker.
+#[derive(Debug, Default)]
+#[repr(C)]
+pub struct DbCounters {
+    connections: AtomicU64,
+    connections_up: AtomicU64,
+    in_flight: AtomicU64,
+    completed: AtomicU64,
+    errors: AtomicU64,
+    retries: AtomicU64,
+    unavailable: AtomicU64,
+    resolved: AtomicU64,
+    latency: [AtomicU64; LATENCY_BUCKETS_US.len() + 1],
+    latency_sum_us: AtomicU64,
+}
+
+impl DbCounters {
+    /// The fields of [`PgStats`] but the latency buckets, in a fixed order (shared by
+    /// `publish` and `snapshot`, so neither can forget one).
+    fn scalars(&self) -> [&AtomicU64; 9] {
+        [
+            &self.connections,
+            &self.connections_up,
+            &self.in_flight,
+            &self.completed,
+            &self.errors,
+            &self.retries,
+            &self.unavailable,
+            &self.resolved,
+            &self.latency_sum_us,
+        ]
+    }
+
+    /// Copies the worker's pool figures into its cell.
+    pub fn publish(&self, stats: &PgStats) {
+        let values = [
+            stats.connections,
+            stats.connections_up,
+            stats.in_flight,
+            stats.completed,
+            stats.errors,
+            stats.retries,
+            stats.unavailable,
+            stats.resolved,
+            stats.latency_sum_us,
+        ];
+        for (counter, value) in self.scalars().into_iter().zip(values) {
+            counter.store(value, Relaxed);
+        }
+        for (counter, value) in self.latency.iter().zip(&stats.latency) {
+            counter.store(*value, Relaxed);
+        }
+    }
+
+    /// The figures last published.
+    pub fn snapshot(&self) -> PgStats {
+        let [connections, connections_up, in_flight, completed, errors, retries, unavailable, resolved, latency_sum_us] =
+            self.scalars().map(|counter| counter.load(Relaxed));
+        PgStats {
+            connections,
+            connections_up,
+            in_flight,
+            completed,
+            errors,
+            retries,
+            unavailable,
+            resolved,
+            latency: self.latency.iter().map(|c| c.load(Relaxed)).collect(),
+            latency_sum_us,
+        }
+    }
+
+    fn reset(&self) {
+        for counter in self.scalars().into_iter().chain(&self.latency) {
+            counter.store(0, Relaxed);
+        }
+    }
+}
+
+/// Adds `other`'s figures to `sum` (pools of several workers); the bucket lists are as long
+/// as [`LATENCY_BUCKETS_US`] plus one, or empty in a fresh sum.
+pub fn add_db_stats(sum: &mut PgStats, other: &PgStats) {
+    sum.connections += other.connections;
+    sum.connections_up += other.connections_up;
+    sum.in_flight += other.in_flight;
+    sum.completed += other.completed;
+    sum.errors += other.errors;
+    sum.retries += other.retries;
+    sum.unavailable += other.unavailable;
+    sum.resolved += other.resolved;
+    sum.latency_sum_us += other.latency_sum_us;
+    sum.latency
+        .resize(other.latency.len().max(sum.latency.len()), 0);
+    for (mine, theirs) in sum.latency.iter_mut().zip(&other.latency) {
+        *mine += theirs;
+    }
+}
+
 /// One worker's cell. All-zero bytes are a valid, free cell.
 #[derive(Debug, Default)]
 #[repr(C, align(64))]
@@ -172,6 +272,8 @@ pub struct WorkerCell {
     /// Wall-clock seconds since the epoch at start.
     pub started_unix: AtomicU64,
     services: [ServiceCounters; ServiceKind::ALL.len()],
+    /// Its database pool, with a PostgreSQL ledger.
+    pub db: DbCounters,
 }
 
 impl WorkerCell {
@@ -207,6 +309,7 @@ impl WorkerCell {
 
     /// Prepares the cell for a new worker (the master, before it forks).
     pub fn reset(&self) {
+        self.db.reset();
         self.set_state(WorkerState::Starting);
         self.beat();
         let now = std::time::SystemTime::now()

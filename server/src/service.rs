@@ -8,10 +8,11 @@ use std::time::Instant;
 
 use forkpool_common::bank::{parse_request, ProtocolError, Reply, Request};
 use forkpool_common::codec::{Flow, Frame, LineFramer, Uppercaser};
-use forkpool_ledger::Ledger;
+use forkpool_pgledger::LedgerOp;
 
-use crate::bank;
+use crate::bank::{self, Backend};
 use crate::config::Config;
+use crate::db::Pending;
 use crate::handover::SessionState;
 use crate::queue::{QueueConn, QueueHub};
 use crate::scoreboard::ServiceCounters;
@@ -104,8 +105,10 @@ pub struct QueueSession {
 #[derive(Debug)]
 pub struct BankSession {
     framer: LineFramer,
-    /// The worker's ledger, mapped for the worker's whole life.
-    ledger: &'static Ledger,
+    /// The worker's ledger, for the worker's whole life.
+    ledger: Backend,
+    /// The request submitted to the database whose reply the session waits for.
+    pending: Option<Pending>,
     /// Under `--fsync always`: the worker's flusher, whose durable LSN gates the replies.
     syncer: Option<&'static Syncer>,
     access: Access,
@@ -130,7 +133,7 @@ struct Access {
 pub struct SessionContext {
     /// The worker's settings (`max_line` for the bank).
     pub config: &'static Config,
-    pub ledger: &'static Ledger,
+    pub ledger: Backend,
     /// Under `--fsync always`, the worker's flusher (see `durability.rs`).
     pub syncer: Option<&'static Syncer>,
     /// The bank's users, if a users file is configured.
@@ -182,6 +185,7 @@ impl Session {
                 framer,
                 ledger: context.ledger,
                 syncer: context.syncer,
+                pending: None,
                 access: Access {
                     users: context.users,
                     throttle: context.throttle,
@@ -218,13 +222,14 @@ impl Session {
                 }
             }
             Session::Bank(session) => {
-                let (ledger, access) = (session.ledger, &mut session.access);
+                let (ledger, access, pending) =
+                    (session.ledger, &mut session.access, &mut session.pending);
                 let max_line = session.framer.max_line();
                 let mut requests = 0;
                 let (flow, consumed) = session.framer.feed(input, |frame| {
                     requests += 1;
                     match frame {
-                        Frame::Line(line) => answer_line(ledger, access, line, out),
+                        Frame::Line(line) => answer_line(ledger, access, pending, line, out),
                         Frame::TooLong => {
                             Reply::from(ProtocolError::line_too_long(max_line)).write_to(out);
                             Flow::Stop
@@ -373,6 +378,16 @@ impl Session {
         })
     }
 
+    /// The database's reply to the request the session waits for: written, and the session
+    /// goes on with the input behind it.
+    pub fn ledger_reply(&mut self, reply: &Reply, out: &mut Vec<u8>) -> Flow {
+        if let Session::Bank(session) = self {
+            session.pending = None;
+            reply.write_to(out);
+        }
+        Flow::Continue
+    }
+
     /// The server closes the connection: echo sends the bytes it held back (an unfinished
     /// UTF-8 sequence, invalid on its own, goes back unchanged). An unfinished bank line is
     /// not a request and gets no reply.
@@ -394,7 +409,20 @@ impl Session {
             }
             Session::Bank(session) => match session.framer.finish() {
                 Some(line) => {
-                    answer_line(session.ledger, &mut session.access, &line, out);
+                    let flow = answer_line(
+                        session.ledger,
+                        &mut session.access,
+                        &mut session.pending,
+                        &line,
+                        out,
+                    );
+                    if flow == Flow::Wait {
+                        return Step {
+                            flow,
+                            requests: 1,
+                            consumed: 0,
+                        };
+                    }
                     true
                 }
                 None => false,
@@ -435,7 +463,15 @@ impl Session {
 
 /// Answers one bank request line; QUIT stops the connection after its `BYE`, and so does
 /// the AUTH failure that exhausts the connection's tries.
-fn answer_line(ledger: &Ledger, access: &mut Access, line: &[u8], out: &mut Vec<u8>) -> Flow {
+/// With a database, a request for the ledger is submitted and the session waits
+/// ([`Flow::Wait`]) for its reply, which [`Session::ledger_reply`] writes.
+fn answer_line(
+    ledger: Backend,
+    access: &mut Access,
+    pending: &mut Option<Pending>,
+    line: &[u8],
+    out: &mut Vec<u8>,
+) -> Flow {
     let request = match parse_request(line) {
         Ok(request) => request,
         Err(error) => {
@@ -447,7 +483,14 @@ fn answer_line(ledger: &Ledger, access: &mut Access, line: &[u8], out: &mut Vec<
         reply.write_to(out);
         return flow;
     }
-    bank::execute(ledger, &request).write_to(out);
+    match (ledger, LedgerOp::of(&request)) {
+        (Backend::File(ledger), _) => bank::execute(ledger, &request).write_to(out),
+        (Backend::Db(db), Some(op)) => {
+            *pending = Some(db.submit(op));
+            return Flow::Wait;
+        }
+        (Backend::Db(_), None) => bank::without_ledger(&request).write_to(out),
+    }
     if request == Request::Quit {
         Flow::Stop
     } else {
@@ -499,7 +542,7 @@ impl Access {
 mod tests {
     use super::*;
     use crate::config::Cli;
-    use forkpool_ledger::LedgerOptions;
+    use forkpool_ledger::{Ledger, LedgerOptions};
 
     /// A context with `max_line` and a fresh ledger, kept for the test process's life (a
     /// session borrows both for `'static`, as in a worker).
@@ -521,7 +564,7 @@ mod tests {
         .expect("valid settings");
         SessionContext {
             config: Box::leak(Box::new(config)),
-            ledger: Box::leak(Box::new(ledger)),
+            ledger: Backend::File(Box::leak(Box::new(ledger))),
             syncer: None,
             users: None,
             throttle: Box::leak(Box::default()),

@@ -8,6 +8,7 @@ use std::net::SocketAddr;
 use std::sync::atomic::Ordering::Relaxed;
 
 use forkpool_ledger::{Health, Overview};
+use forkpool_pgledger::{PgStats, LATENCY_BUCKETS_US};
 use mio::net::{TcpListener, TcpStream};
 use mio::{Interest, Registry, Token};
 
@@ -42,6 +43,8 @@ pub struct PoolView<'a> {
     pub ledger: Option<Overview>,
     /// The job queues' figures, summed, read without the store lock.
     pub queue: Option<forkpool_queue::Overview>,
+    /// With a PostgreSQL ledger: the database pools of every worker, live or gone, summed.
+    pub db: Option<PgStats>,
 }
 
 struct StatusConn {
@@ -412,6 +415,9 @@ pub fn metrics(view: &PoolView<'_>) -> String {
     if let Some(queue) = view.queue {
         queue_metrics(&mut out, &queue);
     }
+    if let Some(db) = &view.db {
+        db_metrics(&mut out, db);
+    }
     out
 }
 
@@ -464,6 +470,77 @@ fn queue_metrics(out: &mut String, queue: &forkpool_queue::Overview) {
             let _ = writeln!(b, "{name} {value}");
         });
     }
+}
+
+/// The PostgreSQL ledger's families: the workers' database pools summed.
+fn db_metrics(out: &mut String, db: &PgStats) {
+    for (name, kind, help, value) in [
+        (
+            "forkpool_ledger_db_connections",
+            "gauge",
+            "Database connections the workers' pools are configured to open.",
+            db.connections,
+        ),
+        (
+            "forkpool_ledger_db_connections_open",
+            "gauge",
+            "Database connections open right now.",
+            db.connections_up,
+        ),
+        (
+            "forkpool_ledger_db_in_flight",
+            "gauge",
+            "Bank requests submitted to the database and not answered yet.",
+            db.in_flight,
+        ),
+        (
+            "forkpool_ledger_db_errors_total",
+            "counter",
+            "Failed connection attempts, broken connections and database errors.",
+            db.errors,
+        ),
+        (
+            "forkpool_ledger_db_retries_total",
+            "counter",
+            "Transactions tried again (serialization failure, deadlock, lost race).",
+            db.retries,
+        ),
+        (
+            "forkpool_ledger_db_unavailable_total",
+            "counter",
+            "Bank requests answered ERR unavailable (nothing changed).",
+            db.unavailable,
+        ),
+        (
+            "forkpool_ledger_db_resolved_total",
+            "counter",
+            "Changes whose commit outcome was unknown, read back from the database.",
+            db.resolved,
+        ),
+    ] {
+        family_block(out, name, kind, help, |b| {
+            let _ = writeln!(b, "{name} {value}");
+        });
+    }
+    let name = "forkpool_ledger_db_request_seconds";
+    family_block(
+        out,
+        name,
+        "histogram",
+        "Time from a bank request's submission to the database pool to its reply.",
+        |b| {
+            let mut cumulative = 0;
+            for (bound, count) in LATENCY_BUCKETS_US.iter().zip(&db.latency) {
+                cumulative += count;
+                let le = *bound as f64 / 1e6;
+                let _ = writeln!(b, "{name}_bucket{{le=\"{le}\"}} {cumulative}");
+            }
+            let total: u64 = db.latency.iter().sum();
+            let _ = writeln!(b, "{name}_bucket{{le=\"+Inf\"}} {total}");
+            let sum = db.latency_sum_us as f64 / 1e6;
+            let _ = writeln!(b, "{name}_sum {sum}\n{name}_count {total}");
+        },
+    );
 }
 
 /// The ledger's families: whether its file failed, and its figures while they can be read.
@@ -588,6 +665,20 @@ pub fn status_table(view: &PoolView<'_>) -> String {
                 audit.accounts, audit.total
             );
         }
+    }
+    if let Some(db) = &view.db {
+        let _ = writeln!(
+            out,
+            "ledger on PostgreSQL: {} of {} connections open, {} requests in flight, {} \
+             answered, {} unavailable, {} errors, {} retries",
+            db.connections_up,
+            db.connections,
+            db.in_flight,
+            db.completed,
+            db.unavailable,
+            db.errors,
+            db.retries
+        );
     }
     let _ = writeln!(
         out,

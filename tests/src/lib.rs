@@ -144,6 +144,15 @@ pub mod log_phrase {
     ];
 }
 
+/// Where a test server's bank keeps its accounts.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LedgerKind {
+    /// The shared-memory ledger file, in the server's data directory (the default).
+    File,
+    /// A fresh database of this test binary's PostgreSQL cluster (see [`pg`]).
+    Postgres,
+}
+
 /// Options for starting a server; every test gets its own ledger and short timeouts.
 pub struct ServerBuilder {
     args: Vec<String>,
@@ -160,6 +169,19 @@ pub struct ServerBuilder {
 }
 
 impl ServerBuilder {
+    /// Keeps the bank's accounts in `kind`. `None` when PostgreSQL is asked for and not
+    /// installed (noted, and a failure under `CI`): the test has nothing to run.
+    pub fn ledger(self, kind: LedgerKind) -> Option<Self> {
+        Some(match kind {
+            LedgerKind::File => self,
+            LedgerKind::Postgres => {
+                let cluster = pg::postgres()?;
+                let url = cluster.url(&cluster.new_database());
+                self.args(["--ledger".to_string(), url])
+            }
+        })
+    }
+
     /// Adds command-line arguments (they win over the harness's defaults).
     pub fn args<I: IntoIterator<Item = S>, S: Into<String>>(mut self, args: I) -> Self {
         self.args.extend(args.into_iter().map(Into::into));
@@ -929,6 +951,34 @@ fn stat_fields(pid: Pid) -> Option<(char, i32)> {
 /// True while the process exists and is not a zombie.
 pub fn is_alive(pid: Pid) -> bool {
     process_state(pid).is_some_and(|state| state != 'Z')
+}
+
+/// Checks a `/metrics` page with `promtool check metrics` (when promtool is installed, see
+/// [`tool`]); panics with promtool's complaints and the page.
+pub fn check_with_promtool(page: &str) {
+    let Some(promtool) = tool("promtool") else {
+        return;
+    };
+    let mut check = Command::new(promtool)
+        .args(["check", "metrics"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("promtool runs");
+    check
+        .stdin
+        .take()
+        .expect("stdin is piped")
+        .write_all(page.as_bytes())
+        .expect("feed promtool");
+    let out = check.wait_with_output().expect("promtool finishes");
+    assert!(
+        out.status.success(),
+        "promtool check metrics failed:\n{}{}\n{page}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
 }
 
 /// The path of an external tool a test needs, or `None` (the test then does nothing) when

@@ -238,6 +238,31 @@ impl PgCluster {
         String::from_utf8_lossy(&output.stdout).trim().to_string()
     }
 
+    /// Waits until no database connection of a dead forkpool worker is left (the server
+    /// labels its connections `... worker <pid>`). A worker SIGKILLed after sending its
+    /// pipelined `COMMIT` leaves a transaction that still commits, until its backend reads
+    /// the end of the connection: only then is the killed request's outcome settled.
+    pub fn wait_dead_workers_gone(&self) {
+        wait_until(
+            "the connections of dead workers to close",
+            START_TIMEOUT,
+            || {
+                let names = self.psql(
+                    "postgres",
+                    "SELECT application_name FROM pg_stat_activity \
+                     WHERE application_name LIKE '% worker %'",
+                );
+                let dead = names
+                    .lines()
+                    .filter_map(|name| name.rsplit(' ').next()?.parse::<i32>().ok())
+                    .any(|pid| {
+                        crate::process_state(Pid::from_raw(pid)).is_none_or(|state| state == 'Z')
+                    });
+                (!dead).then_some(())
+            },
+        );
+    }
+
     /// The path of one of the cluster's client or server programs (e.g. `pgbench`).
     pub fn program(&self, name: &str) -> PathBuf {
         self.bin.join(name)

@@ -12,7 +12,8 @@ use std::sync::{Arc, Barrier};
 use std::time::{Duration, Instant};
 
 use forkpool_testkit::{
-    exchange, log_phrase, one_error_line, read_line, request_line, wait_until, Server, Signal,
+    exchange, log_phrase, one_error_line, read_line, request_line, wait_until, LedgerKind, Server,
+    Signal,
 };
 use nix::sys::signal::{kill, killpg};
 use nix::unistd::Pid;
@@ -20,13 +21,62 @@ use nix::unistd::Pid;
 /// Largest amount and balance: 2^63-1.
 const MAX: u64 = i64::MAX as u64;
 
+/// Runs each listed test, a `fn(LedgerKind)`, once per ledger backend: `NAME::file` and
+/// `NAME::postgres` (both give byte-identical replies and the same guarantees).
+macro_rules! on_both_ledgers {
+    ($($name:ident),* $(,)?) => {$(
+        mod $name {
+            #[test]
+            fn file() {
+                super::$name(forkpool_testkit::LedgerKind::File);
+            }
+            #[test]
+            fn postgres() {
+                super::$name(forkpool_testkit::LedgerKind::Postgres);
+            }
+        }
+    )*};
+}
+
+on_both_ledgers!(
+    every_request_kind_gets_its_exact_reply,
+    verbs_ignore_case_blanks_and_crlf_but_account_names_are_case_sensitive,
+    malformed_requests_get_their_error_kind_change_nothing_and_the_connection_stays_usable,
+    ledger_failures_get_their_error_kind_and_change_nothing,
+    audit_reports_an_exact_total_above_two_to_the_63,
+    ledger_full_is_exact_at_max_accounts,
+    every_error_detail_names_what_it_is_about_in_one_style,
+    the_readme_bank_session_is_what_the_server_answers,
+    a_line_over_max_line_is_answered_line_too_long_then_closed_and_not_applied,
+    a_ten_mib_line_at_the_default_limit_is_refused_then_closed_and_not_applied,
+    the_unterminated_last_request_before_a_half_close_is_answered,
+    twenty_thousand_pipelined_requests_are_answered_in_order,
+    quit_answers_bye_and_the_requests_pipelined_after_it_are_not_applied,
+    one_hundred_clients_grabbing_ten_tickets_at_once_get_exactly_ten,
+    concurrent_random_transfers_conserve_money_and_match_the_acknowledged_ones,
+    workers_sigkilled_every_fifty_ms_lose_no_money_and_no_acknowledged_transfer,
+    one_worker_serves_bank_and_echo_connections_at_the_same_time,
+);
+
+/// A server whose ledger is `ledger`, with `args`; `None` if that ledger cannot be had here
+/// (PostgreSQL not installed).
+fn bank_server(ledger: LedgerKind, args: &[&str]) -> Option<Server> {
+    Some(
+        Server::builder()
+            .ledger(ledger)?
+            .args(args.iter().copied())
+            .start(),
+    )
+}
+
 // ---------------------------------------------------------------------------------------
 // Every request kind and every failure kind
 // ---------------------------------------------------------------------------------------
 
-#[test]
-fn every_request_kind_gets_its_exact_reply() {
-    let server = Server::start();
+fn every_request_kind_gets_its_exact_reply(ledger: LedgerKind) {
+    let Some(server) = bank_server(ledger, &[]) else {
+        return;
+    };
     let mut bank = server.connect_bank();
     expect_replies(
         &mut bank,
@@ -65,9 +115,10 @@ fn every_request_kind_gets_its_exact_reply() {
     assert_closed(&mut bank, "after BYE");
 }
 
-#[test]
-fn verbs_ignore_case_blanks_and_crlf_but_account_names_are_case_sensitive() {
-    let server = Server::start();
+fn verbs_ignore_case_blanks_and_crlf_but_account_names_are_case_sensitive(ledger: LedgerKind) {
+    let Some(server) = bank_server(ledger, &[]) else {
+        return;
+    };
     let mut bank = server.connect_bank();
     expect_replies(
         &mut bank,
@@ -96,9 +147,12 @@ fn verbs_ignore_case_blanks_and_crlf_but_account_names_are_case_sensitive() {
     assert_closed(&mut bank, "after BYE");
 }
 
-#[test]
-fn malformed_requests_get_their_error_kind_change_nothing_and_the_connection_stays_usable() {
-    let server = Server::start();
+fn malformed_requests_get_their_error_kind_change_nothing_and_the_connection_stays_usable(
+    ledger: LedgerKind,
+) {
+    let Some(server) = bank_server(ledger, &[]) else {
+        return;
+    };
     let mut bank = server.connect_bank();
     expect_replies(
         &mut bank,
@@ -199,9 +253,10 @@ fn malformed_requests_get_their_error_kind_change_nothing_and_the_connection_sta
     );
 }
 
-#[test]
-fn ledger_failures_get_their_error_kind_and_change_nothing() {
-    let server = Server::start();
+fn ledger_failures_get_their_error_kind_and_change_nothing(ledger: LedgerKind) {
+    let Some(server) = bank_server(ledger, &[]) else {
+        return;
+    };
     let mut bank = server.connect_bank();
     expect_replies(
         &mut bank,
@@ -251,9 +306,10 @@ fn ledger_failures_get_their_error_kind_and_change_nothing() {
     }
 }
 
-#[test]
-fn audit_reports_an_exact_total_above_two_to_the_63() {
-    let server = Server::start();
+fn audit_reports_an_exact_total_above_two_to_the_63(ledger: LedgerKind) {
+    let Some(server) = bank_server(ledger, &[]) else {
+        return;
+    };
     let mut bank = server.connect_bank();
     for name in ["m1", "m2", "m3"] {
         assert_eq!(
@@ -267,9 +323,10 @@ fn audit_reports_an_exact_total_above_two_to_the_63() {
     assert_eq!(total.to_string(), "27670116110564327426");
 }
 
-#[test]
-fn ledger_full_is_exact_at_max_accounts() {
-    let server = Server::builder().args(["--max-accounts", "3"]).start();
+fn ledger_full_is_exact_at_max_accounts(ledger: LedgerKind) {
+    let Some(server) = bank_server(ledger, &["--max-accounts", "3"]) else {
+        return;
+    };
     let mut bank = server.connect_bank();
     expect_replies(
         &mut bank,
@@ -306,11 +363,10 @@ fn ledger_full_is_exact_at_max_accounts() {
 
 /// Every error detail, exactly: one style (an account is `account 'NAME'`, client input is
 /// quoted between `'`, a limit comes with its setting), and the account a failure is about.
-#[test]
-fn every_error_detail_names_what_it_is_about_in_one_style() {
-    let server = Server::builder()
-        .args(["--max-accounts", "3", "--max-line", "40"])
-        .start();
+fn every_error_detail_names_what_it_is_about_in_one_style(ledger: LedgerKind) {
+    let Some(server) = bank_server(ledger, &["--max-accounts", "3", "--max-line", "40"]) else {
+        return;
+    };
     let mut bank = server.connect_bank();
     let details = format!(
         "DEPOSIT a 10\nOK 10\n\
@@ -352,8 +408,7 @@ fn every_error_detail_names_what_it_is_about_in_one_style() {
 
 /// The README's netcat session of the bank, replayed line by line: its replies are the
 /// server's, byte for byte.
-#[test]
-fn the_readme_bank_session_is_what_the_server_answers() {
+fn the_readme_bank_session_is_what_the_server_answers(ledger: LedgerKind) {
     let readme = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../README.md"))
         .expect("README.md is readable");
     let session: Vec<&str> = readme
@@ -366,7 +421,9 @@ fn the_readme_bank_session_is_what_the_server_answers() {
         session.len() >= 8 && session.len().is_multiple_of(2),
         "the README has a bank session of requests and replies: {session:?}"
     );
-    let server = Server::start();
+    let Some(server) = bank_server(ledger, &[]) else {
+        return;
+    };
     let mut bank = server.connect_bank();
     for pair in session.chunks(2) {
         expect_replies(&mut bank, &[(pair[0], pair[1])]);
@@ -378,9 +435,10 @@ fn the_readme_bank_session_is_what_the_server_answers() {
 // Line framing: the limit, half-close, QUIT
 // ---------------------------------------------------------------------------------------
 
-#[test]
-fn a_line_over_max_line_is_answered_line_too_long_then_closed_and_not_applied() {
-    let server = Server::builder().args(["--max-line", "32"]).start();
+fn a_line_over_max_line_is_answered_line_too_long_then_closed_and_not_applied(ledger: LedgerKind) {
+    let Some(server) = bank_server(ledger, &["--max-line", "32"]) else {
+        return;
+    };
     // 32 bytes (the limit) is served; 33 is refused, and nothing after it is read.
     let at_limit = "DEPOSIT a 0000000000000000000001";
     let over = "DEPOSIT a 00000000000000000000001";
@@ -408,9 +466,10 @@ fn a_line_over_max_line_is_answered_line_too_long_then_closed_and_not_applied() 
     assert_eq!(request_line(&mut bank, "BALANCE a"), "OK 2");
 }
 
-#[test]
-fn a_ten_mib_line_at_the_default_limit_is_refused_then_closed_and_not_applied() {
-    let server = Server::start();
+fn a_ten_mib_line_at_the_default_limit_is_refused_then_closed_and_not_applied(ledger: LedgerKind) {
+    let Some(server) = bank_server(ledger, &[]) else {
+        return;
+    };
     // Were it not refused, this line would be `DEPOSIT tenmib 1`.
     let mut request = b"PING\nDEPOSIT tenmib".to_vec();
     request.resize(request.len() + 10 * 1024 * 1024, b' ');
@@ -449,9 +508,10 @@ fn a_ten_mib_line_at_the_default_limit_is_refused_then_closed_and_not_applied() 
     assert_eq!(request_line(&mut bank, "AUDIT"), "OK 0 0");
 }
 
-#[test]
-fn the_unterminated_last_request_before_a_half_close_is_answered() {
-    let server = Server::start();
+fn the_unterminated_last_request_before_a_half_close_is_answered(ledger: LedgerKind) {
+    let Some(server) = bank_server(ledger, &[]) else {
+        return;
+    };
     assert_eq!(exchange(server.connect_bank(), b"PING"), b"PONG\n".to_vec());
     assert_eq!(
         exchange(server.connect_bank(), b"DEPOSIT u 5\nBALANCE u"),
@@ -464,9 +524,10 @@ fn the_unterminated_last_request_before_a_half_close_is_answered() {
     assert_eq!(exchange(server.connect_bank(), b""), b"".to_vec());
 }
 
-#[test]
-fn twenty_thousand_pipelined_requests_are_answered_in_order() {
-    let server = Server::start();
+fn twenty_thousand_pipelined_requests_are_answered_in_order(ledger: LedgerKind) {
+    let Some(server) = bank_server(ledger, &[]) else {
+        return;
+    };
     let request: String = (0..10_000).map(|_| "DEPOSIT p 1\nbalance p\n").collect();
     let replies = exchange(server.connect_bank(), request.as_bytes());
     let expected: String = (1..=10_000).map(|i| format!("OK {i}\nOK {i}\n")).collect();
@@ -477,9 +538,10 @@ fn twenty_thousand_pipelined_requests_are_answered_in_order() {
     );
 }
 
-#[test]
-fn quit_answers_bye_and_the_requests_pipelined_after_it_are_not_applied() {
-    let server = Server::start();
+fn quit_answers_bye_and_the_requests_pipelined_after_it_are_not_applied(ledger: LedgerKind) {
+    let Some(server) = bank_server(ledger, &[]) else {
+        return;
+    };
     assert_eq!(
         exchange(server.connect_bank(), b"PING\nQUIT\nDEPOSIT q 1\n"),
         b"PONG\nBYE\n".to_vec()
@@ -496,11 +558,12 @@ fn quit_answers_bye_and_the_requests_pipelined_after_it_are_not_applied() {
 // Concurrency across worker processes
 // ---------------------------------------------------------------------------------------
 
-#[test]
-fn one_hundred_clients_grabbing_ten_tickets_at_once_get_exactly_ten() {
+fn one_hundred_clients_grabbing_ten_tickets_at_once_get_exactly_ten(ledger: LedgerKind) {
     const GRABBERS: usize = 100;
     const PRICE: u64 = 7;
-    let server = Server::start();
+    let Some(server) = bank_server(ledger, &[]) else {
+        return;
+    };
     let mut admin = server.connect_bank();
     assert_eq!(
         request_line(&mut admin, &format!("DEPOSIT tickets {}", 10 * PRICE)),
@@ -543,20 +606,20 @@ fn one_hundred_clients_grabbing_ten_tickets_at_once_get_exactly_ten() {
     eprintln!("{GRABBERS} grabbers served by workers {workers:?}");
 }
 
-#[test]
-fn concurrent_random_transfers_conserve_money_and_match_the_acknowledged_ones() {
-    concurrent_random_transfers("never");
+fn concurrent_random_transfers_conserve_money_and_match_the_acknowledged_ones(ledger: LedgerKind) {
+    concurrent_random_transfers(ledger, &[]);
 }
 
 #[test]
 fn concurrent_random_transfers_conserve_money_with_fsync_always() {
-    concurrent_random_transfers("always");
+    concurrent_random_transfers(LedgerKind::File, &["--fsync", "always"]);
 }
 
-fn concurrent_random_transfers(fsync: &str) {
-    let server = Server::builder()
-        .args(["--workers", "2", "--fsync", fsync])
-        .start();
+fn concurrent_random_transfers(ledger: LedgerKind, extra: &[&str]) {
+    let args = [&["--workers", "2"], extra].concat();
+    let Some(server) = bank_server(ledger, &args) else {
+        return;
+    };
     let load = Load::open(&server);
     let addr = server.bank_addr();
     let stop_auditing = AtomicBool::new(false);
@@ -565,7 +628,7 @@ fn concurrent_random_transfers(fsync: &str) {
             .map(|client| {
                 scope.spawn(move || {
                     let mut batches = 0;
-                    run_transfers(addr, client, 32, || {
+                    run_transfers(addr, ledger, client, 32, || {
                         batches += 1;
                         batches <= 40
                     })
@@ -599,22 +662,22 @@ fn concurrent_random_transfers(fsync: &str) {
     );
 }
 
-#[test]
-fn workers_sigkilled_every_fifty_ms_lose_no_money_and_no_acknowledged_transfer() {
-    workers_sigkilled_every_fifty_ms("never");
+fn workers_sigkilled_every_fifty_ms_lose_no_money_and_no_acknowledged_transfer(ledger: LedgerKind) {
+    workers_sigkilled_every_fifty_ms(ledger, &[]);
 }
 
 #[test]
 fn workers_sigkilled_every_fifty_ms_with_fsync_always_lose_nothing_acknowledged() {
-    workers_sigkilled_every_fifty_ms("always");
+    workers_sigkilled_every_fifty_ms(LedgerKind::File, &["--fsync", "always"]);
 }
 
-fn workers_sigkilled_every_fifty_ms(fsync: &str) {
+fn workers_sigkilled_every_fifty_ms(ledger: LedgerKind, extra: &[&str]) {
     const CHAOS: Duration = Duration::from_secs(3);
     const MIN_KILLS: usize = 30;
-    let server = Server::builder()
-        .args(["--workers", "2", "--fsync", fsync])
-        .start();
+    let args = [&["--workers", "2"], extra].concat();
+    let Some(server) = bank_server(ledger, &args) else {
+        return;
+    };
     let load = Load::open(&server);
     let addr = server.bank_addr();
     let stop = AtomicBool::new(false);
@@ -624,7 +687,9 @@ fn workers_sigkilled_every_fifty_ms(fsync: &str) {
         let clients: Vec<_> = (0..CLIENTS)
             .map(|client| {
                 let stop = &stop;
-                scope.spawn(move || run_transfers(addr, client, 8, || !stop.load(Ordering::SeqCst)))
+                scope.spawn(move || {
+                    run_transfers(addr, ledger, client, 8, || !stop.load(Ordering::SeqCst))
+                })
             })
             .collect();
         let auditor = scope.spawn(|| audit_while(addr, &stop));
@@ -851,9 +916,10 @@ fn a_second_server_on_a_ledger_in_use_is_refused_and_the_first_keeps_serving() {
 // Bank and echo together
 // ---------------------------------------------------------------------------------------
 
-#[test]
-fn one_worker_serves_bank_and_echo_connections_at_the_same_time() {
-    let server = Server::builder().args(["--workers", "1"]).start();
+fn one_worker_serves_bank_and_echo_connections_at_the_same_time(ledger: LedgerKind) {
+    let Some(server) = bank_server(ledger, &["--workers", "1"]) else {
+        return;
+    };
     let worker = server.wait_workers(1, Duration::from_secs(5))[0];
     let mut echo = server.connect_echo();
     let mut bank = server.connect_bank();
@@ -1191,6 +1257,7 @@ struct Tally {
 /// and the witness balance then classifies the batch's unanswered transfers.
 fn run_transfers(
     addr: SocketAddr,
+    ledger: LedgerKind,
     client: usize,
     batch: usize,
     mut more: impl FnMut() -> bool,
@@ -1240,6 +1307,7 @@ fn run_transfers(
         if replies.dropped {
             tally.drops += 1;
             // How many of this batch's witnesses were applied, replies or not.
+            settle_killed_requests(ledger);
             let (held, fresh) = balance_on_a_fresh_connection(addr, &destination);
             stream = Some(fresh);
             let applied = usize::try_from(held - 1 - witnessed_before).expect("a small count");
@@ -1261,6 +1329,17 @@ fn run_transfers(
         }
     }
     tally
+}
+
+/// Waits until every request of a killed worker has its final outcome: at once with the
+/// ledger file (a killed worker's operation is repaired before anyone reads), after the
+/// killed workers' database connections are gone with PostgreSQL.
+fn settle_killed_requests(ledger: LedgerKind) {
+    if ledger == LedgerKind::Postgres {
+        if let Some(cluster) = forkpool_testkit::pg::postgres() {
+            cluster.wait_dead_workers_gone();
+        }
+    }
 }
 
 /// Reads an account's balance on a new connection (again if a kill drops that one too) and

@@ -8,12 +8,12 @@
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::TcpStream;
 use std::path::Path;
-use std::process::{Command, Stdio};
+use std::process::Command;
 use std::time::{Duration, Instant};
 
 use forkpool_testkit::{
-    bench_json, http_request, is_alive, json_number, log_phrase, metric, process_state, read_line,
-    request_line, socket_owner, tool, wait_until, Server, Signal,
+    bench_json, check_with_promtool, http_request, is_alive, json_number, log_phrase, metric,
+    process_state, read_line, request_line, socket_owner, wait_until, Server, Signal,
 };
 use nix::sys::signal::kill;
 use nix::unistd::Pid;
@@ -512,28 +512,7 @@ fn metrics_pass_promtool_and_count_the_requests_sent() {
         2.0
     );
 
-    if let Some(promtool) = tool("promtool") {
-        let mut check = Command::new(promtool)
-            .args(["check", "metrics"])
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("promtool runs");
-        check
-            .stdin
-            .take()
-            .expect("stdin is piped")
-            .write_all(page.as_bytes())
-            .expect("feed promtool");
-        let out = check.wait_with_output().expect("promtool finishes");
-        assert!(
-            out.status.success(),
-            "promtool check metrics failed:\n{}{}\n{page}",
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        );
-    }
+    check_with_promtool(&page);
 
     let (code, table) = http_request(server.status_addr(), "GET", "/status");
     assert_eq!(code, 200, "{table}");

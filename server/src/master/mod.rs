@@ -24,12 +24,12 @@ use nix::unistd::Pid;
 use signal_hook::consts::{SIGHUP, SIGINT, SIGQUIT, SIGTERM, SIGTTIN, SIGTTOU, SIGUSR2};
 use signal_hook_mio::v1_0::Signals;
 
-use forkpool_ledger::Ledger;
 use forkpool_queue::Store;
 
 use crate::broker::{Broker, Candidate, Routing, WorkerNews};
 use crate::channel::{self, Channel};
 use crate::config::{Cli, Config, MAX_WORKERS};
+use crate::ledger_store::LedgerStore;
 use crate::listener::Listeners;
 use crate::master_link::LeaveReason;
 use crate::pidfile::PidFile;
@@ -105,9 +105,10 @@ pub struct Master {
     /// The links to the workers (and to the other master of an upgrade), and the live
     /// connections passed between them.
     broker: Broker,
-    /// The bank ledger, opened (and recovered) before any fork; every worker inherits the
-    /// mapping. The master itself never takes a ledger lock.
-    ledger: Ledger,
+    /// The bank ledger, opened (and recovered) or prepared before any fork; every worker
+    /// inherits the file's mapping or connects to the database. The master itself never
+    /// takes a ledger lock.
+    ledger: LedgerStore,
     /// The job queues, opened (and recovered) before any fork; every worker inherits the
     /// mapping. The master only returns a dead worker's jobs and waits to the store.
     queue: Store,
@@ -477,7 +478,6 @@ impl Master {
             return;
         }
         self.next_inspection = now + INSPECTION_INTERVAL;
-        // Logs (once) a ledger file truncated, overwritten, deleted or replaced under us.
         self.ledger.check_file();
         self.release_queue_shares(None);
         let timeout = self.config.graceful_timeout;
@@ -495,7 +495,7 @@ impl Master {
         let Some(timeout) = self.config.worker_timeout else {
             return;
         };
-        let holders: Vec<i32> = self.ledger.lock_holders().iter().map(|h| h.pid).collect();
+        let holders = self.ledger.lock_holders();
         let mut hung = self.pool.silent_workers(timeout);
         // Lock holders first: they are what the others wait for.
         hung.sort_by_key(|(pid, _, _)| !holders.contains(&pid.as_raw()));
@@ -594,8 +594,7 @@ impl Master {
             return;
         }
         let mut fds = self.listeners.named_fds();
-        fds.push((std::os::fd::AsRawFd::as_raw_fd(&self.ledger), "ledger"));
-        fds.push((self.ledger.guard_fd(), "ledger-guard"));
+        fds.extend(self.ledger.upgrade_fds());
         fds.push((std::os::fd::AsRawFd::as_raw_fd(&self.queue), "queue-store"));
         match Upgrade::start(
             &self.exe,
@@ -771,8 +770,9 @@ impl Master {
             workers: &workers,
             restarts: self.pool.restarts(),
             finished: self.pool.finished(),
-            ledger: Some(self.ledger.overview()),
+            ledger: self.ledger.overview(),
             queue: Some(self.queue.overview()),
+            db: self.ledger.is_postgres().then(|| self.pool.db_stats()),
         };
         server.on_events(tokens, self.io.poll.registry(), &view);
     }

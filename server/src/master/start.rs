@@ -14,7 +14,6 @@ use signal_hook::consts::{
 };
 use signal_hook_mio::v1_0::Signals;
 
-use forkpool_ledger::{Ledger, LedgerOptions};
 use forkpool_queue::{Store, StoreOptions};
 
 use super::{
@@ -25,6 +24,7 @@ use crate::broker::Broker;
 use crate::channel::Channel;
 use crate::config::{check_protected_mode, Cli, Config};
 use crate::inherit;
+use crate::ledger_store::LedgerStore;
 use crate::listener::{ListenError, Listeners};
 use crate::master_link::FORMAT_VERSION;
 use crate::pidfile::PidFile;
@@ -41,7 +41,7 @@ pub enum StartError {
     #[error(transparent)]
     Listen(#[from] ListenError),
     #[error(transparent)]
-    Ledger(#[from] forkpool_ledger::LedgerError),
+    Ledger(#[from] crate::ledger_store::LedgerStoreError),
     #[error(transparent)]
     Queue(#[from] forkpool_queue::StoreError),
     #[error(transparent)]
@@ -106,33 +106,7 @@ impl Master {
         let io = MasterIo::new(config.status_addr)?;
         let pool = Pool::new(config.workers, SCOREBOARD_CELLS).map_err(StartError::Scoreboard)?;
         // The ledger last: it logs what it opened, and a failed start is one line.
-        let ledger = match inherited.ledger.take() {
-            // A binary upgrade: the old master's workers use the ledger right now, so its
-            // locks must not be re-initialised nor recovery run.
-            Some(fd) => Ledger::adopt(
-                fd,
-                inherited.ledger_guard.take(),
-                &config.ledger,
-                config.fsync,
-            )?,
-            None => Ledger::open(
-                &config.ledger,
-                &LedgerOptions {
-                    max_accounts: config.max_accounts,
-                    fsync: config.fsync,
-                    ..LedgerOptions::default()
-                },
-            )?,
-        };
-        // A lock-free read: after an upgrade the old master's workers hold the locks.
-        let audit = ledger.approximate_audit();
-        log::info!(
-            "ledger {}: {} accounts, total {}, fsync {}",
-            config.ledger.display(),
-            audit.accounts,
-            audit.total,
-            config.fsync
-        );
+        let ledger = LedgerStore::open(&config, &mut inherited)?;
         let queue_options = StoreOptions {
             max_jobs: config.queue_max_jobs,
             max_payload: config.queue_max_payload,

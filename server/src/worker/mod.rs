@@ -20,7 +20,6 @@ use std::time::{Duration, Instant};
 
 use forkpool_common::codec::Flow;
 use forkpool_common::queue::QueueErrorKind;
-use forkpool_ledger::Ledger;
 use forkpool_queue::Store;
 use mio::unix::SourceFd;
 use mio::{Events, Interest, Poll, Token};
@@ -30,10 +29,13 @@ use signal_hook::consts::{SIGINT, SIGQUIT, SIGTERM, SIGUSR1};
 use signal_hook_mio::v1_0::Signals;
 use slab::Slab;
 
+use crate::bank::Backend;
 use crate::channel::Channel;
 use crate::config::Config;
 use crate::conn::{Conn, Limits, Readiness, Scratch, Verdict, LINGER_TIMEOUT};
+use crate::db::DbBank;
 use crate::durability::Syncer;
+use crate::ledger_store::LedgerStore;
 use crate::listener::ListeningSocket;
 use crate::master_link::{LeaveReason, Message};
 use crate::process;
@@ -56,7 +58,8 @@ pub struct WorkerSetup {
     pub listeners: Vec<(ServiceKind, ListeningSocket)>,
     /// This worker's end of its link to the master.
     pub link: Channel,
-    pub ledger: Ledger,
+    /// The ledger file's mapping, or the database to connect to.
+    pub ledger: LedgerStore,
     pub queue: Store,
     /// This worker's scoreboard cell.
     pub cell: &'static WorkerCell,
@@ -108,6 +111,28 @@ impl WorkerSettings {
     }
 }
 
+/// The worker's ledger: the file's mapping inherited from the master, or a pool of database
+/// connections of its own (opened now, after the fork, in the background).
+fn open_ledger(
+    store: LedgerStore,
+    config: &Config,
+    registry: &mio::Registry,
+) -> io::Result<Backend> {
+    Ok(match store {
+        LedgerStore::File(ledger) => Backend::File(Box::leak(Box::new(ledger))),
+        LedgerStore::Postgres(mut settings) => {
+            // A reload may have changed the pool's size and deadline since the master read
+            // the URL.
+            settings.connections = config.ledger_connections;
+            settings.deadline = config.ledger_timeout;
+            settings.label_connections(&format!("worker {}", std::process::id()));
+            Backend::Db(Box::leak(Box::new(DbBank::start(
+                settings, registry, DB_TOKEN,
+            )?)))
+        }
+    })
+}
+
 /// How often a worker beats: at least once a second, and four times per worker timeout.
 fn heartbeat_interval(worker_timeout: Option<Duration>) -> Duration {
     let second = Duration::from_secs(1);
@@ -146,6 +171,8 @@ const LINK_TOKEN: Token = Token(usize::MAX - 2);
 const SYNCED_TOKEN: Token = Token(usize::MAX - 3);
 /// This worker's queue wake-ups (`wakeup.rs`).
 const WAKEUP_TOKEN: Token = Token(usize::MAX - 4);
+/// The database pool's wake-up: replies are ready (a PostgreSQL ledger).
+const DB_TOKEN: Token = Token(usize::MAX - 5);
 /// Connection tokens start here; lower tokens are listeners (a slot may accept from the
 /// sockets of every slot of a larger pool that shrank).
 const FIRST_CONN_TOKEN: usize = 1 << 16;
@@ -268,12 +295,16 @@ impl Worker {
             listening.watch(poll.registry(), Token(index))?;
             listeners.push(listening);
         }
-        // The worker keeps its ledger mapping and settings for its whole life; sessions
-        // borrow them.
-        let ledger: &'static Ledger = Box::leak(Box::new(setup.ledger));
-        // The flusher thread exists only in the worker, started after the fork.
-        let syncer = Syncer::start(ledger, poll.registry(), SYNCED_TOKEN)?;
         let settings: &'static WorkerSettings = Box::leak(Box::new(setup.settings));
+        // The worker keeps its ledger (mapping or database pool) and settings for its whole
+        // life; sessions borrow them.
+        let ledger = open_ledger(setup.ledger, &settings.config, poll.registry())?;
+        // The flusher thread of `--fsync always` exists only in the worker, started after
+        // the fork.
+        let syncer = match ledger {
+            Backend::File(file) => Syncer::start(file, poll.registry(), SYNCED_TOKEN)?,
+            Backend::Db(_) => None,
+        };
         let queue: &'static QueueHub = Box::leak(Box::new(QueueHub {
             store: setup.queue,
             wakeup: Wakeup::bind()?,
@@ -324,6 +355,25 @@ impl Worker {
         }))
     }
 
+    /// The database pool's replies are ready: each goes to the connection waiting for it.
+    fn on_db_replies(&mut self, now: Instant) {
+        let Backend::Db(db) = self.sessions.ledger else {
+            return;
+        };
+        for (key, reply) in db.completions() {
+            self.resume(key, |session, out| session.ledger_reply(&reply, out), now);
+        }
+        self.publish_db_stats();
+    }
+
+    /// Copies the database pool's figures to the scoreboard (after replies, and at each
+    /// sweep: connections open and close without any request).
+    fn publish_db_stats(&self) {
+        if let Backend::Db(db) = self.sessions.ledger {
+            self.cell.db.publish(&db.stats());
+        }
+    }
+
     fn serve(&mut self) -> io::Result<()> {
         let mut events = Events::with_capacity(EVENTS_CAPACITY);
         loop {
@@ -346,6 +396,7 @@ impl Worker {
                     LINK_TOKEN => self.on_link(event.is_writable(), now),
                     SYNCED_TOKEN => self.release_gated(now),
                     WAKEUP_TOKEN => self.on_queue_wakeup(now),
+                    DB_TOKEN => self.on_db_replies(now),
                     Token(index) if index < FIRST_CONN_TOKEN => self.accept_batch(index, now),
                     Token(token) => {
                         let readiness = Readiness {
@@ -499,6 +550,9 @@ impl Worker {
     /// if its read budget ran out, released when the log is durable if replies wait, and
     /// answered at its deadline if a queue request waits.
     fn settle(&mut self, key: usize, verdict: Verdict, now: Instant) {
+        if let Backend::Db(db) = self.sessions.ledger {
+            db.claim(key);
+        }
         let Some(conn) = self.conns.get_mut(key) else {
             return;
         };
@@ -684,6 +738,7 @@ impl Worker {
         };
         self.next_sweep = now + tick;
         self.sweep(now, sweep);
+        self.publish_db_stats();
     }
 
     /// Closes the connections `sweep` names and ends overdue lingering closes. A silent
