@@ -559,9 +559,20 @@ fn quit_answers_bye_and_the_requests_pipelined_after_it_are_not_applied(ledger: 
 // ---------------------------------------------------------------------------------------
 
 fn one_hundred_clients_grabbing_ten_tickets_at_once_get_exactly_ten(ledger: LedgerKind) {
+    grabbing_ten_tickets(ledger, &[]);
+}
+
+/// Linearizable under `--fsync always` too: a reply that waits for its flush must not let
+/// a later withdrawal see a balance out of order.
+#[test]
+fn one_hundred_clients_grabbing_ten_tickets_with_fsync_always_get_exactly_ten() {
+    grabbing_ten_tickets(LedgerKind::File, &["--fsync", "always"]);
+}
+
+fn grabbing_ten_tickets(ledger: LedgerKind, args: &[&str]) {
     const GRABBERS: usize = 100;
     const PRICE: u64 = 7;
-    let Some(server) = bank_server(ledger, &[]) else {
+    let Some(server) = bank_server(ledger, args) else {
         return;
     };
     let mut admin = server.connect_bank();
