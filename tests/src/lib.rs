@@ -5,7 +5,7 @@
 //! master and every worker and reaps the master, so no test leaks a process. Waiting is
 //! always [`wait_until`] a condition with a deadline, never a sleep.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeSet, HashMap};
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{SocketAddr, TcpStream};
 use std::os::unix::process::CommandExt;
@@ -1041,6 +1041,29 @@ impl Rng {
     pub fn below(&mut self, n: u64) -> u64 {
         self.next_u64() % n
     }
+}
+
+/// The size of a subset of `items` that sums to `target`, if there is one (the smallest):
+/// which transfers of unknown outcome (cut by a kill) explain an account's balance.
+pub fn subset_reaching(items: &[i128], target: i128) -> Option<usize> {
+    assert!(
+        items.len() <= 20,
+        "{} unknown transfers on one account: too many to search",
+        items.len()
+    );
+    // Every subset sum, with the smallest subset that reaches it.
+    let mut sums = HashMap::from([(0i128, 0usize)]);
+    for &item in items {
+        let extended: Vec<(i128, usize)> = sums
+            .iter()
+            .map(|(&sum, &size)| (sum + item, size + 1))
+            .collect();
+        for (sum, size) in extended {
+            let best = sums.entry(sum).or_insert(size);
+            *best = (*best).min(size);
+        }
+    }
+    sums.get(&target).copied()
 }
 
 #[cfg(test)]

@@ -3,7 +3,7 @@
 //! money conservation while workers are SIGKILLed, persistence across restarts, refusal of
 //! bad or busy ledger files, and bank and echo served by the same worker.
 
-use std::collections::{BTreeSet, HashMap};
+use std::collections::BTreeSet;
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{SocketAddr, TcpStream};
 use std::path::Path;
@@ -12,8 +12,8 @@ use std::sync::{Arc, Barrier};
 use std::time::{Duration, Instant};
 
 use forkpool_testkit::{
-    exchange, log_phrase, one_error_line, read_line, request_line, wait_until, LedgerKind, Rng,
-    Server, Signal,
+    exchange, log_phrase, one_error_line, read_line, request_line, subset_reaching, wait_until,
+    LedgerKind, Rng, Server, Signal,
 };
 use nix::sys::signal::{kill, killpg};
 use nix::unistd::Pid;
@@ -1437,28 +1437,6 @@ fn audit_while(addr: SocketAddr, stop: &AtomicBool) -> Vec<String> {
         }
     }
     answers
-}
-
-/// The size of a subset of `items` that sums to `target`, if there is one.
-fn subset_reaching(items: &[i128], target: i128) -> Option<usize> {
-    assert!(
-        items.len() <= 20,
-        "{} unknown transfers on one account: too many to search",
-        items.len()
-    );
-    // Every subset sum, with the smallest subset that reaches it.
-    let mut sums = HashMap::from([(0i128, 0usize)]);
-    for &item in items {
-        let extended: Vec<(i128, usize)> = sums
-            .iter()
-            .map(|(&sum, &size)| (sum + item, size + 1))
-            .collect();
-        for (sum, size) in extended {
-            let best = sums.entry(sum).or_insert(size);
-            *best = (*best).min(size);
-        }
-    }
-    sums.get(&target).copied()
 }
 
 // ---------------------------------------------------------------------------------------
