@@ -5,6 +5,7 @@
 //! master and every worker and reaps the master, so no test leaks a process. Waiting is
 //! always [`wait_until`] a condition with a deadline, never a sleep.
 
+use std::collections::{BTreeSet, HashMap};
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{SocketAddr, TcpStream};
 use std::os::unix::process::CommandExt;
@@ -572,6 +573,24 @@ impl Server {
             .count()
     }
 
+    /// The pids tagged (`[... pid=N]`) on the server's log lines that contain `fragment`
+    /// (e.g. `"] serving"`: the workers that became ready, to SIGKILL only those).
+    pub fn pids_logging(&self, fragment: &str) -> BTreeSet<Pid> {
+        self.output_lines()
+            .iter()
+            .filter(|line| line.contains(fragment))
+            .filter_map(|line| {
+                let digits: String = line
+                    .split("pid=")
+                    .nth(1)?
+                    .chars()
+                    .take_while(char::is_ascii_digit)
+                    .collect();
+                Some(Pid::from_raw(digits.parse().ok()?))
+            })
+            .collect()
+    }
+
     /// Waits until the pool has settled at `count` workers and returns them: the master's
     /// `/status` lists exactly `count` workers, each idle or busy (none starting, retiring or
     /// draining), and they are its only live children. A resize replaces the workers whose
@@ -1004,6 +1023,47 @@ pub fn missing_tool(what: &str) {
         "{what} is not installed; .ci/run should have installed it"
     );
     eprintln!("skipping: {what} is not installed");
+}
+
+/// A small deterministic generator (splitmix64): fixed seeds make the load reproducible.
+pub struct Rng(pub u64);
+
+impl Rng {
+    pub fn next_u64(&mut self) -> u64 {
+        self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
+        let mut z = self.0;
+        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+        z ^ (z >> 31)
+    }
+
+    /// Uniform enough in 0..n for a test load.
+    pub fn below(&mut self, n: u64) -> u64 {
+        self.next_u64() % n
+    }
+}
+
+/// The size of a subset of `items` that sums to `target`, if there is one (the smallest):
+/// which transfers of unknown outcome (cut by a kill) explain an account's balance.
+pub fn subset_reaching(items: &[i128], target: i128) -> Option<usize> {
+    assert!(
+        items.len() <= 20,
+        "{} unknown transfers on one account: too many to search",
+        items.len()
+    );
+    // Every subset sum, with the smallest subset that reaches it.
+    let mut sums = HashMap::from([(0i128, 0usize)]);
+    for &item in items {
+        let extended: Vec<(i128, usize)> = sums
+            .iter()
+            .map(|(&sum, &size)| (sum + item, size + 1))
+            .collect();
+        for (sum, size) in extended {
+            let best = sums.entry(sum).or_insert(size);
+            *best = (*best).min(size);
+        }
+    }
+    sums.get(&target).copied()
 }
 
 #[cfg(test)]

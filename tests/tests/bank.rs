@@ -3,7 +3,7 @@
 //! money conservation while workers are SIGKILLed, persistence across restarts, refusal of
 //! bad or busy ledger files, and bank and echo served by the same worker.
 
-use std::collections::{BTreeSet, HashMap};
+use std::collections::BTreeSet;
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{SocketAddr, TcpStream};
 use std::path::Path;
@@ -12,8 +12,8 @@ use std::sync::{Arc, Barrier};
 use std::time::{Duration, Instant};
 
 use forkpool_testkit::{
-    exchange, log_phrase, one_error_line, read_line, request_line, wait_until, LedgerKind, Server,
-    Signal,
+    exchange, log_phrase, one_error_line, read_line, request_line, subset_reaching, wait_until,
+    LedgerKind, Rng, Server, Signal,
 };
 use nix::sys::signal::{kill, killpg};
 use nix::unistd::Pid;
@@ -716,7 +716,7 @@ fn workers_sigkilled_every_fifty_ms(ledger: LedgerKind, extra: &[&str]) {
                 chaos_started.elapsed()
             );
             std::thread::sleep(Duration::from_millis(25 + rng.below(50)));
-            let serving = pids_logging(&server, "] serving");
+            let serving = server.pids_logging("] serving");
             let candidates: Vec<Pid> = server
                 .workers()
                 .into_iter()
@@ -852,7 +852,7 @@ fn balances_survive_restarts(fsync: &str) {
 fn a_corrupted_truncated_or_other_version_ledger_is_refused_untouched() {
     let valid = valid_ledger_bytes();
     let mut rng = Rng(42);
-    let garbage: Vec<u8> = (0..valid.len()).map(|_| rng.next() as u8).collect();
+    let garbage: Vec<u8> = (0..valid.len()).map(|_| rng.next_u64() as u8).collect();
     let mut other_version = valid.clone();
     // The layout version: a little-endian u32 right after the 8-byte magic.
     assert_eq!(&other_version[8..12], &1u32.to_le_bytes());
@@ -1017,31 +1017,13 @@ fn snapshot(bank: &mut TcpStream, names: &[&str]) -> Vec<String> {
     replies
 }
 
-/// The pids tagged (`[... pid=N]`) on the server's log lines that contain `fragment`.
-fn pids_logging(server: &Server, fragment: &str) -> BTreeSet<Pid> {
-    server
-        .output_lines()
-        .iter()
-        .filter(|line| line.contains(fragment))
-        .filter_map(|line| {
-            let digits: String = line
-                .split("pid=")
-                .nth(1)?
-                .chars()
-                .take_while(char::is_ascii_digit)
-                .collect();
-            Some(Pid::from_raw(digits.parse().ok()?))
-        })
-        .collect()
-}
-
 /// Waits until at least `count` distinct processes logged `fragment` and returns them.
 fn wait_for_pids_logging(server: &Server, fragment: &str, count: usize) -> BTreeSet<Pid> {
     wait_until(
         &format!("{count} processes to log {fragment:?}"),
         Duration::from_secs(5),
         || {
-            let pids = pids_logging(server, fragment);
+            let pids = server.pids_logging(fragment);
             (pids.len() >= count).then_some(pids)
         },
     )
@@ -1466,46 +1448,6 @@ fn audit_while(addr: SocketAddr, stop: &AtomicBool) -> Vec<String> {
         }
     }
     answers
-}
-
-/// The size of a subset of `items` that sums to `target`, if there is one.
-fn subset_reaching(items: &[i128], target: i128) -> Option<usize> {
-    assert!(
-        items.len() <= 20,
-        "{} unknown transfers on one account: too many to search",
-        items.len()
-    );
-    // Every subset sum, with the smallest subset that reaches it.
-    let mut sums = HashMap::from([(0i128, 0usize)]);
-    for &item in items {
-        let extended: Vec<(i128, usize)> = sums
-            .iter()
-            .map(|(&sum, &size)| (sum + item, size + 1))
-            .collect();
-        for (sum, size) in extended {
-            let best = sums.entry(sum).or_insert(size);
-            *best = (*best).min(size);
-        }
-    }
-    sums.get(&target).copied()
-}
-
-/// A small deterministic generator (splitmix64): fixed seeds make the load reproducible.
-struct Rng(u64);
-
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-        z ^ (z >> 31)
-    }
-
-    /// Uniform enough in 0..n for a test load.
-    fn below(&mut self, n: u64) -> u64 {
-        self.next() % n
-    }
 }
 
 // ---------------------------------------------------------------------------------------
