@@ -1043,6 +1043,28 @@ impl Rng {
     }
 }
 
+/// One transfer of a bank load, between two accounts given by index.
+#[derive(Debug, Clone, Copy)]
+pub struct Transfer {
+    pub from: usize,
+    pub to: usize,
+    pub amount: u64,
+}
+
+impl Transfer {
+    /// What this transfer, if applied, does to `account`'s balance.
+    pub fn delta(&self, account: usize) -> i128 {
+        let amount = i128::from(self.amount);
+        if account == self.from {
+            -amount
+        } else if account == self.to {
+            amount
+        } else {
+            0
+        }
+    }
+}
+
 /// The size of a subset of `items` that sums to `target`, if there is one (the smallest):
 /// which transfers of unknown outcome (cut by a kill) explain an account's balance.
 pub fn subset_reaching(items: &[i128], target: i128) -> Option<usize> {

@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 
 use forkpool_testkit::{
     exchange, log_phrase, one_error_line, read_line, request_line, subset_reaching, wait_until,
-    LedgerKind, Rng, Server, Signal,
+    LedgerKind, Rng, Server, Signal, Transfer,
 };
 use nix::sys::signal::{kill, killpg};
 use nix::unistd::Pid;
@@ -1206,28 +1206,6 @@ fn balances(bank: &TcpStream, names: &[String]) -> Vec<u64> {
                 .unwrap_or_else(|| panic!("BALANCE answered {line:?}"))
         })
         .collect()
-}
-
-/// One transfer of the load, between two shared accounts given by index.
-#[derive(Debug, Clone, Copy)]
-struct Transfer {
-    from: usize,
-    to: usize,
-    amount: u64,
-}
-
-impl Transfer {
-    /// What this transfer, if applied, does to `account`'s balance.
-    fn delta(&self, account: usize) -> i128 {
-        let amount = i128::from(self.amount);
-        if account == self.from {
-            -amount
-        } else if account == self.to {
-            amount
-        } else {
-            0
-        }
-    }
 }
 
 /// What one load client saw.

@@ -14,7 +14,7 @@ use forkpool_testkit::haproxy::{Haproxy, SendProxy, Service};
 use forkpool_testkit::pg::{self, PgCluster};
 use forkpool_testkit::{
     bench_json, json_field, json_number, request_line, subset_reaching, wait_until, Rng, Server,
-    Signal,
+    Signal, Transfer,
 };
 use nix::sys::signal::kill;
 use nix::unistd::Pid;
@@ -64,28 +64,6 @@ fn open_accounts(bank: &mut TcpStream) -> Vec<u64> {
             balance
         })
         .collect()
-}
-
-/// One transfer between two accounts given by index.
-#[derive(Debug, Clone, Copy)]
-struct Transfer {
-    from: usize,
-    to: usize,
-    amount: u64,
-}
-
-impl Transfer {
-    /// What this transfer, if applied, does to `account`'s balance.
-    fn delta(&self, account: usize) -> i128 {
-        let amount = i128::from(self.amount);
-        if account == self.from {
-            -amount
-        } else if account == self.to {
-            amount
-        } else {
-            0
-        }
-    }
 }
 
 /// What one client saw.
