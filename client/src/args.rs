@@ -27,12 +27,16 @@ Exit status:
   0  clean run: every reply checked and correct, no network error
   1  verification failure: an echo reply differed from the uppercase of the request, a bank
      reply was malformed or an unexpected error, or the final AUDIT differs from the expected
-     total by more than the operations with unknown outcome can explain
+     total by more than the operations with unknown outcome can explain; a queue reply was
+     malformed or an error, a job's payload was damaged or never put, a job was delivered
+     again without a dropped consumer connection to explain it, or a job put was never done
   2  usage error, or the run could not start: an address that refuses or never accepts a
      connection (within --timeout), or a failed bank setup
   3  no verification failure, but the run was degraded: connect errors, resets (an EOF in the
      middle of a reply counts as one) or timeouts were counted, no request completed in the
-     measured window, or the final AUDIT could not be taken
+     measured window, the final AUDIT could not be taken, or queue jobs were left undone that
+     dropped connections explain (redis, unlike forkpool and beanstalkd, never delivers again
+     the job of a consumer that went away)
 
 A clean close by the server (EOF at a reply boundary, as a draining worker does) is not an
 error: the connection is reopened, unanswered echo requests are sent again (counted as
@@ -81,6 +85,11 @@ pub enum Mode {
         mut_arg("addr", |a| a.help(addr_help(DEFAULT_BANK_ADDR)))
     )]
     Bank(BankArgs),
+    /// Queue: producers PUT jobs, consumers GET each and mark it DONE; every payload carries
+    /// its producer, sequence number and a checksum, and at the end every job put must have
+    /// been done. Speaks forkpool's queue, beanstalkd or redis (`--protocol`).
+    #[command(next_line_help = true, after_help = EXIT_CODES)]
+    Queue(QueueArgs),
 }
 
 /// The help of `--addr`, with the mode's default.
@@ -194,6 +203,154 @@ pub struct BankArgs {
     /// Authenticate every connection first (`AUTH USER TOKEN`, a server with a users file).
     #[arg(long, value_name = "USER:TOKEN", value_parser = parse_auth)]
     pub auth: Option<Auth>,
+}
+
+/// Default address of forkpool's queue service.
+pub const DEFAULT_QUEUE_ADDR: &str = "127.0.0.1:7880";
+
+/// The queue servers `forkpool-bench queue` speaks to.
+#[derive(clap::ValueEnum, Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Protocol {
+    /// forkpool's queue service: `PUT`, `GET`, `DONE`.
+    Forkpool,
+    /// beanstalkd: `put`, `reserve-with-timeout`, `delete` in a tube of its own.
+    Beanstalk,
+    /// redis, the reliable-queue pattern: `LPUSH`, `BLMOVE` to a processing list, `LREM`.
+    Redis,
+}
+
+impl Protocol {
+    /// Its name on the command line.
+    pub fn name(self) -> &'static str {
+        match self {
+            Protocol::Forkpool => "forkpool",
+            Protocol::Beanstalk => "beanstalk",
+            Protocol::Redis => "redis",
+        }
+    }
+
+    /// The server's usual address.
+    fn default_addr(self) -> &'static str {
+        match self {
+            Protocol::Forkpool => DEFAULT_QUEUE_ADDR,
+            Protocol::Beanstalk => "127.0.0.1:11300",
+            Protocol::Redis => "127.0.0.1:6379",
+        }
+    }
+}
+
+/// `forkpool-bench queue`.
+#[derive(Args, Debug, Clone)]
+pub struct QueueArgs {
+    /// Server address (host:port) [default: 127.0.0.1:7880; beanstalkd 127.0.0.1:11300, redis
+    /// 127.0.0.1:6379]
+    #[arg(long)]
+    pub addr: Option<String>,
+    /// The server at --addr: forkpool, beanstalk or redis.
+    #[arg(long, value_enum, default_value_t = Protocol::Forkpool, hide_possible_values = true)]
+    pub protocol: Protocol,
+    /// Producer connections; each has one PUT in flight at a time.
+    #[arg(long, default_value_t = 16, value_parser = clap::value_parser!(u32).range(1..=4096))]
+    pub producers: u32,
+    /// Consumer connections; each GETs a job (waiting while the queue is empty), then DONEs it.
+    #[arg(long, default_value_t = 16, value_parser = clap::value_parser!(u32).range(1..=4096))]
+    pub consumers: u32,
+    /// Bytes of each job's payload (its tag and checksum need 64 at most).
+    #[arg(long, default_value_t = 64, value_parser = clap::value_parser!(u32).range(64..=65536))]
+    pub size: u32,
+    /// Producers wait while this many jobs are put and not yet done: the client keeps the
+    /// queue's depth bounded, the same way for every server.
+    #[arg(long, default_value_t = 256, value_parser = clap::value_parser!(u32).range(1..))]
+    pub backlog: u32,
+    /// Queue name (a beanstalkd tube; the redis keys NAME and NAME:processing) [default:
+    /// bench-SEED, a fresh queue per run]
+    #[arg(long)]
+    pub queue: Option<String>,
+    /// Seconds to measure (after the warm-up).
+    #[arg(short = 'd', long, default_value_t = DEFAULT_DURATION_S)]
+    pub duration: f64,
+    /// Seconds of load before the measured window (not counted).
+    #[arg(long, default_value_t = 0.0)]
+    pub warmup: f64,
+    /// Seconds to wait for a connection or a reply (beyond a GET's own wait) before the
+    /// connection counts as timed out and is reopened; after the window, the consumers have
+    /// this long to finish the jobs still queued.
+    #[arg(long, default_value_t = 2.0)]
+    pub timeout: f64,
+    /// Report the CPU time of this process and its descendants per job done (see echo).
+    #[arg(long)]
+    pub server_pid: Option<u32>,
+    /// Print one JSON object with every figure instead of the text report.
+    #[arg(long)]
+    pub json: bool,
+    /// Seed of the default queue name.
+    #[arg(long)]
+    pub seed: Option<u64>,
+}
+
+/// The validated settings of a queue run.
+#[derive(Debug, Clone)]
+pub struct QueueSettings {
+    pub addr: SocketAddr,
+    pub protocol: Protocol,
+    pub producers: usize,
+    pub consumers: usize,
+    pub size: usize,
+    pub backlog: u64,
+    pub queue: String,
+    pub warmup: Duration,
+    pub window: Duration,
+    pub timeout: Duration,
+    pub server_pid: Option<u32>,
+    pub seed: u64,
+}
+
+impl QueueArgs {
+    /// Checks the flags and resolves the address.
+    pub fn settings(&self) -> anyhow::Result<QueueSettings> {
+        let addr_text = self.addr.as_deref().unwrap_or(self.protocol.default_addr());
+        let addr = resolve(addr_text)?;
+        let window = seconds("duration", self.duration)?;
+        if window.is_zero() {
+            bail!("--duration must be positive");
+        }
+        let timeout = seconds("timeout", self.timeout)?;
+        if timeout < Duration::from_millis(10) {
+            bail!("--timeout must be at least 0.01 s");
+        }
+        let seed = self.seed.unwrap_or_else(clock_seed);
+        let queue = self
+            .queue
+            .clone()
+            .unwrap_or_else(|| format!("bench-{seed}"));
+        let valid = |b: u8| b.is_ascii_alphanumeric() || b"_.-".contains(&b);
+        if queue.is_empty() || queue.len() > 64 || !queue.bytes().all(valid) {
+            bail!("--queue {queue:?}: 1 to 64 bytes of [A-Za-z0-9_.-]");
+        }
+        Ok(QueueSettings {
+            addr,
+            protocol: self.protocol,
+            producers: self.producers as usize,
+            consumers: self.consumers as usize,
+            size: self.size as usize,
+            backlog: u64::from(self.backlog),
+            queue,
+            warmup: seconds("warmup", self.warmup)?,
+            window,
+            timeout,
+            server_pid: self.server_pid,
+            seed,
+        })
+    }
+}
+
+/// The first address `text` (host:port) resolves to.
+fn resolve(text: &str) -> anyhow::Result<SocketAddr> {
+    text.to_socket_addrs()
+        .with_context(|| format!("--addr {text}: cannot resolve"))?
+        .next()
+        .with_context(|| format!("--addr {text}: resolves to no address"))
 }
 
 /// A bank user and its token (`--auth USER:TOKEN`).
@@ -312,11 +469,7 @@ impl LoadArgs {
     /// Checks the combination of flags and resolves the address.
     pub fn settings(&self, default_addr: &str) -> anyhow::Result<Settings> {
         let addr_text = self.addr.as_deref().unwrap_or(default_addr);
-        let addr = addr_text
-            .to_socket_addrs()
-            .with_context(|| format!("--addr {addr_text}: cannot resolve"))?
-            .next()
-            .with_context(|| format!("--addr {addr_text}: resolves to no address"))?;
+        let addr = resolve(addr_text)?;
         let end = match (self.requests, self.duration) {
             (Some(count), cap) => End::Requests {
                 count,
@@ -339,12 +492,7 @@ impl LoadArgs {
         let connections = self.connections as usize;
         let cpus = std::thread::available_parallelism().map_or(1, usize::from);
         let threads = self.threads.map_or(cpus, |t| t as usize).min(connections);
-        let seed = self.seed.unwrap_or_else(|| {
-            let t = std::time::SystemTime::now()
-                .duration_since(std::time::UNIX_EPOCH)
-                .unwrap_or_default();
-            t.as_nanos() as u64 ^ u64::from(std::process::id()).rotate_left(32)
-        });
+        let seed = self.seed.unwrap_or_else(clock_seed);
         let tls = self.client_tls(addr_text)?.map(Arc::new);
         Ok(Settings {
             tls,
@@ -361,6 +509,14 @@ impl LoadArgs {
             no_reconnect: self.no_reconnect,
         })
     }
+}
+
+/// A seed that differs between runs: the wall clock mixed with the process id.
+fn clock_seed() -> u64 {
+    let t = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap_or_default();
+    t.as_nanos() as u64 ^ u64::from(std::process::id()).rotate_left(32)
 }
 
 /// Parses the command line; `echo` is implied when the first argument is not a subcommand.
