@@ -9,8 +9,8 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use forkpool_testkit::{
-    bench_json as json, json_field as field, json_number as number, line_server, tool, wait_until,
-    LineReply, Server, Signal,
+    bench_json as json, binary, json_field as field, json_number as number, line_server, tool,
+    wait_until, LineReply, Server, Signal,
 };
 
 /// A short run's flags: 4 producers and 4 consumers for `seconds`.
@@ -123,8 +123,17 @@ fn a_server_speaking_another_protocol_is_a_start_failure() {
     let addr = addr.to_string();
     let mut args = queue_args(&addr, "0.3");
     args.extend(["--protocol", "beanstalk"]);
-    let (_, code) = json(&args);
-    assert_eq!(code, 2);
+    let out = Command::new(binary("forkpool-bench"))
+        .args(&args)
+        .output()
+        .expect("forkpool-bench runs");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{stderr}");
+    assert!(out.stdout.is_empty());
+    assert!(
+        stderr.contains("cannot start a beanstalk session") && stderr.contains("-ERR unknown"),
+        "{stderr}"
+    );
 }
 
 /// A peer server (beanstalkd, redis-server) in its own process group, killed and reaped on
