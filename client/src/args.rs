@@ -65,7 +65,7 @@ pub struct Cli {
     pub mode: Mode,
 }
 
-/// The two services.
+/// The three services.
 #[derive(Subcommand, Debug)]
 pub enum Mode {
     /// Uppercase echo: random lines (multi-byte UTF-8 mixed in, or ASCII only with
@@ -132,13 +132,8 @@ pub struct LoadArgs {
     /// when the window ends.
     #[arg(long, default_value_t = 2.0)]
     pub timeout: f64,
-    /// Sample utime+stime of this process and all its descendants at the start and end of the
-    /// measured window and report the server's CPU microseconds per request.
-    #[arg(long)]
-    pub server_pid: Option<u32>,
-    /// Print one JSON object with every figure instead of the text report.
-    #[arg(long)]
-    pub json: bool,
+    #[command(flatten)]
+    pub output: Output,
     /// Seed of the payload and operation generator (the same seed gives the same requests).
     #[arg(long)]
     pub seed: Option<u64>,
@@ -164,6 +159,19 @@ pub struct LoadArgs {
     /// run is degraded (exit 3). For checking that replacing workers goes unnoticed.
     #[arg(long)]
     pub no_reconnect: bool,
+}
+
+/// What every mode reports besides its own figures.
+#[derive(Args, Debug, Clone)]
+pub struct Output {
+    /// Sample utime+stime of this process and all its descendants at the start and end of the
+    /// measured window and report the server's CPU microseconds per request (per job in queue
+    /// mode).
+    #[arg(long)]
+    pub server_pid: Option<u32>,
+    /// Print one JSON object with every figure instead of the text report.
+    #[arg(long)]
+    pub json: bool,
 }
 
 /// `forkpool-bench echo`.
@@ -278,12 +286,8 @@ pub struct QueueArgs {
     /// this long to finish the jobs still queued.
     #[arg(long, default_value_t = 2.0)]
     pub timeout: f64,
-    /// Report the CPU time of this process and its descendants per job done (see echo).
-    #[arg(long)]
-    pub server_pid: Option<u32>,
-    /// Print one JSON object with every figure instead of the text report.
-    #[arg(long)]
-    pub json: bool,
+    #[command(flatten)]
+    pub output: Output,
     /// Seed of the default queue name.
     #[arg(long)]
     pub seed: Option<u64>,
@@ -339,7 +343,7 @@ impl QueueArgs {
             warmup: seconds("warmup", self.warmup)?,
             window,
             timeout,
-            server_pid: self.server_pid,
+            server_pid: self.output.server_pid,
             seed,
         })
     }
@@ -504,7 +508,7 @@ impl LoadArgs {
             end,
             rate: self.rate,
             timeout,
-            server_pid: self.server_pid,
+            server_pid: self.output.server_pid,
             seed,
             no_reconnect: self.no_reconnect,
         })

@@ -29,9 +29,15 @@ const EXIT_CANNOT_START: u8 = 2;
 fn main() -> ExitCode {
     let cli = args::parse();
     match &cli.mode {
-        args::Mode::Echo(a) => finish(run::echo(a), a.load.json, Report::text, |r| r.exit_code),
-        args::Mode::Bank(a) => finish(run::bank(a), a.load.json, Report::text, |r| r.exit_code),
-        args::Mode::Queue(a) => finish(queue::run(a), a.json, QueueReport::text, |r| r.exit_code),
+        args::Mode::Echo(a) => finish(run::echo(a), a.load.output.json, Report::text, |r| {
+            r.exit_code
+        }),
+        args::Mode::Bank(a) => finish(run::bank(a), a.load.output.json, Report::text, |r| {
+            r.exit_code
+        }),
+        args::Mode::Queue(a) => finish(queue::run(a), a.output.json, QueueReport::text, |r| {
+            r.exit_code
+        }),
     }
 }
 

@@ -19,7 +19,7 @@ use crate::cpu::{client_cpu, find_tree, sample_tree, Tree, TreeSample};
 use crate::driver::{self, Clock, Counting, Live, Plan};
 use crate::load::{payload_pool, Rng, Text};
 use crate::report::{judge, BankReport, Report};
-use crate::stats::{Counters, Latencies};
+use crate::stats::{micros_per, Counters, Latencies};
 use crate::workload::{BankWorkload, EchoWorkload, Workload, MAX_SAMPLES};
 
 /// How often the progress line is redrawn.
@@ -208,13 +208,7 @@ fn report<W: Workload>(
     let secs = m.window.as_secs_f64();
     let per_second = |x: u64| if secs > 0.0 { x as f64 / secs } else { 0.0 };
     let requests = m.counters.completed;
-    let per_request = |d: Duration| {
-        if requests > 0 {
-            d.as_secs_f64() * 1e6 / requests as f64
-        } else {
-            0.0
-        }
-    };
+    let per_request = |d: Duration| micros_per(d, requests);
     let (exit_code, verdict) = judge(requests, &m.counters, bank.as_ref(), s.no_reconnect);
     Report {
         mode,

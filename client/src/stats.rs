@@ -1,6 +1,8 @@
 //! What one client thread measured, and how threads' figures merge: the latency histogram and
 //! the counters of completed requests, bytes and network errors.
 
+use std::time::Duration;
+
 use hdrhistogram::Histogram;
 use serde::Serialize;
 
@@ -62,6 +64,15 @@ impl std::ops::AddAssign for Counters {
         self.retried += o.retried;
         self.timeouts += o.timeouts;
         self.abandoned += o.abandoned;
+    }
+}
+
+/// Microseconds of `d` per one of `count` things (0 when there are none).
+pub fn micros_per(d: Duration, count: u64) -> f64 {
+    if count > 0 {
+        d.as_secs_f64() * 1e6 / count as f64
+    } else {
+        0.0
     }
 }
 

@@ -16,6 +16,7 @@ use anyhow::Context;
 
 use crate::args::QueueArgs;
 use crate::cpu::{client_cpu, find_tree, Tree};
+use crate::stats::micros_per;
 pub use report::QueueReport;
 use roles::{consumer, producer, Outcome, Shared};
 use wire::{connect, Role, Target};
@@ -78,13 +79,7 @@ pub fn run(args: &QueueArgs) -> anyhow::Result<QueueReport> {
     })?;
     let secs = s.window.as_secs_f64();
     let jobs = total.counters.completed;
-    let per_job = |d: Duration| {
-        if jobs > 0 {
-            d.as_secs_f64() * 1e6 / jobs as f64
-        } else {
-            0.0
-        }
-    };
+    let per_job = |d: Duration| micros_per(d, jobs);
     let book = book.summary();
     let (exit_code, verdict) = report::judge(jobs, &total.counters, &book);
     total.samples.truncate(crate::workload::MAX_SAMPLES);
