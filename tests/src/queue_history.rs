@@ -51,6 +51,7 @@ impl History {
             id: self.next_conn.fetch_add(1, Ordering::Relaxed),
             history: Arc::clone(self),
             last_alive: self.now(),
+            lost: false,
             stream,
             reader,
         }
@@ -94,6 +95,8 @@ pub struct RecordedConn {
     /// The last instant the server was surely serving this connection (its connection, or the
     /// sending of the last request it answered): a loss it causes comes later.
     last_alive: Nanos,
+    /// Whether the loss is recorded already (the server closed the connection).
+    lost: bool,
     stream: TcpStream,
     reader: BufReader<TcpStream>,
 }
@@ -119,25 +122,20 @@ impl RecordedConn {
             None => {
                 self.unanswered(inv, line);
                 self.lost(self.last_alive, LossCause::ClosedByServer);
+                self.lost = true;
                 None
             }
         }
     }
 
     /// Sends `line`, waits `linger` (to land the close at different points of the request's
-    /// service), then closes the connection without reading the reply.
+    /// service), then closes the connection without reading the reply (see `Drop`).
     pub fn send_and_drop(mut self, line: &str, linger: Duration) {
         let inv = self.history.now();
         // A send that fails finds the connection closed by the server: a loss either way.
         let _ = self.send(line);
         self.unanswered(inv, line);
         std::thread::sleep(linger);
-        self.drop_now();
-    }
-
-    /// Closes the connection (whatever it holds goes back to its queue).
-    pub fn drop_now(self) {
-        self.lost(self.history.now(), LossCause::DroppedByClient);
     }
 
     fn send(&mut self, line: &str) -> Option<()> {
@@ -173,5 +171,15 @@ impl RecordedConn {
             at,
             cause,
         });
+    }
+}
+
+impl Drop for RecordedConn {
+    /// The client closes the connection: a loss (whatever it holds goes back to its queue),
+    /// unless the server closed it first.
+    fn drop(&mut self) {
+        if !self.lost {
+            self.lost(self.history.now(), LossCause::DroppedByClient);
+        }
     }
 }

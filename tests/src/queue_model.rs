@@ -12,7 +12,9 @@
 //! Per queue, a deque of ready jobs: `PUT` appends at the tail, `GET` takes the head (and gives
 //! it to its connection), `DONE` by the holding connection ends the job for good, and a lost
 //! connection's jobs go back to the HEAD of their queue at some instant after the loss (no
-//! upper bound: a killed worker's jobs wait for the master). A request without a reply may or
+//! upper bound: a killed worker's jobs wait for the master). A kill may close a connection
+//! before its client notices: a lost connection counts as lost at the first kill sent after
+//! the last request it saw answered was sent, if that is earlier. A request without a reply may or
 //! may not have taken effect: a GET without a reply is a *hidden holder* that may have taken one
 //! job (at most one), which then went back to the head after its connection's loss.
 //!
@@ -31,13 +33,17 @@
 //! - **VOrd** (FIFO): take the first delivery `g2` of job `v2`. Every job `v1` whose PUT was
 //!   answered before `v2`'s PUT was sent was ahead of `v2` at the tail; a requeue only moves a
 //!   job that was taken before, and `v2`'s first taking needs the head, so each such `v1` must
-//!   have been taken before `g2`'s reply. If its first delivery was sent after `g2`'s reply,
-//!   that taking was hidden: a distinct GET without reply, sent before `g2`'s reply and lost
-//!   before `v1`'s first delivery was read. Too few hidden holders to go round (Hall's
-//!   condition, checked with the jobs in order of that deadline) is a violation.
+//!   have been taken before `g2`'s reply. If its first delivery was sent after that reply,
+//!   its first taking was hidden.
 //! - **VWit**: a GET answered `ERR empty` or `ERR timeout` saw its queue empty at some instant
-//!   of its call; every job put before the GET was sent and first delivered after its reply
-//!   must then have been held by a hidden holder sent before that reply, as for VOrd.
+//!   of its call; every job put (PUT answered) before the GET was sent must have been taken
+//!   before the GET's reply, and if its first delivery was sent after that reply, its first
+//!   taking was hidden.
+//! - Hidden takings, for VOrd and VWit together: each job whose first taking was hidden needs
+//!   its own GET without reply (a GET takes one job), sent before the earliest reply that
+//!   showed the taking, and lost before the job's first delivery was read (the job went back
+//!   in between). They are matched over the whole history (Kuhn's augmenting paths); a job
+//!   left without one breaks the rule of the GET that showed it.
 //! - **VCount**: the final counters of a queue add up (`put = depth + in_flight + done`), `put`
 //!   lies between the PUTs acknowledged (plus the unanswered ones whose job was delivered) and
 //!   that plus the other unanswered PUTs, `done` between the acknowledged DONEs and those plus
@@ -283,8 +289,9 @@ struct Facts {
     jobs: BTreeMap<String, Job>,
     /// Every GET with its queue and outcome.
     gets: Vec<(String, Span, GetEnd)>,
-    /// The first loss of each connection.
-    losses: BTreeMap<u64, (Nanos, usize)>,
+    /// The earliest instant each lost connection may have been lost, and the events that
+    /// show it (its loss, and the kill that may have closed it earlier).
+    losses: BTreeMap<u64, (Nanos, Vec<usize>)>,
     finals: Vec<(usize, FinalStats)>,
     /// Which payload each id names (from PUT and JOB replies).
     ids: BTreeMap<u64, String>,
@@ -297,6 +304,15 @@ enum GetEnd {
     Empty,
     Refused,
     Unknown,
+}
+
+/// A job some GET shows was taken first by a hidden holder: before `by`, as the GET (and
+/// PUT) in `witnesses` show by `rule`.
+#[derive(Debug, Clone)]
+struct Need {
+    by: Nanos,
+    rule: Rule,
+    witnesses: Vec<usize>,
 }
 
 #[derive(Debug, Clone)]
@@ -312,6 +328,9 @@ impl Facts {
     fn read(history: &[Event], violations: &mut Vec<Violation>) -> Facts {
         let mut facts = Facts::default();
         let mut dones = Vec::new();
+        let mut kills = Vec::new();
+        // The sending of the last request each connection saw answered.
+        let mut alive = BTreeMap::new();
         for (index, event) in history.iter().enumerate() {
             match event {
                 Event::Call {
@@ -326,6 +345,10 @@ impl Facts {
                         inv: *inv,
                         resp: reply.as_ref().map(|(t, _)| *t),
                     };
+                    if reply.is_some() {
+                        let last = alive.entry(*conn).or_insert(*inv);
+                        *last = (*last).max(*inv);
+                    }
                     let reply = reply.as_ref().map(|(_, line)| line.as_str());
                     if let Err(detail) = facts.read_call(span, request, reply, &mut dones) {
                         violations.push(Violation {
@@ -336,13 +359,16 @@ impl Facts {
                     }
                 }
                 Event::Loss { conn, at, cause } => {
-                    facts.losses.entry(*conn).or_insert((*at, index));
+                    facts.losses.entry(*conn).or_insert((*at, vec![index]));
                     match cause {
                         LossCause::DroppedByClient => facts.summary.losses.0 += 1,
                         LossCause::ClosedByServer => facts.summary.losses.1 += 1,
                     }
                 }
-                Event::Kill { .. } => facts.summary.kills += 1,
+                Event::Kill { at, .. } => {
+                    facts.summary.kills += 1;
+                    kills.push((*at, index));
+                }
                 Event::Final {
                     queue,
                     put,
@@ -379,7 +405,24 @@ impl Facts {
                 None => {}
             }
         }
+        facts.lost_by_kills(&alive, kills);
         facts
+    }
+
+    /// A kill may have closed a connection before its client noticed (or dropped it): a lost
+    /// connection may have been lost at the first kill sent after the last request it saw
+    /// answered was sent (a worker SIGKILLed before a request was sent cannot answer it).
+    fn lost_by_kills(&mut self, alive: &BTreeMap<u64, Nanos>, mut kills: Vec<(Nanos, usize)>) {
+        kills.sort_unstable();
+        for (conn, (at, witnesses)) in &mut self.losses {
+            let since = alive.get(conn).copied().unwrap_or(0);
+            if let Some(&(kill, index)) = kills.iter().find(|(kill, _)| *kill >= since) {
+                if kill < *at {
+                    *at = kill;
+                    witnesses.push(index);
+                }
+            }
+        }
     }
 
     /// Files one call; `Err` says why it cannot be read.
@@ -451,8 +494,11 @@ impl Facts {
         self.losses.get(&conn).map_or(Nanos::MAX, |(at, _)| *at)
     }
 
-    fn loss_witness(&self, conn: u64) -> Option<usize> {
-        self.losses.get(&conn).map(|(_, index)| *index)
+    fn loss_witnesses(&self, conn: u64) -> impl Iterator<Item = usize> + '_ {
+        self.losses
+            .get(&conn)
+            .into_iter()
+            .flat_map(|(_, w)| w.iter().copied())
     }
 
     fn fresh(&self, violations: &mut Vec<Violation>) {
@@ -505,7 +551,7 @@ impl Facts {
             let losses: Vec<Nanos> = spans.iter().map(|s| self.loss(s.conn)).collect();
             if !chain_exists(&spans, &losses, last) {
                 let mut witnesses: Vec<usize> = spans.iter().map(|s| s.index).collect();
-                witnesses.extend(spans.iter().filter_map(|s| self.loss_witness(s.conn)));
+                witnesses.extend(spans.iter().flat_map(|s| self.loss_witnesses(s.conn)));
                 witnesses.extend(
                     job.dones
                         .iter()
@@ -558,97 +604,138 @@ impl Facts {
         }
     }
 
-    /// VOrd and VWit: the jobs that must have been taken by hidden holders before `end`.
+    /// VOrd and VWit: the jobs some GET shows were taken first by a hidden holder, each
+    /// matched to a distinct one (Kuhn's augmenting paths); a job left over is a violation.
     fn order_and_witness(&self, violations: &mut Vec<Violation>) {
+        let needs = self.hidden_takings();
+        let hidden: Vec<(&str, Span)> = self
+            .gets
+            .iter()
+            .filter(|(_, _, end)| *end == GetEnd::Unknown)
+            .map(|(queue, span, _)| (queue.as_str(), *span))
+            .collect();
+        let mut order: Vec<(&String, &Need)> = needs.iter().map(|(p, n)| (*p, n)).collect();
+        order.sort_by_key(|(payload, need)| (need.by, *payload));
+        let mut taker_of: Vec<Option<&String>> = vec![None; hidden.len()];
+        for (payload, need) in order {
+            let mut seen = vec![false; hidden.len()];
+            if self.augment(payload, &needs, &hidden, &mut taker_of, &mut seen) {
+                continue;
+            }
+            let job = &self.jobs[payload];
+            let able: Vec<Span> = hidden
+                .iter()
+                .filter(|(queue, h)| self.could_take(queue, h, payload, need))
+                .map(|(_, h)| *h)
+                .collect();
+            let mut witnesses = need.witnesses.clone();
+            witnesses.extend(job.put.map(|(s, _)| s.index));
+            witnesses.extend(job.first_delivery().map(|s| s.index));
+            witnesses.extend(able.iter().map(|s| s.index));
+            witnesses.extend(able.iter().flat_map(|s| self.loss_witnesses(s.conn)));
+            let what = match need.rule {
+                Rule::VOrd => "was taken after a job put later",
+                _ => "was in the queue while a GET found it empty",
+            };
+            violations.push(Violation {
+                rule: need.rule,
+                detail: format!(
+                    "{payload:?} {what}, unless a hidden holder took it first; the {} that could \
+                     were needed by other jobs",
+                    able.len()
+                ),
+                witnesses,
+            });
+        }
+    }
+
+    /// For each job that some GET shows was taken before that GET's reply, though its first
+    /// delivery was sent after it: the earliest such reply, and the GET (and PUT) showing it.
+    /// A GET answered `JOB v2` (the first delivery of `v2`) shows it for every job whose PUT
+    /// was answered before `v2`'s was sent; a GET answered empty, for every job whose PUT was
+    /// answered before the GET was sent.
+    fn hidden_takings(&self) -> BTreeMap<&String, Need> {
+        let mut needs: BTreeMap<&String, Need> = BTreeMap::new();
         for (queue, span, end) in &self.gets {
-            let found = match end {
+            let (cutoff, rule, witnesses) = match end {
                 GetEnd::Job(payload) => {
                     let job = &self.jobs[payload];
-                    let (Some(put), Some(first)) = (job.put, job.first_delivery()) else {
+                    let (Some((put, _)), Some(first)) = (job.put, job.first_delivery()) else {
                         continue; // VFresh already
                     };
                     if first.index != span.index {
                         continue;
                     }
-                    self.unexplained(queue, put.0.inv, *span)
-                        .map(|(v1, extra)| (Rule::VOrd, v1, extra, vec![put.0.index]))
+                    (put.inv, Rule::VOrd, vec![span.index, put.index])
                 }
-                GetEnd::Empty => self
-                    .unexplained(queue, span.inv, *span)
-                    .map(|(v1, extra)| (Rule::VWit, v1, extra, Vec::new())),
-                GetEnd::Refused | GetEnd::Unknown => None,
+                GetEnd::Empty => (span.inv, Rule::VWit, vec![span.index]),
+                GetEnd::Refused | GetEnd::Unknown => continue,
             };
-            if let Some((rule, v1, hidden, extra)) = found {
-                let job = &self.jobs[&v1];
-                let mut witnesses = vec![span.index];
-                witnesses.extend(extra);
-                witnesses.extend(job.put.map(|(s, _)| s.index));
-                witnesses.extend(job.first_delivery().map(|s| s.index));
-                witnesses.extend(hidden.iter().map(|s| s.index));
-                witnesses.extend(hidden.iter().filter_map(|s| self.loss_witness(s.conn)));
-                let what = match rule {
-                    Rule::VOrd => "was taken after a job put later",
-                    _ => "was in the queue while a GET found it empty",
-                };
-                violations.push(Violation {
+            let by = span.resp_or_never();
+            let skipped = self.jobs.iter().filter(|(_, job)| {
+                job.queue == *queue
+                    && job
+                        .put_acknowledged()
+                        .is_some_and(|put| put.resp_or_never() < cutoff)
+                    && job.first_delivery().is_none_or(|first| first.inv > by)
+            });
+            for (payload, _) in skipped {
+                let need = Need {
+                    by,
                     rule,
-                    detail: format!(
-                        "{v1:?} {what}, and {} hidden holder(s) cannot explain it",
-                        hidden.len()
-                    ),
-                    witnesses,
-                });
+                    witnesses: witnesses.clone(),
+                };
+                needs
+                    .entry(payload)
+                    .and_modify(|old| {
+                        if by < old.by {
+                            *old = need.clone();
+                        }
+                    })
+                    .or_insert(need);
             }
         }
+        needs
     }
 
-    /// Jobs of `queue` acknowledged put before `cutoff` and first delivered after `get`'s
-    /// reply were in the queue at `get`'s effect unless hidden holders had taken them: the
-    /// first job for which Hall's condition fails, with the hidden holders that could have
-    /// taken it.
-    fn unexplained(&self, queue: &str, cutoff: Nanos, get: Span) -> Option<(String, Vec<Span>)> {
-        let end = get.resp_or_never();
-        let mut waiting: Vec<(Nanos, &String)> = self
-            .jobs
-            .iter()
-            .filter(|(_, job)| job.queue == queue)
-            .filter(|(_, job)| {
-                job.put_acknowledged()
-                    .is_some_and(|p| p.resp_or_never() < cutoff)
-            })
-            .filter(|(_, job)| job.first_delivery().is_none_or(|d| d.inv > end))
-            .map(|(payload, job)| {
-                (
-                    job.first_delivery()
-                        .map_or(Nanos::MAX, |d| d.resp_or_never()),
-                    payload,
-                )
-            })
-            .collect();
-        if waiting.is_empty() {
-            return None;
-        }
-        waiting.sort();
-        let mut hidden: Vec<(Nanos, Span)> = self
-            .gets
-            .iter()
-            .filter(|(q, s, e)| {
-                q == queue && *e == GetEnd::Unknown && s.inv < end && s.index != get.index
-            })
-            .map(|(_, s, _)| (self.loss(s.conn), *s))
-            .collect();
-        hidden.sort_by_key(|(loss, s)| (*loss, s.index));
-        for (k, (deadline, payload)) in waiting.iter().enumerate() {
-            let able: Vec<Span> = hidden
-                .iter()
-                .filter(|(loss, _)| *loss < *deadline || *deadline == Nanos::MAX)
-                .map(|(_, s)| *s)
-                .collect();
-            if able.len() <= k {
-                return Some(((*payload).clone(), able));
+    /// Whether the GET without reply `hidden` (on `queue`) could have been the first to take
+    /// the job `payload`: sent before it must have been taken, and lost before the job's
+    /// first delivery was read (the job went back to its queue in between).
+    fn could_take(&self, queue: &str, hidden: &Span, payload: &str, need: &Need) -> bool {
+        let job = &self.jobs[payload];
+        let deadline = job
+            .first_delivery()
+            .map_or(Nanos::MAX, |first| first.resp_or_never());
+        job.queue == queue
+            && hidden.inv < need.by
+            && (self.loss(hidden.conn) < deadline || deadline == Nanos::MAX)
+    }
+
+    /// Kuhn's step: finds `payload` a hidden holder, moving others' along if need be.
+    fn augment<'a>(
+        &self,
+        payload: &'a String,
+        needs: &BTreeMap<&'a String, Need>,
+        hidden: &[(&str, Span)],
+        taker_of: &mut Vec<Option<&'a String>>,
+        seen: &mut Vec<bool>,
+    ) -> bool {
+        let need = &needs[payload];
+        for (h, (queue, span)) in hidden.iter().enumerate() {
+            if seen[h] || !self.could_take(queue, span, payload, need) {
+                continue;
+            }
+            seen[h] = true;
+            let free = match taker_of[h] {
+                None => true,
+                Some(other) => self.augment(other, needs, hidden, taker_of, seen),
+            };
+            if free {
+                taker_of[h] = Some(payload);
+                return true;
             }
         }
-        None
+        false
     }
 
     fn counters(&self, violations: &mut Vec<Violation>) {

@@ -18,11 +18,11 @@ use forkpool_testkit::{queue_stat, queue_stats, wait_until, Rng, Server};
 const QUEUE: &str = "chaos";
 const WORKERS: usize = 3;
 const PRODUCERS: u64 = 3;
-const JOBS_PER_PRODUCER: u64 = 150;
+const JOBS_PER_PRODUCER: u64 = 200;
 const JOBS: u64 = PRODUCERS * JOBS_PER_PRODUCER;
 const CONSUMERS: u64 = 4;
 /// Workers SIGKILLed, spread over the run by the number of jobs done.
-const KILLS: u64 = 4;
+const KILLS: u64 = 6;
 /// Out of 100 GETs: how many are GET_NOWAIT, and how many are sent on a connection closed
 /// right after.
 const NOWAIT_PERCENT: u64 = 10;
@@ -130,7 +130,7 @@ fn consume(history: &Arc<History>, addr: SocketAddr, mut rng: Rng, stop: &Atomic
         let done = format!("DONE {id}");
         let roll = rng.below(100);
         if roll < DROPPED_HOLDING_PERCENT {
-            replace(&mut conn, history, addr).drop_now();
+            drop(replace(&mut conn, history, addr));
         } else if roll < DROPPED_HOLDING_PERCENT + DROPPED_DONE_PERCENT {
             replace(&mut conn, history, addr).send_and_drop(&done, linger(&mut rng));
         } else if conn.request(&done).is_none() {
@@ -164,8 +164,8 @@ fn assert_chaos_happened(summary: &Summary) {
     );
 }
 
-/// The checker rejects the recorded history with one event made wrong: a job delivered again
-/// after its DONE was acknowledged, and a job that was never put.
+/// The checker rejects the recorded history made wrong: a job delivered again after its DONE
+/// was acknowledged, a job that was never put, and jobs handed out newest first for a while.
 fn assert_mutations_are_rejected(events: &[Event]) {
     let (job_line, done_at) = events
         .iter()
@@ -187,6 +187,56 @@ fn assert_mutations_are_rejected(events: &[Event]) {
         reply: Some((done_at + 2, format!("JOB {} never put", u64::MAX))),
     });
     assert_rejected(&ghost, Rule::VFresh);
+    assert_rejected(&newest_first(events), Rule::VOrd);
+}
+
+/// First deliveries in the history handed out in reverse for a stretch of them.
+const REVERSED_DELIVERIES: usize = 100;
+
+/// `events` with the replies of a stretch of first deliveries reversed, as if the queue had
+/// served them newest first.
+fn newest_first(events: &[Event]) -> Vec<Event> {
+    let mut seen = std::collections::BTreeSet::new();
+    let mut first: Vec<(u64, usize)> = events
+        .iter()
+        .enumerate()
+        .filter_map(|(index, event)| match event {
+            Event::Call {
+                inv,
+                reply: Some((_, reply)),
+                ..
+            } if job_reply(reply).is_ok() => Some((*inv, index, reply.clone())),
+            _ => None,
+        })
+        .filter(|(_, _, reply)| seen.insert(reply.clone()))
+        .map(|(inv, index, _)| (inv, index))
+        .collect();
+    first.sort_unstable();
+    let start = first.len().saturating_sub(REVERSED_DELIVERIES) / 2;
+    let stretch: Vec<usize> = first
+        .iter()
+        .skip(start)
+        .take(REVERSED_DELIVERIES)
+        .map(|(_, index)| *index)
+        .collect();
+    let replies: Vec<Event> = stretch.iter().map(|&i| events[i].clone()).collect();
+    let mut mutated = events.to_vec();
+    for (&index, original) in stretch.iter().zip(replies.iter().rev()) {
+        if let (
+            Event::Call {
+                reply: Some((_, reply)),
+                ..
+            },
+            Event::Call {
+                reply: Some((_, other)),
+                ..
+            },
+        ) = (&mut mutated[index], original)
+        {
+            reply.clone_from(other);
+        }
+    }
+    mutated
 }
 
 /// For a JOB reply whose DONE came back `OK` on the same connection: the reply, and the

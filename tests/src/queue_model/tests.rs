@@ -121,6 +121,22 @@ fn a_hidden_get_explains_one_skipped_job_not_two() {
 }
 
 #[test]
+fn one_hidden_get_cannot_explain_two_skips_at_different_times() {
+    // The unanswered GET may have taken `a` (skipped by the first GET) or `c` (skipped by
+    // the last), not both.
+    let h = two_puts()
+        .unanswered(2, 4, "GET q")
+        .loss(2, 5)
+        .call(3, 6, "GET q", 7, "JOB 2 b")
+        .call(3, 8, "GET q", 9, "JOB 1 a")
+        .call(1, 10, "PUT q 0 c", 11, "OK 3")
+        .call(1, 12, "PUT q 0 d", 13, "OK 4")
+        .call(3, 14, "GET q", 15, "JOB 4 d")
+        .call(3, 16, "GET q", 17, "JOB 3 c");
+    assert_eq!(h.broken(), [Rule::VOrd]);
+}
+
+#[test]
 fn a_duplicate_read_late_from_a_killed_worker_passes() {
     // c2's JOB was written by a worker killed right after; the job went back and c3 got it
     // before c2's thread read its reply.
@@ -135,6 +151,26 @@ fn a_duplicate_read_late_from_a_killed_worker_passes() {
         cause: LossCause::ClosedByServer,
     });
     assert_eq!(h.broken(), []);
+}
+
+#[test]
+fn a_kill_the_holder_never_noticed_explains_a_duplicate() {
+    let before = H::default()
+        .call(1, 0, "PUT q 0 a", 1, "OK 1")
+        .call(2, 2, "GET q", 3, "JOB 1 a");
+    let after = |h: H| {
+        h.call(3, 5, "GET q", 6, "JOB 1 a")
+            .call(3, 7, "DONE 1", 8, "OK")
+            .loss(2, 9)
+    };
+    let mut killed = before;
+    killed.0.push(Event::Kill { pid: 42, at: 4 });
+    assert_eq!(after(killed).broken(), []);
+    // A kill sent before the holder's last answered request was sent closed nothing of it.
+    let mut early = H::default().call(1, 0, "PUT q 0 a", 1, "OK 1");
+    early.0.push(Event::Kill { pid: 42, at: 1 });
+    let early = early.call(2, 2, "GET q", 3, "JOB 1 a");
+    assert_eq!(after(early).broken(), [Rule::VRepet]);
 }
 
 #[test]
