@@ -548,8 +548,7 @@ impl Facts {
                 .iter()
                 .find(|(_, end)| *end == DoneEnd::Acknowledged)
                 .and_then(|(done, _)| spans.iter().position(|s| s.conn == done.conn));
-            let losses: Vec<Nanos> = spans.iter().map(|s| self.loss(s.conn)).collect();
-            if !chain_exists(&spans, &losses, last) {
+            if !self.chain(job, last) {
                 let mut witnesses: Vec<usize> = spans.iter().map(|s| s.index).collect();
                 witnesses.extend(spans.iter().flat_map(|s| self.loss_witnesses(s.conn)));
                 witnesses.extend(
@@ -781,18 +780,6 @@ impl Facts {
                     s.done
                 ));
             }
-            if s.depth == 0 && s.in_flight == 0 {
-                let undone = jobs.iter().find(|(_, j)| {
-                    j.put_acknowledged().is_some()
-                        && !j.dones.iter().any(|(_, e)| *e == DoneEnd::Acknowledged)
-                        && !self.last_holder_may_have_done(j)
-                });
-                if let Some((payload, _)) = undone {
-                    problems.push(format!(
-                        "the queue is drained but {payload:?} was never done"
-                    ));
-                }
-            }
             if !problems.is_empty() {
                 violations.push(Violation {
                     rule: Rule::VCount,
@@ -800,18 +787,51 @@ impl Facts {
                     witnesses: vec![*index],
                 });
             }
+            if s.depth == 0 && s.in_flight == 0 {
+                let undone = jobs.iter().filter(|(_, j)| {
+                    j.put_acknowledged().is_some()
+                        && !j.dones.iter().any(|(_, e)| *e == DoneEnd::Acknowledged)
+                        && !self.last_holder_may_have_done(j)
+                });
+                for (payload, job) in undone {
+                    let mut witnesses = vec![*index];
+                    witnesses.extend(job.put.map(|(s, _)| s.index));
+                    witnesses.extend(job.deliveries.iter().map(|(s, _)| s.index));
+                    witnesses.extend(job.dones.iter().map(|(s, _)| s.index));
+                    witnesses.extend(
+                        job.deliveries
+                            .iter()
+                            .flat_map(|(s, _)| self.loss_witnesses(s.conn)),
+                    );
+                    violations.push(Violation {
+                        rule: Rule::VCount,
+                        detail: format!(
+                            "queue {} is drained but {payload:?} was never done",
+                            s.queue
+                        ),
+                        witnesses,
+                    });
+                }
+            }
         }
     }
 
-    /// Whether a DONE without reply on the connection of `job`'s last delivery (sent after
-    /// that delivery) may have ended it.
+    /// Whether a DONE without reply may have ended `job`: one sent by a holder after its
+    /// delivery, when that holder can be the last of the chain of deliveries.
     fn last_holder_may_have_done(&self, job: &Job) -> bool {
-        let Some(last) = job.deliveries.iter().map(|(s, _)| *s).max_by_key(|s| s.inv) else {
-            return false;
-        };
-        job.dones.iter().any(|(done, end)| {
-            *end == DoneEnd::Unknown && done.conn == last.conn && done.inv > last.inv
+        job.deliveries.iter().enumerate().any(|(x, (get, _))| {
+            job.dones.iter().any(|(done, end)| {
+                *end == DoneEnd::Unknown && done.conn == get.conn && done.inv > get.inv
+            }) && self.chain(job, Some(x))
         })
+    }
+
+    /// Whether `job`'s deliveries form a chain of losses ([`chain_exists`]), ending with
+    /// delivery `last` if given.
+    fn chain(&self, job: &Job, last: Option<usize>) -> bool {
+        let spans: Vec<Span> = job.deliveries.iter().map(|(s, _)| *s).collect();
+        let losses: Vec<Nanos> = spans.iter().map(|s| self.loss(s.conn)).collect();
+        chain_exists(&spans, &losses, last)
     }
 
     fn summary(&self) -> Summary {

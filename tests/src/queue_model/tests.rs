@@ -279,6 +279,17 @@ fn counters_that_do_not_add_up_are_rejected() {
         .loss(2, 11)
         .stats(2, 2, 0, 0);
     assert_eq!(maybe.broken(), []);
+    // The last holder is the one whose GET was served last, not sent last: c2's GET was
+    // parked first and served after c3's holder was lost; c2's unanswered DONE may count.
+    let parked = H::default()
+        .call(1, 0, "PUT q 0 a", 1, "OK 1")
+        .call(3, 20, "GET q", 21, "JOB 1 a")
+        .loss(3, 22)
+        .call(2, 10, "GET q", 30, "JOB 1 a")
+        .unanswered(2, 31, "DONE 1")
+        .loss(2, 32)
+        .stats(1, 1, 0, 0);
+    assert_eq!(parked.broken(), []);
 }
 
 #[test]
