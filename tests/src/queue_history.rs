@@ -14,7 +14,7 @@ use nix::sys::signal::{kill, Signal};
 use nix::unistd::Pid;
 
 use crate::connect;
-use crate::queue_model::{Event, LossCause, Nanos};
+use crate::queue_model::{Counters, Event, LossCause, Nanos};
 
 /// A history being recorded by many threads.
 pub struct History {
@@ -73,13 +73,13 @@ impl History {
                 .get(name)
                 .unwrap_or_else(|| panic!("STATS {queue} has no {name}: {stats:?}"))
         };
-        self.push(Event::Final {
+        self.push(Event::Final(Counters {
             queue: queue.to_string(),
             put: field("put"),
             done: field("done"),
             depth: field("depth"),
             in_flight: field("in_flight"),
-        });
+        }));
     }
 
     /// The events recorded so far.

@@ -92,13 +92,17 @@ pub enum Event {
     /// A worker was SIGKILLed at `at` (its connections' losses are events of their own).
     Kill { pid: i32, at: Nanos },
     /// A queue's `STATS` counters read after every call of the history ended.
-    Final {
-        queue: String,
-        put: u64,
-        done: u64,
-        depth: u64,
-        in_flight: u64,
-    },
+    Final(Counters),
+}
+
+/// A queue's counters, as `STATS` gives them.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Counters {
+    pub queue: String,
+    pub put: u64,
+    pub done: u64,
+    pub depth: u64,
+    pub in_flight: u64,
 }
 
 /// Which rule a history breaks.
@@ -170,13 +174,13 @@ impl fmt::Display for EventLine<'_> {
                 write!(f, "c{conn} lost at {:.3} ms ({cause:?})", ms(*at))
             }
             Event::Kill { pid, at } => write!(f, "worker {pid} SIGKILLed at {:.3} ms", ms(*at)),
-            Event::Final {
+            Event::Final(Counters {
                 queue,
                 put,
                 done,
                 depth,
                 in_flight,
-            } => write!(
+            }) => write!(
                 f,
                 "STATS {queue}: put={put} done={done} depth={depth} in_flight={in_flight}"
             ),
@@ -292,7 +296,7 @@ struct Facts {
     /// The earliest instant each lost connection may have been lost, and the events that
     /// show it (its loss, and the kill that may have closed it earlier).
     losses: BTreeMap<u64, (Nanos, Vec<usize>)>,
-    finals: Vec<(usize, FinalStats)>,
+    finals: Vec<(usize, Counters)>,
     /// Which payload each id names (from PUT and JOB replies).
     ids: BTreeMap<u64, String>,
     summary: Summary,
@@ -313,15 +317,6 @@ struct Need {
     by: Nanos,
     rule: Rule,
     witnesses: Vec<usize>,
-}
-
-#[derive(Debug, Clone)]
-struct FinalStats {
-    queue: String,
-    put: u64,
-    done: u64,
-    depth: u64,
-    in_flight: u64,
 }
 
 impl Facts {
@@ -369,22 +364,7 @@ impl Facts {
                     facts.summary.kills += 1;
                     kills.push((*at, index));
                 }
-                Event::Final {
-                    queue,
-                    put,
-                    done,
-                    depth,
-                    in_flight,
-                } => facts.finals.push((
-                    index,
-                    FinalStats {
-                        queue: queue.clone(),
-                        put: *put,
-                        done: *done,
-                        depth: *depth,
-                        in_flight: *in_flight,
-                    },
-                )),
+                Event::Final(counters) => facts.finals.push((index, counters.clone())),
             }
         }
         // DONEs name ids, which JOB replies anywhere in the history map to payloads.

@@ -1,7 +1,7 @@
 //! The checker on small hand-made histories: what a correct queue may do passes, and each
 //! class of bug the module comment names is rejected by its rule.
 
-use super::{check, smallest, Event, LossCause, Rule};
+use super::{check, smallest, Counters, Event, LossCause, Rule};
 
 /// A hand-made history, instants in nanoseconds.
 #[derive(Default)]
@@ -38,13 +38,13 @@ impl H {
     }
 
     fn stats(mut self, put: u64, done: u64, depth: u64, in_flight: u64) -> H {
-        self.0.push(Event::Final {
+        self.0.push(Event::Final(Counters {
             queue: "q".to_string(),
             put,
             done,
             depth,
             in_flight,
-        });
+        }));
         self
     }
 
