@@ -5,7 +5,7 @@
 //! master and every worker and reaps the master, so no test leaks a process. Waiting is
 //! always [`wait_until`] a condition with a deadline, never a sleep.
 
-use std::collections::{BTreeSet, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{SocketAddr, TcpStream};
 use std::os::unix::process::CommandExt;
@@ -19,6 +19,8 @@ use std::time::{Duration, Instant};
 pub mod haproxy;
 pub mod pg;
 pub mod pki;
+pub mod queue_history;
+pub mod queue_model;
 
 pub use nix::sys::signal::Signal;
 use nix::sys::signal::{kill, killpg};
@@ -821,6 +823,30 @@ pub fn read_line(stream: &mut TcpStream) -> String {
         }
     }
     String::from_utf8_lossy(&line).into_owned()
+}
+
+/// `STATS <queue>` of the queue service at `addr` as (field, value) pairs; none while the
+/// queue does not exist yet.
+pub fn queue_stats(addr: SocketAddr, queue: &str) -> BTreeMap<String, u64> {
+    let line = request_line(&mut connect(addr), &format!("STATS {queue}"));
+    if line.starts_with("ERR no-such-queue ") {
+        return BTreeMap::new();
+    }
+    let fields = line
+        .strip_prefix("OK ")
+        .unwrap_or_else(|| panic!("STATS {queue}: {line}"));
+    fields
+        .split(' ')
+        .filter_map(|f| {
+            let (k, v) = f.split_once('=')?;
+            Some((k.to_string(), v.parse().ok()?))
+        })
+        .collect()
+}
+
+/// One figure of `STATS <queue>`; 0 while the queue does not exist yet.
+pub fn queue_stat(addr: SocketAddr, queue: &str, field: &str) -> u64 {
+    queue_stats(addr, queue).get(field).copied().unwrap_or(0)
 }
 
 /// The one error line (`forkpool-server: ...`) of a refused start, which names `path`.

@@ -1,17 +1,19 @@
 //! The queue service over real TCP: the producer-consumer seed scenario across workers
 //! (maxsize 3, JOIN returning when the last job is done, every job delivered once), blocked
 //! getters served in order across workers, timeouts and the _NOWAIT variants, jobs of closed
-//! connections and of SIGKILLed workers delivered again (one at a time, and as chaos under
-//! load), persistence across a restart, a foreign store file refused untouched, every
+//! connections and of SIGKILLed workers delivered again (one at a time; under load in
+//! `queue_chaos.rs`), persistence across a restart, a foreign store file refused untouched, every
 //! malformed line answered on one line, drains and reloads with a waiting GET, metrics.
 
 use std::collections::BTreeMap;
 use std::io::Write;
-use std::net::{SocketAddr, TcpStream};
+use std::net::TcpStream;
 use std::time::{Duration, Instant};
 
+use forkpool_testkit::queue_model::job_reply;
 use forkpool_testkit::{
-    connect, metric, read_line, request_line, socket_owner, wait_until, Server, Signal,
+    connect, metric, queue_stat, queue_stats, read_line, request_line, socket_owner, wait_until,
+    Server, Signal,
 };
 
 const WAIT: Duration = Duration::from_secs(20);
@@ -20,36 +22,9 @@ fn queue(server: &Server) -> TcpStream {
     connect(server.queue_addr())
 }
 
-/// `STATS <queue>` as (field, value) pairs (none while the queue does not exist yet).
-fn stats(addr: SocketAddr, queue: &str) -> BTreeMap<String, u64> {
-    let line = request_line(&mut connect(addr), &format!("STATS {queue}"));
-    if line.starts_with("ERR no-such-queue ") {
-        return BTreeMap::new();
-    }
-    let fields = line
-        .strip_prefix("OK ")
-        .unwrap_or_else(|| panic!("STATS {queue}: {line}"));
-    fields
-        .split(' ')
-        .filter_map(|f| {
-            let (k, v) = f.split_once('=')?;
-            Some((k.to_string(), v.parse().ok()?))
-        })
-        .collect()
-}
-
-/// One figure of `STATS <queue>`; 0 while the queue does not exist yet.
-fn stat(addr: SocketAddr, queue: &str, field: &str) -> u64 {
-    stats(addr, queue).get(field).copied().unwrap_or(0)
-}
-
 /// Splits `JOB <id> <payload>`.
 fn job(line: &str) -> (u64, String) {
-    let rest = line
-        .strip_prefix("JOB ")
-        .unwrap_or_else(|| panic!("expected a job, got {line:?}"));
-    let (id, payload) = rest.split_once(' ').expect("JOB <id> <payload>");
-    (id.parse().expect("a numeric id"), payload.to_string())
+    job_reply(line).unwrap_or_else(|e| panic!("expected a job: {e}"))
 }
 
 #[test]
@@ -117,7 +92,7 @@ fn producers_and_consumers_across_workers_each_job_once_and_join_at_the_last_don
     for consumer in consumers {
         consumer.join().expect("consumer");
     }
-    let s = stats(addr, "seed");
+    let s = queue_stats(addr, "seed");
     assert_eq!(
         (s["put"], s["done"], s["depth"], s["in_flight"]),
         (TOTAL as u64, TOTAL as u64, 0, 0)
@@ -130,7 +105,7 @@ fn producers_and_consumers_across_workers_each_job_once_and_join_at_the_last_don
     let mut joiner = queue(&server);
     joiner.write_all(b"JOIN seed\n").expect("send JOIN");
     wait_until("JOIN to wait", WAIT, || {
-        (stat(addr, "seed", "joiners") == 1).then_some(())
+        (queue_stat(addr, "seed", "joiners") == 1).then_some(())
     });
     assert_eq!(request_line(&mut holder, &format!("DONE {last}")), "OK");
     assert_eq!(read_line(&mut joiner), "OK");
@@ -145,7 +120,7 @@ fn parked_getters_on_several_workers_are_served_in_arrival_order() {
         let mut conn = queue(&server);
         conn.write_all(b"GET fair\n").expect("send GET");
         wait_until("the getter to park", WAIT, || {
-            (stat(addr, "fair", "getters") == n).then_some(())
+            (queue_stat(addr, "fair", "getters") == n).then_some(())
         });
         getters.push(conn);
     }
@@ -172,7 +147,7 @@ fn timeouts_nowait_and_full_and_empty_edges() {
     assert!(first.starts_with("OK "), "{first}");
     assert!(request_line(&mut conn, "PUT_NOWAIT e two").starts_with("ERR full "));
     assert!(request_line(&mut conn, "PUT e 50 two").starts_with("ERR timeout "));
-    let s = stats(addr, "e");
+    let s = queue_stats(addr, "e");
     assert_eq!(
         (s["depth"], s["put"], s["putters"]),
         (1, 1, 0),
@@ -182,7 +157,7 @@ fn timeouts_nowait_and_full_and_empty_edges() {
     let mut putter = queue(&server);
     putter.write_all(b"PUT e 0 two\n").expect("send PUT");
     wait_until("the putter to park", WAIT, || {
-        (stat(addr, "e", "putters") == 1).then_some(())
+        (queue_stat(addr, "e", "putters") == 1).then_some(())
     });
     assert_eq!(job(&request_line(&mut conn, "GET_NOWAIT e")).1, "one");
     assert!(read_line(&mut putter).starts_with("OK "));
@@ -204,7 +179,7 @@ fn a_job_of_a_closed_connection_is_delivered_again_first() {
     assert_eq!(payload, "j1");
     drop(consumer);
     wait_until("the closed connection's job to be released", WAIT, || {
-        (stat(server.queue_addr(), "r", "depth") == 2).then_some(())
+        (queue_stat(server.queue_addr(), "r", "depth") == 2).then_some(())
     });
     let mut again = queue(&server);
     let (id2, payload2) = job(&request_line(&mut again, "GET r 5000"));
@@ -343,7 +318,7 @@ fn a_drain_answers_a_waiting_get_and_a_reload_moves_it_to_a_new_worker() {
     let (held, _) = job(&request_line(&mut moved, "GET move"));
     moved.write_all(b"GET move\n").expect("send GET");
     wait_until("the getter to park", WAIT, || {
-        (stat(addr, "move", "getters") == 1).then_some(())
+        (queue_stat(addr, "move", "getters") == 1).then_some(())
     });
     let before = server.workers();
     server.signal(Signal::SIGHUP);
@@ -352,7 +327,7 @@ fn a_drain_answers_a_waiting_get_and_a_reload_moves_it_to_a_new_worker() {
         (!now.is_empty() && now.iter().all(|pid| !before.contains(pid))).then_some(())
     });
     wait_until("the getter to park again", WAIT, || {
-        (stat(addr, "move", "getters") == 1).then_some(())
+        (queue_stat(addr, "move", "getters") == 1).then_some(())
     });
     assert!(request_line(&mut queue(&server), "PUT move 0 after reload").starts_with("OK "));
     assert_eq!(job(&read_line(&mut moved)).1, "after reload");
@@ -362,7 +337,7 @@ fn a_drain_answers_a_waiting_get_and_a_reload_moves_it_to_a_new_worker() {
     let mut waiting = queue(&server);
     waiting.write_all(b"GET idle\n").expect("send GET");
     wait_until("the getter to park", WAIT, || {
-        (stat(addr, "idle", "getters") == 1).then_some(())
+        (queue_stat(addr, "idle", "getters") == 1).then_some(())
     });
     server.signal(Signal::SIGTERM);
     assert!(read_line(&mut waiting).starts_with("ERR shutting-down "));
@@ -389,94 +364,4 @@ fn metrics_show_depth_in_flight_and_parked_requests() {
     assert_eq!(metric(&page, "forkpool_queue_in_flight"), 1.0);
     assert_eq!(metric(&page, "forkpool_queue_put_total"), 3.0);
     assert_eq!(metric(&page, "forkpool_queue_queues"), 2.0);
-}
-
-/// One request on a connection that may be reset (its worker killed): `None` then.
-fn try_request(conn: &mut TcpStream, line: &str) -> Option<String> {
-    use std::io::{BufRead, BufReader};
-    conn.write_all(format!("{line}\n").as_bytes()).ok()?;
-    let mut reply = Vec::new();
-    let mut reader = BufReader::new(conn.try_clone().ok()?);
-    reader.read_until(b'\n', &mut reply).ok()?;
-    let reply = String::from_utf8(reply).ok()?;
-    reply.strip_suffix('\n').map(str::to_string)
-}
-
-#[test]
-fn chaos_dropped_consumers_and_killed_workers_lose_no_job() {
-    use std::sync::atomic::{AtomicBool, Ordering};
-    use std::sync::{Arc, Mutex};
-    const JOBS: usize = 200;
-    let server = Server::builder().args(["--workers", "3"]).start();
-    let addr = server.queue_addr();
-    let mut producer = queue(&server);
-    for n in 0..JOBS {
-        assert!(request_line(&mut producer, &format!("PUT chaos 0 job {n}")).starts_with("OK "));
-    }
-    let seen = Arc::new(Mutex::new(Vec::<String>::new()));
-    let stop = Arc::new(AtomicBool::new(false));
-    let consumers: Vec<_> = (0..4)
-        .map(|c| {
-            let (seen, stop) = (Arc::clone(&seen), Arc::clone(&stop));
-            std::thread::spawn(move || {
-                let mut conn = connect(addr);
-                let mut got = 0usize;
-                while !stop.load(Ordering::Relaxed) {
-                    let Some(reply) = try_request(&mut conn, "GET chaos 100") else {
-                        conn = connect(addr);
-                        continue;
-                    };
-                    if !reply.starts_with("JOB ") {
-                        continue;
-                    }
-                    let (id, payload) = job(&reply);
-                    seen.lock().expect("the list").push(payload);
-                    got += 1;
-                    // Every 7th job of a consumer: the connection is dropped before DONE.
-                    if (got + c).is_multiple_of(7) {
-                        conn = connect(addr);
-                        continue;
-                    }
-                    if try_request(&mut conn, &format!("DONE {id}")).is_none() {
-                        conn = connect(addr);
-                    }
-                }
-            })
-        })
-        .collect();
-    for third in [1, 2] {
-        wait_until("progress before a kill", WAIT, || {
-            (stat(addr, "chaos", "done") >= (JOBS * third / 3) as u64).then_some(())
-        });
-        let victim = server.workers()[0];
-        nix::sys::signal::kill(victim, Signal::SIGKILL).expect("kill a worker");
-        wait_until("the killed worker to be replaced", WAIT, || {
-            let now = server.workers();
-            (now.len() == 3 && !now.contains(&victim)).then_some(())
-        });
-    }
-    wait_until("every job done", Duration::from_secs(60), || {
-        (stat(addr, "chaos", "done") == JOBS as u64).then_some(())
-    });
-    stop.store(true, Ordering::Relaxed);
-    for consumer in consumers {
-        consumer.join().expect("consumer");
-    }
-    let s = stats(addr, "chaos");
-    assert_eq!(
-        (s["put"], s["done"], s["depth"], s["in_flight"]),
-        (JOBS as u64, JOBS as u64, 0, 0),
-        "the counters add up"
-    );
-    let seen = seen.lock().expect("the list");
-    for n in 0..JOBS {
-        assert!(
-            seen.contains(&format!("job {n}")),
-            "job {n} was never delivered"
-        );
-    }
-    assert!(
-        seen.len() > JOBS,
-        "jobs of dropped connections were delivered again"
-    );
 }
