@@ -19,6 +19,7 @@ use std::time::{Duration, Instant};
 pub mod haproxy;
 pub mod pg;
 pub mod pki;
+pub mod security;
 
 pub use nix::sys::signal::Signal;
 use nix::sys::signal::{kill, killpg};

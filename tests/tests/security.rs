@@ -11,74 +11,13 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use forkpool_testkit::pki::{TestPki, Validity};
+use forkpool_testkit::security::{gen_token, s_client};
 use forkpool_testkit::{
     bench_json, binary, connect, connect_from, http_request, json_number, request_line, tool,
     wait_until, Server, Signal,
 };
 
 const WAIT: Duration = Duration::from_secs(20);
-
-/// A user made with `forkpool-server gen-token`: its token and its users-file entry.
-struct NewUser {
-    token: String,
-    entry: String,
-}
-
-fn gen_token(name: &str, rights: &str) -> NewUser {
-    let out = Command::new(binary("forkpool-server"))
-        .args(["gen-token", name, "--rights", rights])
-        .output()
-        .expect("forkpool-server gen-token runs");
-    assert!(out.status.success(), "{out:?}");
-    let text = String::from_utf8(out.stdout).expect("UTF-8");
-    let token = text
-        .lines()
-        .find_map(|line| line.strip_prefix("token: "))
-        .expect("a token line")
-        .to_string();
-    assert!(token.len() >= 32, "at least 128 bits: {token}");
-    let entry = text
-        .lines()
-        .filter(|line| !line.starts_with("token: ") && !line.starts_with('#'))
-        .map(|line| format!("{line}\n"))
-        .collect();
-    NewUser { token, entry }
-}
-
-/// Runs `openssl s_client` against `addr`, sends `input` and reads until `expect_bytes` of
-/// replies have come (s_client quits at its stdin's EOF without waiting for them) or it
-/// ends by itself (a refused handshake); returns (success, what it printed).
-fn s_client(
-    openssl: &Path,
-    addr: SocketAddr,
-    extra: &[&str],
-    input: &[u8],
-    expect_bytes: usize,
-) -> (bool, String) {
-    let mut child = Command::new(openssl)
-        .args(["s_client", "-connect", &addr.to_string(), "-quiet"])
-        .args(["-verify_return_error", "-no_ign_eof"])
-        .args(extra)
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("openssl s_client starts");
-    let mut stdin = child.stdin.take().expect("piped stdin");
-    let _ = stdin.write_all(input);
-    let mut stdout = child.stdout.take().expect("piped stdout");
-    let mut got = Vec::new();
-    let mut buf = [0u8; 4096];
-    while got.len() < expect_bytes {
-        match stdout.read(&mut buf) {
-            Ok(0) | Err(_) => break,
-            Ok(n) => got.extend_from_slice(&buf[..n]),
-        }
-    }
-    drop(stdin);
-    let status = child.wait().expect("openssl s_client ends");
-    (status.success(), String::from_utf8_lossy(&got).into_owned())
-}
 
 /// A server whose echo and bank speak TLS with `cert`.
 fn tls_server(pki: &TestPki, name: &str, validity: Validity) -> Server {
