@@ -4,7 +4,7 @@
 //! user completes, peer authentication on a Unix socket, protected mode, and the user kept
 //! across a hand-over.
 
-use std::io::{Read, Write};
+use std::io::{BufRead, BufReader, Read, Write};
 use std::net::TcpStream;
 use std::os::unix::net::UnixStream;
 use std::path::PathBuf;
@@ -387,16 +387,14 @@ fn a_unix_queue_socket_maps_a_peer_uid_to_a_user() {
     own.set_read_timeout(Some(WAIT)).expect("a read timeout");
     own.write_all(b"PUT_NOWAIT ops x\nPUT_NOWAIT other x\n")
         .expect("send");
-    let mut replies = String::new();
-    while replies.matches('\n').count() < 2 {
-        let mut buf = [0u8; 256];
-        let n = own.read(&mut buf).expect("a reply");
-        assert!(n > 0, "closed after {replies:?}");
-        replies.push_str(&String::from_utf8_lossy(&buf[..n]));
-    }
-    let lines: Vec<&str> = replies.lines().collect();
-    assert!(lines[0].starts_with("OK "), "{replies}");
-    assert_eq!(lines[1], "ERR denied not allowed to use queue other");
+    // read_line retries a read a signal interrupted.
+    let mut replies = BufReader::new(own);
+    let mut line = String::new();
+    replies.read_line(&mut line).expect("a reply");
+    assert!(line.starts_with("OK "), "{line}");
+    line.clear();
+    replies.read_line(&mut line).expect("a reply");
+    assert_eq!(line, "ERR denied not allowed to use queue other\n");
 }
 
 /// A queue speaking TLS: a round trip with `openssl s_client`, a plain client refused, and a
