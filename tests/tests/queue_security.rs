@@ -257,7 +257,10 @@ fn failed_queue_auths_close_the_connection_and_are_limited_per_peer() {
     assert_eq!(auth(&mut other, "alice", &q.alice), "OK alice");
     let metrics = q.server.metrics();
     assert!(metric(&metrics, "forkpool_queue_auth_total{result=\"throttled\"}") >= 1.0);
-    assert!(q.server.output().contains("from 127.0.0.1"));
+    // The log is read from the server's pipe by another thread: it may come a moment later.
+    wait_until("the failures to be logged with the peer", WAIT, || {
+        q.server.output().contains("from 127.0.0.1").then_some(())
+    });
 }
 
 #[test]
@@ -453,6 +456,11 @@ fn the_queue_speaks_tls_and_a_parked_tls_get_is_answered_when_its_worker_retires
         admin.request(&format!("AUTH admin {}", q.admin), WAIT),
         "OK admin"
     );
+    // (The client may see the close before the worker has dropped the connection.)
+    wait_until("the held job to go back", WAIT, || {
+        let line = admin.request("STATS t", WAIT);
+        line.contains(" in_flight=0 ").then_some(())
+    });
     let again = admin.request("GET_NOWAIT t", WAIT);
     assert_eq!(job_id(&again), held, "{again}");
     let metrics = q.server.metrics();
