@@ -1,14 +1,14 @@
-//! Helpers of the security tests: users made with `forkpool-server gen-token`, and
-//! `openssl s_client` as a TLS client, one-shot or line by line.
+//! Helpers of the security tests: users made with `forkpool-server gen-token`, a server
+//! with a users file, AUTH, and `openssl s_client` as a TLS client, one-shot or line by line.
 
 use std::io::{BufRead, BufReader, Read, Write};
-use std::net::SocketAddr;
-use std::path::Path;
+use std::net::{SocketAddr, TcpStream};
+use std::path::{Path, PathBuf};
 use std::process::{Child, ChildStdin, Command, Stdio};
-use std::sync::mpsc;
+use std::sync::{mpsc, Arc};
 use std::time::Duration;
 
-use crate::binary;
+use crate::{binary, request_line, Server};
 
 /// A user made with `forkpool-server gen-token`: its token and its users-file entry.
 pub struct NewUser {
@@ -36,6 +36,54 @@ pub fn gen_token(name: &str, rights: &str) -> NewUser {
         .map(|line| format!("{line}\n"))
         .collect();
     NewUser { token, entry }
+}
+
+/// A one-worker server (with its status page) whose users file has `alice` (write, with
+/// `alice_extra`: her `debit` or `queues` lines), `reader` (read) and `admin` (write,
+/// everything), and the three tokens.
+pub struct WithUsers {
+    pub server: Server,
+    pub dir: Arc<tempfile::TempDir>,
+    pub users_file: PathBuf,
+    pub alice: String,
+    pub reader: String,
+    pub admin: String,
+}
+
+/// Starts a [`WithUsers`] server with `extra` settings.
+pub fn server_with_users(alice_extra: &str, extra: &[&str]) -> WithUsers {
+    let dir = Arc::new(tempfile::tempdir().expect("a temporary directory"));
+    let (alice, reader, admin) = (
+        gen_token("alice", "write"),
+        gen_token("reader", "read"),
+        gen_token("admin", "write"),
+    );
+    let users = format!(
+        "{}{alice_extra}\n{}\n{}",
+        alice.entry, reader.entry, admin.entry
+    );
+    let users_file = dir.path().join("users.toml");
+    std::fs::write(&users_file, users).expect("write the users file");
+    let server = Server::builder()
+        .data_dir(Arc::clone(&dir))
+        .args(["--workers", "1", "--users-file"])
+        .args([users_file.display().to_string()])
+        .args(["--status-addr", "127.0.0.1:0"])
+        .args(extra.iter().copied())
+        .start();
+    WithUsers {
+        server,
+        dir,
+        users_file,
+        alice: alice.token,
+        reader: reader.token,
+        admin: admin.token,
+    }
+}
+
+/// Sends `AUTH user token` and returns the reply line.
+pub fn auth(stream: &mut TcpStream, user: &str, token: &str) -> String {
+    request_line(stream, &format!("AUTH {user} {token}"))
 }
 
 fn s_client_command(openssl: &Path, addr: SocketAddr, extra: &[&str]) -> Command {

@@ -7,12 +7,13 @@
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::TcpStream;
 use std::os::unix::net::UnixStream;
-use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
 use forkpool_testkit::pki::{TestPki, Validity};
-use forkpool_testkit::security::{gen_token, s_client, TlsLines};
+use forkpool_testkit::security::{
+    auth, gen_token, s_client, server_with_users, TlsLines, WithUsers,
+};
 use forkpool_testkit::{
     connect, connect_from, metric, request_line, tool, wait_until, Server, Signal,
 };
@@ -20,57 +21,36 @@ use forkpool_testkit::{
 const WAIT: Duration = Duration::from_secs(20);
 const AUTH_REQUIRED: &str = "ERR denied authentication required";
 
-/// A server (one worker) whose queue has users: `alice` (write, queues alice and alice.*),
-/// `reader` (read), `admin` (write, every queue); with `extra` settings.
-struct Queue {
-    server: Server,
-    users_file: PathBuf,
-    alice: String,
-    reader: String,
-    admin: String,
+/// A server whose queue has users: `alice` (write, queues alice and alice.*), `reader`
+/// (read), `admin` (write, every queue); with `extra` settings.
+fn queue_with_users(extra: &[&str]) -> WithUsers {
+    server_with_users("queues = [\"alice\", \"alice.*\"]\n", extra)
 }
 
-fn queue_with_users(extra: &[&str]) -> Queue {
-    let dir = Arc::new(tempfile::tempdir().expect("a temporary directory"));
-    let (alice, reader, admin) = (
-        gen_token("alice", "write"),
-        gen_token("reader", "read"),
-        gen_token("admin", "write"),
-    );
-    let users = format!(
-        "{}queues = [\"alice\", \"alice.*\"]\n\n{}\n{}",
-        alice.entry, reader.entry, admin.entry
-    );
-    let users_file = dir.path().join("users.toml");
-    std::fs::write(&users_file, users).expect("write the users file");
-    let server = Server::builder()
-        .data_dir(Arc::clone(&dir))
-        .args(["--workers", "1", "--users-file"])
-        .args([users_file.display().to_string()])
-        .args(["--status-addr", "127.0.0.1:0"])
-        .args(extra.iter().copied())
-        .start();
-    Queue {
-        server,
-        users_file,
-        alice: alice.token,
-        reader: reader.token,
-        admin: admin.token,
+/// A new connection to `q`'s queue authenticated as `user` with `token`.
+fn connect_as(q: &WithUsers, user: &str, token: &str) -> TcpStream {
+    let mut conn = connect(q.server.queue_addr());
+    assert_eq!(auth(&mut conn, user, token), format!("OK {user}"));
+    conn
+}
+
+/// Sends each of `requests` and expects `reply` to each.
+fn expect_each(conn: &mut TcpStream, requests: &[&str], reply: &str) {
+    for request in requests {
+        assert_eq!(request_line(conn, request), reply, "{request}");
     }
 }
 
-impl Queue {
-    /// A new connection authenticated as `user` with `token`.
-    fn connect_as(&self, user: &str, token: &str) -> TcpStream {
-        let mut conn = connect(self.server.queue_addr());
-        assert_eq!(auth(&mut conn, user, token), format!("OK {user}"));
-        conn
-    }
-}
-
-fn auth(conn: &mut TcpStream, user: &str, token: &str) -> String {
-    request_line(conn, &format!("AUTH {user} {token}"))
-}
+/// A request of each verb that needs `write`.
+const WRITES: [&str; 7] = [
+    "PUT jobs 0 x",
+    "PUT_NOWAIT jobs x",
+    "GET jobs 1",
+    "GET_NOWAIT jobs",
+    "DONE 1",
+    "JOIN jobs 1",
+    "CONFIG jobs maxsize 3",
+];
 
 /// Splits `JOB <id> <payload>` and returns the id.
 fn job_id(line: &str) -> u64 {
@@ -95,20 +75,9 @@ fn queue_users_must_auth_and_keep_to_their_rights_and_queues() {
     let mut conn = connect(q.server.queue_addr());
     // Unauthenticated: PING and QUIT only, and nothing is created.
     assert_eq!(request_line(&mut conn, "PING"), "PONG");
-    for request in [
-        "PUT jobs 0 x",
-        "PUT_NOWAIT jobs x",
-        "GET jobs 1",
-        "GET_NOWAIT jobs",
-        "DONE 1",
-        "JOIN jobs 1",
-        "STATS jobs",
-        "QUEUES",
-        "CONFIG jobs maxsize 3",
-    ] {
-        assert_eq!(request_line(&mut conn, request), AUTH_REQUIRED, "{request}");
-    }
-    let mut admin = q.connect_as("admin", &q.admin);
+    expect_each(&mut conn, &WRITES, AUTH_REQUIRED);
+    expect_each(&mut conn, &["STATS jobs", "QUEUES"], AUTH_REQUIRED);
+    let mut admin = connect_as(&q, "admin", &q.admin);
     assert_eq!(
         request_line(&mut admin, "QUEUES"),
         "OK 0",
@@ -120,21 +89,7 @@ fn queue_users_must_auth_and_keep_to_their_rights_and_queues() {
     assert_eq!(auth(&mut conn, "reader", &q.reader), "OK reader");
     assert_eq!(stat(&mut conn, "jobs", "depth"), 1);
     assert_eq!(request_line(&mut conn, "QUEUES"), "OK 2 jobs alice.mail");
-    for request in [
-        "PUT jobs 0 x",
-        "PUT_NOWAIT jobs x",
-        "GET jobs 1",
-        "GET_NOWAIT jobs",
-        "DONE 1",
-        "JOIN jobs 1",
-        "CONFIG jobs maxsize 3",
-    ] {
-        assert_eq!(
-            request_line(&mut conn, request),
-            "ERR denied user reader may only read",
-            "{request}"
-        );
-    }
+    expect_each(&mut conn, &WRITES, "ERR denied user reader may only read");
     // Write within the user's queues: alice and alice.*.
     assert_eq!(auth(&mut conn, "alice", &q.alice), "OK alice");
     assert_eq!(request_line(&mut conn, "QUEUES"), "OK 1 alice.mail");
@@ -266,13 +221,13 @@ fn failed_queue_auths_close_the_connection_and_are_limited_per_peer() {
 #[test]
 fn a_job_is_completed_only_by_its_connection_and_user() {
     let q = queue_with_users(&[]);
-    let mut producer = q.connect_as("admin", &q.admin);
+    let mut producer = connect_as(&q, "admin", &q.admin);
     assert!(request_line(&mut producer, "PUT alice 0 one").starts_with("OK "));
-    let mut taker = q.connect_as("alice", &q.alice);
+    let mut taker = connect_as(&q, "alice", &q.alice);
     let id = job_id(&request_line(&mut taker, "GET alice"));
     // Another connection, of another user or of the same one, cannot complete it.
     for (user, token) in [("admin", &q.admin), ("alice", &q.alice)] {
-        let mut other = q.connect_as(user, token);
+        let mut other = connect_as(&q, user, token);
         let reply = request_line(&mut other, &format!("DONE {id}"));
         assert!(reply.starts_with("ERR not-reserved "), "{user}: {reply}");
     }
@@ -300,7 +255,7 @@ fn a_job_is_completed_only_by_its_connection_and_user() {
 #[test]
 fn a_hup_hands_the_authenticated_queue_connection_over_with_its_user_and_jobs() {
     let q = queue_with_users(&[]);
-    let mut alice = q.connect_as("alice", &q.alice);
+    let mut alice = connect_as(&q, "alice", &q.alice);
     assert!(request_line(&mut alice, "PUT alice 0 held").starts_with("OK "));
     let id = job_id(&request_line(&mut alice, "GET alice"));
     let before = q.server.workers();

@@ -3,7 +3,7 @@
 //! permissions and peer authentication, and protected mode.
 
 use std::io::{Read, Write};
-use std::net::{SocketAddr, TcpStream};
+use std::net::SocketAddr;
 use std::os::unix::net::UnixStream;
 use std::path::Path;
 use std::process::{Command, Stdio};
@@ -11,7 +11,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use forkpool_testkit::pki::{TestPki, Validity};
-use forkpool_testkit::security::{gen_token, s_client};
+use forkpool_testkit::security::{auth, gen_token, s_client, server_with_users, WithUsers};
 use forkpool_testkit::{
     bench_json, binary, connect, connect_from, http_request, json_number, request_line, tool,
     wait_until, Server, Signal,
@@ -251,47 +251,8 @@ fn a_hup_rotates_the_certificate_under_load_without_a_failed_request() {
 
 /// A server whose bank has users: `alice` (write, debits alice and alice.*), `reader`
 /// (read), `admin` (write, any account); with `extra` settings.
-struct Bank {
-    server: Server,
-    dir: Arc<tempfile::TempDir>,
-    alice: String,
-    reader: String,
-    admin: String,
-}
-
-fn bank_with_users(extra: &[&str]) -> Bank {
-    let dir = Arc::new(tempfile::tempdir().expect("a temporary directory"));
-    let alice = gen_token("alice", "write");
-    let reader = gen_token("reader", "read");
-    let admin = gen_token("admin", "write");
-    let users = format!(
-        "{}debit = [\"alice\", \"alice.*\"]\n\n{}\n{}",
-        alice.entry, reader.entry, admin.entry
-    );
-    let path = dir.path().join("users.toml");
-    std::fs::write(&path, users).expect("write the users file");
-    let server = Server::builder()
-        .data_dir(Arc::clone(&dir))
-        .args([
-            "--workers",
-            "1",
-            "--users-file",
-            &path.display().to_string(),
-        ])
-        .args(["--status-addr", "127.0.0.1:0"])
-        .args(extra.iter().copied())
-        .start();
-    Bank {
-        server,
-        dir,
-        alice: alice.token,
-        reader: reader.token,
-        admin: admin.token,
-    }
-}
-
-fn auth(stream: &mut TcpStream, user: &str, token: &str) -> String {
-    request_line(stream, &format!("AUTH {user} {token}"))
+fn bank_with_users(extra: &[&str]) -> WithUsers {
+    server_with_users("debit = [\"alice\", \"alice.*\"]\n", extra)
 }
 
 fn denied(reply: &str) -> bool {
@@ -445,7 +406,7 @@ fn a_reloaded_users_file_adds_a_user_and_revokes_one_on_its_next_request() {
     assert_eq!(request_line(&mut alice, "DEPOSIT alice 7"), "OK 7");
     // The new file: alice gone, carol new.
     let carol = gen_token("carol", "read");
-    let path = bank.dir.path().join("users.toml");
+    let path = &bank.users_file;
     let text = std::fs::read_to_string(&path).expect("read the users file");
     let kept: String = text
         .split("[[user]]")
