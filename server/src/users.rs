@@ -919,6 +919,35 @@ mod tests {
         }
     }
 
+    /// A row of a rights matrix: (request, nobody, reader, alice, admin), true = allowed.
+    type MatrixRow = (&'static str, bool, bool, bool, bool);
+
+    /// `request`, judged for a user.
+    fn authorize_as<R: Guarded>(request: R) -> impl Fn(Option<&User>) -> Result<(), Denied> {
+        move |user| authorize(user, &request)
+    }
+
+    /// Checks each row of `matrix` for nobody and the users of [`users_text`]; `judge` parses
+    /// a row's request.
+    fn check_matrix<J>(users: &Users, matrix: &[MatrixRow], judge: impl Fn(&'static str) -> J)
+    where
+        J: Fn(Option<&User>) -> Result<(), Denied>,
+    {
+        let who = |n: &str| users.get(&name(n)).map(|u| &**u);
+        for &(line, nobody, reader, alice, admin) in matrix {
+            let judged = judge(line);
+            for (user, allowed) in [
+                ("nobody", nobody),
+                ("reader", reader),
+                ("alice", alice),
+                ("admin", admin),
+            ] {
+                let as_user = if user == "nobody" { None } else { who(user) };
+                assert_eq!(judged(as_user).is_ok(), allowed, "{user}: {line}");
+            }
+        }
+    }
+
     /// Every verb against nobody, a reader, a writer limited to its accounts, and a writer
     /// with no limit.
     #[test]
@@ -926,10 +955,7 @@ mod tests {
         let users = users();
         let alice = users.get(&name("alice")).map(|u| &**u);
         let reader = users.get(&name("reader")).map(|u| &**u);
-        let admin = users.get(&name("admin")).map(|u| &**u);
-        let nobody = None;
-        // (request, nobody, reader, alice, admin): true = allowed.
-        let matrix = [
+        let matrix: [MatrixRow; 13] = [
             ("PING", true, true, true, true),
             ("QUIT", true, true, true, true),
             ("AUTH bob x", true, true, true, true),
@@ -944,17 +970,7 @@ mod tests {
             ("TRANSFER alice.x bob 1", false, false, true, true),
             ("TRANSFER bob alice 1", false, false, false, true),
         ];
-        for (line, for_nobody, for_reader, for_alice, for_admin) in matrix {
-            let req = request(line);
-            for (who, user, allowed) in [
-                ("nobody", nobody, for_nobody),
-                ("reader", reader, for_reader),
-                ("alice", alice, for_alice),
-                ("admin", admin, for_admin),
-            ] {
-                assert_eq!(authorize(user, &req).is_ok(), allowed, "{who}: {line}");
-            }
-        }
+        check_matrix(&users, &matrix, |line| authorize_as(request(line)));
         assert_eq!(
             authorize(None, &request("AUDIT")).unwrap_err().reply(),
             Reply::error(ErrorKind::Denied, "authentication required")
@@ -983,9 +999,8 @@ mod tests {
     fn the_queue_rights_matrix() {
         let users = users();
         let who = |n: &str| users.get(&name(n)).map(|u| &**u);
-        let (alice, reader, admin) = (who("alice"), who("reader"), who("admin"));
-        // (request, nobody, reader, alice, admin): true = allowed.
-        let matrix = [
+        let (alice, reader) = (who("alice"), who("reader"));
+        let matrix: [MatrixRow; 17] = [
             ("PING", true, true, true, true),
             ("QUIT", true, true, true, true),
             ("AUTH bob x", true, true, true, true),
@@ -1004,17 +1019,7 @@ mod tests {
             ("JOIN bob.alice", false, false, false, true),
             ("CONFIG jobs maxsize 1", false, false, false, true),
         ];
-        for (line, for_nobody, for_reader, for_alice, for_admin) in matrix {
-            let req = queue_request(line);
-            for (who, user, allowed) in [
-                ("nobody", None, for_nobody),
-                ("reader", reader, for_reader),
-                ("alice", alice, for_alice),
-                ("admin", admin, for_admin),
-            ] {
-                assert_eq!(authorize(user, &req).is_ok(), allowed, "{who}: {line}");
-            }
-        }
+        check_matrix(&users, &matrix, |line| authorize_as(queue_request(line)));
         assert_eq!(
             authorize(alice, &queue_request("GET jobs")).map_err(|d| d.queue_error()),
             Err(QueueError::new(

@@ -81,6 +81,19 @@ pub fn server_with_users(alice_extra: &str, extra: &[&str]) -> WithUsers {
     }
 }
 
+/// Starts a server with `args` that must refuse to start (protected mode); returns the one
+/// line it printed on stderr.
+pub fn refusal_line(args: &[&str]) -> String {
+    let mut server = Server::builder().args(args.iter().copied()).spawn();
+    let output = server.wait_refused(&args.join(" "));
+    let errors: Vec<&str> = output
+        .lines()
+        .filter(|l| l.starts_with("forkpool-server:"))
+        .collect();
+    assert_eq!(errors.len(), 1, "{output}");
+    errors[0].to_string()
+}
+
 /// Sends `AUTH user token` and returns the reply line.
 pub fn auth(stream: &mut TcpStream, user: &str, token: &str) -> String {
     request_line(stream, &format!("AUTH {user} {token}"))

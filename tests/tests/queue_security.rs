@@ -12,7 +12,7 @@ use std::time::Duration;
 
 use forkpool_testkit::pki::{TestPki, Validity};
 use forkpool_testkit::security::{
-    auth, gen_token, s_client, server_with_users, TlsLines, WithUsers,
+    auth, gen_token, refusal_line, s_client, server_with_users, TlsLines, WithUsers,
 };
 use forkpool_testkit::{
     connect, connect_from, metric, request_line, tool, wait_until, Server, Signal,
@@ -298,27 +298,15 @@ fn a_hup_hands_the_authenticated_queue_connection_over_with_its_user_and_jobs() 
 
 #[test]
 fn protected_mode_refuses_an_open_queue_beyond_loopback_unless_told() {
-    let mut server = Server::builder()
-        .args(["--queue-addr", "0.0.0.0:0"])
-        .spawn();
-    assert!(!server.wait_exit(WAIT).success());
-    let output = server.output();
-    let errors: Vec<&str> = output
-        .lines()
-        .filter(|l| l.starts_with("forkpool-server:"))
-        .collect();
-    assert_eq!(errors.len(), 1, "{output}");
+    let error = refusal_line(&["--queue-addr", "0.0.0.0:0"]);
     assert!(
-        errors[0].contains("the queue listens on 0.0.0.0:0")
-            && errors[0].contains("queue_open")
-            && errors[0].contains("users_file"),
-        "{output}"
+        error.contains("the queue listens on 0.0.0.0:0")
+            && error.contains("queue_open")
+            && error.contains("users_file"),
+        "{error}"
     );
     // bank_open is the bank's opt-out, not the queue's.
-    let mut server = Server::builder()
-        .args(["--queue-addr", "0.0.0.0:0", "--bank-open"])
-        .spawn();
-    assert!(!server.wait_exit(WAIT).success());
+    refusal_line(&["--queue-addr", "0.0.0.0:0", "--bank-open"]);
     let server = Server::builder()
         .args(["--queue-addr", "0.0.0.0:0", "--queue-open"])
         .start();

@@ -11,7 +11,9 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use forkpool_testkit::pki::{TestPki, Validity};
-use forkpool_testkit::security::{auth, gen_token, s_client, server_with_users, WithUsers};
+use forkpool_testkit::security::{
+    auth, gen_token, refusal_line, s_client, server_with_users, WithUsers,
+};
 use forkpool_testkit::{
     bench_json, binary, connect, connect_from, http_request, json_number, request_line, tool,
     wait_until, Server, Signal,
@@ -502,17 +504,10 @@ fn a_unix_socket_obeys_its_file_mode_and_maps_a_peer_uid_to_a_user() {
 
 #[test]
 fn protected_mode_refuses_an_open_bank_beyond_loopback_unless_told() {
-    let mut server = Server::builder().args(["--bank-addr", "0.0.0.0:0"]).spawn();
-    assert!(!server.wait_exit(WAIT).success());
-    let output = server.output();
-    let errors: Vec<&str> = output
-        .lines()
-        .filter(|l| l.starts_with("forkpool-server:"))
-        .collect();
-    assert_eq!(errors.len(), 1, "{output}");
+    let error = refusal_line(&["--bank-addr", "0.0.0.0:0"]);
     assert!(
-        errors[0].contains("bank_open") && errors[0].contains("users_file"),
-        "{output}"
+        error.contains("bank_open") && error.contains("users_file"),
+        "{error}"
     );
     let server = Server::builder()
         .args(["--bank-addr", "0.0.0.0:0", "--bank-open"])
