@@ -409,13 +409,13 @@ fn a_reloaded_users_file_adds_a_user_and_revokes_one_on_its_next_request() {
     // The new file: alice gone, carol new.
     let carol = gen_token("carol", "read");
     let path = &bank.users_file;
-    let text = std::fs::read_to_string(&path).expect("read the users file");
+    let text = std::fs::read_to_string(path).expect("read the users file");
     let kept: String = text
         .split("[[user]]")
         .filter(|entry| !entry.contains("name = \"alice\"") && !entry.trim().is_empty())
         .map(|entry| format!("[[user]]{entry}"))
         .collect();
-    std::fs::write(&path, format!("{kept}\n{}", carol.entry)).expect("rewrite the users file");
+    std::fs::write(path, format!("{kept}\n{}", carol.entry)).expect("rewrite the users file");
     bank.server.signal(Signal::SIGHUP);
     bank.server.wait_log("SIGHUP: reloaded", WAIT);
     let old = bank.server.wait_workers(1, WAIT);
