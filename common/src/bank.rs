@@ -787,7 +787,7 @@ fn parse_account(field: &[u8]) -> Result<AccountName, ProtocolError> {
     })
 }
 
-fn parse_user(field: &[u8]) -> Result<UserName, ProtocolError> {
+pub(crate) fn parse_user(field: &[u8]) -> Result<UserName, ProtocolError> {
     UserName::new(field).map_err(|why| {
         ProtocolError::new(
             ErrorKind::BadRequest,
@@ -797,7 +797,7 @@ fn parse_user(field: &[u8]) -> Result<UserName, ProtocolError> {
 }
 
 /// The token is a secret: the error says what is wrong with it, never what it was.
-fn parse_token(field: &[u8]) -> Result<AuthToken, ProtocolError> {
+pub(crate) fn parse_token(field: &[u8]) -> Result<AuthToken, ProtocolError> {
     AuthToken::new(field)
         .map_err(|why| ProtocolError::new(ErrorKind::BadRequest, format!("invalid token: {why}")))
 }

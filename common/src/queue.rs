@@ -16,6 +16,7 @@
 //! | `CONFIG <queue> maxsize <n>` | `OK` |
 //! | `PING` | `PONG` |
 //! | `QUIT` | `BYE` |
+//! | `AUTH <user> <token>` | `OK <user>` (the bank's AUTH: same users, same rules) |
 //!
 //! # Rules beyond the bank's
 //! - A timeout is 0 to 4294967295 milliseconds; 0, or no timeout field, waits without limit.
@@ -36,7 +37,10 @@
 
 use std::fmt;
 
-use crate::bank::{parse_amount, push_decimal, quote, write_clean_detail, AccountName};
+use crate::bank::{
+    parse_amount, parse_token, parse_user, push_decimal, quote, write_clean_detail, AccountName,
+    AuthToken, ProtocolError, UserName,
+};
 
 /// A queue's name: the bank's account-name rules (1 to 64 bytes of `[A-Za-z0-9_.-]`).
 pub type QueueName = AccountName;
@@ -80,6 +84,50 @@ pub enum Request<'a> {
     },
     Ping,
     Quit,
+    /// `AUTH <user> <token>`: become `user` on this connection (when the server has users).
+    Auth {
+        user: UserName,
+        token: AuthToken,
+    },
+}
+
+impl Request<'_> {
+    /// The request's verb as it is written on the wire (upper case).
+    pub fn verb(&self) -> &'static str {
+        let verb = match self {
+            Request::Put { .. } => Verb::Put,
+            Request::PutNowait { .. } => Verb::PutNowait,
+            Request::Get { .. } => Verb::Get,
+            Request::GetNowait { .. } => Verb::GetNowait,
+            Request::Done { .. } => Verb::Done,
+            Request::Join { .. } => Verb::Join,
+            Request::Stats { .. } => Verb::Stats,
+            Request::Queues => Verb::Queues,
+            Request::Config { .. } => Verb::Config,
+            Request::Ping => Verb::Ping,
+            Request::Quit => Verb::Quit,
+            Request::Auth { .. } => Verb::Auth,
+        };
+        verb.name()
+    }
+
+    /// The queue the request names, if it names one.
+    pub fn queue(&self) -> Option<&QueueName> {
+        match self {
+            Request::Put { queue, .. }
+            | Request::PutNowait { queue, .. }
+            | Request::Get { queue, .. }
+            | Request::GetNowait { queue }
+            | Request::Join { queue, .. }
+            | Request::Stats { queue }
+            | Request::Config { queue, .. } => Some(queue),
+            Request::Done { .. }
+            | Request::Queues
+            | Request::Ping
+            | Request::Quit
+            | Request::Auth { .. } => None,
+        }
+    }
 }
 
 /// The failure words of the queue protocol, as they appear after `ERR `.
@@ -208,6 +256,8 @@ pub enum Reply<'a> {
     Queues(&'a [QueueName]),
     Pong,
     Bye,
+    /// `OK <user>`: AUTH succeeded; the connection now acts as `user`.
+    Authenticated(UserName),
     Err(QueueError),
 }
 
@@ -256,6 +306,10 @@ impl Reply<'_> {
             }
             Reply::Pong => out.extend_from_slice(b"PONG"),
             Reply::Bye => out.extend_from_slice(b"BYE"),
+            Reply::Authenticated(user) => {
+                out.extend_from_slice(b"OK ");
+                out.extend_from_slice(user.as_str().as_bytes());
+            }
             Reply::Err(e) => {
                 out.extend_from_slice(b"ERR ");
                 out.extend_from_slice(e.kind.as_str().as_bytes());
@@ -283,10 +337,11 @@ enum Verb {
     Config,
     Ping,
     Quit,
+    Auth,
 }
 
 impl Verb {
-    const ALL: [Verb; 11] = [
+    const ALL: [Verb; 12] = [
         Verb::Put,
         Verb::PutNowait,
         Verb::Get,
@@ -298,6 +353,7 @@ impl Verb {
         Verb::Config,
         Verb::Ping,
         Verb::Quit,
+        Verb::Auth,
     ];
 
     fn name(self) -> &'static str {
@@ -313,6 +369,7 @@ impl Verb {
             Verb::Config => "CONFIG",
             Verb::Ping => "PING",
             Verb::Quit => "QUIT",
+            Verb::Auth => "AUTH",
         }
     }
 
@@ -330,6 +387,7 @@ impl Verb {
             Verb::Config => "CONFIG <queue> maxsize <n>",
             Verb::Ping => "PING",
             Verb::Quit => "QUIT",
+            Verb::Auth => "AUTH <user> <token>",
         }
     }
 
@@ -341,6 +399,7 @@ impl Verb {
             Verb::PutNowait | Verb::GetNowait | Verb::Done | Verb::Stats => (1, 1),
             Verb::Get | Verb::Join => (1, 2),
             Verb::Config => (3, 3),
+            Verb::Auth => (2, 2),
             Verb::Queues | Verb::Ping | Verb::Quit => (0, 0),
         }
     }
@@ -451,7 +510,16 @@ pub fn parse_request(line: &[u8]) -> Result<Request<'_>, QueueError> {
         Verb::Queues => Request::Queues,
         Verb::Ping => Request::Ping,
         Verb::Quit => Request::Quit,
+        Verb::Auth => Request::Auth {
+            user: parse_user(fields[0]).map_err(from_bank)?,
+            token: parse_token(fields[1]).map_err(from_bank)?,
+        },
     })
+}
+
+/// A field error of the bank's AUTH parsing (always `bad-request`), in the queue's words.
+fn from_bank(error: ProtocolError) -> QueueError {
+    QueueError::new(QueueErrorKind::BadRequest, error.detail)
 }
 
 fn parse_queue(field: &[u8]) -> Result<QueueName, QueueError> {
@@ -569,6 +637,36 @@ mod tests {
         );
         assert_eq!(parse_request(b"PING"), Ok(Request::Ping));
         assert_eq!(parse_request(b"QUIT"), Ok(Request::Quit));
+        let Ok(Request::Auth { user, token }) = parse_request(b"auth alice s3cret!") else {
+            panic!("AUTH parses");
+        };
+        assert_eq!(
+            (user.as_str(), token.as_bytes()),
+            ("alice", &b"s3cret!"[..])
+        );
+    }
+
+    #[test]
+    fn auth_fields_are_checked_and_the_token_is_never_quoted() {
+        for (line, says) in [
+            (&b"AUTH alice"[..], "usage: AUTH <user> <token>"),
+            (b"AUTH alice t extra", "usage: AUTH <user> <token>"),
+            (b"AUTH al/ice t", "invalid user name 'al/ice'"),
+            (
+                b"AUTH alice s\xffcret",
+                "invalid token: the token contains a byte",
+            ),
+        ] {
+            let error = parse_request(line).expect_err("refused");
+            assert_eq!(error.kind, QueueErrorKind::BadRequest);
+            assert!(error.detail.contains(says), "{}", error.detail);
+            assert!(!error.detail.contains("cret"), "{}", error.detail);
+        }
+        let long = [b"AUTH a ".to_vec(), vec![b'x'; 300]].concat();
+        assert!(parse_request(&long)
+            .expect_err("too long")
+            .detail
+            .starts_with("invalid token: the token is 300 bytes long"));
     }
 
     #[test]
@@ -607,6 +705,7 @@ mod tests {
         }
         .write_to(&mut out);
         Reply::Ok.write_to(&mut out);
+        Reply::Authenticated(UserName::new(b"alice").expect("a name")).write_to(&mut out);
         Reply::Queues(&[q("a"), q("b")]).write_to(&mut out);
         Reply::Stats(Figures {
             depth: 1,
@@ -621,7 +720,7 @@ mod tests {
         .write_to(&mut out);
         assert_eq!(
             String::from_utf8(out).expect("ascii"),
-            "OK 42\nJOB 7 a b 1\nOK\nOK 2 a b\n\
+            "OK 42\nJOB 7 a b 1\nOK\nOK alice\nOK 2 a b\n\
              OK depth=1 in_flight=0 put=0 done=0 getters=0 putters=0 joiners=0 maxsize=3\n\
              ERR timeout no job within 5 ms\\x0a\n"
         );

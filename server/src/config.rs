@@ -156,14 +156,25 @@ pub struct Cli {
     /// Private key (PEM) of --bank-tls-cert.
     #[arg(long, value_name = "FILE")]
     pub bank_tls_key: Option<PathBuf>,
-    /// Bank users (TOML): with it, bank clients must AUTH and are held to their rights.
-    /// Re-read on SIGHUP. [default: none, everyone may do everything]
+    /// Certificate chain (PEM) that turns on TLS for the queue; needs --queue-tls-key.
+    /// [default: none, plain text]
+    #[arg(long, value_name = "FILE")]
+    pub queue_tls_cert: Option<PathBuf>,
+    /// Private key (PEM) of --queue-tls-cert.
+    #[arg(long, value_name = "FILE")]
+    pub queue_tls_key: Option<PathBuf>,
+    /// Users of the bank and the queue (TOML): with it, their clients must AUTH and are held
+    /// to their rights. Re-read on SIGHUP. [default: none, everyone may do everything]
     #[arg(long, value_name = "FILE")]
     pub users_file: Option<PathBuf>,
     /// Let the bank listen beyond loopback without a users file (anyone who reaches it may
     /// move money). Without it such a start is refused.
     #[arg(long)]
     pub bank_open: bool,
+    /// Let the queue listen beyond loopback without a users file (anyone who reaches it may
+    /// put, take and complete jobs). Without it such a start is refused.
+    #[arg(long)]
+    pub queue_open: bool,
     /// Permissions of the Unix socket files, in octal (e.g. 0660). [default: per umask]
     #[arg(long, value_name = "MODE")]
     pub socket_mode: Option<String>,
@@ -281,8 +292,11 @@ pub struct FileConfig {
     pub echo_tls_key: Option<PathBuf>,
     pub bank_tls_cert: Option<PathBuf>,
     pub bank_tls_key: Option<PathBuf>,
+    pub queue_tls_cert: Option<PathBuf>,
+    pub queue_tls_key: Option<PathBuf>,
     pub users_file: Option<PathBuf>,
     pub bank_open: Option<bool>,
+    pub queue_open: Option<bool>,
     pub socket_mode: Option<String>,
     pub socket_group: Option<String>,
     pub workers: Option<usize>,
@@ -320,10 +334,14 @@ pub struct Config {
     pub echo_tls: Option<TlsFiles>,
     /// `None`: the bank speaks plain text.
     pub bank_tls: Option<TlsFiles>,
-    /// `None`: no users; the bank behaves as without authentication.
+    /// `None`: the queue speaks plain text.
+    pub queue_tls: Option<TlsFiles>,
+    /// `None`: no users; the bank and the queue behave as without authentication.
     pub users_file: Option<PathBuf>,
-    /// The protected-mode opt-out (see [`check_protected_mode`]).
+    /// The bank's protected-mode opt-out (see [`check_protected_mode`]).
     pub bank_open: bool,
+    /// The queue's protected-mode opt-out.
+    pub queue_open: bool,
     pub unix_socket: UnixSocketSettings,
     pub workers: usize,
     pub backlog: u32,
@@ -385,10 +403,15 @@ pub enum ConfigError {
         missing: &'static str,
     },
     #[error(
-        "protected mode: the bank listens on {addr}, beyond this machine, with no users_file; \
-         set users_file, or bank_open = true to let anyone who reaches it move money"
+        "protected mode: the {service} listens on {addr}, beyond this machine, with no \
+         users_file; set users_file, or {opt_out} = true to let anyone who reaches it {risk}"
     )]
-    Unprotected { addr: ListenAddr },
+    Unprotected {
+        service: &'static str,
+        addr: ListenAddr,
+        opt_out: &'static str,
+        risk: &'static str,
+    },
     /// The URL is never quoted: it may hold a password.
     #[error("ledger: {0}")]
     LedgerUrl(#[source] SettingsError),
@@ -447,19 +470,32 @@ pub struct UnixSocketSettings {
     pub group: Option<String>,
 }
 
-/// Protected mode (Redis' idea): a bank reachable beyond this machine with no users refuses
-/// to start unless `bank_open` says so. Run at load, and again by whoever learns the real
-/// address (an inherited socket).
+/// Protected mode (Redis' idea): a bank or a queue reachable beyond this machine with no
+/// users refuses to start unless its opt-out (`bank_open`, `queue_open`) says so; the echo
+/// service needs none. Run at load, and again by whoever learns the real address (an
+/// inherited socket): `addr` is where `kind` listens.
 pub fn check_protected_mode(
-    bank_addr: &ListenAddr,
-    users_file: Option<&Path>,
-    bank_open: bool,
+    kind: ServiceKind,
+    addr: &ListenAddr,
+    config: &Config,
 ) -> Result<(), ConfigError> {
-    if bank_addr.is_local() || users_file.is_some() || bank_open {
+    let (opt_out, open, risk) = match kind {
+        ServiceKind::Echo => return Ok(()),
+        ServiceKind::Bank => ("bank_open", config.bank_open, "move money"),
+        ServiceKind::Queue => (
+            "queue_open",
+            config.queue_open,
+            "put, take and complete jobs",
+        ),
+    };
+    if addr.is_local() || config.users_file.is_some() || open {
         return Ok(());
     }
     Err(ConfigError::Unprotected {
-        addr: bank_addr.clone(),
+        service: kind.name(),
+        addr: addr.clone(),
+        opt_out,
+        risk,
     })
 }
 
@@ -478,8 +514,7 @@ impl Config {
         match kind {
             ServiceKind::Echo => self.echo_tls.as_ref(),
             ServiceKind::Bank => self.bank_tls.as_ref(),
-            // The queue speaks plain text (TLS for it is not built yet).
-            ServiceKind::Queue => None,
+            ServiceKind::Queue => self.queue_tls.as_ref(),
         }
     }
 
@@ -584,8 +619,19 @@ impl Config {
                     cli.bank_tls_key.clone().or(file.bank_tls_key),
                 ),
             )?,
+            queue_tls: pick_tls(
+                (
+                    "queue_tls_cert",
+                    cli.queue_tls_cert.clone().or(file.queue_tls_cert),
+                ),
+                (
+                    "queue_tls_key",
+                    cli.queue_tls_key.clone().or(file.queue_tls_key),
+                ),
+            )?,
             users_file: cli.users_file.clone().or(file.users_file),
             bank_open: cli.bank_open || file.bank_open.unwrap_or(false),
+            queue_open: cli.queue_open || file.queue_open.unwrap_or(false),
             unix_socket: UnixSocketSettings {
                 mode: pick_socket_mode(cli.socket_mode.clone().or(file.socket_mode))?,
                 group: cli.socket_group.clone().or(file.socket_group),
@@ -746,6 +792,7 @@ impl Config {
         for (name, kind) in [
             ("echo_addr", ServiceKind::Echo),
             ("bank_addr", ServiceKind::Bank),
+            ("queue_addr", ServiceKind::Queue),
         ] {
             let addr = self.listen_addr(kind);
             if matches!(addr, ListenAddr::Unix(_)) && self.tls(kind).is_some() {
@@ -754,8 +801,9 @@ impl Config {
                     addr: addr.clone(),
                 });
             }
+            check_protected_mode(kind, addr, self)?;
         }
-        check_protected_mode(&self.bank_addr, self.users_file.as_deref(), self.bank_open)
+        Ok(())
     }
 }
 
@@ -1466,9 +1514,54 @@ mod tests {
             load_text(&format!("bank_addr = \"{addr}\"\n")).expect(addr);
         }
         assert!(ListenAddr::Unix("/run/b.sock".into()).is_local());
-        check_protected_mode(&ListenAddr::Unix("/b".into()), None, false).expect("a Unix socket");
+        let defaults = load_text("").expect("defaults");
+        for kind in [ServiceKind::Bank, ServiceKind::Queue] {
+            check_protected_mode(kind, &ListenAddr::Unix("/b".into()), &defaults)
+                .expect("a Unix socket");
+        }
         // The echo service moves no money.
         load_text("echo_addr = \"0.0.0.0:0\"\n").expect("echo anywhere");
+    }
+
+    /// The queue beyond loopback needs users or its own opt-out (bank_open is not it).
+    #[test]
+    fn protected_mode_refuses_an_open_queue_beyond_loopback() {
+        let text = "queue_addr = \"0.0.0.0:7880\"\n";
+        let err = load_text(text).unwrap_err();
+        assert_eq!(
+            err,
+            "protected mode: the queue listens on 0.0.0.0:7880, beyond this \
+             machine, with no users_file; set users_file, or queue_open = true to let anyone \
+             who reaches it put, take and complete jobs"
+        );
+        assert!(load_text(&format!("{text}bank_open = true\n")).is_err());
+        load_text(&format!("{text}queue_open = true\n")).expect("opted out");
+        load_text(&format!("{text}users_file = \"u.toml\"\n")).expect("with users");
+        let cli = Cli {
+            queue_open: true,
+            ..Cli::default()
+        };
+        let file = parse_file(Path::new("t.toml"), text).unwrap();
+        Config::merge(&cli, file).expect("--queue-open");
+    }
+
+    #[test]
+    fn the_queue_speaks_tls_with_its_own_pair_on_tcp_only() {
+        let pair = "queue_tls_cert = \"q.pem\"\nqueue_tls_key = \"q.key\"\n";
+        let config = load_text(pair).expect("a pair");
+        let files = config.tls(ServiceKind::Queue).expect("queue TLS");
+        assert_eq!(files.cert, Path::new("q.pem"));
+        assert!(config.tls(ServiceKind::Bank).is_none());
+        let err = load_text("queue_tls_key = \"q.key\"\n").unwrap_err();
+        assert!(
+            err.contains("queue_tls_key is set but queue_tls_cert"),
+            "{err}"
+        );
+        let err = load_text(&format!("{pair}queue_addr = \"unix:/tmp/q.sock\"\n")).unwrap_err();
+        assert!(
+            err.starts_with("queue_addr = unix:/tmp/q.sock: TLS"),
+            "{err}"
+        );
     }
 
     #[test]

@@ -1,6 +1,7 @@
 //! What a connection is, apart from its socket, when it moves to another worker: the
 //! protocol state its session holds (echo: the start of a UTF-8 sequence cut by a read, and
-//! whether a line is under way; bank: the unfinished request line), the replies its client
+//! whether a line is under way; bank: the unfinished request line and the user; queue: that,
+//! and the jobs it holds), the replies its client
 //! has not taken yet, and, behind a proxy, the client its PROXY header named. The socket itself travels as a descriptor; bytes the client sent that
 //! nobody has read stay in it for the successor.
 //!
@@ -45,6 +46,8 @@ pub enum SessionState {
         owner: (i32, u64),
         /// The jobs the connection fetched and has not done.
         held: Vec<u64>,
+        /// The user the connection authenticated as, with its token's digest.
+        user: Option<(UserName, [u8; 32])>,
     },
 }
 
@@ -85,31 +88,35 @@ impl ConnState {
     }
 
     /// The wire form: service, flags, then the session's bytes, the pending replies, the
-    /// authenticated user (its name then its token's 32-byte digest; empty if none) and the
-    /// unread input and the proxied client's address (4 or 16 bytes; empty if none), each
-    /// with a u64 little-endian length.
+    /// authenticated user (its name then its token's 32-byte digest; empty if none), the
+    /// unread input, the proxied client's address (4 or 16 bytes; empty if none) and the
+    /// queue's jobs (owner pid, connection number, held job ids, u64 little-endian each;
+    /// empty for the other services), each with a u64 little-endian length.
     pub fn encode(&self) -> Vec<u8> {
-        let (service, mut flags, session, user) = match &self.session {
+        let encode_user = |user: &Option<(UserName, [u8; 32])>| {
+            user.map_or_else(Vec::new, |(name, digest)| {
+                [name.as_str().as_bytes(), &digest].concat()
+            })
+        };
+        let (service, mut flags, session, user, jobs) = match &self.session {
             SessionState::Echo { held, mid_line } => {
-                (ECHO, if *mid_line { MID_LINE } else { 0 }, held, Vec::new())
+                let flags = if *mid_line { MID_LINE } else { 0 };
+                (ECHO, flags, held, Vec::new(), Vec::new())
             }
             SessionState::Bank { partial, user } => {
-                let user = user.map_or_else(Vec::new, |(name, digest)| {
-                    [name.as_str().as_bytes(), &digest].concat()
-                });
-                (BANK, 0, partial, user)
+                (BANK, 0, partial, encode_user(user), Vec::new())
             }
-            // The user field carries the owner and the held job ids (u64 little-endian).
             SessionState::Queue {
                 partial,
                 owner,
                 held,
+                user,
             } => {
                 let words = [i64::from(owner.0) as u64, owner.1]
                     .into_iter()
                     .chain(held.iter().copied());
-                let owned = words.flat_map(u64::to_le_bytes).collect();
-                (QUEUE, 0, partial, owned)
+                let jobs = words.flat_map(u64::to_le_bytes).collect();
+                (QUEUE, 0, partial, encode_user(user), jobs)
             }
         };
         if self.peer_closed {
@@ -120,7 +127,7 @@ impl ConnState {
             Some(IpAddr::V4(ip)) => ip.octets().to_vec(),
             Some(IpAddr::V6(ip)) => ip.octets().to_vec(),
         };
-        let fields = [session, &self.pending, &user, &self.unread, &client];
+        let fields = [session, &self.pending, &user, &self.unread, &client, &jobs];
         let mut out = Vec::with_capacity(2 + fields.iter().map(|f| 8 + f.len()).sum::<usize>());
         out.extend_from_slice(&[service, flags]);
         for field in fields {
@@ -141,19 +148,22 @@ impl ConnState {
         let user = reader.field()?;
         let unread = reader.field()?;
         let client = decode_client(&reader.field()?)?;
+        let jobs = reader.field()?;
         if !reader.0.is_empty() {
             return Err(BadState("trailing bytes"));
         }
         let session = match service {
-            ECHO if session.len() <= 3 && user.is_empty() => SessionState::Echo {
-                held: session,
-                mid_line: flags & MID_LINE != 0,
-            },
-            BANK if flags & MID_LINE == 0 => SessionState::Bank {
+            ECHO if session.len() <= 3 && user.is_empty() && jobs.is_empty() => {
+                SessionState::Echo {
+                    held: session,
+                    mid_line: flags & MID_LINE != 0,
+                }
+            }
+            BANK if flags & MID_LINE == 0 && jobs.is_empty() => SessionState::Bank {
                 partial: session,
                 user: decode_user(&user)?,
             },
-            QUEUE if flags & MID_LINE == 0 => decode_queue(session, &user)?,
+            QUEUE if flags & MID_LINE == 0 => decode_queue(session, decode_user(&user)?, &jobs)?,
             _ => return Err(BadState("unknown service or inconsistent session")),
         };
         Ok(ConnState {
@@ -181,7 +191,11 @@ fn decode_client(bytes: &[u8]) -> Result<Option<IpAddr>, BadState> {
 }
 
 /// A queue session from its wire form (see `encode`).
-fn decode_queue(partial: Vec<u8>, owned: &[u8]) -> Result<SessionState, BadState> {
+fn decode_queue(
+    partial: Vec<u8>,
+    user: Option<(UserName, [u8; 32])>,
+    owned: &[u8],
+) -> Result<SessionState, BadState> {
     if owned.len() < 16 || !owned.len().is_multiple_of(8) {
         return Err(BadState("queue owner"));
     }
@@ -199,6 +213,7 @@ fn decode_queue(partial: Vec<u8>, owned: &[u8]) -> Result<SessionState, BadState
         partial,
         owner: (pid, conn),
         held: words.collect(),
+        user,
     })
 }
 
@@ -283,11 +298,24 @@ mod tests {
                     partial: b"GET jo".to_vec(),
                     owner: (4242, 7),
                     held: vec![65_537, 3 << 40],
+                    user: Some((UserName::new(b"worker.1").expect("a name"), [9; 32])),
                 },
                 pending: b"JOB 65537 x\n".to_vec(),
                 unread: Vec::new(),
                 peer_closed: false,
                 client: Some("192.0.2.7".parse().expect("an address")),
+            },
+            ConnState {
+                session: SessionState::Queue {
+                    partial: Vec::new(),
+                    owner: (1, 1),
+                    held: Vec::new(),
+                    user: None,
+                },
+                pending: Vec::new(),
+                unread: b"GET jobs\n".to_vec(),
+                peer_closed: false,
+                client: None,
             },
             ConnState {
                 session: SessionState::Bank {

@@ -1,6 +1,7 @@
 //! forkpool-server: parse the settings, start the master, and turn a start-up failure into
 //! one clear line on stderr and a non-zero exit status.
 
+mod access;
 mod bank;
 mod broker;
 mod channel;

@@ -21,8 +21,9 @@ use crate::channel::{Channel, Received};
 use crate::handover::{self, BadState, ConnState, INLINE_STATE_BYTES};
 
 /// The version of this wire form and of [`ConnState`]'s; bump on any change.
-/// (3: a connection's state carries the client a PROXY header named.)
-pub const FORMAT_VERSION: u8 = 3;
+/// (3: a connection's state carries the client a PROXY header named; 4: a queue
+/// connection's state carries its authenticated user, its jobs in a field of their own.)
+pub const FORMAT_VERSION: u8 = 4;
 const MAGIC: [u8; 3] = *b"FPL";
 
 /// Why a worker drains.

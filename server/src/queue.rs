@@ -11,9 +11,11 @@ use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::time::{Duration, Instant};
 
 use forkpool_common::codec::Flow;
-use forkpool_common::queue::{parse_request, Figures, QueueError, QueueErrorKind, Reply, Request};
+use forkpool_common::queue::{Figures, QueueError, QueueErrorKind, Reply, Request};
 use forkpool_queue::{Attempt, Cancelled, Mode, OpError, Outcome, Party, Store, Ticket, WakeSet};
 
+use crate::bank::NO_USERS_DETAIL;
+use crate::users::NameScope;
 use crate::wakeup::Wakeup;
 
 /// What every queue session of a worker shares: the store and this process's wake-ups.
@@ -97,16 +99,17 @@ impl QueueConn {
         self.wait.as_ref().and_then(|w| w.deadline)
     }
 
-    /// Answers one request line; [`Flow::Wait`] parks it.
-    pub fn answer(&mut self, line: &[u8], now: Instant, out: &mut Vec<u8>) -> Flow {
-        let request = match parse_request(line) {
-            Ok(request) => request,
-            Err(error) => {
-                Reply::Err(error).write_to(out);
-                return Flow::Continue;
-            }
-        };
-        match self.execute(request, now, out) {
+    /// Answers `request`, parsed from `line` and allowed by the access control; `queues`:
+    /// those its user may see (`None`: all). [`Flow::Wait`] parks it.
+    pub fn answer(
+        &mut self,
+        line: &[u8],
+        request: Request<'_>,
+        queues: Option<&NameScope>,
+        now: Instant,
+        out: &mut Vec<u8>,
+    ) -> Flow {
+        match self.execute(request, queues, now, out) {
             Ok(Flow::Wait) => {
                 if let Some(wait) = &mut self.wait {
                     wait.request = [line, b"\n"].concat();
@@ -124,6 +127,7 @@ impl QueueConn {
     fn execute(
         &mut self,
         request: Request<'_>,
+        visible: Option<&NameScope>,
         now: Instant,
         out: &mut Vec<u8>,
     ) -> Result<Flow, OpError> {
@@ -185,7 +189,12 @@ impl QueueConn {
                 Ok(Flow::Continue)
             }
             Request::Queues => {
-                let names: Vec<_> = store.queues()?.into_iter().map(|(name, _)| name).collect();
+                let names: Vec<_> = store
+                    .queues()?
+                    .into_iter()
+                    .map(|(name, _)| name)
+                    .filter(|name| visible.is_none_or(|scope| scope.allows(name)))
+                    .collect();
                 Reply::Queues(&names).write_to(out);
                 Ok(Flow::Continue)
             }
@@ -202,6 +211,11 @@ impl QueueConn {
             Request::Quit => {
                 Reply::Bye.write_to(out);
                 Ok(Flow::Stop)
+            }
+            // With users, the access control answers AUTH; without, there is nobody to be.
+            Request::Auth { .. } => {
+                Reply::Err(QueueError::new(QueueErrorKind::Denied, NO_USERS_DETAIL)).write_to(out);
+                Ok(Flow::Continue)
             }
         }
     }
@@ -309,6 +323,19 @@ impl QueueConn {
     }
 }
 
+impl QueueConn {
+    /// Gives the jobs this connection holds back to the head of their queues (it closes,
+    /// or acts as another user from now on).
+    pub fn release_held(&mut self) {
+        for id in std::mem::take(&mut self.held) {
+            match self.hub.store.release(id, self.party) {
+                Ok(wakes) => self.hub.poke(&wakes),
+                Err(e) => log::debug!("queue: job {id} given back: {e}"),
+            }
+        }
+    }
+}
+
 /// What withdrawing a wait for a hand-over came to.
 #[derive(Debug)]
 pub enum Withdrawn {
@@ -360,12 +387,7 @@ impl Drop for QueueConn {
                 Err(e) => log::warn!("queue: cannot withdraw a closed connection's wait: {e}"),
             }
         }
-        for id in std::mem::take(&mut self.held) {
-            match store.release(id, self.party) {
-                Ok(wakes) => self.hub.poke(&wakes),
-                Err(e) => log::debug!("queue: job {id} of a closed connection: {e}"),
-            }
-        }
+        self.release_held();
     }
 }
 

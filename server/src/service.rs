@@ -3,20 +3,21 @@
 
 use crate::durability::Syncer;
 use std::cell::RefCell;
-use std::sync::atomic::Ordering::Relaxed;
 use std::time::Instant;
 
-use forkpool_common::bank::{parse_request, ProtocolError, Reply, Request};
+use forkpool_common::bank::{parse_request, ProtocolError, Reply, Request, UserName};
 use forkpool_common::codec::{Flow, Frame, LineFramer, Uppercaser};
+use forkpool_common::queue;
 use forkpool_pgledger::LedgerOp;
 
+use crate::access::{Access, Screened};
 use crate::bank::{self, Backend};
 use crate::config::Config;
 use crate::db::Pending;
 use crate::handover::SessionState;
 use crate::queue::{QueueConn, QueueHub};
 use crate::scoreboard::ServiceCounters;
-use crate::users::{AuthOutcome, AuthThrottle, ConnAuth, PeerKey, Users};
+use crate::users::{AuthThrottle, ConnAuth, PeerKey, Users};
 
 /// Which service a listener (and so each of its connections) provides.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -93,12 +94,13 @@ pub struct EchoSession {
     mid_line: bool,
 }
 
-/// A queue connection: its unfinished request line and its share of the store (jobs it
-/// holds, its wait).
+/// A queue connection: its unfinished request line, its share of the store (jobs it
+/// holds, its wait), and who it is (the bank's users and rules).
 #[derive(Debug)]
 pub struct QueueSession {
     framer: LineFramer,
     conn: QueueConn,
+    access: Access,
 }
 
 /// A bank connection: its unfinished request line, the ledger it works on, and who it is.
@@ -114,20 +116,6 @@ pub struct BankSession {
     access: Access,
 }
 
-/// The bank's access control for one connection. Without a users file every request is
-/// served (protected mode keeps such a bank on this machine); with one, a connection may do
-/// what its user's rights allow once it has authenticated (AUTH, or its Unix peer's uid).
-#[derive(Debug)]
-struct Access {
-    users: Option<&'static Users>,
-    /// The worker's failed-AUTH limits per peer.
-    throttle: &'static RefCell<AuthThrottle>,
-    auth: ConnAuth,
-    peer: PeerKey,
-    /// Where AUTH outcomes and denials are counted.
-    counters: &'static ServiceCounters,
-}
-
 /// What a new connection needs from its worker.
 #[derive(Debug, Clone, Copy)]
 pub struct SessionContext {
@@ -136,7 +124,7 @@ pub struct SessionContext {
     pub ledger: Backend,
     /// Under `--fsync always`, the worker's flusher (see `durability.rs`).
     pub syncer: Option<&'static Syncer>,
-    /// The bank's users, if a users file is configured.
+    /// The users of the bank and the queue, if a users file is configured.
     pub users: Option<&'static Users>,
     /// Failed AUTHs per peer, for the whole worker (one thread: a `RefCell` is enough).
     pub throttle: &'static RefCell<AuthThrottle>,
@@ -175,24 +163,20 @@ impl Session {
         auth: ConnAuth,
         framer: LineFramer,
     ) -> Session {
+        let access = Access::new(context.users, context.throttle, auth, peer, counters);
         match kind {
             ServiceKind::Echo => Session::Echo(EchoSession::default()),
             ServiceKind::Queue => Session::Queue(QueueSession {
                 framer,
                 conn: QueueConn::new(context.queue),
+                access,
             }),
             ServiceKind::Bank => Session::Bank(BankSession {
                 framer,
                 ledger: context.ledger,
                 syncer: context.syncer,
                 pending: None,
-                access: Access {
-                    users: context.users,
-                    throttle: context.throttle,
-                    auth,
-                    peer,
-                    counters,
-                },
+                access,
             }),
         }
     }
@@ -201,9 +185,10 @@ impl Session {
     /// none, the proxy itself): logs and the AUTH throttle see that peer from now on, and the
     /// socket's Unix peer uid, the proxy's, authenticates nobody.
     pub fn proxied(&mut self, client: PeerKey) {
-        if let Session::Bank(session) = self {
-            session.access.peer = client;
-            session.access.auth = ConnAuth::new();
+        match self {
+            Session::Bank(session) => session.access.proxied(client),
+            Session::Queue(session) => session.access.proxied(client),
+            _ => {}
         }
     }
 
@@ -243,13 +228,13 @@ impl Session {
                 }
             }
             Session::Queue(session) => {
-                let (conn, now) = (&mut session.conn, Instant::now());
+                let (conn, access, now) = (&mut session.conn, &mut session.access, Instant::now());
                 let max_line = session.framer.max_line();
                 let mut requests = 0;
                 let (flow, consumed) = session.framer.feed(input, |frame| {
                     requests += 1;
                     match frame {
-                        Frame::Line(line) => conn.answer(line, now, out),
+                        Frame::Line(line) => answer_queue_line(conn, access, line, now, out),
                         Frame::TooLong => {
                             Reply::from(ProtocolError::line_too_long(max_line)).write_to(out);
                             Flow::Stop
@@ -325,7 +310,7 @@ impl Session {
             },
             Session::Bank(session) => SessionState::Bank {
                 partial: session.framer.partial().unwrap_or_default().to_vec(),
-                user: session.access.auth.export(),
+                user: session.access.export(),
             },
             Session::Queue(session) => {
                 let (owner, held) = session.conn.export();
@@ -333,6 +318,7 @@ impl Session {
                     partial: session.framer.partial().unwrap_or_default().to_vec(),
                     owner,
                     held,
+                    user: session.access.export(),
                 }
             }
             // A test session travels as a bank session would.
@@ -346,8 +332,8 @@ impl Session {
 
     /// Continues a session exported by another worker, for the connection from `peer`;
     /// `None` if the state is not one a session can be in (e.g. held bytes that are no cut
-    /// UTF-8 sequence). An authenticated bank connection stays so if this worker's users
-    /// still have its user with the same token.
+    /// UTF-8 sequence). An authenticated bank or queue connection stays so if this worker's
+    /// users still have its user with the same token.
     pub fn resume(
         state: SessionState,
         context: SessionContext,
@@ -360,20 +346,25 @@ impl Session {
                 mid_line,
             }),
             SessionState::Bank { partial, user } => {
-                let auth = match context.users {
-                    Some(users) => ConnAuth::resume(users, user),
-                    None => ConnAuth::new(),
-                };
                 let framer = LineFramer::resume(context.config.max_line, partial);
+                let auth = resume_auth(context, user);
                 Session::open(ServiceKind::Bank, context, peer, counters, auth, framer)
             }
             SessionState::Queue {
                 partial,
                 owner,
                 held,
+                user,
             } => Session::Queue(QueueSession {
                 framer: LineFramer::resume(context.config.max_line, partial),
                 conn: QueueConn::adopt(context.queue, owner, held),
+                access: Access::new(
+                    context.users,
+                    context.throttle,
+                    resume_auth(context, user),
+                    peer,
+                    counters,
+                ),
             }),
         })
     }
@@ -429,7 +420,8 @@ impl Session {
             },
             Session::Queue(session) => match session.framer.finish() {
                 Some(line) => {
-                    if session.conn.answer(&line, Instant::now(), out) == Flow::Wait {
+                    let (conn, access) = (&mut session.conn, &mut session.access);
+                    if answer_queue_line(conn, access, &line, Instant::now(), out) == Flow::Wait {
                         return Step {
                             flow: Flow::Wait,
                             requests: 1,
@@ -479,9 +471,16 @@ fn answer_line(
             return Flow::Continue;
         }
     };
-    if let Some((reply, flow)) = access.screen(&request) {
-        reply.write_to(out);
-        return flow;
+    match access.screen(&request) {
+        Screened::Serve => {}
+        Screened::Authenticated(user) => {
+            Reply::Authenticated(user).write_to(out);
+            return Flow::Continue;
+        }
+        Screened::Denied { why, close } => {
+            why.reply().write_to(out);
+            return stop_if(close);
+        }
     }
     match (ledger, LedgerOp::of(&request)) {
         (Backend::File(ledger), _) => bank::execute(ledger, &request).write_to(out),
@@ -498,43 +497,58 @@ fn answer_line(
     }
 }
 
-impl Access {
-    /// Answers `request` here if access control decides it (AUTH with users configured, or
-    /// a request beyond the connection's rights); `None`: the bank serves it.
-    fn screen(&mut self, request: &Request) -> Option<(Reply, Flow)> {
-        let users = self.users?;
-        if let Request::Auth { user, token } = request {
-            // One thread per worker and no re-entry: the throttle is never borrowed twice.
-            let mut throttle = self.throttle.borrow_mut();
-            let answer =
-                self.auth
-                    .auth(users, &mut throttle, self.peer, user, token, Instant::now());
-            let counter = match answer.outcome {
-                AuthOutcome::Accepted => &self.counters.auth_accepted,
-                AuthOutcome::Failed => &self.counters.auth_failed,
-                AuthOutcome::Throttled => &self.counters.auth_throttled,
-            };
-            counter.fetch_add(1, Relaxed);
-            let flow = if answer.close {
-                Flow::Stop
-            } else {
-                Flow::Continue
-            };
-            return Some((answer.reply, flow));
+/// Answers one queue request line: screened by the connection's access control, then
+/// carried out (see [`QueueConn::answer`]). A connection whose user changes gives back the
+/// jobs it holds first: they were fetched for the previous user, who alone may complete
+/// them. The AUTH failure that exhausts the connection's tries closes it.
+fn answer_queue_line(
+    conn: &mut QueueConn,
+    access: &mut Access,
+    line: &[u8],
+    now: Instant,
+    out: &mut Vec<u8>,
+) -> Flow {
+    let request = match queue::parse_request(line) {
+        Ok(request) => request,
+        Err(error) => {
+            queue::Reply::Err(error).write_to(out);
+            return Flow::Continue;
         }
-        match self.auth.check(users, request) {
-            Ok(()) => None,
-            Err(denied) => {
-                self.counters.denied.fetch_add(1, Relaxed);
-                let user = self.auth.user_name();
-                log::debug!(
-                    "{} from {} ({user:?}): denied: {denied}",
-                    request.verb(),
-                    self.peer
-                );
-                Some((denied.reply(), Flow::Continue))
-            }
+    };
+    let before = access.user().map(|user| user.name);
+    let screened = access.screen(&request);
+    if access.user().map(|user| user.name) != before {
+        conn.release_held();
+    }
+    match screened {
+        Screened::Serve => {
+            let queues = access.user().map(|user| &user.queues);
+            conn.answer(line, request, queues, now, out)
         }
+        Screened::Authenticated(user) => {
+            queue::Reply::Authenticated(user).write_to(out);
+            Flow::Continue
+        }
+        Screened::Denied { why, close } => {
+            queue::Reply::Err(why.queue_error()).write_to(out);
+            stop_if(close)
+        }
+    }
+}
+
+fn stop_if(close: bool) -> Flow {
+    if close {
+        Flow::Stop
+    } else {
+        Flow::Continue
+    }
+}
+
+/// A handed-over connection's user, if this worker's users still have it with that token.
+fn resume_auth(context: SessionContext, user: Option<(UserName, [u8; 32])>) -> ConnAuth {
+    match context.users {
+        Some(users) => ConnAuth::resume(users, user),
+        None => ConnAuth::new(),
     }
 }
 

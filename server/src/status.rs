@@ -334,33 +334,39 @@ pub fn metrics(view: &PoolView<'_>) -> String {
             }
         },
     );
-    let bank = totals[ServiceKind::Bank.index()];
-    family_block(
-        &mut out,
-        "forkpool_bank_auth_total",
-        "counter",
-        "Bank AUTH requests by outcome (throttled: refused unchecked, too many failures).",
-        |b| {
-            for (result, count) in [
-                ("accepted", Lasting::AuthAccepted),
-                ("failed", Lasting::AuthFailed),
-                ("throttled", Lasting::AuthThrottled),
-            ] {
-                let value = bank.get(count);
-                let _ = writeln!(b, "forkpool_bank_auth_total{{result=\"{result}\"}} {value}");
-            }
-        },
-    );
-    family_block(
-        &mut out,
-        "forkpool_bank_denied_total",
-        "counter",
-        "Bank requests denied: not authenticated, or beyond the user's rights.",
-        |b| {
-            let value = bank.get(Lasting::Denied);
-            let _ = writeln!(b, "forkpool_bank_denied_total {value}");
-        },
-    );
+    for (kind, title) in [(ServiceKind::Bank, "Bank"), (ServiceKind::Queue, "Queue")] {
+        let counts = totals[kind.index()];
+        let auth = format!("forkpool_{}_auth_total", kind.name());
+        family_block(
+            &mut out,
+            &auth,
+            "counter",
+            &format!(
+                "{title} AUTH requests by outcome (throttled: refused unchecked, too many \
+                 failures)."
+            ),
+            |b| {
+                for (result, count) in [
+                    ("accepted", Lasting::AuthAccepted),
+                    ("failed", Lasting::AuthFailed),
+                    ("throttled", Lasting::AuthThrottled),
+                ] {
+                    let value = counts.get(count);
+                    let _ = writeln!(b, "{auth}{{result=\"{result}\"}} {value}");
+                }
+            },
+        );
+        let denied = format!("forkpool_{}_denied_total", kind.name());
+        family_block(
+            &mut out,
+            &denied,
+            "counter",
+            &format!("{title} requests denied: not authenticated, or beyond the user's rights."),
+            |b| {
+                let _ = writeln!(b, "{denied} {}", counts.get(Lasting::Denied));
+            },
+        );
+    }
     per_worker(
         &mut out,
         view,

@@ -1,12 +1,27 @@
-//! Bank users: who may connect and what each may do.
+//! Users of the bank and the queue: who may connect and what each may do.
 //!
 //! - The users file (TOML, `[[user]]` tables) gives each user a name, the SHA-256 of its
 //!   token (the token itself is never stored), its rights (`read` or `write`), optionally the
-//!   accounts it may debit, and optionally the Unix uid that authenticates it on a Unix socket
-//!   (`SO_PEERCRED`, PostgreSQL's `peer`).
+//!   accounts it may debit and the queues it may use, and optionally the Unix uid that
+//!   authenticates it on a Unix socket (`SO_PEERCRED`, PostgreSQL's `peer`). One file, one
+//!   AUTH, one set of rights for both services.
 //! - [`Users::authenticate`] checks an AUTH: the digests are compared in constant time, and
 //!   an unknown user is compared against a dummy digest, so it costs what a wrong token costs.
-//! - [`authorize`] is the rights matrix: what a user (or nobody) may ask.
+//! - [`authorize`] is the rights matrix: what a user (or nobody) may ask. A request says
+//!   what it needs ([`Guarded`]); the matrix is the same for both services:
+//!
+//! | needs | bank | queue | who may |
+//! | --- | --- | --- | --- |
+//! | nothing | PING, QUIT, AUTH | PING, QUIT, AUTH | anyone, before AUTH too |
+//! | read | BALANCE, AUDIT | STATS, QUEUES | `read` and `write` users |
+//! | write | DEPOSIT, WITHDRAW, TRANSFER | PUT, PUT_NOWAIT, GET, GET_NOWAIT, DONE, JOIN, CONFIG | `write` users |
+//!
+//!   On top of the rights: the account a bank request debits (WITHDRAW, the source of
+//!   TRANSFER) must match the user's `debit` patterns, and the queue a queue request names
+//!   (STATS included) its `queues` patterns; QUEUES lists only the queues those patterns
+//!   match. DONE names a job, not a queue: the store completes only a job this connection
+//!   holds, and a queue connection whose user changes (another AUTH, a failed one, a
+//!   revocation) gives its held jobs back first, so nobody completes another user's job.
 //! - [`ConnAuth`] is one connection's state (who it is, how many AUTHs failed), and
 //!   [`AuthThrottle`] the per-worker, per-peer limit on failed AUTHs. Both take the time as an
 //!   argument, so they are tested without sleeping.
@@ -14,16 +29,18 @@
 //! Tokens are random (at least 128 bits, see [`generate_token`]), so a fast hash is the right
 //! tool: nobody can search a 2^128 space, salted or not.
 //!
-//! # Debit patterns
+//! # Debit and queue patterns
 //! `debit` is a list of patterns; an account may be debited (WITHDRAW, the source of
-//! TRANSFER) if any pattern matches its name. A pattern is either
-//! - an account name (`alice`), matching exactly that account (names are case-sensitive), or
-//! - `prefix.*`, `prefix` being an account name, matching every account whose name starts
-//!   with `prefix.` and has at least one more byte: `alice.*` matches `alice.savings` and
-//!   `alice.a.b`, not `alice` nor `alicex`.
+//! TRANSFER) if any pattern matches its name. `queues` is the same for queue names (which
+//! follow the account-name rules). A pattern is either
+//! - a name (`alice`), matching exactly that account or queue (names are case-sensitive), or
+//! - `prefix.*`, `prefix` being a name, matching every name that starts with `prefix.` and
+//!   has at least one more byte: `alice.*` matches `alice.savings` and `alice.a.b`, not
+//!   `alice` nor `alicex`.
 //!
 //! Nothing else (`*`, `a*`, `*.x`) is a pattern. Without `debit`, a `write` user may debit
-//! any account; with `debit = []`, none. Anyone with `write` may credit any account.
+//! any account; with `debit = []`, none. Anyone with `write` may credit any account. Without
+//! `queues`, a user may use every queue; with `queues = []`, none.
 
 use std::collections::HashMap;
 use std::fmt;
@@ -35,6 +52,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use forkpool_common::bank::{AccountName, AuthToken, ErrorKind, Reply, Request, UserName};
+use forkpool_common::queue::{self, QueueError, QueueErrorKind, QueueName};
 use serde::Deserialize;
 use sha2::{Digest, Sha256};
 use subtle::ConstantTimeEq;
@@ -63,13 +81,14 @@ type Digest256 = [u8; 32];
 /// costs the same as a wrong token (no token has this digest that anyone knows of).
 const DUMMY_DIGEST: Digest256 = [0x5a; 32];
 
-/// What a user may do.
+/// What a user may do (see the matrix in the module docs).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, clap::ValueEnum)]
 #[serde(rename_all = "lowercase")]
 pub enum Rights {
-    /// BALANCE and AUDIT.
+    /// Observe: BALANCE and AUDIT; STATS and QUEUES.
     Read,
-    /// Everything `read` may, and DEPOSIT, WITHDRAW, TRANSFER (debits limited by `debit`).
+    /// Everything `read` may, and DEPOSIT, WITHDRAW, TRANSFER (debits limited by `debit`);
+    /// PUT, GET, DONE, JOIN, CONFIG and their variants.
     Write,
 }
 
@@ -82,7 +101,7 @@ impl Rights {
     }
 }
 
-/// One debit pattern (see the module docs).
+/// One debit or queue pattern (see the module docs).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum AccountPattern {
     Exact(AccountName),
@@ -90,9 +109,9 @@ pub enum AccountPattern {
     Prefix(String),
 }
 
-/// Why a string is not a debit pattern.
+/// Why a string is not a pattern.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error("debit pattern {pattern:?} is neither an account name nor NAME.*: {why}")]
+#[error("pattern {pattern:?} is neither a name nor NAME.*: {why}")]
 pub struct BadPattern {
     pattern: String,
     why: String,
@@ -126,19 +145,30 @@ impl AccountPattern {
     }
 }
 
-/// The accounts a `write` user may debit.
+/// The names a user may touch: the accounts it may debit, the queues it may use.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub enum DebitScope {
+pub enum NameScope {
     Any,
     Only(Vec<AccountPattern>),
 }
 
-impl DebitScope {
-    pub fn allows(&self, account: &AccountName) -> bool {
+impl NameScope {
+    pub fn allows(&self, name: &AccountName) -> bool {
         match self {
-            DebitScope::Any => true,
-            DebitScope::Only(patterns) => patterns.iter().any(|p| p.matches(account)),
+            NameScope::Any => true,
+            NameScope::Only(patterns) => patterns.iter().any(|p| p.matches(name)),
         }
+    }
+
+    /// The scope a users-file list gives (`None`: no list, any name).
+    fn parse(list: Option<&[String]>) -> Result<NameScope, BadPattern> {
+        let Some(list) = list else {
+            return Ok(NameScope::Any);
+        };
+        list.iter()
+            .map(|p| AccountPattern::parse(p))
+            .collect::<Result<_, _>>()
+            .map(NameScope::Only)
     }
 }
 
@@ -149,7 +179,9 @@ pub struct User {
     /// SHA-256 of the token.
     digest: Digest256,
     pub rights: Rights,
-    pub debit: DebitScope,
+    pub debit: NameScope,
+    /// The queues the user may use.
+    pub queues: NameScope,
     /// Authenticates on a Unix socket by the peer's uid alone.
     pub uid: Option<u32>,
 }
@@ -201,6 +233,7 @@ struct UserEntry {
     token_sha256: toml::Spanned<String>,
     rights: toml::Spanned<Rights>,
     debit: Option<toml::Spanned<Vec<String>>>,
+    queues: Option<toml::Spanned<Vec<String>>>,
     uid: Option<toml::Spanned<u32>>,
 }
 
@@ -292,25 +325,23 @@ fn entry_to_user(entry: &UserEntry) -> Result<User, (Range<usize>, String)> {
         )
     })?;
     let rights = *entry.rights.get_ref();
-    let debit = match &entry.debit {
-        None => DebitScope::Any,
-        Some(debit) if rights == Rights::Read => {
-            return Err((debit.span(), "debit needs rights = \"write\"".to_string()))
-        }
-        Some(debit) => DebitScope::Only(
-            debit
-                .get_ref()
-                .iter()
-                .map(|p| AccountPattern::parse(p))
-                .collect::<Result<_, _>>()
-                .map_err(|e| (debit.span(), e.to_string()))?,
-        ),
+    if let (Some(debit), Rights::Read) = (&entry.debit, rights) {
+        return Err((debit.span(), "debit needs rights = \"write\"".to_string()));
+    }
+    let scope = |field: &'static str, list: &Option<toml::Spanned<Vec<String>>>| {
+        NameScope::parse(list.as_ref().map(|l| l.get_ref().as_slice())).map_err(|e| {
+            (
+                list.as_ref().map_or(0..0, |l| l.span()),
+                format!("{field}: {e}"),
+            )
+        })
     };
     Ok(User {
         name,
         digest,
         rights,
-        debit,
+        debit: scope("debit", &entry.debit)?,
+        queues: scope("queues", &entry.queues)?,
         uid: entry.uid.as_ref().map(|uid| *uid.get_ref()),
     })
 }
@@ -336,7 +367,7 @@ fn to_hex(bytes: &[u8]) -> String {
     bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
 
-/// Why a request is refused; the text is the detail of `ERR denied`.
+/// Why a request (or an AUTH) is refused; the text is the detail of `ERR denied`.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum Denied {
     #[error("authentication required")]
@@ -346,38 +377,136 @@ pub enum Denied {
     /// The account to debit is outside the user's debit patterns.
     #[error("not allowed to debit account {0}")]
     NotYourAccount(AccountName),
+    /// The queue is outside the user's queue patterns.
+    #[error("not allowed to use queue {0}")]
+    NotYourQueue(QueueName),
     #[error("user {0} was removed or its token changed; AUTH again")]
     Revoked(UserName),
+    /// A failed AUTH: the same for an unknown user and a wrong token.
+    #[error("{AUTH_FAILED_DETAIL}")]
+    AuthFailed,
+    /// An AUTH from a peer over its failure limit.
+    #[error("{THROTTLED_DETAIL}")]
+    Throttled,
 }
 
 impl Denied {
+    /// As the bank says it.
     pub fn reply(&self) -> Reply {
         Reply::error(ErrorKind::Denied, self.to_string())
+    }
+
+    /// As the queue says it.
+    pub fn queue_error(&self) -> QueueError {
+        QueueError::new(QueueErrorKind::Denied, self.to_string())
+    }
+}
+
+/// What a request needs from the rights matrix (see the module docs).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Need<'a> {
+    /// PING, QUIT, AUTH: anyone may.
+    Nothing,
+    /// Observes: any user may, within its queue patterns if it names a queue.
+    Read { queue: Option<&'a QueueName> },
+    /// Changes: `write` users may, the debited account within their debit patterns and the
+    /// queue within their queue patterns.
+    Write {
+        debit: Option<&'a AccountName>,
+        queue: Option<&'a QueueName>,
+    },
+}
+
+/// A request the rights matrix judges: a bank or a queue request.
+pub trait Guarded {
+    /// What it needs.
+    fn need(&self) -> Need<'_>;
+    /// Its verb, for the logs.
+    fn verb(&self) -> &'static str;
+    /// Its user and token, if it is an AUTH.
+    fn credentials(&self) -> Option<(&UserName, &AuthToken)>;
+}
+
+impl Guarded for Request {
+    /// The credited account is anyone's: only the debited one (WITHDRAW's, a transfer's
+    /// source) is checked.
+    fn need(&self) -> Need<'_> {
+        let debit = match self {
+            Request::Ping | Request::Quit | Request::Auth { .. } => return Need::Nothing,
+            Request::Balance { .. } | Request::Audit => return Need::Read { queue: None },
+            Request::Deposit { .. } => None,
+            Request::Withdraw { acct, .. } => Some(acct),
+            Request::Transfer { from, .. } => Some(from),
+        };
+        Need::Write { debit, queue: None }
+    }
+
+    fn verb(&self) -> &'static str {
+        Request::verb(self)
+    }
+
+    fn credentials(&self) -> Option<(&UserName, &AuthToken)> {
+        match self {
+            Request::Auth { user, token } => Some((user, token)),
+            _ => None,
+        }
+    }
+}
+
+impl Guarded for queue::Request<'_> {
+    fn need(&self) -> Need<'_> {
+        use queue::Request as Q;
+        match self {
+            Q::Ping | Q::Quit | Q::Auth { .. } => Need::Nothing,
+            Q::Stats { .. } | Q::Queues => Need::Read {
+                queue: self.queue(),
+            },
+            Q::Put { .. }
+            | Q::PutNowait { .. }
+            | Q::Get { .. }
+            | Q::GetNowait { .. }
+            | Q::Done { .. }
+            | Q::Join { .. }
+            | Q::Config { .. } => Need::Write {
+                debit: None,
+                queue: self.queue(),
+            },
+        }
+    }
+
+    fn verb(&self) -> &'static str {
+        queue::Request::verb(self)
+    }
+
+    fn credentials(&self) -> Option<(&UserName, &AuthToken)> {
+        match self {
+            queue::Request::Auth { user, token } => Some((user, token)),
+            _ => None,
+        }
     }
 }
 
 /// The rights matrix: may `user` (`None`: not authenticated) make `request`?
-/// PING, QUIT and AUTH: anyone. BALANCE, AUDIT: `read` or `write`. DEPOSIT: `write`.
-/// WITHDRAW and TRANSFER: `write`, and the debited account (the source of a transfer) in the
-/// user's debit scope; the credited account is anyone's.
-pub fn authorize(user: Option<&User>, request: &Request) -> Result<(), Denied> {
-    let debited = match request {
-        Request::Ping | Request::Quit | Request::Auth { .. } => return Ok(()),
-        Request::Balance { .. } | Request::Audit => {
-            return user.map(|_| ()).ok_or(Denied::AuthenticationRequired)
+pub fn authorize(user: Option<&User>, request: &impl Guarded) -> Result<(), Denied> {
+    let (debit, queue) = match request.need() {
+        Need::Nothing => return Ok(()),
+        Need::Read { queue } => (None, queue),
+        Need::Write { debit, queue } => {
+            let user = user.ok_or(Denied::AuthenticationRequired)?;
+            if user.rights == Rights::Read {
+                return Err(Denied::ReadOnly(user.name));
+            }
+            (debit, queue)
         }
-        Request::Deposit { .. } => None,
-        Request::Withdraw { acct, .. } => Some(acct),
-        Request::Transfer { from, .. } => Some(from),
     };
     let user = user.ok_or(Denied::AuthenticationRequired)?;
-    if user.rights == Rights::Read {
-        return Err(Denied::ReadOnly(user.name));
+    if let Some(account) = debit.filter(|account| !user.debit.allows(account)) {
+        return Err(Denied::NotYourAccount(*account));
     }
-    match debited {
-        Some(account) if !user.debit.allows(account) => Err(Denied::NotYourAccount(*account)),
-        _ => Ok(()),
+    if let Some(queue) = queue.filter(|queue| !user.queues.allows(queue)) {
+        return Err(Denied::NotYourQueue(*queue));
     }
+    Ok(())
 }
 
 /// Who a connection comes from, for the failure limit and the logs.
@@ -505,7 +634,8 @@ struct Authenticated {
 /// What an AUTH came to.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct AuthAnswer {
-    pub reply: Reply,
+    /// The user the connection now is, or why not.
+    pub result: Result<UserName, Denied>,
     pub outcome: AuthOutcome,
     /// Close the connection after the reply (too many failures).
     pub close: bool,
@@ -561,6 +691,11 @@ impl ConnAuth {
         self.user.as_ref().map(|a| a.user.name)
     }
 
+    /// The user the connection acts as, if any (as of the last check).
+    pub fn user(&self) -> Option<&User> {
+        self.user.as_ref().map(|a| &*a.user)
+    }
+
     /// Answers `AUTH name token` from `peer`. A success replaces the connection's user; a
     /// failure leaves it unauthenticated, is logged with the peer, and counts toward the
     /// connection's and the peer's limits.
@@ -577,7 +712,7 @@ impl ConnAuth {
             self.user = None;
             log::warn!("AUTH as {name} from {peer} refused: too many failures from this peer");
             return AuthAnswer {
-                reply: Reply::error(ErrorKind::Denied, THROTTLED_DETAIL),
+                result: Err(Denied::Throttled),
                 outcome: AuthOutcome::Throttled,
                 close: true,
             };
@@ -588,7 +723,7 @@ impl ConnAuth {
                 generation: users.generation,
             });
             return AuthAnswer {
-                reply: Reply::Authenticated(*name),
+                result: Ok(*name),
                 outcome: AuthOutcome::Accepted,
                 close: false,
             };
@@ -603,7 +738,7 @@ impl ConnAuth {
             if close { ", closing it" } else { "" }
         );
         AuthAnswer {
-            reply: Reply::error(ErrorKind::Denied, AUTH_FAILED_DETAIL),
+            result: Err(Denied::AuthFailed),
             outcome: AuthOutcome::Failed,
             close,
         }
@@ -611,7 +746,7 @@ impl ConnAuth {
 
     /// May this connection make `request` (not AUTH: see [`ConnAuth::auth`]) under the
     /// current `users`? A user removed or given a new token since its AUTH is logged out.
-    pub fn check(&mut self, users: &Users, request: &Request) -> Result<(), Denied> {
+    pub fn check(&mut self, users: &Users, request: &impl Guarded) -> Result<(), Denied> {
         if let Some(auth) = &mut self.user {
             if auth.generation != users.generation {
                 match users.get(&auth.user.name) {
@@ -627,7 +762,7 @@ impl ConnAuth {
                 }
             }
         }
-        authorize(self.user.as_ref().map(|a| &*a.user), request)
+        authorize(self.user(), request)
     }
 }
 
@@ -672,11 +807,12 @@ mod tests {
         to_hex(&sha256(token.as_bytes()))
     }
 
-    /// alice (write, debits alice and alice.*, uid 1000), reader (read), admin (write, any).
+    /// alice (write, debits alice and alice.*, uses queues alice and alice.*, uid 1000),
+    /// reader (read), admin (write, any).
     fn users_text() -> String {
         format!(
             "[[user]]\nname = \"alice\"\ntoken_sha256 = \"{}\"\nrights = \"write\"\n\
-             debit = [\"alice\", \"alice.*\"]\nuid = 1000\n\n\
+             debit = [\"alice\", \"alice.*\"]\nqueues = [\"alice\", \"alice.*\"]\nuid = 1000\n\n\
              [[user]]\nname = \"reader\"\ntoken_sha256 = \"{}\"\nrights = \"read\"\n\n\
              [[user]]\nname = \"admin\"\ntoken_sha256 = \"{}\"\nrights = \"write\"\n",
             digest_hex(ALICE_TOKEN),
@@ -783,6 +919,35 @@ mod tests {
         }
     }
 
+    /// A row of a rights matrix: (request, nobody, reader, alice, admin), true = allowed.
+    type MatrixRow = (&'static str, bool, bool, bool, bool);
+
+    /// `request`, judged for a user.
+    fn authorize_as<R: Guarded>(request: R) -> impl Fn(Option<&User>) -> Result<(), Denied> {
+        move |user| authorize(user, &request)
+    }
+
+    /// Checks each row of `matrix` for nobody and the users of [`users_text`]; `judge` parses
+    /// a row's request.
+    fn check_matrix<J>(users: &Users, matrix: &[MatrixRow], judge: impl Fn(&'static str) -> J)
+    where
+        J: Fn(Option<&User>) -> Result<(), Denied>,
+    {
+        let who = |n: &str| users.get(&name(n)).map(|u| &**u);
+        for &(line, nobody, reader, alice, admin) in matrix {
+            let judged = judge(line);
+            for (user, allowed) in [
+                ("nobody", nobody),
+                ("reader", reader),
+                ("alice", alice),
+                ("admin", admin),
+            ] {
+                let as_user = if user == "nobody" { None } else { who(user) };
+                assert_eq!(judged(as_user).is_ok(), allowed, "{user}: {line}");
+            }
+        }
+    }
+
     /// Every verb against nobody, a reader, a writer limited to its accounts, and a writer
     /// with no limit.
     #[test]
@@ -790,10 +955,7 @@ mod tests {
         let users = users();
         let alice = users.get(&name("alice")).map(|u| &**u);
         let reader = users.get(&name("reader")).map(|u| &**u);
-        let admin = users.get(&name("admin")).map(|u| &**u);
-        let nobody = None;
-        // (request, nobody, reader, alice, admin): true = allowed.
-        let matrix = [
+        let matrix: [MatrixRow; 13] = [
             ("PING", true, true, true, true),
             ("QUIT", true, true, true, true),
             ("AUTH bob x", true, true, true, true),
@@ -808,17 +970,7 @@ mod tests {
             ("TRANSFER alice.x bob 1", false, false, true, true),
             ("TRANSFER bob alice 1", false, false, false, true),
         ];
-        for (line, for_nobody, for_reader, for_alice, for_admin) in matrix {
-            let req = request(line);
-            for (who, user, allowed) in [
-                ("nobody", nobody, for_nobody),
-                ("reader", reader, for_reader),
-                ("alice", alice, for_alice),
-                ("admin", admin, for_admin),
-            ] {
-                assert_eq!(authorize(user, &req).is_ok(), allowed, "{who}: {line}");
-            }
-        }
+        check_matrix(&users, &matrix, |line| authorize_as(request(line)));
         assert_eq!(
             authorize(None, &request("AUDIT")).unwrap_err().reply(),
             Reply::error(ErrorKind::Denied, "authentication required")
@@ -834,6 +986,81 @@ mod tests {
                 .unwrap_err()
                 .to_string(),
             "not allowed to debit account bob"
+        );
+    }
+
+    fn queue_request(line: &str) -> forkpool_common::queue::Request<'_> {
+        forkpool_common::queue::parse_request(line.as_bytes()).expect("valid queue request")
+    }
+
+    /// Every queue verb against nobody, a reader, a writer limited to its queues, and a
+    /// writer with no limit.
+    #[test]
+    fn the_queue_rights_matrix() {
+        let users = users();
+        let who = |n: &str| users.get(&name(n)).map(|u| &**u);
+        let (alice, reader) = (who("alice"), who("reader"));
+        let matrix: [MatrixRow; 17] = [
+            ("PING", true, true, true, true),
+            ("QUIT", true, true, true, true),
+            ("AUTH bob x", true, true, true, true),
+            ("QUEUES", false, true, true, true),
+            ("STATS jobs", false, true, false, true),
+            ("STATS alice.jobs", false, true, true, true),
+            ("PUT alice 0 x y", false, false, true, true),
+            ("PUT_NOWAIT alice.a x", false, false, true, true),
+            ("GET alice.a", false, false, true, true),
+            ("GET_NOWAIT alice.a", false, false, true, true),
+            ("JOIN alice 5", false, false, true, true),
+            ("CONFIG alice maxsize 3", false, false, true, true),
+            ("DONE 7", false, false, true, true),
+            ("PUT jobs 0 x", false, false, false, true),
+            ("GET alicex", false, false, false, true),
+            ("JOIN bob.alice", false, false, false, true),
+            ("CONFIG jobs maxsize 1", false, false, false, true),
+        ];
+        check_matrix(&users, &matrix, |line| authorize_as(queue_request(line)));
+        assert_eq!(
+            authorize(alice, &queue_request("GET jobs")).map_err(|d| d.queue_error()),
+            Err(QueueError::new(
+                QueueErrorKind::Denied,
+                "not allowed to use queue jobs"
+            ))
+        );
+        assert_eq!(
+            authorize(reader, &queue_request("PUT a 0 x"))
+                .unwrap_err()
+                .to_string(),
+            "user reader may only read"
+        );
+        assert_eq!(
+            authorize(None, &queue_request("QUEUES")).unwrap_err(),
+            Denied::AuthenticationRequired
+        );
+    }
+
+    #[test]
+    fn queue_patterns_apply_to_read_users_and_an_empty_list_allows_none() {
+        let text = format!(
+            "[[user]]\nname = \"r\"\ntoken_sha256 = \"{}\"\nrights = \"read\"\nqueues = [\"q.*\"]\n\
+             [[user]]\nname = \"w\"\ntoken_sha256 = \"{}\"\nrights = \"write\"\nqueues = []\n",
+            digest_hex("t"),
+            digest_hex("u")
+        );
+        let users = Users::parse(Path::new("u.toml"), &text).expect("valid");
+        let r = users.get(&name("r")).map(|u| &**u);
+        let w = users.get(&name("w")).map(|u| &**u);
+        assert!(authorize(r, &queue_request("STATS q.1")).is_ok());
+        assert!(authorize(r, &queue_request("STATS q")).is_err());
+        assert!(authorize(w, &queue_request("PUT q 0 x")).is_err());
+        assert!(authorize(w, &queue_request("DONE 1")).is_ok());
+        let bad = text.replace("[\"q.*\"]", "[\"q*\"]");
+        let err = Users::parse(Path::new("u.toml"), &bad)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("line 5, user r: queues: pattern \"q*\""),
+            "{err}"
         );
     }
 
@@ -885,7 +1112,7 @@ mod tests {
                 entry(&format!(
                     "token_sha256 = \"{good}\"\nrights = \"write\"\ndebit = [\"b*\"]\n"
                 )),
-                "line 7, user bob: debit pattern \"b*\"",
+                "line 7, user bob: debit: pattern \"b*\"",
             ),
             (
                 entry(&format!("token_sha256 = \"{good}\"\n")),
@@ -978,7 +1205,7 @@ mod tests {
             &token(ALICE_TOKEN),
             now,
         );
-        assert_eq!(ok.reply, Reply::Authenticated(name("alice")));
+        assert_eq!(ok.result, Ok(name("alice")));
         assert_eq!((ok.outcome, ok.close), (AuthOutcome::Accepted, false));
         let again = conn.auth(
             &users,
@@ -1000,8 +1227,9 @@ mod tests {
                 &token("wrong"),
                 now,
             );
+            assert_eq!(answer.result, Err(Denied::AuthFailed));
             assert_eq!(
-                answer.reply,
+                Denied::AuthFailed.reply(),
                 Reply::error(ErrorKind::Denied, AUTH_FAILED_DETAIL)
             );
             assert_eq!(answer.outcome, AuthOutcome::Failed);
@@ -1037,9 +1265,10 @@ mod tests {
             now,
         );
         assert_eq!(answer.outcome, AuthOutcome::Throttled);
+        assert_eq!(answer.result, Err(Denied::Throttled));
         assert_eq!(
-            answer.reply,
-            Reply::error(ErrorKind::Denied, THROTTLED_DETAIL)
+            Denied::Throttled.queue_error(),
+            QueueError::new(QueueErrorKind::Denied, THROTTLED_DETAIL)
         );
         assert!(answer.close);
         assert_eq!(conn.user_name(), None);

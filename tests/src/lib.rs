@@ -21,6 +21,7 @@ pub mod pg;
 pub mod pki;
 pub mod queue_history;
 pub mod queue_model;
+pub mod security;
 
 pub use nix::sys::signal::Signal;
 use nix::sys::signal::{kill, killpg};
@@ -808,6 +809,9 @@ pub fn request_line(stream: &mut TcpStream, line: &str) -> String {
 }
 
 /// Reads one `\n`-terminated line (without the `\n`), byte by byte (no read-ahead lost).
+/// A read interrupted before it got a byte is tried again: a socket with a read timeout
+/// gets `EINTR` when the test process is stopped and continued (or frozen and thawed by
+/// its cgroup) on a busy machine, even with no signal handler installed.
 pub fn read_line(stream: &mut TcpStream) -> String {
     let mut line = Vec::new();
     let mut byte = [0u8; 1];
@@ -816,6 +820,7 @@ pub fn read_line(stream: &mut TcpStream) -> String {
             Ok(0) => break,
             Ok(_) if byte[0] == b'\n' => break,
             Ok(_) => line.push(byte[0]),
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
             Err(e) => panic!(
                 "reading a reply line: {e} (got so far: {:?})",
                 String::from_utf8_lossy(&line)

@@ -29,7 +29,6 @@ use crate::listener::{ListenError, Listeners};
 use crate::master_link::FORMAT_VERSION;
 use crate::pidfile::PidFile;
 use crate::pool::Pool;
-use crate::service::ServiceKind;
 use crate::status::StatusServer;
 use crate::tls::ServiceTls;
 use crate::upgrade::Takeover;
@@ -96,12 +95,10 @@ impl Master {
         let users = load_users(&config)?;
         let mut inherited = inherit::take()?;
         let listeners = Listeners::open(&config, &mut inherited)?;
-        // An inherited bank socket's address is systemd's (or the old master's), not ours:
+        // An inherited socket's address is systemd's (or the old master's), not ours:
         // protected mode applies to the address really served.
         for (kind, addr) in listeners.addrs() {
-            if kind == ServiceKind::Bank {
-                check_protected_mode(addr, config.users_file.as_deref(), config.bank_open)?;
-            }
+            check_protected_mode(kind, addr, &config)?;
         }
         let io = MasterIo::new(config.status_addr)?;
         let pool = Pool::new(config.workers, SCOREBOARD_CELLS).map_err(StartError::Scoreboard)?;

@@ -561,6 +561,10 @@ impl Worker {
             return;
         }
         let (another_turn, gated) = (conn.needs_another_turn(), conn.is_gated());
+        // A retiring worker closes a connection that stays (TLS, or no successor took it:
+        // only a retiring worker has such) at a request boundary: a request that parks
+        // there would wait for nothing.
+        let stranded = conn.is_staying() && conn.is_waiting();
         let deadline = if conn.is_waiting() {
             conn.session().queue().and_then(|queue| queue.deadline())
         } else {
@@ -574,6 +578,9 @@ impl Worker {
         }
         if gated {
             self.gated.insert(key);
+        }
+        if stranded {
+            self.answer_shutting_down(key, now);
         }
     }
 
@@ -667,19 +674,17 @@ impl Worker {
 
     /// A drain starts: a shutdown answers every parked queue request `ERR shutting-down`;
     /// a retirement withdraws them, so the connection can move to a successor, which parks
-    /// the request again (a wait served meanwhile is answered here instead).
+    /// the request again (a wait served meanwhile is answered here instead), except on a
+    /// connection that cannot move (a TLS session): it is answered `ERR shutting-down` too.
     fn end_queue_waits(&mut self, why: Drain, now: Instant) {
         for key in self.queue_waiters() {
-            if why == Drain::Shutdown {
-                self.resume(
-                    key,
-                    |session, out| {
-                        session.queue().map_or(Flow::Continue, |q| {
-                            q.give_up(QueueErrorKind::ShuttingDown, None, out)
-                        })
-                    },
-                    now,
-                );
+            let stays = why == Drain::Retire
+                && self.conns.get_mut(key).is_some_and(|conn| {
+                    conn.stay_if_unmovable();
+                    conn.is_staying()
+                });
+            if why == Drain::Shutdown || stays {
+                self.answer_shutting_down(key, now);
                 continue;
             }
             let mut request = None;
@@ -698,6 +703,20 @@ impl Worker {
                 conn.cancel_wait(&bytes);
             }
         }
+    }
+
+    /// Ends connection `key`'s queue wait with `ERR shutting-down` (or what it was served at
+    /// the last instant).
+    fn answer_shutting_down(&mut self, key: usize, now: Instant) {
+        self.resume(
+            key,
+            |session, out| {
+                session.queue().map_or(Flow::Continue, |q| {
+                    q.give_up(QueueErrorKind::ShuttingDown, None, out)
+                })
+            },
+            now,
+        );
     }
 
     /// Drives again the connections whose read budget ran out last turn.
