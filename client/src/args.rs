@@ -85,15 +85,18 @@ pub enum Mode {
 
 /// The help of `--addr`, with the mode's default.
 fn addr_help(default: &str) -> String {
-    format!("Server address (host:port) [default: {default}]")
+    format!(
+        "Server address (host:port); repeated, the connections are spread over the addresses \
+         round-robin (instances sharing one ledger) [default: {default}]"
+    )
 }
 
 /// Load shape shared by both modes.
 #[derive(Args, Debug, Clone)]
 pub struct LoadArgs {
-    /// Server address (host:port); each mode sets its own help with its default.
+    /// Server addresses (host:port); each mode sets its own help with its default.
     #[arg(long)]
-    pub addr: Option<String>,
+    pub addr: Vec<String>,
     /// Number of connections kept open.
     #[arg(short = 'c', long, default_value_t = 50, value_parser = clap::value_parser!(u32).range(1..))]
     pub connections: u32,
@@ -124,9 +127,10 @@ pub struct LoadArgs {
     #[arg(long, default_value_t = 2.0)]
     pub timeout: f64,
     /// Sample utime+stime of this process and all its descendants at the start and end of the
-    /// measured window and report the server's CPU microseconds per request.
+    /// measured window and report the server's CPU microseconds per request. Repeated (one per
+    /// instance, with several --addr): their CPU is summed.
     #[arg(long)]
-    pub server_pid: Option<u32>,
+    pub server_pid: Vec<u32>,
     /// Print one JSON object with every figure instead of the text report.
     #[arg(long)]
     pub json: bool,
@@ -148,7 +152,7 @@ pub struct LoadArgs {
     /// against a man in the middle).
     #[arg(long, requires = "tls")]
     pub tls_insecure: bool,
-    /// With --tls: the name the certificate must carry. [default: the host of --addr]
+    /// With --tls: the name the certificate must carry. [default: the host of the first --addr]
     #[arg(long, value_name = "NAME", requires = "tls")]
     pub tls_server_name: Option<String>,
     /// Treat a clean close by the server as an error: the connection is not reopened and the
@@ -237,7 +241,9 @@ fn parse_auth(text: &str) -> Result<Auth, String> {
 /// The validated settings of one run.
 #[derive(Debug, Clone)]
 pub struct Settings {
-    pub addr: SocketAddr,
+    /// `--addr`, in the order given: never empty. Connection `i` goes to `addrs[i % len]`;
+    /// the bank's setup and audit use the first.
+    pub addrs: Vec<SocketAddr>,
     pub connections: usize,
     pub pipeline: usize,
     pub threads: usize,
@@ -245,7 +251,8 @@ pub struct Settings {
     pub end: End,
     pub rate: Option<f64>,
     pub timeout: Duration,
-    pub server_pid: Option<u32>,
+    /// `--server-pid`, every one given (none: the server's CPU is not measured).
+    pub server_pids: Vec<u32>,
     pub seed: u64,
     /// `--tls`: how to start each connection's session.
     pub tls: Option<Arc<ClientTls>>,
@@ -274,6 +281,20 @@ impl std::fmt::Display for End {
     }
 }
 
+impl Settings {
+    /// The first address: the bank's setup and final audit go there (the addresses share
+    /// one ledger).
+    pub fn first_addr(&self) -> SocketAddr {
+        self.addrs[0]
+    }
+
+    /// The addresses as given, comma-separated (the report's `addr`).
+    pub fn addrs_text(&self) -> String {
+        let texts: Vec<String> = self.addrs.iter().map(ToString::to_string).collect();
+        texts.join(",")
+    }
+}
+
 impl End {
     /// The longest the measured window can last.
     pub fn max_window(self) -> Duration {
@@ -282,6 +303,14 @@ impl End {
             End::Requests { cap, .. } => cap,
         }
     }
+}
+
+/// The first socket address `text` (host:port) resolves to.
+fn resolve(text: &str) -> anyhow::Result<SocketAddr> {
+    text.to_socket_addrs()
+        .with_context(|| format!("--addr {text}: cannot resolve"))?
+        .next()
+        .with_context(|| format!("--addr {text}: resolves to no address"))
 }
 
 fn seconds(name: &str, value: f64) -> anyhow::Result<Duration> {
@@ -309,14 +338,17 @@ impl LoadArgs {
         ClientTls::new(trust, name).map(Some)
     }
 
-    /// Checks the combination of flags and resolves the address.
+    /// Checks the combination of flags and resolves the addresses.
     pub fn settings(&self, default_addr: &str) -> anyhow::Result<Settings> {
-        let addr_text = self.addr.as_deref().unwrap_or(default_addr);
-        let addr = addr_text
-            .to_socket_addrs()
-            .with_context(|| format!("--addr {addr_text}: cannot resolve"))?
-            .next()
-            .with_context(|| format!("--addr {addr_text}: resolves to no address"))?;
+        let texts: Vec<&str> = if self.addr.is_empty() {
+            vec![default_addr]
+        } else {
+            self.addr.iter().map(String::as_str).collect()
+        };
+        let addrs = texts
+            .iter()
+            .map(|text| resolve(text))
+            .collect::<anyhow::Result<Vec<_>>>()?;
         let end = match (self.requests, self.duration) {
             (Some(count), cap) => End::Requests {
                 count,
@@ -345,10 +377,10 @@ impl LoadArgs {
                 .unwrap_or_default();
             t.as_nanos() as u64 ^ u64::from(std::process::id()).rotate_left(32)
         });
-        let tls = self.client_tls(addr_text)?.map(Arc::new);
+        let tls = self.client_tls(texts[0])?.map(Arc::new);
         Ok(Settings {
             tls,
-            addr,
+            addrs,
             connections,
             pipeline: self.pipeline as usize,
             threads,
@@ -356,7 +388,7 @@ impl LoadArgs {
             end,
             rate: self.rate,
             timeout,
-            server_pid: self.server_pid,
+            server_pids: self.server_pid.clone(),
             seed,
             no_reconnect: self.no_reconnect,
         })
@@ -443,10 +475,30 @@ mod tests {
             panic!("echo expected")
         };
         let s = echo.load.settings(DEFAULT_ECHO_ADDR).expect("valid");
-        assert_eq!(s.addr, "127.0.0.1:7878".parse().expect("addr"));
+        assert_eq!(s.addrs, ["127.0.0.1:7878".parse().expect("addr")]);
         assert_eq!((s.connections, s.pipeline), (50, 1));
         assert_eq!(s.end, End::After(Duration::from_secs(10)));
         assert_eq!(s.rate, None);
+    }
+
+    #[test]
+    fn a_repeated_addr_keeps_every_address_in_order() {
+        let Mode::Bank(bank) = parse(&[
+            "bank",
+            "--addr",
+            "127.0.0.1:9001",
+            "--addr",
+            "127.0.0.1:9002",
+        ])
+        .mode
+        else {
+            panic!("bank expected")
+        };
+        let s = bank.load.settings(DEFAULT_BANK_ADDR).expect("valid");
+        let ports: Vec<u16> = s.addrs.iter().map(SocketAddr::port).collect();
+        assert_eq!(ports, [9001, 9002]);
+        assert_eq!(s.first_addr().port(), 9001);
+        assert_eq!(s.addrs_text(), "127.0.0.1:9001,127.0.0.1:9002");
     }
 
     #[test]
@@ -462,7 +514,7 @@ mod tests {
                 cap: Duration::from_secs(60)
             }
         );
-        assert_eq!(s.addr.port(), 7879);
+        assert_eq!(s.first_addr().port(), 7879);
         assert_eq!(bank.accounts, 100);
     }
 
