@@ -382,6 +382,26 @@ impl Conn {
         if !self.waiting {
             return Verdict::Keep;
         }
+        if self.end_wait(deliver, scratch, now) == Verdict::Close {
+            return Verdict::Close;
+        }
+        self.on_ready(Readiness::default(), scratch, limits, registry, now)
+    }
+
+    /// The first half of [`Conn::resume`]: the session gets what it waited for and its reply
+    /// is written (what the socket does not take is kept to send), but no input is fed or
+    /// read. A retiring worker stops there to hand the connection over at this request
+    /// boundary, the input behind it unread: a pipelining client's next request would make
+    /// it wait again, and again. Nothing happens if the connection is not waiting.
+    pub fn end_wait(
+        &mut self,
+        deliver: impl FnOnce(&mut Session, &mut Vec<u8>) -> Flow,
+        scratch: &mut Scratch,
+        now: Instant,
+    ) -> Verdict {
+        if !self.waiting {
+            return Verdict::Keep;
+        }
         scratch.write.clear();
         let flow = deliver(&mut self.session, &mut scratch.write);
         self.set_waiting(flow == Flow::Wait);
@@ -398,7 +418,7 @@ impl Conn {
         self.last_active = now;
         // Input may have arrived while the session waited: no new edge will announce it.
         self.read_paused = true;
-        self.on_ready(Readiness::default(), scratch, limits, registry, now)
+        Verdict::Keep
     }
 
     /// The service gave up a wait without answering (it cancelled a parked request, to hand
