@@ -170,7 +170,9 @@ fn sigusr2_on_a_postgresql_ledger_hands_over_every_connection_and_loses_no_trans
     let pid_file = dir.path().join("forkpool.pid");
     let mut server = builder
         .data_dir(dir.clone())
-        .args(["--graceful-timeout", "3"])
+        // Ample for a reply in flight on a busy machine, and shorter than the bench's run:
+        // a connection left behind would be closed within it, and fail it.
+        .args(["--graceful-timeout", "5"])
         .args(["--pid-file", pid_file.to_str().expect("UTF-8 path")])
         .start();
     let old_pid = server.pid;
@@ -197,7 +199,7 @@ fn sigusr2_on_a_postgresql_ledger_hands_over_every_connection_and_loses_no_trans
                 "-P",
                 "2",
                 "-d",
-                "4",
+                "6",
                 "--threads",
                 "1",
                 "--accounts",
