@@ -1169,6 +1169,30 @@ mod tests {
     }
 
     #[test]
+    fn an_ended_wait_answers_and_leaves_the_input_behind_it_for_a_successor() {
+        let mut pair = holding_pair();
+        pair.client.write_all(b"hold\nb\n").expect("send");
+        pair.drive_until("a wait", |conn, _| conn.is_waiting());
+        let ended = pair.conn.end_wait(
+            |_, out| {
+                out.extend_from_slice(b"DONE\n");
+                Flow::Continue
+            },
+            &mut pair.scratch,
+            Instant::now(),
+        );
+        assert_eq!(ended, Verdict::Keep);
+        pair.expect_replies(b"DONE\n");
+        assert!(pair.conn.may_be_offered(), "at a request boundary");
+        let state = pair.conn.offer(pair.poll.registry()).expect("offer");
+        assert_eq!(
+            state.unread, b"b\n",
+            "the request behind it is not answered here"
+        );
+        assert!(state.pending.is_empty());
+    }
+
+    #[test]
     fn a_waiting_connection_outlives_the_clients_eof_and_answers_before_closing() {
         let mut pair = holding_pair();
         pair.client.write_all(b"x\nhold").expect("send");
