@@ -94,15 +94,18 @@ pub enum Mode {
 
 /// The help of `--addr`, with the mode's default.
 fn addr_help(default: &str) -> String {
-    format!("Server address (host:port) [default: {default}]")
+    format!(
+        "Server address (host:port); repeated, the connections are spread over the addresses \
+         round-robin (instances sharing one ledger) [default: {default}]"
+    )
 }
 
 /// Load shape shared by both modes.
 #[derive(Args, Debug, Clone)]
 pub struct LoadArgs {
-    /// Server address (host:port); each mode sets its own help with its default.
+    /// Server addresses (host:port); each mode sets its own help with its default.
     #[arg(long)]
-    pub addr: Option<String>,
+    pub addr: Vec<String>,
     /// Number of connections kept open.
     #[arg(short = 'c', long, default_value_t = 50, value_parser = clap::value_parser!(u32).range(1..))]
     pub connections: u32,
@@ -152,7 +155,7 @@ pub struct LoadArgs {
     /// against a man in the middle).
     #[arg(long, requires = "tls")]
     pub tls_insecure: bool,
-    /// With --tls: the name the certificate must carry. [default: the host of --addr]
+    /// With --tls: the name the certificate must carry. [default: the host of the first --addr]
     #[arg(long, value_name = "NAME", requires = "tls")]
     pub tls_server_name: Option<String>,
     /// Treat a clean close by the server as an error: the connection is not reopened and the
@@ -166,9 +169,9 @@ pub struct LoadArgs {
 pub struct Output {
     /// Sample utime+stime of this process and all its descendants at the start and end of the
     /// measured window and report the server's CPU microseconds per request (per job in queue
-    /// mode).
+    /// mode). Repeated (one per instance, with several --addr): their CPU is summed.
     #[arg(long)]
-    pub server_pid: Option<u32>,
+    pub server_pid: Vec<u32>,
     /// Print one JSON object with every figure instead of the text report.
     #[arg(long)]
     pub json: bool,
@@ -306,7 +309,7 @@ pub struct QueueSettings {
     pub warmup: Duration,
     pub window: Duration,
     pub timeout: Duration,
-    pub server_pid: Option<u32>,
+    pub server_pids: Vec<u32>,
     pub seed: u64,
 }
 
@@ -343,7 +346,7 @@ impl QueueArgs {
             warmup: seconds("warmup", self.warmup)?,
             window,
             timeout,
-            server_pid: self.output.server_pid,
+            server_pids: self.output.server_pid.clone(),
             seed,
         })
     }
@@ -398,7 +401,9 @@ fn parse_auth(text: &str) -> Result<Auth, String> {
 /// The validated settings of one run.
 #[derive(Debug, Clone)]
 pub struct Settings {
-    pub addr: SocketAddr,
+    /// `--addr`, in the order given: never empty. Connection `i` goes to `addrs[i % len]`;
+    /// the bank's setup and audit use the first.
+    pub addrs: Vec<SocketAddr>,
     pub connections: usize,
     pub pipeline: usize,
     pub threads: usize,
@@ -406,7 +411,8 @@ pub struct Settings {
     pub end: End,
     pub rate: Option<f64>,
     pub timeout: Duration,
-    pub server_pid: Option<u32>,
+    /// `--server-pid`, every one given (none: the server's CPU is not measured).
+    pub server_pids: Vec<u32>,
     pub seed: u64,
     /// `--tls`: how to start each connection's session.
     pub tls: Option<Arc<ClientTls>>,
@@ -432,6 +438,20 @@ impl std::fmt::Display for End {
                 write!(f, "{count} requests (at most {} s)", cap.as_secs_f64())
             }
         }
+    }
+}
+
+impl Settings {
+    /// The first address: the bank's setup and final audit go there (the addresses share
+    /// one ledger).
+    pub fn first_addr(&self) -> SocketAddr {
+        self.addrs[0]
+    }
+
+    /// The addresses as given, comma-separated (the report's `addr`).
+    pub fn addrs_text(&self) -> String {
+        let texts: Vec<String> = self.addrs.iter().map(ToString::to_string).collect();
+        texts.join(",")
     }
 }
 
@@ -470,10 +490,17 @@ impl LoadArgs {
         ClientTls::new(trust, name).map(Some)
     }
 
-    /// Checks the combination of flags and resolves the address.
+    /// Checks the combination of flags and resolves the addresses.
     pub fn settings(&self, default_addr: &str) -> anyhow::Result<Settings> {
-        let addr_text = self.addr.as_deref().unwrap_or(default_addr);
-        let addr = resolve(addr_text)?;
+        let texts: Vec<&str> = if self.addr.is_empty() {
+            vec![default_addr]
+        } else {
+            self.addr.iter().map(String::as_str).collect()
+        };
+        let addrs = texts
+            .iter()
+            .map(|text| resolve(text))
+            .collect::<anyhow::Result<Vec<_>>>()?;
         let end = match (self.requests, self.duration) {
             (Some(count), cap) => End::Requests {
                 count,
@@ -497,10 +524,10 @@ impl LoadArgs {
         let cpus = std::thread::available_parallelism().map_or(1, usize::from);
         let threads = self.threads.map_or(cpus, |t| t as usize).min(connections);
         let seed = self.seed.unwrap_or_else(clock_seed);
-        let tls = self.client_tls(addr_text)?.map(Arc::new);
+        let tls = self.client_tls(texts[0])?.map(Arc::new);
         Ok(Settings {
             tls,
-            addr,
+            addrs,
             connections,
             pipeline: self.pipeline as usize,
             threads,
@@ -508,7 +535,7 @@ impl LoadArgs {
             end,
             rate: self.rate,
             timeout,
-            server_pid: self.output.server_pid,
+            server_pids: self.output.server_pid.clone(),
             seed,
             no_reconnect: self.no_reconnect,
         })
@@ -603,10 +630,30 @@ mod tests {
             panic!("echo expected")
         };
         let s = echo.load.settings(DEFAULT_ECHO_ADDR).expect("valid");
-        assert_eq!(s.addr, "127.0.0.1:7878".parse().expect("addr"));
+        assert_eq!(s.addrs, ["127.0.0.1:7878".parse().expect("addr")]);
         assert_eq!((s.connections, s.pipeline), (50, 1));
         assert_eq!(s.end, End::After(Duration::from_secs(10)));
         assert_eq!(s.rate, None);
+    }
+
+    #[test]
+    fn a_repeated_addr_keeps_every_address_in_order() {
+        let Mode::Bank(bank) = parse(&[
+            "bank",
+            "--addr",
+            "127.0.0.1:9001",
+            "--addr",
+            "127.0.0.1:9002",
+        ])
+        .mode
+        else {
+            panic!("bank expected")
+        };
+        let s = bank.load.settings(DEFAULT_BANK_ADDR).expect("valid");
+        let ports: Vec<u16> = s.addrs.iter().map(SocketAddr::port).collect();
+        assert_eq!(ports, [9001, 9002]);
+        assert_eq!(s.first_addr().port(), 9001);
+        assert_eq!(s.addrs_text(), "127.0.0.1:9001,127.0.0.1:9002");
     }
 
     #[test]
@@ -622,7 +669,7 @@ mod tests {
                 cap: Duration::from_secs(60)
             }
         );
-        assert_eq!(s.addr.port(), 7879);
+        assert_eq!(s.first_addr().port(), 7879);
         assert_eq!(bank.accounts, 100);
     }
 

@@ -84,17 +84,19 @@ pub struct Tree {
     pids: Vec<u32>,
 }
 
-/// Finds `root` and every live descendant. Fails when `root` does not exist.
-pub fn find_tree(root: u32) -> io::Result<Tree> {
+/// Finds every root and its live descendants (several roots: several servers, e.g. instances
+/// sharing one ledger; a process under two roots counts once). Fails when a root does not
+/// exist.
+pub fn find_tree(roots: &[u32]) -> io::Result<Tree> {
     let stats = all_stats()?;
-    if !stats.contains_key(&root) {
+    if let Some(root) = roots.iter().find(|root| !stats.contains_key(root)) {
         return Err(io::Error::new(
             io::ErrorKind::NotFound,
             format!("no process {root}"),
         ));
     }
     Ok(Tree {
-        pids: descendants(root, &stats),
+        pids: descendants(roots, &stats),
     })
 }
 
@@ -119,23 +121,25 @@ impl Tree {
     }
 }
 
-/// CPU time used so far by `root` and every live descendant (plus reaped children's, see the
-/// module docs). Fails when `root` does not exist.
-pub fn sample_tree(root: u32) -> io::Result<TreeSample> {
-    Ok(find_tree(root)?.sample())
+/// CPU time used so far by the roots and every live descendant (plus reaped children's, see
+/// the module docs). Fails when a root does not exist.
+pub fn sample_tree(roots: &[u32]) -> io::Result<TreeSample> {
+    Ok(find_tree(roots)?.sample())
 }
 
-/// `root` and its descendants, from a pid -> stat table.
-pub fn descendants(root: u32, stats: &HashMap<u32, Stat>) -> Vec<u32> {
+/// The roots and their descendants, each once, from a pid -> stat table.
+pub fn descendants(roots: &[u32], stats: &HashMap<u32, Stat>) -> Vec<u32> {
     let mut children: HashMap<u32, Vec<u32>> = HashMap::new();
     for (&pid, s) in stats {
         children.entry(s.ppid).or_default().push(pid);
     }
-    let mut tree = vec![root];
+    let mut tree = roots.to_vec();
+    tree.sort_unstable();
+    tree.dedup();
     let mut i = 0;
     while i < tree.len() {
         if let Some(kids) = children.get(&tree[i]) {
-            tree.extend(kids.iter().filter(|&&k| k != root));
+            tree.extend(kids.iter().filter(|k| !roots.contains(k)));
         }
         i += 1;
     }
@@ -221,24 +225,31 @@ mod tests {
             (20, st(1)),
         ]
         .into();
-        let mut tree = descendants(10, &stats);
+        let mut tree = descendants(&[10], &stats);
         tree.sort();
         assert_eq!(tree, [10, 11, 12, 13]);
+        let mut trees = descendants(&[20, 12, 10], &stats);
+        trees.sort();
+        assert_eq!(
+            trees,
+            [10, 11, 12, 13, 20],
+            "a process under two roots counts once"
+        );
     }
 
     #[test]
     fn a_busy_child_shows_up_in_its_parents_tree() {
         let me = std::process::id();
-        let before = sample_tree(me).expect("own process exists");
+        let before = sample_tree(&[me]).expect("own process exists");
         let mut child = std::process::Command::new("sh")
             .args(["-c", "i=0; while [ $i -lt 200000 ]; do i=$((i+1)); done"])
             .spawn()
             .expect("sh runs");
-        let during = sample_tree(me).expect("own process exists");
+        let during = sample_tree(&[me]).expect("own process exists");
         assert!(during.processes >= 2, "{during:?}");
         child.wait().expect("child exits");
-        let after = sample_tree(me).expect("own process exists");
+        let after = sample_tree(&[me]).expect("own process exists");
         assert!(after.cpu > before.cpu, "{before:?} {after:?}");
-        assert!(sample_tree(u32::MAX).is_err());
+        assert!(sample_tree(&[me, u32::MAX]).is_err());
     }
 }

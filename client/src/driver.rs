@@ -80,7 +80,8 @@ pub struct Live {
 
 /// One thread's share of the work.
 pub struct Plan {
-    pub addr: SocketAddr,
+    /// Never empty: connection `i` goes to `addrs[i % addrs.len()]`.
+    pub addrs: Vec<SocketAddr>,
     /// `--tls`: each connection starts a session with these settings.
     pub tls: Option<Arc<ClientTls>>,
     pub connections: usize,
@@ -586,7 +587,8 @@ impl<W: Workload> Driver<W> {
     }
 
     fn connect(&mut self, i: usize, now: Instant) {
-        let transport = TcpStream::connect(self.plan.addr).and_then(|tcp| match &self.plan.tls {
+        let addr = self.plan.addrs[i % self.plan.addrs.len()];
+        let transport = TcpStream::connect(addr).and_then(|tcp| match &self.plan.tls {
             None => Ok(Transport::Plain(tcp)),
             Some(tls) => tls.transport(tcp).map_err(io::Error::other),
         });
@@ -761,7 +763,7 @@ mod tests {
     fn plan(addr: SocketAddr, window: Duration) -> Plan {
         let start = Instant::now();
         Plan {
-            addr,
+            addrs: vec![addr],
             tls: None,
             connections: 2,
             pipeline: 4,
@@ -841,6 +843,36 @@ mod tests {
         assert_eq!(
             c.completed, 6,
             "three replies on each of the two connections"
+        );
+    }
+
+    #[test]
+    fn connections_are_spread_round_robin_over_the_addresses() {
+        let counters: [Arc<AtomicU64>; 2] = Default::default();
+        let addrs: Vec<SocketAddr> = counters
+            .iter()
+            .map(|connections| {
+                let connections = Arc::clone(connections);
+                line_server(move |index, line| {
+                    if index == 0 {
+                        connections.fetch_add(1, Ordering::SeqCst);
+                    }
+                    LineReply::Answer(line.to_ascii_uppercase())
+                })
+            })
+            .collect();
+        let plan = Plan {
+            addrs: addrs.clone(),
+            connections: 5,
+            ..plan(addrs[0], Duration::from_millis(200))
+        };
+        let c = run(plan, echo()).expect("run").counters;
+        assert_eq!((c.mismatches, c.network_errors()), (0, 0), "{c:?}");
+        let spread = counters.map(|n| n.load(Ordering::SeqCst));
+        assert_eq!(
+            spread,
+            [3, 2],
+            "connections 0, 2, 4 to the first, 1, 3 to the second"
         );
     }
 

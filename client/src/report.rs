@@ -36,8 +36,9 @@ pub struct Report {
     /// The client's own CPU (all threads) during the window.
     pub client_cpu_us: f64,
     pub client_cpu_us_per_request: f64,
-    pub server_pid: Option<u32>,
-    /// Processes in the server's tree at the end of the window.
+    /// `--server-pid`, every one given.
+    pub server_pid: Vec<u32>,
+    /// Processes in the server's tree (trees) at the end of the window.
     pub server_processes: Option<usize>,
     pub server_cpu_us: Option<f64>,
     pub server_cpu_us_per_request: Option<f64>,

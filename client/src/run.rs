@@ -46,10 +46,26 @@ fn check_reachable(addr: SocketAddr, timeout: Duration) -> anyhow::Result<()> {
         .with_context(|| format!("cannot connect to {addr}"))
 }
 
+/// [`check_reachable`] for every address of the run.
+fn check_all_reachable(s: &Settings) -> anyhow::Result<()> {
+    s.addrs
+        .iter()
+        .try_for_each(|&addr| check_reachable(addr, s.timeout))
+}
+
+/// The addresses for the thread whose first connection is number `first` of the run: rotated
+/// so that its connection `i` goes where the run's connection `first + i` goes
+/// (`addrs[(first + i) % len]`), spreading the run's connections round-robin.
+fn addrs_from(addrs: &[SocketAddr], first: usize) -> Vec<SocketAddr> {
+    let mut rotated = addrs.to_vec();
+    rotated.rotate_left(first % addrs.len());
+    rotated
+}
+
 /// Runs `forkpool-bench echo`.
 pub fn echo(args: &EchoArgs) -> anyhow::Result<Report> {
     let s = args.load.settings(DEFAULT_ECHO_ADDR)?;
-    check_reachable(s.addr, s.timeout)?;
+    check_all_reachable(&s)?;
     let size = args.size as usize;
     let m = measure(&s, None, |t| {
         let mut rng = Rng::new(s.seed ^ (t as u64).wrapping_mul(0x9e37_79b9_7f4a_7c15));
@@ -61,10 +77,10 @@ pub fn echo(args: &EchoArgs) -> anyhow::Result<Report> {
 /// Runs `forkpool-bench bank`.
 pub fn bank(args: &BankArgs) -> anyhow::Result<Report> {
     let s = args.load.settings(DEFAULT_BANK_ADDR)?;
-    check_reachable(s.addr, s.timeout)?;
+    check_all_reachable(&s)?;
     let greeting = args.auth.as_ref().map(Auth::greeting);
     let bank = Connector {
-        addr: s.addr,
+        addr: s.first_addr(),
         tls: s.tls.clone(),
         greeting: greeting.clone(),
         reconnect: !s.no_reconnect,
@@ -111,9 +127,9 @@ fn measure<W: Workload, F: Fn(usize) -> W + Sync>(
 ) -> anyhow::Result<Measured<W>> {
     // Found now, sampled at the window's start: a scan of /proc there could take longer
     // than a short window.
-    let server_tree = s
-        .server_pid
-        .map(|pid| find_tree(pid).with_context(|| format!("--server-pid {pid}")))
+    let pids = &s.server_pids;
+    let server_tree = (!pids.is_empty())
+        .then(|| find_tree(pids).with_context(|| format!("--server-pid {pids:?}")))
         .transpose()?;
     let start = Instant::now();
     let window_start = start + s.warmup;
@@ -135,10 +151,13 @@ fn measure<W: Workload, F: Fn(usize) -> W + Sync>(
     std::thread::scope(|scope| {
         let handles: Vec<_> = (0..s.threads)
             .map(|t| {
-                let connections =
-                    s.connections / s.threads + usize::from(t < s.connections % s.threads);
+                let share = |t: usize| {
+                    s.connections / s.threads + usize::from(t < s.connections % s.threads)
+                };
+                let connections = share(t);
+                let first: usize = (0..t).map(share).sum();
                 let plan = Plan {
-                    addr: s.addr,
+                    addrs: addrs_from(&s.addrs, first),
                     tls: s.tls.clone(),
                     connections,
                     pipeline: s.pipeline,
@@ -166,7 +185,7 @@ fn measure<W: Workload, F: Fn(usize) -> W + Sync>(
         }
         let ended = Instant::now();
         let cpu1 = client_cpu();
-        let server1 = s.server_pid.and_then(|pid| sample_tree(pid).ok());
+        let server1 = server_tree.as_ref().and_then(|_| sample_tree(pids).ok());
         progress.finish();
         let mut m = Measured {
             counters: Counters::default(),
@@ -212,7 +231,7 @@ fn report<W: Workload>(
     let (exit_code, verdict) = judge(requests, &m.counters, bank.as_ref(), s.no_reconnect);
     Report {
         mode,
-        addr: s.addr.to_string(),
+        addr: s.addrs_text(),
         connections: s.connections,
         pipeline: s.pipeline,
         threads: s.threads,
@@ -230,7 +249,7 @@ fn report<W: Workload>(
         counters: m.counters,
         client_cpu_us: m.client_cpu.as_secs_f64() * 1e6,
         client_cpu_us_per_request: per_request(m.client_cpu),
-        server_pid: s.server_pid,
+        server_pid: s.server_pids.clone(),
         server_processes: m.server.map(|(_, end)| end.processes),
         server_cpu_us: m
             .server
@@ -358,6 +377,22 @@ mod tests {
             starting_message(Duration::from_millis(1500), requests),
             "starting: 1.5 s warm-up, then 50000 requests (at most 60 s)"
         );
+    }
+
+    #[test]
+    fn each_thread_starts_its_addresses_where_its_first_connection_falls() {
+        let addrs: Vec<SocketAddr> = ["127.0.0.1:1", "127.0.0.1:2", "127.0.0.1:3"]
+            .map(|a| a.parse().expect("addr"))
+            .to_vec();
+        let ports = |first| -> Vec<u16> {
+            addrs_from(&addrs, first)
+                .iter()
+                .map(SocketAddr::port)
+                .collect()
+        };
+        assert_eq!(ports(0), [1, 2, 3]);
+        assert_eq!(ports(2), [3, 1, 2]);
+        assert_eq!(ports(4), [2, 3, 1]);
     }
 
     #[test]

@@ -382,6 +382,26 @@ impl Conn {
         if !self.waiting {
             return Verdict::Keep;
         }
+        if self.end_wait(deliver, scratch, now) == Verdict::Close {
+            return Verdict::Close;
+        }
+        self.on_ready(Readiness::default(), scratch, limits, registry, now)
+    }
+
+    /// The first half of [`Conn::resume`]: the session gets what it waited for and its reply
+    /// is written (what the socket does not take is kept to send), but no input is fed or
+    /// read. A retiring worker stops there to hand the connection over at this request
+    /// boundary, the input behind it unread: a pipelining client's next request would make
+    /// it wait again, and again. Nothing happens if the connection is not waiting.
+    pub fn end_wait(
+        &mut self,
+        deliver: impl FnOnce(&mut Session, &mut Vec<u8>) -> Flow,
+        scratch: &mut Scratch,
+        now: Instant,
+    ) -> Verdict {
+        if !self.waiting {
+            return Verdict::Keep;
+        }
         scratch.write.clear();
         let flow = deliver(&mut self.session, &mut scratch.write);
         self.set_waiting(flow == Flow::Wait);
@@ -398,7 +418,7 @@ impl Conn {
         self.last_active = now;
         // Input may have arrived while the session waited: no new edge will announce it.
         self.read_paused = true;
-        self.on_ready(Readiness::default(), scratch, limits, registry, now)
+        Verdict::Keep
     }
 
     /// The service gave up a wait without answering (it cancelled a parked request, to hand
@@ -1146,6 +1166,30 @@ mod tests {
         assert!(pair.conn.may_be_offered());
         let state = pair.conn.offer(pair.poll.registry()).expect("offer");
         assert_eq!(state.unread, b"hold\nb\n", "the successor answers both");
+    }
+
+    #[test]
+    fn an_ended_wait_answers_and_leaves_the_input_behind_it_for_a_successor() {
+        let mut pair = holding_pair();
+        pair.client.write_all(b"hold\nb\n").expect("send");
+        pair.drive_until("a wait", |conn, _| conn.is_waiting());
+        let ended = pair.conn.end_wait(
+            |_, out| {
+                out.extend_from_slice(b"DONE\n");
+                Flow::Continue
+            },
+            &mut pair.scratch,
+            Instant::now(),
+        );
+        assert_eq!(ended, Verdict::Keep);
+        pair.expect_replies(b"DONE\n");
+        assert!(pair.conn.may_be_offered(), "at a request boundary");
+        let state = pair.conn.offer(pair.poll.registry()).expect("offer");
+        assert_eq!(
+            state.unread, b"b\n",
+            "the request behind it is not answered here"
+        );
+        assert!(state.pending.is_empty());
     }
 
     #[test]

@@ -703,6 +703,15 @@ fn living_in_group(pgid: Pid) -> Vec<Pid> {
         .collect()
 }
 
+/// The master's pid in a ready line (`forkpool ready pid=... echo=...`).
+pub fn ready_pid(line: &str) -> Pid {
+    line.split_whitespace()
+        .find_map(|field| field.strip_prefix("pid="))
+        .and_then(|pid| pid.parse().ok())
+        .map(Pid::from_raw)
+        .unwrap_or_else(|| panic!("no pid in ready line {line:?}"))
+}
+
 /// Connects with a read timeout, so a test fails instead of hanging.
 pub fn connect(addr: SocketAddr) -> TcpStream {
     let stream = TcpStream::connect_timeout(&addr, Duration::from_secs(5))

@@ -263,6 +263,51 @@ impl PgCluster {
         );
     }
 
+    /// Locks `table` of `database` `IN ACCESS EXCLUSIVE MODE` from a psql session of its own
+    /// (the database made slow for real: every query on the table waits) and returns once
+    /// the lock is granted. Dropping the [`TableLock`] ends the session, which releases it.
+    pub fn lock_table(&self, database: &str, table: &str) -> TableLock {
+        let psql = Command::new(self.bin.join("psql"))
+            .args(self.client_args())
+            .args(["--no-psqlrc", "--quiet", "--set=ON_ERROR_STOP=1"])
+            .args(["--dbname", database])
+            .stdin(Stdio::piped())
+            .stdout(Stdio::null())
+            .spawn()
+            .expect("run psql");
+        let lock = TableLock { psql };
+        lock.send(&format!(
+            "BEGIN;\nLOCK TABLE {table} IN ACCESS EXCLUSIVE MODE;\n"
+        ));
+        wait_until("the table lock to be granted", START_TIMEOUT, || {
+            let granted = self.psql(
+                database,
+                &format!(
+                    "SELECT count(*) FROM pg_locks \
+                     WHERE relation = '{table}'::regclass \
+                     AND mode = 'AccessExclusiveLock' AND granted"
+                ),
+            );
+            (granted == "1").then_some(())
+        });
+        lock
+    }
+
+    /// How many of forkpool's database connections (named `... worker <pid>`) on
+    /// `database` wait for a lock.
+    pub fn workers_waiting_on_locks(&self, database: &str) -> usize {
+        self.psql(
+            "postgres",
+            &format!(
+                "SELECT count(*) FROM pg_stat_activity \
+                 WHERE datname = '{database}' AND wait_event_type = 'Lock' \
+                 AND application_name LIKE '% worker %'"
+            ),
+        )
+        .parse()
+        .expect("a count")
+    }
+
     /// The path of one of the cluster's client or server programs (e.g. `pgbench`).
     pub fn program(&self, name: &str) -> PathBuf {
         self.bin.join(name)
@@ -289,6 +334,28 @@ impl PgCluster {
                 let _ = child.wait();
             }
         }
+    }
+}
+
+/// A table lock held by a psql session ([`PgCluster::lock_table`]) until dropped.
+pub struct TableLock {
+    psql: Child,
+}
+
+impl TableLock {
+    fn send(&self, sql: &str) {
+        use std::io::Write;
+        let mut stdin = self.psql.stdin.as_ref().expect("psql's stdin is piped");
+        stdin.write_all(sql.as_bytes()).expect("write to psql");
+    }
+}
+
+impl Drop for TableLock {
+    /// Kills the session: its backend reads the end of the connection and rolls back, which
+    /// releases the lock.
+    fn drop(&mut self) {
+        let _ = self.psql.kill();
+        let _ = self.psql.wait();
     }
 }
 

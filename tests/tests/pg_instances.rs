@@ -2,7 +2,8 @@
 //! over both move money at random among a fixed set of accounts, and at the end AUDIT, asked
 //! of either instance, is exactly the opening total and every account holds its opening
 //! balance plus every acknowledged transfer; the same while workers of both instances are
-//! SIGKILLed every ~100 ms; and `forkpool-bench bank` through HAProxy in front of both.
+//! SIGKILLed every ~100 ms; and `forkpool-bench bank` spreading its connections over both
+//! itself, and through HAProxy in front of both.
 //! Its own test binary: its PostgreSQL cluster serves only these tests.
 
 use std::io::{BufRead, BufReader, ErrorKind, Write};
@@ -13,8 +14,8 @@ use std::time::{Duration, Instant};
 use forkpool_testkit::haproxy::{Haproxy, SendProxy, Service};
 use forkpool_testkit::pg::{self, PgCluster};
 use forkpool_testkit::{
-    bench_json, json_field, json_number, request_line, subset_reaching, wait_until, Rng, Server,
-    Signal, Transfer,
+    bench_json, json_field, json_number, log_phrase, request_line, subset_reaching, wait_until,
+    Rng, Server, Signal, Transfer,
 };
 use nix::sys::signal::kill;
 use nix::unistd::Pid;
@@ -322,6 +323,68 @@ fn kill_workers_until(
             kills[instance] += 1;
         }
     }
+}
+
+#[test]
+fn forkpool_bench_bank_given_both_addresses_spreads_its_connections_and_audits_exact() {
+    let Some((_, instances)) = two_instances(&[]) else {
+        return;
+    };
+    let addrs: Vec<String> = instances
+        .iter()
+        .map(|server| server.bank_addr().to_string())
+        .collect();
+    let pids: Vec<String> = instances
+        .iter()
+        .map(|server| server.pid.to_string())
+        .collect();
+    let (report, code) = bench_json(&[
+        "bank",
+        "--addr",
+        &addrs[0],
+        "--addr",
+        &addrs[1],
+        "--server-pid",
+        &pids[0],
+        "--server-pid",
+        &pids[1],
+        "-c",
+        "8",
+        "-P",
+        "4",
+        "-d",
+        "2",
+        "--accounts",
+        "20",
+    ]);
+    assert_eq!(code, 0, "{report}");
+    assert_eq!(json_field(&report, "addr"), &addrs.join(","), "{report}");
+    assert_eq!(json_field(&report, "audit_ok"), true, "{report}");
+    assert_eq!(json_field(&report, "difference"), 0, "{report}");
+    assert_eq!(json_field(&report, "unknown_ops"), 0, "{report}");
+    assert!(json_number(&report, "applied") > 100.0, "{report}");
+    // Two masters and their two workers each, measured together.
+    assert!(json_number(&report, "server_processes") >= 6.0, "{report}");
+    assert!(json_number(&report, "server_cpu_us") > 0.0, "{report}");
+    // Round robin: four of the eight load connections on each instance (the setup's and
+    // the audit's come on top, on the first).
+    for server in &instances {
+        assert!(
+            server.log_count(log_phrase::ACCEPTED_BANK) >= 4,
+            "{}",
+            server.output()
+        );
+    }
+    let mut bank = instances[1].connect_bank();
+    assert_eq!(
+        request_line(&mut bank, "AUDIT"),
+        format!(
+            "OK {} {}",
+            json_field(&report, "audit_total"),
+            json_field(&report, "audit_accounts")
+        ),
+        "the second instance audits the same ledger"
+    );
 }
 
 #[test]

@@ -6,7 +6,9 @@ use std::net::TcpListener;
 use std::process::Command;
 use std::time::Duration;
 
-use forkpool_testkit::{binary, log_phrase, request_line, tool, wait_until, Server, Signal};
+use forkpool_testkit::{
+    binary, log_phrase, ready_pid, request_line, tool, wait_until, Server, Signal,
+};
 
 /// Runs forkpool-bench against `addr` in the background; returns its exit status and output.
 fn bench(
@@ -44,13 +46,6 @@ fn bench(
     })
 }
 
-fn ready_pid(line: &str) -> i32 {
-    line.split_whitespace()
-        .find_map(|field| field.strip_prefix("pid="))
-        .and_then(|pid| pid.parse().ok())
-        .unwrap_or_else(|| panic!("no pid in ready line {line:?}"))
-}
-
 #[test]
 fn sigusr2_under_load_hands_over_to_a_new_master_without_a_failed_request() {
     let dir = std::sync::Arc::new(tempfile::tempdir().expect("a temporary directory"));
@@ -64,7 +59,7 @@ fn sigusr2_under_load_hands_over_to_a_new_master_without_a_failed_request() {
             pid_file.to_str().expect("UTF-8 path"),
         ])
         .start();
-    let old_pid = server.pid.as_raw();
+    let old_pid = server.pid;
     let mut stream = server.connect_bank();
     assert_eq!(
         request_line(&mut stream, "DEPOSIT upgrade-witness 4242"),
@@ -108,8 +103,7 @@ fn sigusr2_under_load_hands_over_to_a_new_master_without_a_failed_request() {
     assert_eq!(request_line(&mut echo, "after upgrade"), "AFTER UPGRADE");
     assert!(!std::path::Path::new(&format!("{}.oldbin", pid_file.display())).exists());
     // The new master is not the harness's child: stop it through its pid.
-    nix::sys::signal::kill(nix::unistd::Pid::from_raw(new_pid), Signal::SIGTERM)
-        .expect("signal the new master");
+    nix::sys::signal::kill(new_pid, Signal::SIGTERM).expect("signal the new master");
     wait_until(
         "the new master to exit and remove its pid file",
         Duration::from_secs(10),

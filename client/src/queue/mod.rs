@@ -35,9 +35,9 @@ pub fn run(args: &QueueArgs) -> anyhow::Result<QueueReport> {
     // speaks another protocol, is a start failure (exit 2), not a run of errors.
     connect(&target, Role::Consumer)
         .with_context(|| format!("cannot start a {} session at {}", s.protocol.name(), s.addr))?;
-    let server_tree = s
-        .server_pid
-        .map(|pid| find_tree(pid).with_context(|| format!("--server-pid {pid}")))
+    let pids = &s.server_pids;
+    let server_tree = (!pids.is_empty())
+        .then(|| find_tree(pids).with_context(|| format!("--server-pid {pids:?}")))
         .transpose()?;
     let book = jobs::JobBook::new(s.producers, s.backlog);
     let start = Instant::now();
@@ -102,7 +102,7 @@ pub fn run(args: &QueueArgs) -> anyhow::Result<QueueReport> {
         book,
         client_cpu_us: cpu.as_secs_f64() * 1e6,
         client_cpu_us_per_job: per_job(cpu),
-        server_pid: s.server_pid,
+        server_pid: s.server_pids.clone(),
         server_processes: server.map(|(_, end)| end.processes),
         server_cpu_us: server.map(|(a, b)| b.cpu.saturating_sub(a.cpu).as_secs_f64() * 1e6),
         server_cpu_us_per_job: server.map(|(a, b)| per_job(b.cpu.saturating_sub(a.cpu))),

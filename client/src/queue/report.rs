@@ -34,7 +34,7 @@ pub struct QueueReport {
     pub book: JobSummary,
     pub client_cpu_us: f64,
     pub client_cpu_us_per_job: f64,
-    pub server_pid: Option<u32>,
+    pub server_pid: Vec<u32>,
     pub server_processes: Option<usize>,
     pub server_cpu_us: Option<f64>,
     pub server_cpu_us_per_job: Option<f64>,

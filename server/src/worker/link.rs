@@ -101,27 +101,44 @@ impl Worker {
             .map(|(key, _)| key)
             .collect();
         for key in keys {
-            let Some(conn) = self.conns.get_mut(key) else {
-                continue;
-            };
-            let state = match conn.offer(self.poll.registry()) {
-                Ok(state) => state,
-                Err(e) => {
-                    log::warn!("cannot offer a connection: {e}");
-                    continue;
-                }
-            };
-            let message = Message::Handover {
-                id: key as u64,
-                state,
-            };
-            let socket = conn.socket();
-            let sent = master_link::send(&mut self.link, &message, Some(socket));
-            self.update_link_interest();
-            if let Err(e) = sent {
-                log::warn!("cannot hand a connection over ({e}): serving it here");
-                self.taken_back(key as u64, Instant::now());
+            self.offer_connection(key);
+        }
+    }
+
+    /// Offers connection `key` to a successor (see [`Worker::offer_connections`]).
+    fn offer_connection(&mut self, key: usize) {
+        let Some(conn) = self.conns.get_mut(key) else {
+            return;
+        };
+        let state = match conn.offer(self.poll.registry()) {
+            Ok(state) => state,
+            Err(e) => {
+                log::warn!("cannot offer a connection: {e}");
+                return;
             }
+        };
+        let message = Message::Handover {
+            id: key as u64,
+            state,
+        };
+        let socket = conn.socket();
+        let sent = master_link::send(&mut self.link, &message, Some(socket));
+        self.update_link_interest();
+        if let Err(e) = sent {
+            log::warn!("cannot hand a connection over ({e}): serving it here");
+            self.taken_back(key as u64, Instant::now());
+        }
+    }
+
+    /// Retiring, connection `key`'s wait just ended (a database reply came; see
+    /// [`Conn::end_wait`]): it was not offered with the others because its request was in
+    /// flight, and it is now at a request boundary: offered, unless it cannot move (then it
+    /// is driven as usual, to its close).
+    pub(super) fn offer_after_wait(&mut self, key: usize, now: Instant) {
+        match self.conns.get(key) {
+            Some(conn) if conn.may_be_offered() => self.offer_connection(key),
+            Some(_) => self.on_conn_event(key, Readiness::default(), now),
+            None => {}
         }
     }
 

@@ -611,6 +611,18 @@ impl Worker {
         let Some(conn) = self.conns.get_mut(key) else {
             return;
         };
+        if matches!(
+            self.state,
+            State::Draining {
+                why: Drain::Retire,
+                ..
+            }
+        ) {
+            let verdict = conn.end_wait(deliver, &mut self.scratch, now);
+            self.settle(key, verdict, now);
+            self.offer_after_wait(key, now);
+            return;
+        }
         let limits = Limits {
             output_limit: self.settings.config.output_limit,
         };
