@@ -112,6 +112,9 @@ pub mod log_phrase {
     pub const ACCEPTED_BANK: &str = "accepted bank connection";
     /// The master starts a drain (SIGTERM/SIGINT).
     pub const DRAINING: &str = "draining: waiting up to";
+    /// A worker starts its drain: `draining 1 connections`.
+    const WORKER_DRAINS: &str = "draining {} connections";
+    pub const WORKER_DRAINING_ONE: &str = "draining 1 connections";
     /// The master's pool is complete (`N workers serving`), logged before the ready line.
     pub const WORKERS_SERVING: &str = "workers serving";
     /// The master took a second TERM/INT for "stop now".
@@ -133,7 +136,8 @@ pub mod log_phrase {
     /// `PROXY header refused (missing): ...`.
     pub const PROXY_REFUSED: &str = "PROXY header refused (";
     /// Every phrase as it stands in the server's source, for the check against it.
-    pub const ALL: [&str; 11] = [
+    pub const ALL: [&str; 12] = [
+        WORKER_DRAINS,
         THROUGH_PROXY,
         PROXY_REFUSED,
         ACCEPTED,

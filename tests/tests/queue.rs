@@ -8,12 +8,14 @@
 use std::collections::BTreeMap;
 use std::io::Write;
 use std::net::TcpStream;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use forkpool_testkit::queue_model::job_reply;
 use forkpool_testkit::{
-    connect, metric, queue_stat, queue_stats, read_line, request_line, socket_owner, wait_until,
-    Server, Signal,
+    connect, log_phrase, metric, queue_stat, queue_stats, read_line, request_line, socket_owner,
+    wait_until, Server, Signal,
 };
 
 const WAIT: Duration = Duration::from_secs(20);
@@ -341,6 +343,45 @@ fn a_drain_answers_a_waiting_get_and_a_reload_moves_it_to_a_new_worker() {
     });
     server.signal(Signal::SIGTERM);
     assert!(read_line(&mut waiting).starts_with("ERR shutting-down "));
+    assert!(server.wait_exit(WAIT).success());
+}
+
+#[test]
+fn a_get_that_parks_after_the_shutdown_began_is_answered_at_once() {
+    // One worker and a drain far longer than the reply's read timeout (20 s): only an answer
+    // at once passes, not the drain's deadline closing the connection.
+    let mut server = Server::builder()
+        .args(["--workers", "1", "--graceful-timeout", "120"])
+        .start();
+    let mut conn = queue(&server);
+    assert_eq!(request_line(&mut conn, "PING"), "PONG");
+    // A client that keeps talking: the drain does not close its connection as quiet.
+    let stop = Arc::new(AtomicBool::new(false));
+    let mut pinger = conn.try_clone().expect("clone the connection");
+    let pinging = {
+        let stop = Arc::clone(&stop);
+        std::thread::spawn(move || {
+            while !stop.load(Ordering::Relaxed) && pinger.write_all(b"PING\n").is_ok() {
+                std::thread::sleep(Duration::from_millis(10)); // the client's pace
+            }
+        })
+    };
+    server.signal(Signal::SIGTERM);
+    server.wait_log(log_phrase::WORKER_DRAINING_ONE, WAIT);
+    conn.write_all(b"GET late 0\n").expect("send GET");
+    let answer = loop {
+        let line = read_line(&mut conn);
+        if line != "PONG" {
+            break line;
+        }
+    };
+    stop.store(true, Ordering::Relaxed);
+    pinging.join().expect("the pinger ends");
+    assert!(
+        answer.starts_with("ERR shutting-down "),
+        "a GET parked during the drain got {answer:?}"
+    );
+    drop(conn);
     assert!(server.wait_exit(WAIT).success());
 }
 

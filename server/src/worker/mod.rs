@@ -553,6 +553,13 @@ impl Worker {
         if let Backend::Db(db) = self.sessions.ledger {
             db.claim(key);
         }
+        let shutting_down = matches!(
+            self.state,
+            State::Draining {
+                why: Drain::Shutdown,
+                ..
+            }
+        );
         let Some(conn) = self.conns.get_mut(key) else {
             return;
         };
@@ -561,10 +568,12 @@ impl Worker {
             return;
         }
         let (another_turn, gated) = (conn.needs_another_turn(), conn.is_gated());
-        // A retiring worker closes a connection that stays (TLS, or no successor took it:
-        // only a retiring worker has such) at a request boundary: a request that parks
-        // there would wait for nothing.
-        let stranded = conn.is_staying() && conn.is_waiting();
+        // A queue request that parks where nothing will serve it is answered at once
+        // (`end_queue_waits` answered those parked before the drain): in a shutdown's drain,
+        // or on a connection that stays in a retiring worker (TLS, or no successor took it)
+        // and is closed at a request boundary. A database wait always ends with its reply.
+        let queue_wait = conn.is_waiting() && conn.session().queue().is_some();
+        let stranded = queue_wait && (shutting_down || conn.is_staying());
         let deadline = if conn.is_waiting() {
             conn.session().queue().and_then(|queue| queue.deadline())
         } else {
