@@ -1088,37 +1088,6 @@ pub fn subset_reaching(items: &[i128], target: i128) -> Option<usize> {
     sums.get(&target).copied()
 }
 
-#[cfg(test)]
-mod tests {
-    /// Every phrase of [`super::log_phrase`] is written by the server: it appears in a
-    /// source file of `server/src` (phrases built from a format string appear as they are
-    /// in it).
-    #[test]
-    fn log_phrases_are_the_servers() {
-        fn read_tree(dir: &std::path::Path, into: &mut String) {
-            for entry in std::fs::read_dir(dir)
-                .expect("a source directory")
-                .flatten()
-            {
-                let path = entry.path();
-                if path.is_dir() {
-                    read_tree(&path, into);
-                } else if let Ok(text) = std::fs::read_to_string(&path) {
-                    into.push_str(&text);
-                }
-            }
-        }
-        let mut source = String::new();
-        read_tree(
-            &std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../server/src"),
-            &mut source,
-        );
-        for phrase in super::log_phrase::ALL {
-            assert!(source.contains(phrase), "the server never logs {phrase:?}");
-        }
-    }
-}
-
 /// How many reply writes an `strace -f -e trace=pwrite64,fdatasync,write,sendto` trace shows
 /// (`--fsync always` tests).
 pub fn replies_in(trace: &str) -> usize {
@@ -1173,4 +1142,35 @@ pub fn check_reply_order_except(trace: &str, skip: &[&str]) -> usize {
         }
     }
     replies
+}
+
+#[cfg(test)]
+mod tests {
+    /// Every phrase of [`super::log_phrase`] is written by the server: it appears in a
+    /// source file of `server/src` (phrases built from a format string appear as they are
+    /// in it).
+    #[test]
+    fn log_phrases_are_the_servers() {
+        fn read_tree(dir: &std::path::Path, into: &mut String) {
+            for entry in std::fs::read_dir(dir)
+                .expect("a source directory")
+                .flatten()
+            {
+                let path = entry.path();
+                if path.is_dir() {
+                    read_tree(&path, into);
+                } else if let Ok(text) = std::fs::read_to_string(&path) {
+                    into.push_str(&text);
+                }
+            }
+        }
+        let mut source = String::new();
+        read_tree(
+            &std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../server/src"),
+            &mut source,
+        );
+        for phrase in super::log_phrase::ALL {
+            assert!(source.contains(phrase), "the server never logs {phrase:?}");
+        }
+    }
 }
