@@ -1088,6 +1088,19 @@ pub fn subset_reaching(items: &[i128], target: i128) -> Option<usize> {
     sums.get(&target).copied()
 }
 
+/// The `strace` command line (a [`ServerBuilder::wrapper`]) whose trace, written to
+/// `trace`, the reply-order checks below read: every process, the log writes, the flushes
+/// and the replies.
+pub fn fsync_trace_wrapper(strace: &Path, trace: &Path) -> Vec<String> {
+    let path = |p: &Path| p.to_str().expect("a UTF-8 path").to_string();
+    let flags = ["-DD", "-f", "-qq", "-s", "32", "-e"];
+    let mut args = vec![path(strace)];
+    args.extend(flags.iter().map(|f| f.to_string()));
+    args.push("trace=pwrite64,fdatasync,write,sendto".into());
+    args.extend(["-o".to_string(), path(trace)]);
+    args
+}
+
 /// How many reply writes an `strace -f -e trace=pwrite64,fdatasync,write,sendto` trace shows
 /// (`--fsync always` tests).
 pub fn replies_in(trace: &str) -> usize {

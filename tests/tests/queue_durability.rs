@@ -7,13 +7,12 @@
 
 use std::collections::BTreeSet;
 use std::net::SocketAddr;
-use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 
 use forkpool_testkit::{
-    check_reply_order_except, connect, read_line, replies_in, request_line, tool, wait_until,
-    Server, Signal,
+    check_reply_order_except, connect, fsync_trace_wrapper, read_line, replies_in, request_line,
+    tool, wait_until, Server, Signal,
 };
 use nix::sys::signal::killpg;
 
@@ -31,21 +30,9 @@ fn no_queue_reply_is_written_before_the_fdatasync_that_covers_it() {
     };
     let dir = Arc::new(tempfile::tempdir().expect("a temporary directory"));
     let trace = dir.path().join("trace.txt");
-    let path = |p: &Path| p.to_str().expect("a UTF-8 path").to_string();
     let mut server = Server::builder()
         .data_dir(Arc::clone(&dir))
-        .wrapper([
-            path(&strace),
-            "-DD".into(),
-            "-f".into(),
-            "-qq".into(),
-            "-s".into(),
-            "32".into(),
-            "-e".into(),
-            "trace=pwrite64,fdatasync,write,sendto".into(),
-            "-o".into(),
-            path(&trace),
-        ])
+        .wrapper(fsync_trace_wrapper(&strace, &trace))
         .args(["--fsync", "always", "--workers", "1"])
         .start();
     let mut conn = connect(server.queue_addr());
