@@ -2,5 +2,6 @@
 //! (no I/O), and the TLS session driver both sides run in their mio loops.
 pub mod bank;
 pub mod codec;
+pub mod fsync;
 pub mod queue;
 pub mod tls;

@@ -29,12 +29,11 @@ use std::io;
 use std::sync::atomic::Ordering::{AcqRel, Acquire, Relaxed, Release};
 use std::time::Duration;
 
-use forkpool_shm::{futex_wait, futex_wake_all, Acquired, LockWord};
+use forkpool_shm::{futex_wait, futex_wake_all, Acquired, LockWord, LogStore};
 
 use crate::crash_point;
 use crate::health::FileFault;
 use crate::layout::{is_live, WalState, FREE, IDLE};
-use crate::logstore::LogStore;
 use crate::redo::{self, Body, Checkpoint, Record, MAX_RECORD};
 use crate::{AccountName, Ledger, LedgerError, LockId, OpError};
 

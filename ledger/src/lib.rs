@@ -31,7 +31,6 @@ mod file;
 mod guard;
 mod health;
 mod layout;
-mod logstore;
 mod name;
 mod ops;
 mod options;
@@ -174,7 +173,7 @@ impl Ledger {
         path: &Path,
         opts: &LedgerOptions,
         new_key: &dyn Fn() -> u64,
-        store: Option<Box<dyn logstore::LogStore>>,
+        store: Option<Box<dyn forkpool_shm::LogStore>>,
     ) -> Result<Ledger, LedgerError> {
         file::check_options(path, opts)?;
         forkpool_shm::register_atfork();
@@ -185,7 +184,7 @@ impl Ledger {
         let geometry = file::validate(&file, path, Some(opts.max_accounts))?;
         let store = match store {
             Some(store) => Some(store),
-            None if opts.fsync == FsyncPolicy::Always || logstore::has_checkpoint(path) => {
+            None if opts.fsync == FsyncPolicy::Always || forkpool_shm::has_checkpoint(path) => {
                 Some(open_store(path, opts.log_segment_bytes)?)
             }
             None => None,
@@ -223,7 +222,7 @@ impl Ledger {
         // The policy is the running ledger's: a log exists (it has a checkpoint) exactly when
         // the master that started it runs `always`. Workers of both generations must agree,
         // or changes of one would be missing from the log the next cold start rebuilds from.
-        let running = if logstore::has_checkpoint(path) {
+        let running = if forkpool_shm::has_checkpoint(path) {
             FsyncPolicy::Always
         } else {
             FsyncPolicy::Never
@@ -255,7 +254,7 @@ impl Ledger {
             }
         };
         self.file.sync_data().map_err(io("fsync"))?;
-        logstore::FileStore::remove(&self.path).map_err(io("remove the operation log"))?;
+        forkpool_shm::FileStore::remove(&self.path).map_err(io("remove the operation log"))?;
         log::info!(
             "ledger {}: --fsync never: the operation log and its checkpoint were removed",
             self.path.display()
@@ -348,9 +347,12 @@ impl Ledger {
 }
 
 /// The operation log's files next to the ledger at `path`.
-fn open_store(path: &Path, segment_bytes: u64) -> Result<Box<dyn logstore::LogStore>, LedgerError> {
+fn open_store(
+    path: &Path,
+    segment_bytes: u64,
+) -> Result<Box<dyn forkpool_shm::LogStore>, LedgerError> {
     let store =
-        logstore::FileStore::open(path, segment_bytes).map_err(|source| LedgerError::Io {
+        forkpool_shm::FileStore::open(path, segment_bytes).map_err(|source| LedgerError::Io {
             path: path.to_path_buf(),
             action: "open the operation log",
             source,

@@ -141,7 +141,7 @@ fn make_base(dir: &Path, key: u64, scenario: usize, k: u32, j: Option<u32>) -> (
 fn bases(dir: &Path, seed: u64) -> Vec<Base> {
     let mut bases = Vec::new();
     for (scenario, &(_, _, creates)) in SCENARIOS.iter().enumerate() {
-        let key = Rng::for_case(seed, scenario as u64).next();
+        let key = Rng::for_case(seed, scenario as u64).next_u64();
         for k in 1.. {
             let (base, completed) = make_base(dir, key, scenario, k, None);
             bases.push(base);
@@ -373,7 +373,7 @@ fn value(rng: &mut Rng, field: &Field, base: &Base) -> u64 {
         .collect();
     match rng.below(10) {
         0..=2 => *rng.pick(&EDGES),
-        3 => rng.next(),
+        3 => rng.next_u64(),
         _ => match field.kind {
             Kind::State => rng.below(3),
             Kind::SlotIndex => rng.below(geometry.table_slots + 2),
@@ -382,7 +382,7 @@ fn value(rng: &mut Rng, field: &Field, base: &Base) -> u64 {
                 0 => rng.below(2),
                 1 if !tags.is_empty() => *rng.pick(&tags) ^ (1 << rng.below(64)),
                 _ if !tags.is_empty() => *rng.pick(&tags),
-                _ => rng.next() | 2,
+                _ => rng.next_u64() | 2,
             },
             Kind::Balance | Kind::Total => rng.below(300),
             Kind::Count => rng.below(geometry.capacity + 3),
@@ -594,7 +594,7 @@ fn fuzz(rng: &mut Rng, bytes: &mut Vec<u8>) -> String {
         };
         match rng.below(3) {
             0 => {
-                bytes[at] = rng.next() as u8;
+                bytes[at] = rng.next_u64() as u8;
                 description.push(format!("byte {at}"));
             }
             1 => {
@@ -606,7 +606,7 @@ fn fuzz(rng: &mut Rng, bytes: &mut Vec<u8>) -> String {
                 let new = if rng.chance(50) {
                     *rng.pick(&EDGES)
                 } else {
-                    rng.next()
+                    rng.next_u64()
                 };
                 set_word(bytes, at, new);
                 description.push(format!("word {at} := {new:#x}"));

@@ -1,7 +1,7 @@
-//! Simulated power loss: the operation log's storage is a simulated disk ([`SimDisk`]) that
-//! keeps what was flushed and, at a power loss, an arbitrary part of what was written since
-//! (each unflushed write dropped, kept, or torn at 512-byte sectors; an unflushed rename
-//! done or not). Each seed runs a random workload (deposits, withdrawals, transfers, flushes,
+//! Simulated power loss: the operation log's storage is a simulated disk
+//! ([`forkpool_shm::sim::SimDisk`]) that keeps what was flushed and, at a power loss, an
+//! arbitrary part of what was written since (each unflushed write dropped, kept, or torn at
+//! 512-byte sectors; an unflushed rename done or not). Each seed runs a random workload (deposits, withdrawals, transfers, flushes,
 //! checkpoints, a small log so that segments switch and fill) against a real mapped ledger,
 //! cuts the power at a random storage call, scribbles over the mapped table file (which
 //! recovery must not trust), recovers, and checks that the ledger holds the state after
@@ -12,231 +12,12 @@
 //! seed (a failure prints it).
 
 use std::collections::BTreeMap;
-use std::io;
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Mutex};
 
-use crate::logstore::LogStore;
+use forkpool_shm::sim::{SimDisk, SimStore};
+
 use crate::test_support::{acct, env_u64, scratch_dir, when_free, Rng};
 use crate::{FsyncPolicy, Ledger, LedgerError, LedgerOptions, OpError};
-
-const SECTOR: usize = 512;
-
-/// One file of the simulated disk: its contents as the system sees them, what is on the
-/// platters, and the writes in between.
-#[derive(Clone, Default)]
-struct SimFile {
-    current: Vec<u8>,
-    durable: Vec<u8>,
-    pending: Vec<(usize, Vec<u8>)>,
-}
-
-impl SimFile {
-    fn write(&mut self, offset: usize, bytes: &[u8]) {
-        if self.current.len() < offset + bytes.len() {
-            self.current.resize(offset + bytes.len(), 0);
-        }
-        self.current[offset..offset + bytes.len()].copy_from_slice(bytes);
-        self.pending.push((offset, bytes.to_vec()));
-    }
-
-    fn sync(&mut self) {
-        self.durable = self.current.clone();
-        self.pending.clear();
-    }
-
-    /// What survives a power loss: the durable bytes, then each pending write (in order)
-    /// dropped, kept, or kept sector by sector at random.
-    fn after_power_loss(&self, rng: &mut Rng) -> SimFile {
-        let mut image = self.durable.clone();
-        for (offset, bytes) in &self.pending {
-            let torn = match rng.below(3) {
-                0 => continue,
-                1 => false,
-                _ => true,
-            };
-            if image.len() < offset + bytes.len() {
-                image.resize(offset + bytes.len(), 0);
-            }
-            let mut at = *offset;
-            while at < offset + bytes.len() {
-                let sector_end = ((at / SECTOR) + 1) * SECTOR;
-                let end = sector_end.min(offset + bytes.len());
-                if !torn || rng.chance(50) {
-                    image[at..end].copy_from_slice(&bytes[at - offset..end - offset]);
-                }
-                at = end;
-            }
-        }
-        SimFile {
-            current: image.clone(),
-            durable: image,
-            pending: Vec::new(),
-        }
-    }
-}
-
-/// The names of the checkpoint directory: which file each name points at.
-#[derive(Clone, Default, PartialEq)]
-struct Dir {
-    checkpoint: Option<usize>,
-    temp: Option<usize>,
-}
-
-/// The simulated disk under one ledger's log.
-struct SimDisk {
-    segments: [SimFile; 2],
-    segment_bytes: u64,
-    /// Checkpoint files by inode number; `dir` names them, `durable_dir` as flushed.
-    files: Vec<SimFile>,
-    dir: Dir,
-    durable_dir: Dir,
-    /// Storage calls so far, the call at which the power fails, and whether it has.
-    calls: u64,
-    fail_at: u64,
-    dead: bool,
-    /// Whether a checkpoint write fails now and then (a full disk), the power staying on.
-    flaky: Option<Rng>,
-}
-
-impl SimDisk {
-    fn new(segment_bytes: u64, fail_at: u64, flaky: Option<Rng>) -> SimDisk {
-        let zeros = vec![0; segment_bytes as usize];
-        let segment = SimFile {
-            current: zeros.clone(),
-            durable: zeros,
-            pending: Vec::new(),
-        };
-        SimDisk {
-            segments: [segment.clone(), segment],
-            segment_bytes,
-            files: Vec::new(),
-            dir: Dir::default(),
-            durable_dir: Dir::default(),
-            calls: 0,
-            fail_at,
-            dead: false,
-            flaky,
-        }
-    }
-
-    /// Counts a storage call; the one at `fail_at` and every later one fail (the power is out).
-    fn call(&mut self) -> io::Result<()> {
-        self.calls += 1;
-        if self.calls >= self.fail_at {
-            self.dead = true;
-        }
-        if self.dead {
-            return Err(io::Error::other("simulated power loss"));
-        }
-        Ok(())
-    }
-
-    /// The disk as the next boot finds it. A name whose change was not flushed points at
-    /// the old or the new file.
-    fn after_power_loss(&self, rng: &mut Rng) -> SimDisk {
-        let pick = |rng: &mut Rng, old: Option<usize>, new: Option<usize>| {
-            if rng.chance(50) {
-                old
-            } else {
-                new
-            }
-        };
-        let dir = Dir {
-            checkpoint: pick(rng, self.durable_dir.checkpoint, self.dir.checkpoint),
-            temp: pick(rng, self.durable_dir.temp, self.dir.temp),
-        };
-        SimDisk {
-            segments: [
-                self.segments[0].after_power_loss(rng),
-                self.segments[1].after_power_loss(rng),
-            ],
-            segment_bytes: self.segment_bytes,
-            files: self.files.iter().map(|f| f.after_power_loss(rng)).collect(),
-            durable_dir: dir.clone(),
-            dir,
-            calls: 0,
-            fail_at: u64::MAX,
-            dead: false,
-            flaky: None,
-        }
-    }
-}
-
-/// The ledger's view of a shared [`SimDisk`].
-struct SimStore(Arc<Mutex<SimDisk>>);
-
-impl SimStore {
-    fn disk(&self) -> MutexGuard<'_, SimDisk> {
-        self.0.lock().unwrap_or_else(|e| e.into_inner())
-    }
-}
-
-impl LogStore for SimStore {
-    fn segment_bytes(&self) -> u64 {
-        self.disk().segment_bytes
-    }
-
-    fn write_log(&self, log: u8, offset: u64, bytes: &[u8]) -> io::Result<()> {
-        let mut disk = self.disk();
-        disk.call()?;
-        disk.segments[usize::from(log)].write(offset as usize, bytes);
-        Ok(())
-    }
-
-    fn sync_log(&self, log: u8) -> io::Result<()> {
-        let mut disk = self.disk();
-        disk.call()?;
-        disk.segments[usize::from(log)].sync();
-        Ok(())
-    }
-
-    fn read_log(&self, log: u8, offset: u64, len: usize) -> io::Result<Vec<u8>> {
-        let disk = self.disk();
-        let current = &disk.segments[usize::from(log)].current;
-        let start = (offset as usize).min(current.len());
-        Ok(current[start..(start + len).min(current.len())].to_vec())
-    }
-
-    fn write_checkpoint(&self, bytes: &[u8]) -> io::Result<()> {
-        let mut disk = self.disk();
-        disk.call()?;
-        if disk.flaky.as_mut().is_some_and(|rng| rng.chance(20)) {
-            return Err(io::ErrorKind::StorageFull.into());
-        }
-        let mut file = SimFile::default();
-        file.write(0, bytes);
-        disk.files.push(file);
-        disk.dir.temp = Some(disk.files.len() - 1);
-        Ok(())
-    }
-
-    fn sync_checkpoint(&self) -> io::Result<()> {
-        let mut disk = self.disk();
-        disk.call()?;
-        let temp = disk.dir.temp.ok_or(io::ErrorKind::NotFound)?;
-        disk.files[temp].sync();
-        Ok(())
-    }
-
-    fn install_checkpoint(&self) -> io::Result<()> {
-        let mut disk = self.disk();
-        disk.call()?;
-        disk.dir.checkpoint = Some(disk.dir.temp.take().ok_or(io::ErrorKind::NotFound)?);
-        Ok(())
-    }
-
-    fn sync_dir(&self) -> io::Result<()> {
-        let mut disk = self.disk();
-        disk.call()?;
-        disk.durable_dir = disk.dir.clone();
-        Ok(())
-    }
-
-    fn read_checkpoint(&self) -> io::Result<Option<Vec<u8>>> {
-        let disk = self.disk();
-        Ok(disk.dir.checkpoint.map(|i| disk.files[i].current.clone()))
-    }
-}
 
 type Balances = BTreeMap<String, u64>;
 
@@ -283,7 +64,14 @@ fn open(
     opts: &LedgerOptions,
     disk: &Arc<Mutex<SimDisk>>,
 ) -> Result<Ledger, LedgerError> {
-    when_free(|| Ledger::open_keyed(path, opts, &|| 7, Some(Box::new(SimStore(disk.clone())))))
+    when_free(|| {
+        Ledger::open_keyed(
+            path,
+            opts,
+            &|| 7,
+            Some(Box::new(SimStore::new(disk.clone()))),
+        )
+    })
 }
 
 const NAMES: [&str; 5] = ["a", "b", "c", "d", "e"];
@@ -455,7 +243,7 @@ fn scribble(path: &std::path::Path, rng: &mut Rng) {
     };
     for _ in 0..rng.below(20) {
         let at = 64 + rng.below(bytes.len() as u64 - 64) as usize;
-        bytes[at] = rng.next() as u8;
+        bytes[at] = rng.next_u64() as u8;
     }
     std::fs::write(path, bytes).expect("scribble over the table");
 }

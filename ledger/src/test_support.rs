@@ -86,37 +86,8 @@ pub(crate) fn env_u64(name: &str) -> Option<u64> {
     Some(parsed.unwrap_or_else(|_| panic!("{name}={value} is not a number")))
 }
 
-/// splitmix64: small, fast, and the same everywhere.
-pub(crate) struct Rng(u64);
-
-impl Rng {
-    /// The generator of case `case` of a run seeded `seed` (each case replays alone).
-    pub(crate) fn for_case(seed: u64, case: u64) -> Rng {
-        let mut rng = Rng(seed ^ case.wrapping_mul(0x9e37_79b9_7f4a_7c15));
-        rng.next();
-        rng
-    }
-
-    pub(crate) fn next(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-        z ^ (z >> 31)
-    }
-
-    pub(crate) fn below(&mut self, n: u64) -> u64 {
-        self.next() % n.max(1)
-    }
-
-    pub(crate) fn pick<'a, T>(&mut self, items: &'a [T]) -> &'a T {
-        &items[self.below(items.len() as u64) as usize]
-    }
-
-    pub(crate) fn chance(&mut self, percent: u64) -> bool {
-        self.below(100) < percent
-    }
-}
+/// splitmix64: small, fast, and the same everywhere (the simulated disk's generator).
+pub(crate) use forkpool_shm::sim::Rng;
 
 /// A directory for the test files: tmpfs if there is one (each accepted open msyncs).
 pub(crate) fn scratch_dir() -> tempfile::TempDir {

@@ -4,13 +4,16 @@
 //! settles every queue) and the state must be consistent (the cold start's check) and equal
 //! the state before a step or after it, computed on a twin store that ran the steps cleanly.
 //! The store must then still take operations, and a cold start of the same file must accept
-//! it. `k` runs from 1 until the child completes.
+//! it. `k` runs from 1 until the child completes. Every scenario runs under both fsync
+//! policies: under `always` the crash points of the log's append count too, and the cold
+//! start, which rebuilds the file from the checkpoint and the log, must find the state the
+//! repaired store had (the log and the memory agree after a repair).
 
 use std::path::Path;
 
 use crate::crash::CRASH_STATUS;
 use crate::test_support::{name, open_when_free, party, run_in_child, small};
-use crate::{Attempt, Mode, Store};
+use crate::{Attempt, FsyncPolicy, Mode, Store, StoreOptions};
 
 type Step = dyn Fn(&Store) -> bool;
 
@@ -20,8 +23,13 @@ struct Scenario<'a> {
     steps: &'a [&'a Step],
 }
 
-fn open(path: &Path) -> Store {
-    open_when_free(path, &small()).expect("open store")
+fn open(path: &Path, fsync: FsyncPolicy) -> Store {
+    let options = StoreOptions {
+        fsync,
+        log_segment_bytes: 1 << 16,
+        ..small()
+    };
+    open_when_free(path, &options).expect("open store")
 }
 
 /// The snapshots before the first step and after each prefix of the steps, each prefix run
@@ -29,7 +37,7 @@ fn open(path: &Path) -> Store {
 fn reference(dir: &Path, s: &Scenario<'_>) -> Vec<String> {
     (0..=s.steps.len())
         .map(|n| {
-            let store = open(&dir.join(format!("reference{n}.bin")));
+            let store = open(&dir.join(format!("reference{n}.bin")), FsyncPolicy::Never);
             (s.setup)(&store);
             if n > 0 {
                 let code = run_in_child(&store, 0, &run_steps(&s.steps[..n]));
@@ -44,7 +52,14 @@ fn run_steps<'a>(steps: &'a [&'a Step]) -> impl Fn(&Store) -> bool + 'a {
     move |store| steps.iter().all(|step| step(store))
 }
 
-fn check_repaired(store: Store, path: &Path, s: &Scenario<'_>, expected: &[String], k: u32) {
+fn check_repaired(
+    store: Store,
+    path: &Path,
+    fsync: FsyncPolicy,
+    s: &Scenario<'_>,
+    expected: &[String],
+    k: u32,
+) {
     store.stats(&name("probe")).ok();
     store.check();
     let seen = store.snapshot();
@@ -63,16 +78,30 @@ fn check_repaired(store: Store, path: &Path, s: &Scenario<'_>, expected: &[Strin
         .get(&name("probe"), party(1), Mode::NoWait, &mut buf)
         .expect("and a get");
     store.check();
+    let view = store.durable_view();
     drop(store);
-    open(path).check();
+    let reopened = open(path, fsync);
+    reopened.check();
+    assert_eq!(
+        reopened.durable_view(),
+        view,
+        "{}, killed at step {k}: the cold start",
+        s.name
+    );
 }
 
 fn sweep(s: &Scenario<'_>) {
     let dir = tempfile::tempdir().expect("tempdir");
     let expected = reference(dir.path(), s);
+    for fsync in [FsyncPolicy::Never, FsyncPolicy::Always] {
+        sweep_with(s, fsync, dir.path(), &expected);
+    }
+}
+
+fn sweep_with(s: &Scenario<'_>, fsync: FsyncPolicy, dir: &Path, expected: &[String]) {
     for k in 1.. {
-        let path = dir.path().join(format!("k{k}.bin"));
-        let store = open(&path);
+        let path = dir.join(format!("{fsync}-k{k}.bin"));
+        let store = open(&path, fsync);
         (s.setup)(&store);
         match run_in_child(&store, k, &run_steps(s.steps)) {
             0 => {
@@ -80,7 +109,7 @@ fn sweep(s: &Scenario<'_>) {
                 assert_eq!(store.snapshot(), expected[expected.len() - 1], "{}", s.name);
                 return;
             }
-            CRASH_STATUS => check_repaired(store, &path, s, &expected, k),
+            CRASH_STATUS => check_repaired(store, &path, fsync, s, expected, k),
             code => panic!("{}: child exited {code} at step {k}", s.name),
         }
     }

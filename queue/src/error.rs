@@ -83,6 +83,21 @@ pub enum StoreError {
     /// The options cannot describe a store.
     #[error("queue store {path}: invalid options: {detail}")]
     InvalidOptions { path: PathBuf, detail: String },
+    /// The checkpoint of `--fsync always` is damaged: the log cannot be replayed over it.
+    #[error("queue store {path}: its checkpoint ({path}.ckpt) is corrupt; the files were left unchanged")]
+    CheckpointCorrupt { path: PathBuf },
+    /// A record in the middle of the operation log is damaged (a later record proves it was
+    /// durable): starting would lose acknowledged operations.
+    #[error(
+        "queue store {path}: the operation log is corrupt at LSN {lsn} (segment {segment}, \
+         offset {offset}): a later record proves it was durable; the files were left unchanged"
+    )]
+    LogCorrupt {
+        path: PathBuf,
+        lsn: u64,
+        segment: u8,
+        offset: u64,
+    },
     /// The store lock is unusable at the cold start.
     #[error("queue store {path}: recovery failed: {source}")]
     Recovery {
@@ -126,6 +141,13 @@ pub enum OpError {
     /// the result cannot be trusted; only a restart clears it.
     #[error("the queue store file cannot be read (truncated or failing); restart the server")]
     FileFault,
+    /// The operation log (`--fsync always`) could not be written or flushed: nothing is
+    /// promised any more; only a restart (which keeps what the log holds) clears it.
+    #[error("the queue store's operation log failed; restart the server")]
+    LogFailed,
+    /// The active log segment has no room left and no checkpoint has freed the other one yet.
+    #[error("the queue store's operation log is full until a checkpoint frees it; try again")]
+    LogFull,
 }
 
 impl OpError {
@@ -140,7 +162,9 @@ impl OpError {
             OpError::TooManyQueues(_) => QueueErrorKind::TooManyQueues,
             OpError::StoreFull(_) => QueueErrorKind::StoreFull,
             OpError::TooManyWaiters(_) => QueueErrorKind::TooManyWaiters,
-            OpError::Unrecoverable | OpError::FileFault => QueueErrorKind::Internal,
+            OpError::Unrecoverable | OpError::FileFault | OpError::LogFailed | OpError::LogFull => {
+                QueueErrorKind::Internal
+            }
         }
     }
 }

@@ -3,7 +3,8 @@
 //!
 //! ```text
 //! offset 0       header page: immutable geometry + checksum (bytes 0..64), the store lock
-//!                (64..128), live words (128..256), the undo journal (256..)
+//!                (64..128), live words (128..256), the undo journal (256..1792), the redo
+//!                log's shared state under `--fsync always` (2048..2264, see `durable.rs`)
 //! off_queues     `max_queues` x queue record (32 words)
 //! off_waiters    `max_waiters` x waiter record (16 words)
 //! off_jobs       `max_jobs` x job record (8 words + the payload, rounded up to 64 bytes)
@@ -51,6 +52,37 @@ pub(crate) mod hdr {
 pub(crate) const JOURNAL_OFFSET: u64 = hdr::END;
 pub(crate) const JOURNAL_CAP: u64 = 96;
 const _: () = assert!(JOURNAL_OFFSET + JOURNAL_CAP * 16 <= HEADER_BYTES);
+
+/// The redo log's shared state (`durable.rs`): reset by every cold start, never journaled
+/// nor logged (a checkpoint's copy of them is ignored).
+pub(crate) mod wal {
+    /// Lock held by the one process that flushes (`try_lock`).
+    pub(crate) const FLUSH_LOCK: u64 = 2048;
+    /// Lock held by the one process that writes a checkpoint.
+    pub(crate) const CHECKPOINT_LOCK: u64 = 2112;
+    /// LSN the next record gets.
+    pub(crate) const NEXT_LSN: u64 = 2176;
+    /// Every record up to this LSN is on stable storage.
+    pub(crate) const DURABLE: u64 = 2184;
+    /// The segment appended to (0/1) and the offset of its end.
+    pub(crate) const ACTIVE: u64 = 2192;
+    pub(crate) const END: u64 = 2200;
+    /// LSN of the last switch record.
+    pub(crate) const SWITCH_LSN: u64 = 2208;
+    /// The segment where the installed checkpoint's log starts.
+    pub(crate) const CHECKPOINT_LOG: u64 = 2216;
+    pub(crate) const EPOCH: u64 = 2224;
+    /// The record being appended (0 = none) and where: a process that dies appending is
+    /// repaired by the next holder of the store lock.
+    pub(crate) const APPENDING_LSN: u64 = 2232;
+    pub(crate) const APPENDING_OFFSET: u64 = 2240;
+    /// Bumped (a futex word, 32 bits) after every flush: flush waiters sleep on it.
+    pub(crate) const FLUSHED: u64 = 2248;
+    /// Non-zero once the log could not be written or flushed: the store refuses operations.
+    pub(crate) const FAILED: u64 = 2256;
+}
+const _: () = assert!(JOURNAL_OFFSET + JOURNAL_CAP * 16 <= wal::FLUSH_LOCK);
+const _: () = assert!(wal::FAILED + 8 <= HEADER_BYTES);
 
 /// Queue record fields (word indexes).
 pub(crate) mod q {

@@ -22,15 +22,21 @@
 //!   connection closed) and [`Store::release_process`] (a worker died) return them to the head
 //!   of their queue: at-least-once delivery.
 //!
+//! * Under [`FsyncPolicy::Always`] every transaction also appends a physical redo record to
+//!   a log shared by all processes, flushed by group commit ([`Store::flush`]); a cold start
+//!   rebuilds the file from the last checkpoint and the log (`durable.rs`, `redo.rs`).
+//!
 //! The design (layout, journal, settling, what is and is not durable) is argued in
 //! `docs/QUEUE.md`. `unsafe` lives in `forkpool_shm`; here it is only the cold start's lock
 //! initialisation (`recovery.rs`) and test helpers.
 
+mod durable;
 mod error;
 mod file;
 mod layout;
 mod ops;
 mod recovery;
+mod redo;
 mod region;
 mod validate;
 
@@ -39,12 +45,15 @@ use std::fs::File;
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd, RawFd};
 use std::path::{Path, PathBuf};
 
+pub use durable::DEFAULT_LOG_SEGMENT_BYTES;
 pub use error::{OpError, StoreError};
+pub use forkpool_common::fsync::FsyncPolicy;
 pub use forkpool_common::queue::QueueName;
 pub use layout::{MAX_JOBS, MAX_PAYLOAD, MAX_QUEUES, MAX_WAITERS};
 pub use ops::Cancelled;
 pub use validate::Finding;
 
+use forkpool_shm::{FileStore, LogStore};
 use layout::Geometry;
 use region::Region;
 
@@ -61,6 +70,11 @@ pub struct StoreOptions {
     pub max_waiters: u32,
     /// `maxsize` of a queue created on first use (0 = unbounded).
     pub default_maxsize: u64,
+    /// Whether a reply may wait for its operation to be on stable storage (a redo log).
+    pub fsync: FsyncPolicy,
+    /// Bytes of each of the log's two segments (`--fsync always`; an existing segment keeps
+    /// its size).
+    pub log_segment_bytes: u64,
 }
 
 pub const DEFAULT_MAX_QUEUES: u32 = 256;
@@ -76,6 +90,8 @@ impl Default for StoreOptions {
             max_payload: DEFAULT_MAX_PAYLOAD,
             max_waiters: DEFAULT_MAX_WAITERS,
             default_maxsize: 0,
+            fsync: FsyncPolicy::Never,
+            log_segment_bytes: DEFAULT_LOG_SEGMENT_BYTES,
         }
     }
 }
@@ -209,6 +225,18 @@ impl Store {
     /// other live process maps the file; the flock guarantees that for everyone who opens it
     /// through this function.
     pub fn open(path: &Path, opts: &StoreOptions) -> Result<Store, StoreError> {
+        Store::open_with(path, opts, None)
+    }
+
+    /// [`Store::open`] with the log's storage given (a simulated disk in tests); without one,
+    /// the log's files next to the store if the policy is `always` or the store has a log.
+    /// A store that had a log is rebuilt from it whatever the policy; under `never` the
+    /// rebuilt file is then flushed and the log removed.
+    pub(crate) fn open_with(
+        path: &Path,
+        opts: &StoreOptions,
+        log: Option<Box<dyn LogStore>>,
+    ) -> Result<Store, StoreError> {
         let expected = check_options(path, opts)?;
         forkpool_shm::register_atfork();
         let file = file::open_locked(path, &expected)?;
@@ -220,15 +248,58 @@ impl Store {
                 source,
             }
         };
+        let log = match log {
+            Some(log) => Some(log),
+            None if opts.fsync == FsyncPolicy::Always || forkpool_shm::has_checkpoint(path) => {
+                let store = FileStore::open(path, opts.log_segment_bytes)
+                    .map_err(io("open the operation log"))?;
+                Some(Box::new(store) as Box<dyn LogStore>)
+            }
+            None => None,
+        };
         let region = Region::map(&file, geometry).map_err(io("mmap"))?;
-        let store = Store {
+        let mut store = Store {
             region,
             file,
             path: path.to_path_buf(),
             default_maxsize: opts.default_maxsize,
         };
+        let log = log.map(|store| durable::Wal { store });
+        let rebuilt = match &log {
+            Some(log) => store.rebuild(log)?,
+            None => None,
+        };
         store.cold_start()?;
+        let Some(log) = log else {
+            return Ok(store);
+        };
+        if opts.fsync == FsyncPolicy::Never {
+            store.leave_log()?;
+            return Ok(store);
+        }
+        let (epoch, next_lsn) = rebuilt.map_or((1, 1), |(epoch, next)| (epoch + 1, next));
+        store.start_log(&log, epoch, next_lsn)?;
+        store.region.wal = Some(log);
         Ok(store)
+    }
+
+    /// After a cold start under `--fsync never` of a store that had a log: the rebuilt file
+    /// is flushed, then the log's files are removed (they would be stale).
+    fn leave_log(&self) -> Result<(), StoreError> {
+        let io = |action| {
+            move |source| StoreError::Io {
+                path: self.path.clone(),
+                action,
+                source,
+            }
+        };
+        self.file.sync_data().map_err(io("fsync"))?;
+        FileStore::remove(&self.path).map_err(io("remove the operation log"))?;
+        log::info!(
+            "queue store {}: --fsync never: the operation log and its checkpoint were removed",
+            self.path.display()
+        );
+        Ok(())
     }
 
     /// Warm attach, for a new master after a binary upgrade: maps the store open on `fd`
@@ -240,11 +311,31 @@ impl Store {
         forkpool_shm::register_atfork();
         let file = File::from(fd);
         let geometry = file::validate(&file, path, &expected)?;
-        let region = Region::map(&file, geometry).map_err(|source| StoreError::Io {
-            path: path.to_path_buf(),
-            action: "mmap",
-            source,
-        })?;
+        let io = |action| {
+            move |source| StoreError::Io {
+                path: path.to_path_buf(),
+                action,
+                source,
+            }
+        };
+        let mut region = Region::map(&file, geometry).map_err(io("mmap"))?;
+        // The policy is the running store's: it has a log exactly when the master that
+        // started it runs `always`, and the workers of both generations must agree.
+        if forkpool_shm::has_checkpoint(path) {
+            let store = FileStore::open(path, opts.log_segment_bytes)
+                .map_err(io("open the operation log"))?;
+            region.wal = Some(durable::Wal {
+                store: Box::new(store),
+            });
+        }
+        if (opts.fsync == FsyncPolicy::Always) != region.wal.is_some() {
+            log::warn!(
+                "queue store {}: --fsync {} asked for, but the running store keeps its own \
+                 policy through a binary upgrade; a restart changes it",
+                path.display(),
+                opts.fsync
+            );
+        }
         Ok(Store {
             region,
             file,
@@ -343,5 +434,7 @@ pub(crate) fn crash_point() {
 mod crash_tests;
 #[cfg(test)]
 mod ops_tests;
+#[cfg(test)]
+mod sim_tests;
 #[cfg(test)]
 mod test_support;

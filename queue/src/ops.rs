@@ -42,7 +42,7 @@ impl WaitKind {
 }
 
 /// The held store lock; unlocks on drop.
-struct Locked<'a> {
+pub(crate) struct Locked<'a> {
     store: &'a Store,
 }
 
@@ -89,10 +89,19 @@ pub(crate) fn name_from_words(len: u64, words: &[u64; 8]) -> Option<QueueName> {
 impl Store {
     /// Takes the store lock; if its holder died, rolls its operation back and settles every
     /// queue first (collecting the wake-ups into `wakes`).
-    fn lock(&self, wakes: &mut WakeSet) -> Result<Locked<'_>, OpError> {
+    pub(crate) fn lock(&self, wakes: &mut WakeSet) -> Result<Locked<'_>, OpError> {
         let acquired = self.region.lock().lock().map(Some);
         self.locked(acquired, wakes)
             .map(|locked| locked.expect("a waiting lock always acquires"))
+    }
+
+    /// [`Store::lock`] for an operation that brings new work (PUT, GET): refused with
+    /// [`OpError::LogFull`] while the log has no room for it, so the room left serves the
+    /// operations that finish work (DONE, claims, releases) until a checkpoint frees a segment.
+    fn lock_with_room(&self, wakes: &mut WakeSet) -> Result<Locked<'_>, OpError> {
+        let locked = self.lock(wakes)?;
+        self.region.check_log_room()?;
+        Ok(locked)
     }
 
     /// [`Store::lock`] without waiting: `None` if someone holds the lock.
@@ -107,11 +116,19 @@ impl Store {
         wakes: &mut WakeSet,
     ) -> Result<Option<Locked<'_>>, OpError> {
         let lock = self.region.lock();
-        match acquired {
-            Ok(None) => Ok(None),
-            Ok(Some(Acquired::Clean)) => Ok(Some(Locked { store: self })),
+        let locked = match acquired {
+            Ok(None) => return Ok(None),
+            Ok(Some(Acquired::Clean)) => Locked { store: self },
             Ok(Some(Acquired::OwnerDied)) => {
-                let undone = self.region.roll_back();
+                // Under a log, an operation whose record was appended is kept (rolled
+                // forward: its writes are all in place), never undone.
+                let undone = if self.region.settle_append() {
+                    self.region.forget_journal();
+                    0
+                } else {
+                    self.region.roll_back()
+                };
+                self.region.appended();
                 self.region
                     .word(hdr::RECOVERIES)
                     .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
@@ -121,16 +138,23 @@ impl Store {
                 );
                 self.settle_all(wakes);
                 lock.consistent();
-                Ok(Some(Locked { store: self }))
+                Locked { store: self }
             }
-            Err(_) => Err(OpError::Unrecoverable),
+            Err(_) => return Err(OpError::Unrecoverable),
+        };
+        if self.region.log_failed() {
+            return Err(OpError::LogFailed);
         }
+        Ok(Some(locked))
     }
 
-    /// Fails an operation whose reads may have met a faulted page.
+    /// Fails an operation whose reads may have met a faulted page, or whose writes the log
+    /// could not take (they were rolled back).
     fn checked<T>(&self, result: Result<T, OpError>) -> Result<T, OpError> {
         if self.region.faulted() {
             Err(OpError::FileFault)
+        } else if self.region.log_failed() {
+            Err(OpError::LogFailed)
         } else {
             result
         }
@@ -154,7 +178,7 @@ impl Store {
             });
         }
         let mut wakes = WakeSet::default();
-        let _locked = self.lock(&mut wakes)?;
+        let _locked = self.lock_with_room(&mut wakes)?;
         let result = self.put_locked(name, payload, party, mode, &mut wakes);
         self.checked(result.map(|attempt| (attempt, wakes)))
     }
@@ -204,7 +228,7 @@ impl Store {
         payload: &mut Vec<u8>,
     ) -> Result<(Attempt<u64>, WakeSet), OpError> {
         let mut wakes = WakeSet::default();
-        let _locked = self.lock(&mut wakes)?;
+        let _locked = self.lock_with_room(&mut wakes)?;
         let result = self.get_locked(name, party, mode, payload, &mut wakes);
         self.checked(result.map(|attempt| (attempt, wakes)))
     }
@@ -526,13 +550,12 @@ impl Store {
         tx.set(hdr::NEXT_SEQ, seq);
         let id = seq * u64::from(g.max_jobs) + job;
         // The record is unreachable until a journaled write links it: unjournaled is fine.
-        for (k, chunk) in payload.chunks(8).enumerate() {
+        let words = payload.chunks(8).map(|chunk| {
             let mut b = [0u8; 8];
             b[..chunk.len()].copy_from_slice(chunk);
-            self.region
-                .word(g.job(job, j::PAYLOAD + k as u64))
-                .store(u64::from_le_bytes(b), std::sync::atomic::Ordering::Relaxed);
-        }
+            u64::from_le_bytes(b)
+        });
+        tx.fill(g.job(job, j::PAYLOAD), words);
         tx.set(g.job(job, j::LEN), payload.len() as u64);
         tx.set(g.job(job, j::QUEUE), qi);
         tx.set(g.job(job, j::ID), id);
@@ -786,11 +809,12 @@ impl Store {
         }
     }
 
-    /// Serves queue `qi`'s waiters while one can be served, one transaction each.
+    /// Serves queue `qi`'s waiters while one can be served, one transaction each (none once
+    /// the log has failed: every transaction would be rolled back).
     fn settle(&self, qi: u64, wakes: &mut WakeSet) {
         let g = *self.region.geometry();
         let f = |field| self.region.get(g.queue(qi, field));
-        loop {
+        while !self.region.log_failed() {
             let depth = f(q::DEPTH);
             let maxsize = f(q::MAXSIZE);
             let first = |kind: WaitKind| f(kind.head()).checked_sub(1);

@@ -8,28 +8,44 @@
 //! the dead operation is undone wholly, and undoing again (a recoverer that dies too) gives
 //! the same result. The only writes outside the journal are a job's payload words, written
 //! while the job record is free (no one reads them until a journaled write links the job).
+//!
+//! Under `--fsync always` the commit is also the append of the transaction's redo record
+//! (`durable.rs`): the new value of every journaled word and payload word. A record that
+//! cannot be appended rolls the transaction back.
 
 use std::fs::File;
 use std::io;
 use std::sync::atomic::AtomicU64;
 use std::sync::atomic::Ordering::{Acquire, Relaxed, Release};
 
-use forkpool_shm::{LockWord, Mapping};
+use forkpool_shm::{LockWord, Mapping, Plain};
 
 use crate::crash_point;
+use crate::durable::Wal;
 use crate::layout::{hdr, Geometry, JOURNAL_CAP, JOURNAL_OFFSET, LOCK_OFFSET};
 
 /// A `MAP_SHARED` read-write mapping of a whole store file.
 pub(crate) struct Region {
     mapping: Mapping,
     geometry: Geometry,
+    /// The redo log, under `--fsync always` (set once the cold start has started it).
+    pub(crate) wal: Option<Wal>,
 }
 
 impl Region {
     /// Maps `file`, whose length the caller has checked to be `geometry.file_size`.
     pub(crate) fn map(file: &File, geometry: Geometry) -> io::Result<Region> {
         let mapping = Mapping::map(file, geometry.file_size)?;
-        Ok(Region { mapping, geometry })
+        Ok(Region {
+            mapping,
+            geometry,
+            wal: None,
+        })
+    }
+
+    /// The shared object at `offset` (the log's lock words and futex word).
+    pub(crate) fn at<T: Plain>(&self, offset: u64) -> &T {
+        self.mapping.at(offset)
     }
 
     pub(crate) fn geometry(&self) -> &Geometry {
@@ -76,8 +92,13 @@ impl Region {
             }
             crash_point();
         }
-        self.word(hdr::JOURNAL_LEN).store(0, Release);
+        self.forget_journal();
         len
+    }
+
+    /// Empties the journal: the operation's writes are final.
+    pub(crate) fn forget_journal(&self) {
+        self.word(hdr::JOURNAL_LEN).store(0, Release);
     }
 }
 
@@ -86,13 +107,19 @@ impl Region {
 pub(crate) struct Tx<'a> {
     region: &'a Region,
     len: u64,
+    /// Words written outside the journal (a new job's payload): first offset and count.
+    fresh: Option<(u64, u64)>,
 }
 
 impl<'a> Tx<'a> {
     /// Starts an operation. Caller holds the store lock, so the journal is empty.
     pub(crate) fn begin(region: &'a Region) -> Tx<'a> {
         debug_assert_eq!(region.journal_len(), 0, "a transaction is already open");
-        Tx { region, len: 0 }
+        Tx {
+            region,
+            len: 0,
+            fresh: None,
+        }
     }
 
     pub(crate) fn get(&self, offset: u64) -> u64 {
@@ -120,17 +147,37 @@ impl<'a> Tx<'a> {
         crash_point();
     }
 
+    /// Stores `words` from `offset` on into a record no one can reach until a journaled write
+    /// of this transaction links it: not journaled, but logged. Once per transaction.
+    pub(crate) fn fill(&mut self, offset: u64, words: impl Iterator<Item = u64>) {
+        debug_assert!(
+            self.fresh.is_none(),
+            "one unjournaled range per transaction"
+        );
+        let mut count = 0;
+        for (k, word) in words.enumerate() {
+            self.region.word(offset + 8 * k as u64).store(word, Relaxed);
+            count += 1;
+        }
+        self.fresh = Some((offset, count));
+    }
+
     /// Adds `delta` (wrapping) to the word at `offset`.
     pub(crate) fn add(&mut self, offset: u64, delta: u64) {
         let value = self.get(offset).wrapping_add(delta);
         self.set(offset, value);
     }
 
-    /// Makes the operation's writes final.
+    /// Makes the operation's writes final: under a log, once its record is appended (if it
+    /// cannot be, the writes are rolled back and the store refuses every later operation).
     pub(crate) fn commit(mut self) {
-        self.region.word(hdr::JOURNAL_LEN).store(0, Release);
+        if !self.region.log_writes(self.len, self.fresh) {
+            return;
+        }
+        self.region.forget_journal();
         self.len = 0;
         crash_point();
+        self.region.appended();
     }
 }
 

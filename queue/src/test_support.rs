@@ -9,7 +9,7 @@ use nix::sys::wait::{waitpid, WaitStatus};
 use nix::unistd::{fork, ForkResult};
 
 use crate::crash::arm;
-use crate::layout::{hdr, j, q, w};
+use crate::layout::{hdr, j, job_state, q, w};
 use crate::{Party, QueueName, Store, StoreError, StoreOptions};
 
 /// How long a test waits for a store that a forked child of another test holds.
@@ -34,7 +34,7 @@ pub(crate) fn small() -> StoreOptions {
         max_jobs: 16,
         max_payload: 40,
         max_waiters: 8,
-        default_maxsize: 0,
+        ..StoreOptions::default()
     }
 }
 
@@ -74,6 +74,39 @@ impl Store {
         for i in 0..self.region.get(hdr::WAITERS_HIGH) {
             let f = |field| self.region.get(g.waiter(i, field));
             out += &format!("waiter {i}: {} {}\n", f(w::STATE), f(w::JOB));
+        }
+        out
+    }
+
+    /// What a cold start would make of the state now: per queue its maxsize, counters and
+    /// ready ids in order, the jobs handed out first (a cold start puts them back at the
+    /// head, oldest first).
+    pub(crate) fn durable_view(&self) -> String {
+        let g = *self.region.geometry();
+        let field = |job: u64, f| self.region.get(g.job(job, f));
+        let mut out = String::new();
+        for qi in 0..self.region.get(hdr::QUEUE_COUNT) {
+            let mut held: Vec<u64> = (0..self.region.get(hdr::JOBS_HIGH))
+                .filter(|&job| {
+                    field(job, j::STATE) == job_state::RESERVED && field(job, j::QUEUE) == qi
+                })
+                .map(|job| field(job, j::ID))
+                .collect();
+            held.sort_unstable();
+            let mut ready = held;
+            let mut link = self.region.get(g.queue(qi, q::READY_HEAD));
+            while link != 0 && ready.len() <= g.max_jobs as usize {
+                ready.push(field(link - 1, j::ID));
+                link = field(link - 1, j::NEXT);
+            }
+            let stats = self.queue_stats(qi);
+            out += &format!(
+                "{:?} maxsize={} put={} done={} ready={ready:?}\n",
+                self.queue_name(qi),
+                stats.maxsize,
+                stats.put,
+                stats.done,
+            );
         }
         out
     }

@@ -119,7 +119,8 @@ pub struct Conn {
     /// Replies the socket has not taken yet; `sent` of them are already written.
     pending: Vec<u8>,
     sent: usize,
-    /// Replies that wait for the ledger's log to be durable (`--fsync always`); they come
+    /// Replies that wait for the log (the ledger's, the queue store's) to be durable
+    /// (`--fsync always`); they come
     /// after `pending`.
     gate: Gate,
     /// Registered for writable events (only while replies are pending).
@@ -268,7 +269,7 @@ impl Conn {
         // Held replies travel as pending ones once the log covers them: flushed here, in
         // the loop (a retiring worker, a rare event).
         if let Some(syncer) = self.session.syncer().filter(|_| self.is_gated()) {
-            syncer.ledger().flush().map_err(io::Error::other)?;
+            syncer.log().flush().map_err(io::Error::other)?;
             let ready = self.gate.release_all();
             self.pending.extend_from_slice(&ready);
         }
@@ -330,7 +331,7 @@ impl Conn {
         self.phase == Phase::Open && self.unsent() == 0 && self.gate.is_empty() && !self.waiting
     }
 
-    /// Do replies wait for the ledger's log to be durable?
+    /// Do replies wait for a log to be durable?
     pub fn is_gated(&self) -> bool {
         !self.gate.is_empty()
     }
@@ -351,7 +352,7 @@ impl Conn {
         if syncer.failed() {
             return Verdict::Close;
         }
-        let ready = self.gate.release(syncer.ledger().durable_lsn());
+        let ready = self.gate.release(syncer.log().durable_lsn());
         if self.send(&ready).is_err() {
             return Verdict::Close;
         }
@@ -733,15 +734,15 @@ impl Conn {
         )
     }
 
-    /// Sends `replies`, or holds them behind the gate until the ledger's log is durable up to
+    /// Sends `replies`, or holds them behind the gate until the session's log is durable up to
     /// everything they report or read (the last LSN appended now covers it) and asks the
     /// syncer to flush. Once one reply waits, every later one waits behind it.
     fn answer(&mut self, replies: &[u8]) -> io::Result<()> {
         let Some(syncer) = self.session.syncer() else {
             return self.send(replies);
         };
-        let lsn = syncer.ledger().appended_lsn();
-        if self.gate.is_empty() && lsn <= syncer.ledger().durable_lsn() {
+        let lsn = syncer.log().appended_lsn();
+        if self.gate.is_empty() && lsn <= syncer.log().durable_lsn() {
             return self.send(replies);
         }
         if !replies.is_empty() {

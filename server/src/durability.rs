@@ -1,22 +1,82 @@
-//! The output gate of `--fsync always`: a bank reply leaves the worker only once the ledger's
-//! operation log is durable up to the last change that the reply reports or depends on.
+//! The output gate of `--fsync always`: a bank or queue reply leaves the worker only once the
+//! operation log of its shared file (the ledger, the queue store) is durable up to the last
+//! change that the reply reports or depends on.
 //!
 //! * [`Gate`] (per connection) holds replies in order with the LSN each one waits for: the
-//!   ledger's last appended LSN when it was answered (every change it reports or read was
+//!   log's last appended LSN when it was answered (every change it reports or read was
 //!   appended before that). Replies stay in order: once one waits, those after it wait too.
-//! * [`Syncer`] (per worker) is a thread, started in the worker after the fork, that flushes
-//!   the log when a reply waits ([`forkpool_ledger::Ledger::flush`]: one process flushes for
-//!   all, the others sleep until it is done), wakes the worker's event loop (a `mio::Waker`),
-//!   and writes a checkpoint when one is due. The loop never blocks on a flush: echo and the
-//!   other connections go on meanwhile.
+//! * [`Syncer`] (per worker and log) is a thread, started in the worker after the fork, that
+//!   flushes the log when a reply waits ([`Logged::flush`]: one process flushes for all, the
+//!   others sleep until it is done), wakes the worker's event loop (one `mio::Waker` shared
+//!   by the worker's syncers), and writes a checkpoint when one is due. The loop never
+//!   blocks on a flush: echo and the other connections go on meanwhile.
 
 use std::collections::VecDeque;
 use std::io;
 use std::sync::atomic::{AtomicBool, Ordering::Relaxed};
 use std::sync::{Condvar, Mutex};
 
-use forkpool_ledger::{FsyncPolicy, Ledger};
-use mio::{Registry, Token, Waker};
+use forkpool_ledger::Ledger;
+use forkpool_queue::Store;
+use mio::Waker;
+
+/// A shared file whose changes a redo log makes durable by group commit.
+pub trait Logged: Sync {
+    /// What the log belongs to, for the log messages.
+    fn what(&self) -> &'static str;
+    /// LSN of the last record appended (a reply given now depends on nothing later).
+    fn appended_lsn(&self) -> u64;
+    /// Every record up to this LSN is on stable storage.
+    fn durable_lsn(&self) -> u64;
+    /// Makes every record appended before the call durable (one process flushes for all).
+    fn flush(&self) -> Result<u64, String>;
+    /// Writes a checkpoint if one is due; whether it wrote one.
+    fn checkpoint(&self) -> io::Result<bool>;
+}
+
+impl Logged for Ledger {
+    fn what(&self) -> &'static str {
+        "the ledger"
+    }
+
+    fn appended_lsn(&self) -> u64 {
+        Ledger::appended_lsn(self)
+    }
+
+    fn durable_lsn(&self) -> u64 {
+        Ledger::durable_lsn(self)
+    }
+
+    fn flush(&self) -> Result<u64, String> {
+        Ledger::flush(self).map_err(|e| e.to_string())
+    }
+
+    fn checkpoint(&self) -> io::Result<bool> {
+        Ledger::checkpoint(self, false)
+    }
+}
+
+impl Logged for Store {
+    fn what(&self) -> &'static str {
+        "the queue store"
+    }
+
+    fn appended_lsn(&self) -> u64 {
+        Store::appended_lsn(self)
+    }
+
+    fn durable_lsn(&self) -> u64 {
+        Store::durable_lsn(self)
+    }
+
+    fn flush(&self) -> Result<u64, String> {
+        Store::flush(self).map_err(|e| e.to_string())
+    }
+
+    fn checkpoint(&self) -> io::Result<bool> {
+        Store::checkpoint(self, false)
+    }
+}
 
 /// Replies that wait for the log to be durable, in order.
 #[derive(Debug, Default)]
@@ -71,50 +131,45 @@ impl Gate {
 impl std::fmt::Debug for Syncer {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Syncer")
-            .field("durable", &self.ledger.durable_lsn())
+            .field("log", &self.log.what())
+            .field("durable", &self.log.durable_lsn())
             .field("failed", &self.failed())
             .finish()
     }
 }
 
-/// A worker's flusher thread and what it was asked for.
+/// A worker's flusher thread for one log and what it was asked for.
 pub struct Syncer {
-    ledger: &'static Ledger,
+    log: &'static dyn Logged,
     /// The highest LSN a parked reply waits for.
     wanted: Mutex<u64>,
     asked: Condvar,
-    waker: Waker,
-    /// A flush failed: the ledger has failed, no parked reply will ever be released.
+    /// Wakes the worker's loop (shared by its syncers: one waker per poll).
+    waker: &'static Waker,
+    /// A flush failed: the log has failed, no parked reply will ever be released.
     failed: AtomicBool,
 }
 
 impl Syncer {
-    /// Starts the worker's syncer if the ledger runs under `--fsync always` (with `never`
-    /// nothing waits). `token` is the event the loop gets when replies may be released.
-    pub fn start(
-        ledger: &'static Ledger,
-        registry: &Registry,
-        token: Token,
-    ) -> io::Result<Option<&'static Syncer>> {
-        if ledger.fsync_policy() != FsyncPolicy::Always {
-            return Ok(None);
-        }
+    /// Starts a syncer for `log` (a file under `--fsync always`: with `never` nothing waits
+    /// and there is no syncer); `waker` wakes the loop when replies may be released.
+    pub fn start(log: &'static dyn Logged, waker: &'static Waker) -> io::Result<&'static Syncer> {
         let syncer: &'static Syncer = Box::leak(Box::new(Syncer {
-            ledger,
+            log,
             wanted: Mutex::new(0),
             asked: Condvar::new(),
-            waker: Waker::new(registry, token)?,
+            waker,
             failed: AtomicBool::new(false),
         }));
         std::thread::Builder::new()
             .name("syncer".into())
             .spawn(move || syncer.run())?;
-        Ok(Some(syncer))
+        Ok(syncer)
     }
 
-    /// The ledger whose log this syncer flushes.
-    pub fn ledger(&self) -> &'static Ledger {
-        self.ledger
+    /// The log this syncer flushes.
+    pub fn log(&self) -> &'static dyn Logged {
+        self.log
     }
 
     /// Asks for the log to be durable up to `lsn` (the loop is woken when it is).
@@ -145,9 +200,9 @@ impl Syncer {
                 }
                 served = *wanted;
             }
-            let flushed = self.ledger.flush();
+            let flushed = self.log.flush();
             if let Err(e) = &flushed {
-                log::error!("flushing the ledger's operation log failed: {e}");
+                log::error!("flushing {}'s operation log failed: {e}", self.log.what());
                 self.failed.store(true, Relaxed);
             }
             if let Err(e) = self.waker.wake() {
@@ -156,8 +211,11 @@ impl Syncer {
             if flushed.is_err() {
                 return;
             }
-            if let Err(e) = self.ledger.checkpoint(false) {
-                log::warn!("ledger checkpoint failed (the log keeps growing): {e}");
+            if let Err(e) = self.log.checkpoint() {
+                log::warn!(
+                    "checkpoint of {} failed (the log keeps growing): {e}",
+                    self.log.what()
+                );
             }
         }
     }
@@ -167,8 +225,8 @@ impl Syncer {
 mod tests {
     use super::*;
     use forkpool_common::bank::AccountName;
-    use forkpool_ledger::LedgerOptions;
-    use mio::{Events, Poll};
+    use forkpool_ledger::{FsyncPolicy, LedgerOptions};
+    use mio::{Events, Poll, Token};
     use std::time::Duration;
 
     /// A reply parked while another process's flush was under way: by the time the syncer
@@ -188,9 +246,10 @@ mod tests {
         let ledger: &'static Ledger = Box::leak(Box::new(ledger));
         let mut poll = Poll::new().expect("poll");
         let token = Token(1);
-        let syncer = Syncer::start(ledger, poll.registry(), token)
-            .expect("start the syncer")
-            .expect("a syncer under --fsync always");
+        let waker = Box::leak(Box::new(
+            Waker::new(poll.registry(), token).expect("a waker"),
+        ));
+        let syncer = Syncer::start(ledger, waker).expect("start the syncer");
         let mut events = Events::with_capacity(4);
         for round in 0..20 {
             let acct = AccountName::new(b"a").expect("a valid name");

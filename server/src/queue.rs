@@ -16,13 +16,17 @@ use forkpool_queue::{Attempt, Cancelled, Mode, OpError, Outcome, Party, Store, T
 
 use crate::bank::NO_USERS_DETAIL;
 use crate::users::NameScope;
+use crate::durability::Syncer;
 use crate::wakeup::Wakeup;
 
 /// What every queue session of a worker shares: the store and this process's wake-ups.
 #[derive(Debug)]
 pub struct QueueHub {
-    pub store: Store,
+    pub store: &'static Store,
     pub wakeup: Wakeup,
+    /// Under `--fsync always`, the worker's flusher of the store's log: every queue reply
+    /// waits behind the connection's gate until the log covers it (`durability.rs`).
+    pub syncer: Option<&'static Syncer>,
 }
 
 impl QueueHub {
@@ -70,6 +74,11 @@ impl QueueConn {
             wait: None,
             payload: Vec::new(),
         }
+    }
+
+    /// The flusher whose durable LSN this connection's replies wait for (`--fsync always`).
+    pub fn syncer(&self) -> Option<&'static Syncer> {
+        self.hub.syncer
     }
 
     /// Continues a connection handed over by another process: the jobs its session held
@@ -414,11 +423,12 @@ fn make_test_hub() -> &'static QueueHub {
         max_queues: 8,
         max_waiters: 16,
         max_payload: 64,
-        default_maxsize: 0,
+        ..forkpool_queue::StoreOptions::default()
     };
     let store = Store::open(&dir.path().join("queue.bin"), &options).expect("a fresh store");
     Box::leak(Box::new(QueueHub {
-        store,
+        store: Box::leak(Box::new(store)),
         wakeup: Wakeup::sender().expect("a wake-up socket"),
+        syncer: None,
     }))
 }

@@ -272,11 +272,12 @@ impl Session {
         }
     }
 
-    /// The flusher whose durable LSN the replies of this session wait for (a bank session
-    /// under `--fsync always`); `None`: replies go out at once.
+    /// The flusher whose durable LSN the replies of this session wait for (a bank or queue
+    /// session under `--fsync always`); `None`: replies go out at once.
     pub fn syncer(&self) -> Option<&'static Syncer> {
         match self {
             Session::Bank(session) => session.syncer,
+            Session::Queue(session) => session.conn.syncer(),
             _ => None,
         }
     }

@@ -12,12 +12,18 @@
 //! * [`create_allocated`] and [`try_lock`]: making a shared file that no one sees half made,
 //!   and the exclusive flock that marks a file in use.
 //! * [`futex_wait`] / [`futex_wake_all`]: sleep until a shared word changes (`futex.rs`).
+//! * [`LogStore`] / [`FileStore`]: the redo log's segments and checkpoint of `--fsync always`
+//!   (`logstore.rs`; no `unsafe`), and under feature `sim` a simulated disk for power-loss
+//!   tests ([`sim`]).
 
 mod create;
 mod fault;
 mod futex;
 mod lock;
+mod logstore;
 mod mapping;
+#[cfg(feature = "sim")]
+pub mod sim;
 
 pub use create::{create_allocated, temp_prefix, try_lock, CreateError};
 pub use futex::{futex_wait, futex_wake_all};
@@ -25,4 +31,5 @@ pub use lock::{
     my_pid, pid_alive, register_atfork, run_wait_hook, set_wait_hook, Acquired, LockWord,
     NotRecoverable, LOCK_WAIT_SLICE, MUTEX_BYTES,
 };
+pub use logstore::{has_checkpoint, FileStore, LogStore};
 pub use mapping::{Mapping, Plain, SharedWord, PAGE};

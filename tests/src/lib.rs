@@ -1132,6 +1132,75 @@ pub fn subset_reaching(items: &[i128], target: i128) -> Option<usize> {
     sums.get(&target).copied()
 }
 
+/// The `strace` command line (a [`ServerBuilder::wrapper`]) whose trace, written to
+/// `trace`, the reply-order checks below read: every process, the log writes, the flushes
+/// and the replies.
+pub fn fsync_trace_wrapper(strace: &Path, trace: &Path) -> Vec<String> {
+    let path = |p: &Path| p.to_str().expect("a UTF-8 path").to_string();
+    let flags = ["-DD", "-f", "-qq", "-s", "32", "-e"];
+    let mut args = vec![path(strace)];
+    args.extend(flags.iter().map(|f| f.to_string()));
+    args.push("trace=pwrite64,fdatasync,write,sendto".into());
+    args.extend(["-o".to_string(), path(trace)]);
+    args
+}
+
+/// How many reply writes an `strace -f -e trace=pwrite64,fdatasync,write,sendto` trace shows
+/// (`--fsync always` tests).
+pub fn replies_in(trace: &str) -> usize {
+    trace.lines().filter(|line| is_reply(line)).count()
+}
+
+/// A bank or queue reply that reports success (`OK ...`, a bare `OK`, `JOB ...`) in an
+/// `strace` line.
+fn is_reply(line: &str) -> bool {
+    (line.contains("sendto(") || line.contains(" write("))
+        && [", \"OK ", ", \"OK\\n", ", \"JOB "]
+            .iter()
+            .any(|reply| line.contains(reply))
+}
+
+/// Checks, in such a trace, that before each reply write an `fdatasync` that started after
+/// the last log write (`pwrite64`) completed has returned. Returns how many replies it checked.
+pub fn check_reply_order(trace: &str) -> usize {
+    check_reply_order_except(trace, &[])
+}
+
+/// [`check_reply_order`], skipping the reply writes that contain one of `skip`: a reply that
+/// may rightly leave before a log write just before it is flushed, because it does not
+/// depend on it (another connection's record appended meanwhile).
+pub fn check_reply_order_except(trace: &str, skip: &[&str]) -> usize {
+    let mut last_log_write = None;
+    // Per thread: the line where its unfinished fdatasync started.
+    let mut syncing = std::collections::HashMap::new();
+    let mut newest_sync_done_started_at = None;
+    let mut replies = 0;
+    for (i, line) in trace.lines().enumerate() {
+        let thread = line.split_whitespace().next().unwrap_or_default();
+        let log_write_done = (line.contains("pwrite64(") && !line.contains("<unfinished"))
+            || line.contains("<... pwrite64 resumed>");
+        if log_write_done {
+            last_log_write = Some(i);
+        } else if line.contains("fdatasync(") && line.contains("<unfinished") {
+            syncing.insert(thread.to_string(), i);
+        } else if line.contains("fdatasync(") && line.trim_end().ends_with("= 0") {
+            newest_sync_done_started_at = newest_sync_done_started_at.max(Some(i));
+        } else if line.contains("<... fdatasync resumed>") && line.trim_end().ends_with("= 0") {
+            let started = syncing.remove(thread).unwrap_or(i);
+            newest_sync_done_started_at = newest_sync_done_started_at.max(Some(started));
+        } else if is_reply(line) && !skip.iter().any(|s| line.contains(s)) {
+            replies += 1;
+            assert!(
+                newest_sync_done_started_at > last_log_write,
+                "line {}: a reply written before an fdatasync covered the log write at line \
+                 {last_log_write:?}:\n{line}\n{trace}",
+                i + 1
+            );
+        }
+    }
+    replies
+}
+
 #[cfg(test)]
 mod tests {
     /// Every phrase of [`super::log_phrase`] is written by the server: it appears in a

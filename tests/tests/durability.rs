@@ -8,7 +8,10 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
-use forkpool_testkit::{one_error_line, request_line, tool, wait_until, Server, Signal};
+use forkpool_testkit::{
+    check_reply_order, fsync_trace_wrapper, one_error_line, replies_in, request_line, tool,
+    wait_until, Server, Signal,
+};
 
 /// Deposits made one at a time, each acknowledged before the next.
 const DEPOSITS: u64 = 20;
@@ -21,21 +24,9 @@ fn no_bank_reply_is_written_before_the_fdatasync_that_covers_it() {
     };
     let dir = Arc::new(tempfile::tempdir().expect("a temporary directory"));
     let trace = dir.path().join("trace.txt");
-    let path = |p: &Path| p.to_str().expect("a UTF-8 path").to_string();
     let mut server = Server::builder()
         .data_dir(Arc::clone(&dir))
-        .wrapper([
-            path(&strace),
-            "-DD".into(),
-            "-f".into(),
-            "-qq".into(),
-            "-s".into(),
-            "32".into(),
-            "-e".into(),
-            "trace=pwrite64,fdatasync,write,sendto".into(),
-            "-o".into(),
-            path(&trace),
-        ])
+        .wrapper(fsync_trace_wrapper(&strace, &trace))
         .args(["--fsync", "always", "--workers", "1"])
         .start();
     let mut bank = server.connect_bank();
@@ -54,51 +45,8 @@ fn no_bank_reply_is_written_before_the_fdatasync_that_covers_it() {
         let text = std::fs::read_to_string(&trace).ok()?;
         (replies_in(&text) > DEPOSITS as usize).then_some(text)
     });
-    let checked = check_order(&text);
+    let checked = check_reply_order(&text);
     assert!(checked > DEPOSITS as usize, "{checked} replies checked");
-}
-
-/// How many reply writes the trace shows.
-fn replies_in(trace: &str) -> usize {
-    trace.lines().filter(|line| is_reply(line)).count()
-}
-
-fn is_reply(line: &str) -> bool {
-    (line.contains("sendto(") || line.contains(" write(")) && line.contains(", \"OK ")
-}
-
-/// Checks that before each reply write, an `fdatasync` that started after the last log
-/// write completed has returned. Returns how many replies it checked.
-fn check_order(trace: &str) -> usize {
-    let mut last_log_write = None;
-    // Per thread: the line where its unfinished fdatasync started.
-    let mut syncing = std::collections::HashMap::new();
-    let mut newest_sync_done_started_at = None;
-    let mut replies = 0;
-    for (i, line) in trace.lines().enumerate() {
-        let thread = line.split_whitespace().next().unwrap_or_default();
-        let log_write_done = (line.contains("pwrite64(") && !line.contains("<unfinished"))
-            || line.contains("<... pwrite64 resumed>");
-        if log_write_done {
-            last_log_write = Some(i);
-        } else if line.contains("fdatasync(") && line.contains("<unfinished") {
-            syncing.insert(thread.to_string(), i);
-        } else if line.contains("fdatasync(") && line.trim_end().ends_with("= 0") {
-            newest_sync_done_started_at = newest_sync_done_started_at.max(Some(i));
-        } else if line.contains("<... fdatasync resumed>") && line.trim_end().ends_with("= 0") {
-            let started = syncing.remove(thread).unwrap_or(i);
-            newest_sync_done_started_at = newest_sync_done_started_at.max(Some(started));
-        } else if is_reply(line) {
-            replies += 1;
-            assert!(
-                newest_sync_done_started_at > last_log_write,
-                "line {}: a reply written before an fdatasync covered the log write at line \
-                 {last_log_write:?}:\n{line}\n{trace}",
-                i + 1
-            );
-        }
-    }
-    replies
 }
 
 /// A server under `--fsync always` that made `DEPOSITS` deposits to `a` (1, 2, 3, ...),

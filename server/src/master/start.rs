@@ -108,6 +108,7 @@ impl Master {
             max_jobs: config.queue_max_jobs,
             max_payload: config.queue_max_payload,
             default_maxsize: config.queue_default_maxsize,
+            fsync: config.fsync,
             ..StoreOptions::default()
         };
         let queue = match inherited.queue.take() {

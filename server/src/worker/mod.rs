@@ -20,9 +20,10 @@ use std::time::{Duration, Instant};
 
 use forkpool_common::codec::Flow;
 use forkpool_common::queue::QueueErrorKind;
+use forkpool_ledger::FsyncPolicy;
 use forkpool_queue::Store;
 use mio::unix::SourceFd;
-use mio::{Events, Interest, Poll, Token};
+use mio::{Events, Interest, Poll, Token, Waker};
 use nix::unistd::Pid;
 use rustls::ServerConfig;
 use signal_hook::consts::{SIGINT, SIGQUIT, SIGTERM, SIGUSR1};
@@ -299,15 +300,25 @@ impl Worker {
         // The worker keeps its ledger (mapping or database pool) and settings for its whole
         // life; sessions borrow them.
         let ledger = open_ledger(setup.ledger, &settings.config, poll.registry())?;
-        // The flusher thread of `--fsync always` exists only in the worker, started after
-        // the fork.
+        // The flusher threads of `--fsync always` (one per log) exist only in the worker,
+        // started after the fork; they share the loop's one waker.
+        let synced: &'static Waker =
+            Box::leak(Box::new(Waker::new(poll.registry(), SYNCED_TOKEN)?));
         let syncer = match ledger {
-            Backend::File(file) => Syncer::start(file, poll.registry(), SYNCED_TOKEN)?,
-            Backend::Db(_) => None,
+            Backend::File(file) if file.fsync_policy() == FsyncPolicy::Always => {
+                Some(Syncer::start(file, synced)?)
+            }
+            _ => None,
+        };
+        let store: &'static Store = Box::leak(Box::new(setup.queue));
+        let queue_syncer = match store.is_logged() {
+            true => Some(Syncer::start(store, synced)?),
+            false => None,
         };
         let queue: &'static QueueHub = Box::leak(Box::new(QueueHub {
-            store: setup.queue,
+            store,
             wakeup: Wakeup::bind()?,
+            syncer: queue_syncer,
         }));
         poll.registry().register(
             &mut SourceFd(&queue.wakeup.raw_fd()),

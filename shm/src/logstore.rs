@@ -1,9 +1,10 @@
-//! Where `--fsync always` keeps its durable state, behind a narrow interface ([`LogStore`])
-//! so that a test can put a simulated disk in its place (`sim_tests.rs`): two preallocated
+//! Where `--fsync always` keeps its durable state (the ledger's and the queue store's redo
+//! logs), behind a narrow interface ([`LogStore`]) so that a test can put a simulated disk
+//! in its place ([`crate::sim`], feature `sim`): two preallocated
 //! log segments written at offsets and flushed, and a checkpoint replaced atomically (temp
 //! file, flush, rename, flush of the directory), each step a call of its own.
 //!
-//! [`FileStore`] is the real one: next to the ledger `NAME`, the segments `NAME.log0` and
+//! [`FileStore`] is the real one: next to the shared file `NAME`, the segments `NAME.log0` and
 //! `NAME.log1` (allocated and zero-filled when created, so a flush writes data, never the
 //! file's size or extent state) and the
 //! checkpoint `NAME.ckpt` (written as `NAME.ckpt.tmp` first).
@@ -17,7 +18,7 @@ use std::path::{Path, PathBuf};
 
 /// The durable storage of the redo log and its checkpoint. Methods may be called from any
 /// thread of any process that inherited the store.
-pub(crate) trait LogStore: Send + Sync {
+pub trait LogStore: Send + Sync {
     /// Bytes in each of the two segments.
     fn segment_bytes(&self) -> u64;
     /// Writes `bytes` at `offset` of segment `log` (not yet durable).
@@ -38,8 +39,8 @@ pub(crate) trait LogStore: Send + Sync {
     fn read_checkpoint(&self) -> io::Result<Option<Vec<u8>>>;
 }
 
-/// The log and checkpoint files next to a ledger file.
-pub(crate) struct FileStore {
+/// The log and checkpoint files next to a shared file.
+pub struct FileStore {
     segments: [File; 2],
     segment_bytes: u64,
     checkpoint: PathBuf,
@@ -69,15 +70,15 @@ fn fill_with_zeros(file: &File, bytes: u64) -> io::Result<()> {
     file.sync_all()
 }
 
-/// Whether the ledger at `path` has a checkpoint (it ran with `--fsync always`).
-pub(crate) fn has_checkpoint(path: &Path) -> bool {
+/// Whether the shared file at `path` has a checkpoint (it ran with `--fsync always`).
+pub fn has_checkpoint(path: &Path) -> bool {
     sibling(path, ".ckpt").exists()
 }
 
 impl FileStore {
-    /// Opens the store of the ledger at `path`, creating each missing segment with
+    /// Opens the log store of the shared file at `path`, creating each missing segment with
     /// `segment_bytes` allocated (an existing one keeps its size).
-    pub(crate) fn open(path: &Path, segment_bytes: u64) -> io::Result<FileStore> {
+    pub fn open(path: &Path, segment_bytes: u64) -> io::Result<FileStore> {
         let open = |i: u8| -> io::Result<File> {
             let file = OpenOptions::new()
                 .read(true)
@@ -106,8 +107,8 @@ impl FileStore {
         })
     }
 
-    /// Removes the store's files (a ledger that goes back to `--fsync never`).
-    pub(crate) fn remove(path: &Path) -> io::Result<()> {
+    /// Removes the store's files (a shared file that goes back to `--fsync never`).
+    pub fn remove(path: &Path) -> io::Result<()> {
         for suffix in [".ckpt", ".ckpt.tmp", ".log0", ".log1"] {
             match fs::remove_file(sibling(path, suffix)) {
                 Err(e) if e.kind() != io::ErrorKind::NotFound => return Err(e),
