@@ -12,17 +12,29 @@
 //! * [`create_allocated`] and [`try_lock`]: making a shared file that no one sees half made,
 //!   and the exclusive flock that marks a file in use.
 //! * [`futex_wait`] / [`futex_wake_all`]: sleep until a shared word changes (`futex.rs`).
+//! * opening such a file by a hostile path ([`FilePath`], [`open_locked`], `path.rs`),
+//!   keeping a second server off its path ([`PathGuard`], `guard.rs`) and noticing what
+//!   others do to it while it is mapped ([`FileWatch`], `watch.rs`): shared by the ledger and
+//!   the queue store.
 
 mod create;
 mod fault;
 mod futex;
+mod guard;
 mod lock;
 mod mapping;
+mod path;
+mod watch;
 
 pub use create::{create_allocated, temp_prefix, try_lock, CreateError};
 pub use futex::{futex_wait, futex_wake_all};
+pub use guard::{display_name as guard_name, GuardError, PathGuard};
 pub use lock::{
     my_pid, pid_alive, register_atfork, run_wait_hook, set_wait_hook, Acquired, LockWord,
     NotRecoverable, LOCK_WAIT_SLICE, MUTEX_BYTES,
 };
 pub use mapping::{Mapping, Plain, SharedWord, PAGE};
+pub use path::{
+    lock_exclusive, open_locked, remove_stale_temps, FileId, FilePath, PathError, OPEN_ATTEMPTS,
+};
+pub use watch::{FileChange, FileWatch};

@@ -418,6 +418,11 @@ impl Server {
                 self.output()
             ),
         };
+        self.read_ready_line(&line);
+    }
+
+    /// Takes the addresses from a ready line.
+    fn read_ready_line(&mut self, line: &str) {
         for field in line.split_whitespace() {
             if let Some((key, value)) = field.split_once('=') {
                 match key {
@@ -429,6 +434,38 @@ impl Server {
                     _ => {}
                 }
             }
+        }
+    }
+
+    /// Waits for the ready line (true) or for the master to exit without one (false), as a
+    /// start on damaged input may do either.
+    pub fn wait_ready_or_exit(&mut self, timeout: Duration) -> bool {
+        let deadline = Instant::now() + timeout;
+        loop {
+            match self.ready_rx.recv_timeout(Duration::from_millis(20)) {
+                Ok(line) => {
+                    self.read_ready_line(&line);
+                    return true;
+                }
+                Err(mpsc::RecvTimeoutError::Disconnected) => return false,
+                Err(mpsc::RecvTimeoutError::Timeout) => {}
+            }
+            let exited = self
+                .child
+                .as_mut()
+                .is_some_and(|c| matches!(c.try_wait(), Ok(Some(_))));
+            if exited {
+                // A ready line printed just before the exit still counts.
+                return self.ready_rx.try_recv().is_ok_and(|line| {
+                    self.read_ready_line(&line);
+                    true
+                });
+            }
+            assert!(
+                Instant::now() < deadline,
+                "neither ready nor exited within {timeout:?}; output:\n{}",
+                self.output()
+            );
         }
     }
 
@@ -475,6 +512,24 @@ impl Server {
             .lock()
             .map(|lines| lines.clone())
             .unwrap_or_default()
+    }
+
+    /// Lines the server logged at ERROR level about `path`.
+    pub fn errors_about(&self, path: &Path) -> Vec<String> {
+        let path = path.display().to_string();
+        self.output_lines()
+            .into_iter()
+            .filter(|line| line.contains(" ERROR ") && line.contains(&path))
+            .collect()
+    }
+
+    /// Waits for the first error line about `path` and returns it.
+    pub fn wait_error_about(&self, path: &Path, timeout: Duration) -> String {
+        wait_until(
+            &format!("an error about {} to be logged", path.display()),
+            timeout,
+            || self.errors_about(path).into_iter().next(),
+        )
     }
 
     pub fn signal(&self, signal: Signal) {

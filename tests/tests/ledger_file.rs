@@ -24,27 +24,15 @@ fn ledger_of(server: &Server) -> PathBuf {
     server.data_dir().path().join("ledger.bin")
 }
 
-/// Lines the server logged at ERROR level about `path`.
-fn errors_about(server: &Server, path: &Path) -> Vec<String> {
-    let path = path.display().to_string();
-    server
-        .output_lines()
-        .into_iter()
-        .filter(|line| line.contains(" ERROR ") && line.contains(&path))
-        .collect()
-}
-
 /// Waits for the one error line about `path` and returns it.
 fn wait_for_the_error(server: &Server, path: &Path) -> String {
-    wait_until("the ledger failure to be logged", WAIT, || {
-        errors_about(server, path).into_iter().next()
-    })
+    server.wait_error_about(path, WAIT)
 }
 
 /// Checks that the error about `path` was logged exactly once.
 #[track_caller]
 fn logged_once(server: &Server, path: &Path) {
-    let errors = errors_about(server, path);
+    let errors = server.errors_about(path);
     assert_eq!(errors.len(), 1, "{}", server.output());
 }
 
