@@ -76,12 +76,16 @@ fn name_words(name: &QueueName) -> (u64, [u64; 8]) {
     (bytes.len() as u64, words)
 }
 
-/// The name stored in queue record words, if they hold a valid one.
+/// The name stored in queue record words, if they hold a valid one (zero-padded as
+/// `name_words` writes it: lookups compare every word).
 pub(crate) fn name_from_words(len: u64, words: &[u64; 8]) -> Option<QueueName> {
     let len = usize::try_from(len).ok().filter(|&l| l <= 64)?;
     let mut bytes = [0u8; 64];
     for (chunk, word) in bytes.chunks_exact_mut(8).zip(words) {
         chunk.copy_from_slice(&word.to_le_bytes());
+    }
+    if bytes[len..].iter().any(|&b| b != 0) {
+        return None;
     }
     QueueName::new(&bytes[..len]).ok()
 }
@@ -90,6 +94,7 @@ impl Store {
     /// Takes the store lock; if its holder died, rolls its operation back and settles every
     /// queue first (collecting the wake-ups into `wakes`).
     fn lock(&self, wakes: &mut WakeSet) -> Result<Locked<'_>, OpError> {
+        self.usable()?;
         let acquired = self.region.lock().lock().map(Some);
         self.locked(acquired, wakes)
             .map(|locked| locked.expect("a waiting lock always acquires"))
@@ -97,6 +102,7 @@ impl Store {
 
     /// [`Store::lock`] without waiting: `None` if someone holds the lock.
     fn try_lock(&self, wakes: &mut WakeSet) -> Result<Option<Locked<'_>>, OpError> {
+        self.usable()?;
         let acquired = self.region.lock().try_lock();
         self.locked(acquired, wakes)
     }
@@ -124,15 +130,6 @@ impl Store {
                 Ok(Some(Locked { store: self }))
             }
             Err(_) => Err(OpError::Unrecoverable),
-        }
-    }
-
-    /// Fails an operation whose reads may have met a faulted page.
-    fn checked<T>(&self, result: Result<T, OpError>) -> Result<T, OpError> {
-        if self.region.faulted() {
-            Err(OpError::FileFault)
-        } else {
-            result
         }
     }
 
@@ -412,6 +409,13 @@ impl Store {
     /// Every queue's figures summed, read WITHOUT the lock (for monitoring: the master must
     /// never wait for it): not one consistent instant.
     pub fn overview(&self) -> crate::Overview {
+        let failed = crate::Overview {
+            failed: true,
+            ..crate::Overview::default()
+        };
+        if self.usable().is_err() {
+            return failed;
+        }
         let count = self
             .region
             .get(hdr::QUEUE_COUNT)
@@ -431,7 +435,7 @@ impl Store {
             overview.waiting_putters += s.waiting_putters;
             overview.waiting_joiners += s.waiting_joiners;
         }
-        overview
+        self.checked(Ok(overview)).unwrap_or(failed)
     }
 
     // ----- under the lock -----

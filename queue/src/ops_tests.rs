@@ -403,7 +403,14 @@ fn an_adopted_store_is_the_same_store_untouched() {
     let fd = std::os::fd::AsFd::as_fd(&store)
         .try_clone_to_owned()
         .expect("dup");
-    let adopted = Store::adopt(fd, &dir.path().join("q.bin"), &small()).expect("adopt");
+    let path = dir.path().join("q.bin");
+    // Without the guard it inherits, a second Store on the path is refused by the guard.
+    assert!(matches!(
+        Store::adopt(fd.try_clone().expect("dup"), None, &path, &small()),
+        Err(StoreError::PathInUse { .. })
+    ));
+    let guard = store.guard().try_clone_to_owned().expect("dup the guard");
+    let adopted = Store::adopt(fd, Some(guard), &path, &small()).expect("adopt");
     assert_eq!(get(&adopted, "q", 1).0, id);
     assert_eq!(store.stats(&name("q")).expect("stats").in_flight, 1);
 }
