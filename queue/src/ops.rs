@@ -14,7 +14,7 @@
 
 use forkpool_shm::{my_pid, Acquired};
 
-use crate::layout::{hdr, j, job_state, q, w, waiter_state};
+use crate::layout::{hdr, j, job_state, q, w, waiter_state, Geometry};
 use crate::region::Tx;
 use crate::{
     Attempt, Mode, OpError, Outcome, Party, QueueName, QueueStats, Store, Ticket, WakeSet,
@@ -88,6 +88,18 @@ pub(crate) fn name_from_words(len: u64, words: &[u64; 8]) -> Option<QueueName> {
         return None;
     }
     QueueName::new(&bytes[..len]).ok()
+}
+
+/// The next number of the sequence that numbers jobs and waits: 1 again after
+/// [`Geometry::max_seq`] (about 2^40 operations at the largest `max_jobs`), so that a job id
+/// (`seq * max_jobs + record`) never overflows.
+fn next_seq(tx: &mut Tx<'_>, g: &Geometry) -> u64 {
+    let seq = match tx.get(hdr::NEXT_SEQ) {
+        current if current >= g.max_seq() => 1,
+        current => current + 1,
+    };
+    tx.set(hdr::NEXT_SEQ, seq);
+    seq
 }
 
 impl Store {
@@ -526,8 +538,7 @@ impl Store {
             tx.set(hdr::JOBS_HIGH, high + 1);
             high
         };
-        let seq = tx.get(hdr::NEXT_SEQ) + 1;
-        tx.set(hdr::NEXT_SEQ, seq);
+        let seq = next_seq(tx, &g);
         let id = seq * u64::from(g.max_jobs) + job;
         // The record is unreachable until a journaled write links it: unjournaled is fine.
         for (k, chunk) in payload.chunks(8).enumerate() {
@@ -647,8 +658,7 @@ impl Store {
             tx.set(hdr::WAITERS_HIGH, high + 1);
             high
         };
-        let serial = tx.get(hdr::NEXT_SEQ) + 1;
-        tx.set(hdr::NEXT_SEQ, serial);
+        let serial = next_seq(tx, &g);
         let field = |f| g.waiter(index, f);
         tx.set(field(w::STATE), waiter_state::WAITING);
         tx.set(field(w::KIND), kind as u64);

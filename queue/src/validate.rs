@@ -85,6 +85,16 @@ impl View<'_> {
                 return Err(finding("header", format!("{what} {value} above {max}")));
             }
         }
+        let seq = self.get(hdr::NEXT_SEQ);
+        if seq > self.g.max_seq() {
+            return Err(finding(
+                "header",
+                format!(
+                    "job sequence {seq} above {} (job ids would overflow)",
+                    self.g.max_seq()
+                ),
+            ));
+        }
         let mut names = HashMap::new();
         for qi in 0..self.get(hdr::QUEUE_COUNT) {
             let mut words = [0u64; 8];
