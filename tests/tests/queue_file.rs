@@ -3,7 +3,8 @@
 //! internal, logged once, shown in the metrics), never a process, while echo and the bank
 //! serve on; odd store paths and garbage files of every size are refused at start with one
 //! line and exit 1, the file byte-for-byte unchanged; a second server on the same store is
-//! refused while the first runs, also once the file was deleted under it; random byte flips
+//! refused while the first runs, also once the file was deleted under it (and after a binary
+//! upgrade); random byte flips
 //! in a valid store either refuse the start untouched, naming what is wrong, or start a
 //! server whose queues add up.
 
@@ -230,6 +231,27 @@ fn a_second_server_on_the_store_is_refused_while_the_first_runs() {
     second_server_refused(&store);
     assert!(!store.exists(), "the refused server created no file");
     drop(server);
+}
+
+#[test]
+fn after_an_upgrade_the_new_master_keeps_the_store_path_from_a_second_server() {
+    let (mut server, conn, store) = running(&[]);
+    drop(conn);
+    server.signal(Signal::SIGUSR2);
+    let ready = server.next_ready_line(WAIT);
+    assert!(
+        !ready.ends_with(&format!(" pid={}", server.pid)),
+        "a new master: {ready}"
+    );
+    assert!(
+        server.wait_exit(WAIT).success(),
+        "the old master drains and exits"
+    );
+    // Only the new master's generation lives now; without the file, only the path guard
+    // it inherited can refuse a second server.
+    fs::remove_file(&store).expect("delete the store");
+    server.wait_error_about(&store, WAIT);
+    second_server_refused(&store);
 }
 
 // ---------------------------------------------------------------------------------------
