@@ -894,6 +894,56 @@ pub fn one_error_line<'a>(output: &'a str, path: &Path, what: &str) -> &'a str {
     errors[0]
 }
 
+/// Checks that a server spawned from `builder` is refused at once: exit 1, one error line
+/// naming `shown` and containing `cause`, and no temp file (`.NAME.tmp.PID`) left in `dir`.
+pub fn refused_at_start(builder: ServerBuilder, dir: &Path, shown: &Path, cause: &str) {
+    let mut server = builder.spawn();
+    let output = server.wait_refused(cause);
+    assert_eq!(
+        server.wait_exit(REFUSAL_TIMEOUT).code(),
+        Some(1),
+        "{output}"
+    );
+    let error = one_error_line(&output, shown, cause);
+    assert!(error.contains(cause), "expected {cause:?} in {error}");
+    let leftovers: Vec<String> = std::fs::read_dir(dir)
+        .expect("list the directory")
+        .flatten()
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .filter(|name| name.contains(".tmp."))
+        .collect();
+    assert!(leftovers.is_empty(), "temp files left: {leftovers:?}");
+}
+
+/// Asserts that `reply` is the `ERR internal ... restart ...` of a service whose file failed
+/// under the running server.
+#[track_caller]
+pub fn assert_internal(reply: &str) {
+    assert!(
+        reply.starts_with("ERR internal ") && reply.contains("restart"),
+        "{reply}"
+    );
+}
+
+/// Truncates (or extends) the file at `path` to `len` bytes, as an operator's `truncate -s`.
+pub fn truncate_file(path: &Path, len: u64) {
+    std::fs::OpenOptions::new()
+        .write(true)
+        .open(path)
+        .expect("open the file")
+        .set_len(len)
+        .expect("truncate the file");
+}
+
+/// Splits a queue reply `JOB <id> <payload>`.
+pub fn queue_job(line: &str) -> (u64, String) {
+    let rest = line
+        .strip_prefix("JOB ")
+        .unwrap_or_else(|| panic!("expected a job, got {line:?}"));
+    let (id, payload) = rest.split_once(' ').expect("JOB <id> <payload>");
+    (id.parse().expect("a numeric id"), payload.to_string())
+}
+
 /// The value of one series (name and labels, exactly as printed) in a `/metrics` page.
 pub fn metric(page: &str, series: &str) -> f64 {
     page.lines()

@@ -16,7 +16,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use forkpool_testkit::{
-    connect, is_alive, metric, one_error_line, request_line, tool, Rng, Server, Signal,
+    assert_internal, connect, is_alive, metric, one_error_line, queue_job, refused_at_start,
+    request_line, tool, truncate_file, Rng, Server, Signal,
 };
 
 const WAIT: Duration = Duration::from_secs(10);
@@ -27,14 +28,6 @@ fn store_of(server: &Server) -> PathBuf {
 
 fn queue(server: &Server) -> TcpStream {
     connect(server.queue_addr())
-}
-
-#[track_caller]
-fn assert_internal(reply: &str) {
-    assert!(
-        reply.starts_with("ERR internal ") && reply.contains("restart"),
-        "{reply}"
-    );
 }
 
 /// Every queue request that touches the store answers `ERR internal`, on an existing and on
@@ -75,15 +68,6 @@ fn running(args: &[&str]) -> (Server, TcpStream, PathBuf) {
     (server, conn, store)
 }
 
-fn shrink(path: &Path, len: u64) {
-    fs::OpenOptions::new()
-        .write(true)
-        .open(path)
-        .expect("open the store file")
-        .set_len(len)
-        .expect("truncate the store file");
-}
-
 /// Checks the aftermath of a truncation: nobody died, the metrics say so, one log line.
 fn nobody_died_and_it_was_said_once(server: &Server, workers: &[nix::unistd::Pid], store: &Path) {
     let page = server.metrics();
@@ -98,7 +82,7 @@ fn nobody_died_and_it_was_said_once(server: &Server, workers: &[nix::unistd::Pid
 fn truncating_the_store_under_an_idle_server_fails_the_queue_not_a_process() {
     let (server, mut conn, store) = running(&[]);
     let workers = server.wait_workers(2, WAIT);
-    shrink(&store, 4096);
+    truncate_file(&store, 4096);
     // Idle: the master's periodic inspection finds it.
     let error = server.wait_error_about(&store, WAIT);
     assert!(error.contains("4096 bytes"), "{error}");
@@ -110,7 +94,7 @@ fn truncating_the_store_under_an_idle_server_fails_the_queue_not_a_process() {
 fn truncating_the_store_to_nothing_fails_each_queue_request_at_once() {
     let (server, mut conn, store) = running(&[]);
     let workers = server.wait_workers(2, WAIT);
-    shrink(&store, 0);
+    truncate_file(&store, 0);
     // At once: this request meets the missing pages (or the inspection's finding).
     assert_internal(&request_line(&mut conn, "GET_NOWAIT q"));
     queue_fails_others_serve(&server, &mut conn);
@@ -123,8 +107,9 @@ fn truncating_the_store_to_nothing_fails_each_queue_request_at_once() {
 // Odd paths
 // ---------------------------------------------------------------------------------------
 
-/// Starts a server on the store path `path` and checks that it exits 1 at once with one
-/// error line naming `path` and containing `cause`, and leaves no temp file in `dir`.
+/// Starts a server on the store path `path` (and `ledger`, if given) and checks that it
+/// exits 1 at once with one error line naming `path` and containing `cause`, leaving no temp
+/// file in `dir`.
 fn refused_store(dir: &Path, path: &Path, cause: &str, wrapper: &[String], ledger: Option<&Path>) {
     let mut builder = Server::builder()
         .wrapper(wrapper.iter().cloned())
@@ -132,18 +117,7 @@ fn refused_store(dir: &Path, path: &Path, cause: &str, wrapper: &[String], ledge
     if let Some(ledger) = ledger {
         builder = builder.args(["--ledger", ledger.to_str().expect("a UTF-8 path")]);
     }
-    let mut server = builder.spawn();
-    let output = server.wait_refused(cause);
-    assert_eq!(server.wait_exit(WAIT).code(), Some(1), "{output}");
-    let error = one_error_line(&output, path, cause);
-    assert!(error.contains(cause), "expected {cause:?} in {error}");
-    let leftovers: Vec<String> = fs::read_dir(dir)
-        .expect("list the directory")
-        .flatten()
-        .map(|e| e.file_name().to_string_lossy().into_owned())
-        .filter(|name| name.contains(".tmp."))
-        .collect();
-    assert!(leftovers.is_empty(), "temp files left: {leftovers:?}");
+    refused_at_start(builder, dir, path, cause);
 }
 
 #[test]
@@ -381,7 +355,7 @@ fn valid_store() -> Vec<u8> {
         }
     }
     for queue in ["alpha", "gamma"] {
-        let (id, _) = job_of(&request_line(&mut conn, &format!("GET {queue}")));
+        let (id, _) = queue_job(&request_line(&mut conn, &format!("GET {queue}")));
         assert_eq!(request_line(&mut conn, &format!("DONE {id}")), "OK");
     }
     assert!(request_line(&mut conn, "GET beta").starts_with("JOB "));
@@ -390,14 +364,6 @@ fn valid_store() -> Vec<u8> {
     server.signal(Signal::SIGTERM);
     assert!(server.wait_exit(WAIT).success());
     fs::read(store_of(&server)).expect("read the store")
-}
-
-fn job_of(line: &str) -> (u64, String) {
-    let rest = line
-        .strip_prefix("JOB ")
-        .unwrap_or_else(|| panic!("expected a job, got {line:?}"));
-    let (id, payload) = rest.split_once(' ').expect("JOB <id> <payload>");
-    (id.parse().expect("a numeric id"), payload.to_string())
 }
 
 /// The used part of the fuzzed store: the header page, then the records in use (3 queues
@@ -439,7 +405,7 @@ fn serves_consistently(server: &Server, case: &str) {
         assert_eq!(field("in_flight"), 0, "{case}: {stats}");
         assert_eq!(put, done + depth, "{case}: {stats}");
         for _ in 0..depth {
-            let (id, _) = job_of(&request_line(&mut conn, &format!("GET_NOWAIT {name}")));
+            let (id, _) = queue_job(&request_line(&mut conn, &format!("GET_NOWAIT {name}")));
             assert_eq!(
                 request_line(&mut conn, &format!("DONE {id}")),
                 "OK",
