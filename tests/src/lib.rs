@@ -514,6 +514,21 @@ impl Server {
             .unwrap_or_default()
     }
 
+    /// A binary upgrade (SIGUSR2) that the old master completes: waits for the new master's
+    /// ready line and for the old master to drain and exit successfully.
+    pub fn upgrade_and_retire_old_master(&mut self, timeout: Duration) {
+        self.signal(Signal::SIGUSR2);
+        let ready = self.next_ready_line(timeout);
+        assert!(
+            !ready.ends_with(&format!(" pid={}", self.pid)),
+            "a new master: {ready}"
+        );
+        assert!(
+            self.wait_exit(timeout).success(),
+            "the old master drains and exits"
+        );
+    }
+
     /// Lines the server logged at ERROR level about `path`.
     pub fn errors_about(&self, path: &Path) -> Vec<String> {
         let path = path.display().to_string();

@@ -175,16 +175,7 @@ fn replacing_the_ledger_under_a_running_server_refuses_writes_and_a_second_serve
 fn after_an_upgrade_the_new_master_keeps_the_ledger_path_from_a_second_server() {
     let (mut server, mut bank, ledger) = running(&[], &[("DEPOSIT alice 3", "OK 3")]);
     drop(bank);
-    server.signal(Signal::SIGUSR2);
-    let ready = server.next_ready_line(WAIT);
-    assert!(
-        !ready.ends_with(&format!(" pid={}", server.pid)),
-        "a new master: {ready}"
-    );
-    assert!(
-        server.wait_exit(WAIT).success(),
-        "the old master drains and exits"
-    );
+    server.upgrade_and_retire_old_master(WAIT);
     // Only the new master's generation lives now; without the file, only the path guard
     // it inherited can refuse a second server.
     fs::remove_file(&ledger).expect("delete the ledger file");

@@ -211,16 +211,7 @@ fn a_second_server_on_the_store_is_refused_while_the_first_runs() {
 fn after_an_upgrade_the_new_master_keeps_the_store_path_from_a_second_server() {
     let (mut server, conn, store) = running(&[]);
     drop(conn);
-    server.signal(Signal::SIGUSR2);
-    let ready = server.next_ready_line(WAIT);
-    assert!(
-        !ready.ends_with(&format!(" pid={}", server.pid)),
-        "a new master: {ready}"
-    );
-    assert!(
-        server.wait_exit(WAIT).success(),
-        "the old master drains and exits"
-    );
+    server.upgrade_and_retire_old_master(WAIT);
     // Only the new master's generation lives now; without the file, only the path guard
     // it inherited can refuse a second server.
     fs::remove_file(&store).expect("delete the store");
