@@ -135,6 +135,26 @@ pub enum LedgerError {
     },
 }
 
+impl LedgerError {
+    /// The error for a path that does not lead to a usable ledger file.
+    pub(crate) fn from_path(path: &std::path::Path, error: forkpool_shm::PathError) -> Self {
+        use forkpool_shm::PathError;
+        let path = path.to_path_buf();
+        match error {
+            PathError::BadPath(reason) => LedgerError::BadPath { path, reason },
+            PathError::DanglingSymlink { target } => LedgerError::DanglingSymlink { path, target },
+            PathError::NotAFile { kind } => LedgerError::NotAFile { path, kind },
+            PathError::Locked => LedgerError::Locked { path },
+            PathError::Unstable { attempts } => LedgerError::Unstable { path, attempts },
+            PathError::Io { action, source } => LedgerError::Io {
+                path,
+                action,
+                source,
+            },
+        }
+    }
+}
+
 /// Why an operation failed. Every variant except [`OpError::Unrecoverable`] and
 /// [`OpError::FileFault`] (both `internal`) maps one-to-one onto a bank protocol word (see
 /// [`OpError::kind`]); a failed operation changed nothing.

@@ -1,22 +1,16 @@
 //! Opening, creating and locking the ledger file, and validating its header before anything
-//! is mapped. A file that fails validation is never written to.
-//!
-//! The path is hostile input too: it may be a dangling symbolic link, end in '/', name a
-//! directory or a FIFO, be replaced between two system calls, or hold the temp file of a
-//! creator that died. Each case either ends in a usable file or in one error that names its
-//! cause; no step loops without bound.
+//! is mapped. A file that fails validation is never written to. The path is hostile input
+//! too; [`forkpool_shm::open_locked`] deals with it (dangling links, directories, FIFOs,
+//! races), this module with what the ledger's file must hold.
 
-use std::ffi::OsString;
-use std::fs::{self, File, OpenOptions};
+use std::fs::File;
 use std::io;
-use std::os::unix::ffi::OsStrExt;
-use std::os::unix::fs::{FileExt, OpenOptionsExt};
-use std::path::{Path, PathBuf};
+use std::os::unix::fs::FileExt;
+use std::path::Path;
 
-use forkpool_shm::CreateError;
+use forkpool_shm::{CreateError, FilePath};
 
 use crate::error::LedgerError;
-use crate::health::FileId;
 use crate::layout::{Geometry, HeaderProblem, FIXED_BYTES};
 use crate::options::{LedgerOptions, MAX_MAX_ACCOUNTS};
 use crate::{MAX_INTENTS, MAX_STRIPES};
@@ -58,247 +52,23 @@ pub(crate) fn check_options(path: &Path, opts: &LedgerOptions) -> Result<(), Led
     Ok(())
 }
 
-/// How many times [`open_locked`] opens (or creates) the file before it gives up because the
-/// path keeps changing under it.
-const OPEN_ATTEMPTS: u32 = 4;
-
-/// The ledger path as given, and what it resolves to.
-#[derive(Debug)]
-pub(crate) struct LedgerPath<'a> {
-    /// As configured (for messages and the identity check).
-    pub(crate) given: &'a Path,
-    /// The directory that holds the file (and its temp files).
-    dir: PathBuf,
-    /// The file name in `dir`.
-    name: OsString,
-    /// Every symbolic link resolved: one name per file, for the path guard.
-    pub(crate) canonical: PathBuf,
-}
-
-impl<'a> LedgerPath<'a> {
-    /// Checks the path's form, creates its directory if missing and resolves it. A symbolic
-    /// link to an existing file is followed on purpose (a deployment may point the path
-    /// elsewhere); a dangling one is refused: the ledger is never created through a link.
-    pub(crate) fn resolve(path: &'a Path) -> Result<LedgerPath<'a>, LedgerError> {
-        let bad = |reason| LedgerError::BadPath {
-            path: path.to_path_buf(),
-            reason,
-        };
-        if path.as_os_str().as_bytes().ends_with(b"/") {
-            return Err(bad(
-                "the path ends in '/', so it can only name a directory; \
-                            give the path of a file",
-            ));
-        }
-        let name = path
-            .file_name()
-            .ok_or_else(|| bad("the path has no file name"))?
-            .to_os_string();
-        let dir = match path.parent() {
-            Some(d) if !d.as_os_str().is_empty() => d.to_path_buf(),
-            _ => PathBuf::from("."),
-        };
-        fs::create_dir_all(&dir).map_err(io_err(path, "create its directory"))?;
-        let canonical = match fs::canonicalize(path) {
-            Ok(canonical) => canonical,
-            Err(e) if e.kind() == io::ErrorKind::NotFound => {
-                refuse_dangling_link(path)?;
-                fs::canonicalize(&dir)
-                    .map_err(io_err(path, "resolve its directory"))?
-                    .join(&name)
-            }
-            Err(e) => return Err(io_err(path, "resolve path")(e)),
-        };
-        Ok(LedgerPath {
-            given: path,
-            dir,
-            name,
-            canonical,
-        })
-    }
-
-    /// `.NAME.tmp.` : the start of every temp file name of this ledger.
-    fn temp_prefix(&self) -> OsString {
-        forkpool_shm::temp_prefix(&self.name)
-    }
-}
-
-/// A missing path that is a symbolic link: its target does not exist.
-fn refuse_dangling_link(path: &Path) -> Result<(), LedgerError> {
-    match fs::symlink_metadata(path) {
-        Ok(metadata) if metadata.file_type().is_symlink() => Err(LedgerError::DanglingSymlink {
-            path: path.to_path_buf(),
-            target: fs::read_link(path).unwrap_or_default(),
-        }),
-        _ => Ok(()),
-    }
-}
-
-/// Opens the ledger read-write, creating a new ledger file if there is none, and takes the
-/// exclusive non-blocking flock; then checks that the path still names the locked file (it
-/// may have been replaced between the open and the lock). Every race (another creator, a
-/// file deleted or replaced meanwhile) ends in a retry, at most [`OPEN_ATTEMPTS`] times.
-/// Returns the locked file; its header is not yet validated.
+/// Opens the ledger at `target` read-write, creating a new ledger file if there is none, and
+/// takes the exclusive flock ([`forkpool_shm::open_locked`]). Returns the locked file; its
+/// header is not yet validated.
 pub(crate) fn open_locked(
-    target: &LedgerPath<'_>,
+    target: &FilePath,
     opts: &LedgerOptions,
     new_key: &dyn Fn() -> u64,
 ) -> Result<File, LedgerError> {
-    let path = target.given;
-    for _ in 0..OPEN_ATTEMPTS {
-        let file = match open_existing(path) {
-            Ok(file) => file,
-            Err(e) if e.kind() == io::ErrorKind::NotFound => {
-                refuse_dangling_link(path)?;
-                create(target, opts, new_key)?;
-                continue;
-            }
-            Err(e) => return Err(open_error(path, e)),
-        };
-        let metadata = file.metadata().map_err(io_err(path, "stat"))?;
-        if !metadata.file_type().is_file() {
-            return Err(LedgerError::NotAFile {
-                path: path.to_path_buf(),
-                kind: describe(metadata.file_type()),
-            });
-        }
-        lock_exclusive(&file, path)?;
-        match fs::metadata(path) {
-            Ok(now) if FileId::of(&now) == FileId::of(&metadata) => return Ok(file),
-            // Replaced or deleted since we opened it: the lock guards nothing; again.
-            _ => continue,
-        }
-    }
-    Err(LedgerError::Unstable {
-        path: path.to_path_buf(),
-        attempts: OPEN_ATTEMPTS,
+    let path = &target.given;
+    forkpool_shm::open_locked(target, &mut || create(target, opts, new_key), &|e| {
+        LedgerError::from_path(path, e)
     })
 }
 
-/// Opens an existing file read-write. Symbolic links are followed (see `LedgerPath`);
-/// `O_NONBLOCK` keeps a FIFO or a device from blocking the open before its type is checked.
-fn open_existing(path: &Path) -> io::Result<File> {
-    OpenOptions::new()
-        .read(true)
-        .write(true)
-        .custom_flags(libc::O_NONBLOCK | libc::O_NOCTTY)
-        .open(path)
-}
-
-/// The error for a failed open, naming what the path is when it is not a file.
-fn open_error(path: &Path, e: io::Error) -> LedgerError {
-    match fs::metadata(path) {
-        Ok(metadata) if !metadata.file_type().is_file() => LedgerError::NotAFile {
-            path: path.to_path_buf(),
-            kind: describe(metadata.file_type()),
-        },
-        _ => io_err(path, "open")(e),
-    }
-}
-
-/// "a directory", "a FIFO", ...: what a path that is not a regular file is.
-fn describe(file_type: fs::FileType) -> &'static str {
-    use std::os::unix::fs::FileTypeExt;
-    if file_type.is_dir() {
-        "a directory"
-    } else if file_type.is_fifo() {
-        "a FIFO"
-    } else if file_type.is_socket() {
-        "a socket"
-    } else if file_type.is_char_device() {
-        "a character device"
-    } else if file_type.is_block_device() {
-        "a block device"
-    } else {
-        "not a regular file"
-    }
-}
-
-/// Removes the temp files that creators of this ledger left when they died mid-creation
-/// (`.NAME.tmp.PID`, possibly hundreds of MB). A creator holds an exclusive flock on its
-/// temp file from creating it to removing it, so a temp file nobody has locked belongs to a
-/// dead creator, whatever process now has the pid in its name (pids are reused). Called with
-/// the path guard held, so no other creator of this ledger is running.
-pub(crate) fn remove_stale_temps(target: &LedgerPath<'_>) {
-    let prefix = target.temp_prefix();
-    let entries = match fs::read_dir(&target.dir) {
-        Ok(entries) => entries,
-        Err(e) => {
-            log::warn!(
-                "ledger {}: cannot list {} for stale temp files: {e}",
-                target.given.display(),
-                target.dir.display()
-            );
-            return;
-        }
-    };
-    for entry in entries.flatten() {
-        let name = entry.file_name();
-        let Some(pid) = name
-            .as_bytes()
-            .strip_prefix(prefix.as_bytes())
-            .and_then(|pid| std::str::from_utf8(pid).ok())
-            .and_then(|pid| pid.parse::<u32>().ok())
-            .and_then(|pid| i32::try_from(pid).ok())
-        else {
-            continue;
-        };
-        let path = entry.path();
-        match remove_if_abandoned(&path) {
-            Ok(Some(bytes)) => log::info!(
-                "ledger {}: removed {} ({bytes} bytes), left by an interrupted creation \
-                 (pid {pid}, {})",
-                target.given.display(),
-                path.display(),
-                if forkpool_shm::pid_alive(pid) {
-                    "now another process"
-                } else {
-                    "no longer running"
-                }
-            ),
-            Ok(None) => log::warn!(
-                "ledger {}: left {} in place: a live process (pid {pid}) holds its lock",
-                target.given.display(),
-                path.display()
-            ),
-            Err(e) => log::warn!(
-                "ledger {}: cannot remove the stale temp file {}: {e}",
-                target.given.display(),
-                path.display()
-            ),
-        }
-    }
-}
-
-/// Removes `path` if it is a regular file nobody holds a flock on; returns its size then.
-fn remove_if_abandoned(path: &Path) -> io::Result<Option<u64>> {
-    let file = OpenOptions::new()
-        .read(true)
-        .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK)
-        .open(path)?;
-    let metadata = file.metadata()?;
-    if !metadata.file_type().is_file() || !forkpool_shm::try_lock(&file)? {
-        return Ok(None);
-    }
-    // Still the file we locked (not a new one of a live creator that reused the name)?
-    if fs::symlink_metadata(path).map(|now| FileId::of(&now)).ok() != Some(FileId::of(&metadata)) {
-        return Ok(None);
-    }
-    fs::remove_file(path)?;
-    Ok(Some(metadata.len()))
-}
-
 /// Takes (or, for a descriptor that already holds it, confirms) the exclusive flock.
-///
-/// Deliberately never unlocked (see [`forkpool_shm::try_lock`]).
 pub(crate) fn lock_exclusive(file: &File, path: &Path) -> Result<(), LedgerError> {
-    match forkpool_shm::try_lock(file) {
-        Ok(true) => Ok(()),
-        Ok(false) => Err(LedgerError::Locked {
-            path: path.to_path_buf(),
-        }),
-        Err(e) => Err(io_err(path, "flock")(e)),
-    }
+    forkpool_shm::lock_exclusive(file).map_err(|e| LedgerError::from_path(path, e))
 }
 
 /// Reads and checks the header of an open ledger file against its size (and, if given, the
@@ -364,15 +134,16 @@ pub(crate) fn validate(
 }
 
 /// Creates a new, fully allocated ledger file at the path ([`forkpool_shm::create_allocated`]:
-/// a temp file `.NAME.tmp.PID` flocked while it exists, see [`remove_stale_temps`]). If
+/// a temp file `.NAME.tmp.PID` flocked while it exists, see
+/// [`forkpool_shm::remove_stale_temps`]). If
 /// something appeared at the path meanwhile, this returns Ok and the caller opens whatever is
 /// there (and checks it).
 fn create(
-    target: &LedgerPath<'_>,
+    target: &FilePath,
     opts: &LedgerOptions,
     new_key: &dyn Fn() -> u64,
 ) -> Result<(), LedgerError> {
-    let path = target.given;
+    let path = &target.given;
     let geometry = Geometry::new(
         opts.max_accounts,
         opts.stripes,

@@ -6,12 +6,10 @@
 //! state:
 //!
 //! * a SIGBUS inside the mapping (`forkpool_shm`'s handler), noticed right after the operation that hit it;
-//! * [`Ledger::check_file`], the supervisor's periodic inspection: `fstat` of the mapped
-//!   descriptor (its size), `stat` of the path (does it still name the mapped inode?), and an
-//!   inotify watch for `IN_MODIFY` on the inode, set up by the first inspection: the ledger's processes only store through
-//!   the mapping, which raises no inotify event, so an event means another process called
-//!   `write`, `truncate` or the like on the file (e.g. `cp backup ledger.bin` over it, which
-//!   keeps the inode and perhaps the size);
+//! * [`Ledger::check_file`], the supervisor's periodic inspection ([`forkpool_shm::FileWatch`]:
+//!   the file's size, whether the path still names the mapped inode, and writes by other
+//!   processes, e.g. `cp backup ledger.bin` over it, which keeps the inode and perhaps the
+//!   size);
 //! * the same identity check before the flock is trusted at start (`file.rs`).
 //!
 //! The state lives in an anonymous shared page made by the process that opened the ledger, so
@@ -20,17 +18,11 @@
 //! the state never returns to healthy: only a restart, which re-validates the file, does.
 //! The first process to record a fault logs it (one error line naming the file).
 
-use std::fs::File;
 use std::io;
-use std::os::fd::AsRawFd;
-use std::os::unix::fs::MetadataExt;
-use std::path::Path;
 use std::sync::atomic::Ordering::Relaxed;
 
-use nix::sys::inotify::{AddWatchFlags, InitFlags, Inotify};
-
 use crate::{Ledger, OpError};
-use forkpool_shm::SharedWord;
+use forkpool_shm::{FileChange, SharedWord};
 
 /// What the processes sharing a ledger know about its file.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -103,65 +95,6 @@ pub(crate) enum Access {
     Write,
 }
 
-/// The (device, inode) pair that identifies a file.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) struct FileId {
-    dev: u64,
-    ino: u64,
-}
-
-impl FileId {
-    pub(crate) fn of(metadata: &std::fs::Metadata) -> FileId {
-        FileId {
-            dev: metadata.dev(),
-            ino: metadata.ino(),
-        }
-    }
-}
-
-impl std::fmt::Display for FileId {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "device {:#x} inode {}", self.dev, self.ino)
-    }
-}
-
-/// Notices `write`, `truncate` and the like on the mapped file by any process (inotify
-/// `IN_MODIFY` on its inode).
-pub(crate) struct WriteWatch {
-    inotify: Inotify,
-}
-
-impl WriteWatch {
-    /// Watches the inode open on `file`; `None` (logged) if inotify is unavailable, and the
-    /// other checks go on without it.
-    pub(crate) fn new(file: &File, path: &Path) -> Option<WriteWatch> {
-        let watch = || {
-            let inotify = Inotify::init(InitFlags::IN_NONBLOCK | InitFlags::IN_CLOEXEC)?;
-            // Through the descriptor: the very inode mapped, whatever the path names now.
-            let by_fd = format!("/proc/self/fd/{}", file.as_raw_fd());
-            inotify.add_watch(by_fd.as_str(), AddWatchFlags::IN_MODIFY)?;
-            Ok::<_, nix::Error>(WriteWatch { inotify })
-        };
-        watch()
-            .map_err(|e| {
-                log::warn!(
-                    "ledger {}: cannot watch the file for writes by other processes: {e}",
-                    path.display()
-                )
-            })
-            .ok()
-    }
-
-    /// Whether a write was seen since the last call (consumes the events).
-    fn written(&self) -> bool {
-        let mut seen = false;
-        while let Ok(events) = self.inotify.read_events() {
-            seen |= !events.is_empty();
-        }
-        seen
-    }
-}
-
 /// The health state in its shared word: 0 while healthy, else the first fault's code.
 pub(crate) struct SharedHealth {
     word: SharedWord,
@@ -196,11 +129,9 @@ impl Ledger {
         self.health.get()
     }
 
-    /// The supervisor's periodic inspection of the file (three system calls): is it still
-    /// the size of the ledger, does the path still name the mapped file, and did another
-    /// process write to it (an inotify watch, set up by the first call: closing an inotify
-    /// instance costs a kernel grace period, which only the supervisor's one ledger should
-    /// pay)? Also takes note of faults this process met in the mapping. A new fault is
+    /// The supervisor's periodic inspection of the file (three system calls,
+    /// [`forkpool_shm::FileWatch::inspect`]): is it still the size of the ledger, does the
+    /// path still name the mapped file, and did another process write to it? Also takes note of faults this process met in the mapping. A new fault is
     /// recorded for every process and logged once, as an error naming the file. Returns the
     /// health after the check.
     pub fn check_file(&self) -> Health {
@@ -208,71 +139,47 @@ impl Ledger {
         if let Health::Failed(fault) = self.health() {
             return Health::Failed(fault);
         }
-        match self.file.metadata() {
-            Ok(metadata) if metadata.len() != self.region.geometry().file_size => {
-                self.fail(
-                    FileFault::Resized,
-                    &format!(
-                        "the file is now {} bytes, the ledger is {} bytes: it was truncated or \
-                         extended under the running server, and will be refused at the next \
-                         start; every bank request answers ERR internal until then",
-                        metadata.len(),
-                        self.region.geometry().file_size
-                    ),
-                );
-            }
-            Ok(_) => self.check_identity(),
-            Err(e) => log::debug!("ledger {}: fstat failed: {e}", self.path.display()),
-        }
-        let writes = self
-            .writes
-            .get_or_init(|| WriteWatch::new(&self.file, &self.path));
-        if writes.as_ref().is_some_and(WriteWatch::written) {
-            self.fail(
+        let size = self.region.geometry().file_size;
+        match self.watch.inspect(&self.file, size) {
+            None => {}
+            Some(FileChange::Resized { now }) => self.fail(
+                FileFault::Resized,
+                &format!(
+                    "the file is now {now} bytes, the ledger is {size} bytes: it was truncated \
+                     or extended under the running server, and will be refused at the next \
+                     start; every bank request answers ERR internal until then"
+                ),
+            ),
+            Some(FileChange::Replaced { now }) => self.fail(
+                FileFault::Replaced,
+                &format!(
+                    "the path now names another file ({now}; the server uses {}): writes are \
+                     refused until the server is restarted, which will use the file now at the \
+                     path",
+                    self.watch.identity()
+                ),
+            ),
+            Some(FileChange::Deleted) => self.fail(
+                FileFault::Deleted,
+                &format!(
+                    "the file was deleted under the running server: writes are refused until \
+                     the server is restarted (reads still answer). Its data lives on only in \
+                     this server: copy /proc/{}/fd/{} to {} before restarting, or the restart \
+                     begins an empty ledger",
+                    std::process::id(),
+                    std::os::fd::AsRawFd::as_raw_fd(&self.file),
+                    self.watch.absolute_path().display()
+                ),
+            ),
+            Some(FileChange::Written) => self.fail(
                 FileFault::Written,
                 "another process wrote to the file or changed its size (write, truncate, a copy \
                  over it): its contents can no longer be trusted; every bank request answers \
                  ERR internal until the server is restarted, which validates what the file \
                  then holds",
-            );
+            ),
         }
         self.health()
-    }
-
-    /// Does the path still name the mapped file?
-    fn check_identity(&self) {
-        match std::fs::metadata(&self.absolute_path) {
-            Ok(metadata) if FileId::of(&metadata) == self.identity => {}
-            Ok(metadata) => self.fail(
-                FileFault::Replaced,
-                &format!(
-                    "the path now names another file ({}; the server uses {}): writes are \
-                     refused until the server is restarted, which will use the file now at the \
-                     path",
-                    FileId::of(&metadata),
-                    self.identity
-                ),
-            ),
-            Err(e)
-                if e.kind() == io::ErrorKind::NotFound
-                    || e.raw_os_error() == Some(libc::ENOTDIR) =>
-            {
-                self.fail(
-                    FileFault::Deleted,
-                    &format!(
-                        "the file was deleted under the running server: writes are refused \
-                         until the server is restarted (reads still answer). Its data lives on \
-                         only in this server: copy /proc/{}/fd/{} to {} before restarting, or \
-                         the restart begins an empty ledger",
-                        std::process::id(),
-                        std::os::fd::AsRawFd::as_raw_fd(&self.file),
-                        self.absolute_path.display()
-                    ),
-                );
-            }
-            // Another error (e.g. a directory made unreadable) says nothing about the file.
-            Err(e) => log::debug!("ledger {}: stat failed: {e}", self.path.display()),
-        }
     }
 
     /// Records a fault for every process; the process that records it first logs it.

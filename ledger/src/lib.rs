@@ -28,7 +28,6 @@
 mod durable;
 mod error;
 mod file;
-mod guard;
 mod health;
 mod layout;
 mod name;
@@ -43,7 +42,6 @@ use std::fmt;
 use std::fs::File;
 use std::os::fd::{AsRawFd, OwnedFd, RawFd};
 use std::path::{Path, PathBuf};
-use std::sync::OnceLock;
 
 pub use error::{LedgerError, OpError};
 pub use forkpool_shm::{set_wait_hook, LOCK_WAIT_SLICE};
@@ -55,8 +53,8 @@ pub use options::{
 };
 pub use validate::{Finding, Problem, Structure};
 
-use guard::{GuardError, PathGuard};
-use health::{FileId, SharedHealth, WriteWatch};
+use forkpool_shm::{FilePath, FileWatch, GuardError, PathGuard};
+use health::SharedHealth;
 use region::Region;
 
 /// Largest amount and largest balance: the protocol's (2^63-1).
@@ -124,10 +122,9 @@ pub struct Ledger {
     file: File,
     /// For error messages and logs.
     path: PathBuf,
-    /// The path made absolute, to check that it still names the mapped file.
-    absolute_path: PathBuf,
-    /// The mapped file's (device, inode).
-    identity: FileId,
+    /// Notices what other processes do to the file (size, path, writes); read by
+    /// `check_file` only.
+    watch: FileWatch,
     /// The durability policy in force.
     fsync: FsyncPolicy,
     /// The redo log, under `FsyncPolicy::Always`.
@@ -136,8 +133,6 @@ pub struct Ledger {
     health: SharedHealth,
     /// Keeps other servers off the path while any process of ours lives.
     guard: PathGuard,
-    /// Notices other processes writing to the file; made and read by `check_file` only.
-    writes: OnceLock<Option<WriteWatch>>,
 }
 
 impl fmt::Debug for Ledger {
@@ -177,9 +172,9 @@ impl Ledger {
     ) -> Result<Ledger, LedgerError> {
         file::check_options(path, opts)?;
         forkpool_shm::register_atfork();
-        let target = file::LedgerPath::resolve(path)?;
+        let target = resolve(path)?;
         let guard = acquire_guard(path, &target.canonical)?;
-        file::remove_stale_temps(&target);
+        forkpool_shm::remove_stale_temps(&target, "ledger");
         let file = file::open_locked(&target, opts, new_key)?;
         let geometry = file::validate(&file, path, Some(opts.max_accounts))?;
         let store = match store {
@@ -217,7 +212,7 @@ impl Ledger {
         let geometry = file::validate(&file, path, None)?;
         let guard = match guard {
             Some(fd) => PathGuard::inherited(fd),
-            None => acquire_guard(path, &file::LedgerPath::resolve(path)?.canonical)?,
+            None => acquire_guard(path, &resolve(path)?.canonical)?,
         };
         // The policy is the running ledger's: a log exists (it has a checkpoint) exactly when
         // the master that started it runs `always`. Workers of both generations must agree,
@@ -278,13 +273,11 @@ impl Ledger {
             }
         };
         let region = Region::map(&file, geometry).map_err(io("mmap"))?;
-        let identity = FileId::of(&file.metadata().map_err(io("stat"))?);
+        let watch = FileWatch::new(&file, path, "ledger").map_err(io("stat"))?;
         Ok(Ledger {
             region,
-            identity,
-            absolute_path: std::path::absolute(path).map_err(io("resolve path"))?,
+            watch,
             health: SharedHealth::new().map_err(io("map the shared health page"))?,
-            writes: OnceLock::new(),
             file,
             path: path.to_path_buf(),
             fsync,
@@ -361,11 +354,18 @@ fn open_store(
 }
 
 /// Takes the path guard of `canonical` for the ledger at `path`.
+/// The kind of shared file the ledger is, for its path guard's name.
+const GUARD_KIND: &str = "ledger";
+
+fn resolve(path: &Path) -> Result<FilePath, LedgerError> {
+    FilePath::resolve(path).map_err(|e| LedgerError::from_path(path, e))
+}
+
 fn acquire_guard(path: &Path, canonical: &Path) -> Result<PathGuard, LedgerError> {
-    PathGuard::acquire(canonical).map_err(|e| match e {
+    PathGuard::acquire(GUARD_KIND, canonical).map_err(|e| match e {
         GuardError::Held => LedgerError::PathInUse {
             path: path.to_path_buf(),
-            guard: guard::display_name(canonical),
+            guard: forkpool_shm::guard_name(GUARD_KIND, canonical),
         },
         GuardError::Os(source) => LedgerError::Io {
             path: path.to_path_buf(),

@@ -30,15 +30,33 @@ pub enum StoreError {
     /// Another open file description holds the exclusive flock (another live server).
     #[error("queue store {path} is locked by another process (is another server running on it?)")]
     Locked { path: PathBuf },
+    /// Another live server holds the path's guard: it runs on this path, perhaps on a file
+    /// that was deleted or replaced under it since (see `forkpool_shm::PathGuard`).
+    #[error(
+        "queue store {path} is locked by another running server, which holds {guard} (a \
+         server keeps its store path even if the file is deleted or replaced under it)"
+    )]
+    PathInUse { path: PathBuf, guard: String },
     /// The path cannot name a store file (it ends in '/', or has no file name).
     #[error("queue store {path}: {reason}")]
     BadPath { path: PathBuf, reason: &'static str },
+    /// The path is a symbolic link whose target does not exist. A store is not created
+    /// through a link.
+    #[error(
+        "queue store {path} is a symbolic link to {target}, which does not exist (a store is \
+         not created through a link: use the target's path, or point the link at a store file)",
+        target = target.display()
+    )]
+    DanglingSymlink { path: PathBuf, target: PathBuf },
     /// The path names something other than a regular file.
-    #[error("queue store {path} is not a regular file")]
-    NotAFile { path: PathBuf },
+    #[error("queue store {path} is {kind}, not a regular file")]
+    NotAFile { path: PathBuf, kind: &'static str },
     /// The path kept changing while it was being opened.
-    #[error("queue store {path} kept changing while it was being opened; try again")]
-    Unstable { path: PathBuf },
+    #[error(
+        "queue store {path} kept changing while it was being opened ({attempts} attempts: \
+         another process creates, deletes or replaces it); try again"
+    )]
+    Unstable { path: PathBuf, attempts: u32 },
     /// The file is shorter than its header or than the size its header describes.
     #[error("queue store {path} is truncated: {actual} bytes, expected {expected}")]
     Truncated {
@@ -107,6 +125,26 @@ pub enum StoreError {
     },
 }
 
+impl StoreError {
+    /// The error for a path that does not lead to a usable store file.
+    pub(crate) fn from_path(path: &std::path::Path, error: forkpool_shm::PathError) -> Self {
+        use forkpool_shm::PathError;
+        let path = path.to_path_buf();
+        match error {
+            PathError::BadPath(reason) => StoreError::BadPath { path, reason },
+            PathError::DanglingSymlink { target } => StoreError::DanglingSymlink { path, target },
+            PathError::NotAFile { kind } => StoreError::NotAFile { path, kind },
+            PathError::Locked => StoreError::Locked { path },
+            PathError::Unstable { attempts } => StoreError::Unstable { path, attempts },
+            PathError::Io { action, source } => StoreError::Io {
+                path,
+                action,
+                source,
+            },
+        }
+    }
+}
+
 /// Why an operation failed; a failed operation changed nothing.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
 pub enum OpError {
@@ -137,9 +175,13 @@ pub enum OpError {
     /// The store lock reported `ENOTRECOVERABLE`; only a restart clears it.
     #[error("the queue store lock is not recoverable; restart the server")]
     Unrecoverable,
-    /// The store file failed under the running server (a SIGBUS answered with a zero page):
-    /// the result cannot be trusted; only a restart clears it.
-    #[error("the queue store file cannot be read (truncated or failing); restart the server")]
+    /// The store file failed under the running server (a SIGBUS answered with a zero page,
+    /// or the supervisor found it resized, deleted, replaced or written to; `health.rs`):
+    /// nothing it would answer can be trusted; only a restart clears it.
+    #[error(
+        "the queue store file was truncated, deleted, replaced or written to under the running \
+         server (see the log); nothing changed, and the server must be restarted"
+    )]
     FileFault,
     /// The operation log (`--fsync always`) could not be written or flushed: nothing is
     /// promised any more; only a restart (which keeps what the log holds) clears it.

@@ -210,6 +210,12 @@ impl Geometry {
         }
     }
 
+    /// The largest number of the job and wait sequence (`hdr::NEXT_SEQ`): the largest job
+    /// id, `max_seq * max_jobs + max_jobs - 1`, fits a u64.
+    pub(crate) fn max_seq(&self) -> u64 {
+        u64::MAX / u64::from(self.max_jobs) - 1
+    }
+
     /// Offset of word `field` of queue `i`.
     pub(crate) fn queue(&self, i: u64, field: u64) -> u64 {
         debug_assert!(i < u64::from(self.max_queues) && field < q::WORDS);

@@ -2,7 +2,8 @@
 //! file-backed region that every worker process maps and mutates, crash-safe and persistent,
 //! with blocking get/put/join served across processes.
 //!
-//! * [`Store::open`] (the master, before forking: cold start) creates or checks the file,
+//! * [`Store::open`] (the master, before forking: cold start) takes the path's guard (one
+//!   server per store path, even once the file is deleted), creates or checks the file,
 //!   takes its exclusive flock, refuses (untouched) a file whose journal or lists do not make
 //!   sense (`validate.rs`), then rolls back the operation a dead process left half done,
 //!   returns every job that was handed out but not done to the head of its queue, and drops
@@ -25,6 +26,9 @@
 //! * Under [`FsyncPolicy::Always`] every transaction also appends a physical redo record to
 //!   a log shared by all processes, flushed by group commit ([`Store::flush`]); a cold start
 //!   rebuilds the file from the last checkpoint and the log (`durable.rs`, `redo.rs`).
+//! * The file is hostile input: odd paths and damaged files are refused at start, untouched;
+//!   a file truncated, deleted, replaced or written to under the running server fails the
+//!   store for every process (`health.rs`), never a process.
 //!
 //! The design (layout, journal, settling, what is and is not durable) is argued in
 //! `docs/QUEUE.md`. `unsafe` lives in `forkpool_shm`; here it is only the cold start's lock
@@ -33,6 +37,7 @@
 mod durable;
 mod error;
 mod file;
+mod health;
 mod layout;
 mod ops;
 mod recovery;
@@ -53,7 +58,7 @@ pub use layout::{MAX_JOBS, MAX_PAYLOAD, MAX_QUEUES, MAX_WAITERS};
 pub use ops::Cancelled;
 pub use validate::Finding;
 
-use forkpool_shm::{FileStore, LogStore};
+use forkpool_shm::{FilePath, FileStore, FileWatch, GuardError, LogStore, PathGuard, SharedWord};
 use layout::Geometry;
 use region::Region;
 
@@ -200,6 +205,8 @@ pub struct Overview {
     pub waiting_joiners: u64,
     /// Operations rolled back after their process died, over the file's life.
     pub recoveries: u64,
+    /// The file failed under the running server (every figure is then 0).
+    pub failed: bool,
 }
 
 /// A mapped, flocked store file. Usable in forked children; `Send + Sync`.
@@ -209,6 +216,12 @@ pub struct Store {
     file: File,
     path: PathBuf,
     default_maxsize: u64,
+    /// Keeps other servers off the path while any process of ours lives.
+    guard: PathGuard,
+    /// 1 once the file failed under the running server, for every process (`health.rs`).
+    failed: SharedWord,
+    /// Notices what other processes do to the file; read by `check_file` only.
+    watch: FileWatch,
 }
 
 impl fmt::Debug for Store {
@@ -239,7 +252,10 @@ impl Store {
     ) -> Result<Store, StoreError> {
         let expected = check_options(path, opts)?;
         forkpool_shm::register_atfork();
-        let file = file::open_locked(path, &expected)?;
+        let target = resolve(path)?;
+        let guard = acquire_guard(path, &target.canonical)?;
+        forkpool_shm::remove_stale_temps(&target, "queue store");
+        let file = file::open_locked(&target, &expected)?;
         let geometry = file::validate(&file, path, &expected)?;
         let io = |action| {
             move |source| StoreError::Io {
@@ -257,13 +273,7 @@ impl Store {
             }
             None => None,
         };
-        let region = Region::map(&file, geometry).map_err(io("mmap"))?;
-        let mut store = Store {
-            region,
-            file,
-            path: path.to_path_buf(),
-            default_maxsize: opts.default_maxsize,
-        };
+        let mut store = Store::map(file, geometry, path, opts, guard)?;
         let log = log.map(|store| durable::Wal { store });
         let rebuilt = match &log {
             Some(log) => store.rebuild(log)?,
@@ -305,30 +315,37 @@ impl Store {
     /// Warm attach, for a new master after a binary upgrade: maps the store open on `fd`
     /// (inherited from the old master, whose open file description holds the flock) after
     /// checking its header against `opts`, WITHOUT initialising the lock or recovering
-    /// anything: the old master's workers use the store right now.
-    pub fn adopt(fd: OwnedFd, path: &Path, opts: &StoreOptions) -> Result<Store, StoreError> {
+    /// anything: the old master's workers use the store right now. `guard` is the path guard
+    /// the old master passed on ([`Store::guard_fd`]); without one it is taken afresh.
+    pub fn adopt(
+        fd: OwnedFd,
+        guard: Option<OwnedFd>,
+        path: &Path,
+        opts: &StoreOptions,
+    ) -> Result<Store, StoreError> {
         let expected = check_options(path, opts)?;
         forkpool_shm::register_atfork();
         let file = File::from(fd);
         let geometry = file::validate(&file, path, &expected)?;
-        let io = |action| {
-            move |source| StoreError::Io {
-                path: path.to_path_buf(),
-                action,
-                source,
-            }
+        let guard = match guard {
+            Some(fd) => PathGuard::inherited(fd),
+            None => acquire_guard(path, &resolve(path)?.canonical)?,
         };
-        let mut region = Region::map(&file, geometry).map_err(io("mmap"))?;
+        let mut store = Store::map(file, geometry, path, opts, guard)?;
         // The policy is the running store's: it has a log exactly when the master that
         // started it runs `always`, and the workers of both generations must agree.
         if forkpool_shm::has_checkpoint(path) {
-            let store = FileStore::open(path, opts.log_segment_bytes)
-                .map_err(io("open the operation log"))?;
-            region.wal = Some(durable::Wal {
-                store: Box::new(store),
+            let log =
+                FileStore::open(path, opts.log_segment_bytes).map_err(|source| StoreError::Io {
+                    path: path.to_path_buf(),
+                    action: "open the operation log",
+                    source,
+                })?;
+            store.region.wal = Some(durable::Wal {
+                store: Box::new(log),
             });
         }
-        if (opts.fsync == FsyncPolicy::Always) != region.wal.is_some() {
+        if (opts.fsync == FsyncPolicy::Always) != store.region.wal.is_some() {
             log::warn!(
                 "queue store {}: --fsync {} asked for, but the running store keeps its own \
                  policy through a binary upgrade; a restart changes it",
@@ -336,12 +353,38 @@ impl Store {
                 opts.fsync
             );
         }
+        Ok(store)
+    }
+
+    /// Maps a checked, locked file.
+    fn map(
+        file: File,
+        geometry: Geometry,
+        path: &Path,
+        opts: &StoreOptions,
+        guard: PathGuard,
+    ) -> Result<Store, StoreError> {
+        let io = |action| {
+            move |source| StoreError::Io {
+                path: path.to_path_buf(),
+                action,
+                source,
+            }
+        };
         Ok(Store {
-            region,
+            region: Region::map(&file, geometry).map_err(io("mmap"))?,
+            watch: FileWatch::new(&file, path, "queue store").map_err(io("stat"))?,
+            failed: SharedWord::new().map_err(io("map the shared health page"))?,
             file,
             path: path.to_path_buf(),
             default_maxsize: opts.default_maxsize,
+            guard,
         })
+    }
+
+    /// The path guard's descriptor, to hand to a new binary with the store.
+    pub fn guard(&self) -> BorrowedFd<'_> {
+        self.guard.as_fd()
     }
 
     pub fn path(&self) -> &Path {
@@ -356,6 +399,9 @@ impl Store {
     /// Pid recorded as holding the store lock (0 = none), for a supervisor hunting a stopped
     /// holder.
     pub fn lock_holder(&self) -> i32 {
+        if self.failed() {
+            return 0;
+        }
         self.region.lock().holder()
     }
 }
@@ -372,6 +418,27 @@ impl AsFd for Store {
     fn as_fd(&self) -> BorrowedFd<'_> {
         self.file.as_fd()
     }
+}
+
+/// The kind of shared file a store is, for its path guard's name.
+const GUARD_KIND: &str = "queue";
+
+fn resolve(path: &Path) -> Result<FilePath, StoreError> {
+    FilePath::resolve(path).map_err(|e| StoreError::from_path(path, e))
+}
+
+fn acquire_guard(path: &Path, canonical: &Path) -> Result<PathGuard, StoreError> {
+    PathGuard::acquire(GUARD_KIND, canonical).map_err(|e| match e {
+        GuardError::Held => StoreError::PathInUse {
+            path: path.to_path_buf(),
+            guard: forkpool_shm::guard_name(GUARD_KIND, canonical),
+        },
+        GuardError::Os(source) => StoreError::Io {
+            path: path.to_path_buf(),
+            action: "bind the path guard socket",
+            source,
+        },
+    })
 }
 
 fn check_options(path: &Path, opts: &StoreOptions) -> Result<Geometry, StoreError> {

@@ -14,7 +14,7 @@
 
 use forkpool_shm::{my_pid, Acquired};
 
-use crate::layout::{hdr, j, job_state, q, w, waiter_state};
+use crate::layout::{hdr, j, job_state, q, w, waiter_state, Geometry};
 use crate::region::Tx;
 use crate::{
     Attempt, Mode, OpError, Outcome, Party, QueueName, QueueStats, Store, Ticket, WakeSet,
@@ -76,20 +76,37 @@ fn name_words(name: &QueueName) -> (u64, [u64; 8]) {
     (bytes.len() as u64, words)
 }
 
-/// The name stored in queue record words, if they hold a valid one.
+/// The name stored in queue record words, if they hold a valid one (zero-padded as
+/// `name_words` writes it: lookups compare every word).
 pub(crate) fn name_from_words(len: u64, words: &[u64; 8]) -> Option<QueueName> {
     let len = usize::try_from(len).ok().filter(|&l| l <= 64)?;
     let mut bytes = [0u8; 64];
     for (chunk, word) in bytes.chunks_exact_mut(8).zip(words) {
         chunk.copy_from_slice(&word.to_le_bytes());
     }
+    if bytes[len..].iter().any(|&b| b != 0) {
+        return None;
+    }
     QueueName::new(&bytes[..len]).ok()
+}
+
+/// The next number of the sequence that numbers jobs and waits: 1 again after
+/// [`Geometry::max_seq`] (about 2^40 operations at the largest `max_jobs`), so that a job id
+/// (`seq * max_jobs + record`) never overflows.
+fn next_seq(tx: &mut Tx<'_>, g: &Geometry) -> u64 {
+    let seq = match tx.get(hdr::NEXT_SEQ) {
+        current if current >= g.max_seq() => 1,
+        current => current + 1,
+    };
+    tx.set(hdr::NEXT_SEQ, seq);
+    seq
 }
 
 impl Store {
     /// Takes the store lock; if its holder died, rolls its operation back and settles every
     /// queue first (collecting the wake-ups into `wakes`).
     pub(crate) fn lock(&self, wakes: &mut WakeSet) -> Result<Locked<'_>, OpError> {
+        self.usable()?;
         let acquired = self.region.lock().lock().map(Some);
         self.locked(acquired, wakes)
             .map(|locked| locked.expect("a waiting lock always acquires"))
@@ -106,6 +123,7 @@ impl Store {
 
     /// [`Store::lock`] without waiting: `None` if someone holds the lock.
     fn try_lock(&self, wakes: &mut WakeSet) -> Result<Option<Locked<'_>>, OpError> {
+        self.usable()?;
         let acquired = self.region.lock().try_lock();
         self.locked(acquired, wakes)
     }
@@ -146,18 +164,6 @@ impl Store {
             return Err(OpError::LogFailed);
         }
         Ok(Some(locked))
-    }
-
-    /// Fails an operation whose reads may have met a faulted page, or whose writes the log
-    /// could not take (they were rolled back).
-    fn checked<T>(&self, result: Result<T, OpError>) -> Result<T, OpError> {
-        if self.region.faulted() {
-            Err(OpError::FileFault)
-        } else if self.region.log_failed() {
-            Err(OpError::LogFailed)
-        } else {
-            result
-        }
     }
 
     /// PUT: appends `payload` to the queue (created on first use); when the queue holds
@@ -436,6 +442,13 @@ impl Store {
     /// Every queue's figures summed, read WITHOUT the lock (for monitoring: the master must
     /// never wait for it): not one consistent instant.
     pub fn overview(&self) -> crate::Overview {
+        let failed = crate::Overview {
+            failed: true,
+            ..crate::Overview::default()
+        };
+        if self.usable().is_err() {
+            return failed;
+        }
         let count = self
             .region
             .get(hdr::QUEUE_COUNT)
@@ -455,7 +468,7 @@ impl Store {
             overview.waiting_putters += s.waiting_putters;
             overview.waiting_joiners += s.waiting_joiners;
         }
-        overview
+        self.checked(Ok(overview)).unwrap_or(failed)
     }
 
     // ----- under the lock -----
@@ -546,8 +559,7 @@ impl Store {
             tx.set(hdr::JOBS_HIGH, high + 1);
             high
         };
-        let seq = tx.get(hdr::NEXT_SEQ) + 1;
-        tx.set(hdr::NEXT_SEQ, seq);
+        let seq = next_seq(tx, &g);
         let id = seq * u64::from(g.max_jobs) + job;
         // The record is unreachable until a journaled write links it: unjournaled is fine.
         let words = payload.chunks(8).map(|chunk| {
@@ -666,8 +678,7 @@ impl Store {
             tx.set(hdr::WAITERS_HIGH, high + 1);
             high
         };
-        let serial = tx.get(hdr::NEXT_SEQ) + 1;
-        tx.set(hdr::NEXT_SEQ, serial);
+        let serial = next_seq(tx, &g);
         let field = |f| g.waiter(index, f);
         tx.set(field(w::STATE), waiter_state::WAITING);
         tx.set(field(w::KIND), kind as u64);

@@ -347,11 +347,23 @@ fn refused_untouched(path: &std::path::Path, offset: u64, value: u64) -> String 
 fn damaged_files_are_refused_untouched() {
     use crate::layout::{hdr, q, Geometry, JOURNAL_OFFSET};
     let g = Geometry::new(4, 16, 40, 8);
-    let cases: [(&str, u64, u64, &str); 4] = [
+    let cases: [(&str, u64, u64, &str); 6] = [
         ("journal naming the lock", hdr::JOURNAL_LEN, 1, "journal"),
         ("ready list cycle", g.queue(0, q::READY_HEAD), 1, "queue 0"),
         ("depth off by one", g.queue(0, q::DEPTH), 5, "queue 0"),
         ("job beyond the high mark", hdr::JOBS_HIGH, 17, "header"),
+        (
+            "ids would overflow",
+            hdr::NEXT_SEQ,
+            g.max_seq() + 1,
+            "header",
+        ),
+        (
+            "a byte after the name",
+            g.queue(0, q::NAME + 7),
+            1 << 56,
+            "queue 0",
+        ),
     ];
     for (what, offset, value, structure) in cases {
         let dir = tempfile::tempdir().expect("tempdir");
@@ -397,13 +409,40 @@ fn garbage_is_not_a_store() {
 }
 
 #[test]
+fn the_job_sequence_starts_again_before_ids_overflow() {
+    use crate::layout::{hdr, Geometry};
+    use std::os::unix::fs::FileExt;
+    let g = Geometry::new(4, 16, 40, 8);
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir.path().join("q.bin");
+    drop(open_when_free(&path, &small()).expect("create"));
+    let file = std::fs::OpenOptions::new()
+        .write(true)
+        .open(&path)
+        .expect("open");
+    file.write_all_at(&g.max_seq().to_ne_bytes(), hdr::NEXT_SEQ)
+        .expect("write");
+    drop(file);
+    let store = open_when_free(&path, &small()).expect("a last sequence number is valid");
+    assert_eq!(put(&store, "q", "a"), 16, "sequence 1, record 0");
+    store.check();
+}
+
+#[test]
 fn an_adopted_store_is_the_same_store_untouched() {
     let (dir, store) = store();
     let id = put(&store, "q", "shared");
     let fd = std::os::fd::AsFd::as_fd(&store)
         .try_clone_to_owned()
         .expect("dup");
-    let adopted = Store::adopt(fd, &dir.path().join("q.bin"), &small()).expect("adopt");
+    let path = dir.path().join("q.bin");
+    // Without the guard it inherits, a second Store on the path is refused by the guard.
+    assert!(matches!(
+        Store::adopt(fd.try_clone().expect("dup"), None, &path, &small()),
+        Err(StoreError::PathInUse { .. })
+    ));
+    let guard = store.guard().try_clone_to_owned().expect("dup the guard");
+    let adopted = Store::adopt(fd, Some(guard), &path, &small()).expect("adopt");
     assert_eq!(get(&adopted, "q", 1).0, id);
     assert_eq!(store.stats(&name("q")).expect("stats").in_flight, 1);
 }

@@ -44,7 +44,9 @@ pub(crate) fn open_when_free(path: &Path, options: &StoreOptions) -> Result<Stor
     let deadline = Instant::now() + HELD_TIMEOUT;
     loop {
         match Store::open(path, options) {
-            Err(StoreError::Locked { .. }) if Instant::now() < deadline => {
+            Err(StoreError::Locked { .. } | StoreError::PathInUse { .. })
+                if Instant::now() < deadline =>
+            {
                 std::thread::sleep(Duration::from_millis(1));
             }
             result => return result,

@@ -85,15 +85,33 @@ impl View<'_> {
                 return Err(finding("header", format!("{what} {value} above {max}")));
             }
         }
+        let seq = self.get(hdr::NEXT_SEQ);
+        if seq > self.g.max_seq() {
+            return Err(finding(
+                "header",
+                format!(
+                    "job sequence {seq} above {} (job ids would overflow)",
+                    self.g.max_seq()
+                ),
+            ));
+        }
+        let mut names = HashMap::new();
         for qi in 0..self.get(hdr::QUEUE_COUNT) {
             let mut words = [0u64; 8];
             for (k, word) in words.iter_mut().enumerate() {
                 *word = self.get(self.g.queue(qi, q::NAME + k as u64));
             }
-            if name_from_words(self.get(self.g.queue(qi, q::NAME_LEN)), &words).is_none() {
+            let Some(name) = name_from_words(self.get(self.g.queue(qi, q::NAME_LEN)), &words)
+            else {
                 return Err(finding(
                     format!("queue {qi}"),
                     "its name is not a valid name",
+                ));
+            };
+            if let Some(first) = names.insert(name, qi) {
+                return Err(finding(
+                    format!("queue {qi}"),
+                    format!("its name '{}' is queue {first}'s too", name.as_str()),
                 ));
             }
         }

@@ -30,6 +30,8 @@ pub struct Inherited {
     pub ledger_guard: Option<OwnedFd>,
     /// The queue store file (an upgrade), its flock held by the old master's description.
     pub queue: Option<OwnedFd>,
+    /// The queue store path's guard (an upgrade).
+    pub queue_guard: Option<OwnedFd>,
     /// The link to the master being replaced (binary upgrade), on which it passes its
     /// workers' connections.
     pub handover: Option<OwnedFd>,
@@ -79,6 +81,7 @@ pub fn take() -> Result<Inherited, TakeError> {
             ("ledger", None) => inherited.ledger = Some(fd),
             ("ledger-guard", None) => inherited.ledger_guard = Some(fd),
             ("queue-store", None) => inherited.queue = Some(fd),
+            ("queue-guard", None) => inherited.queue_guard = Some(fd),
             ("handover", None) => inherited.handover = Some(fd),
             (other, None) => log::warn!("ignoring an inherited descriptor named {other:?}"),
         }

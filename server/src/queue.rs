@@ -15,8 +15,8 @@ use forkpool_common::queue::{Figures, QueueError, QueueErrorKind, Reply, Request
 use forkpool_queue::{Attempt, Cancelled, Mode, OpError, Outcome, Party, Store, Ticket, WakeSet};
 
 use crate::bank::NO_USERS_DETAIL;
-use crate::users::NameScope;
 use crate::durability::Syncer;
+use crate::users::NameScope;
 use crate::wakeup::Wakeup;
 
 /// What every queue session of a worker shares: the store and this process's wake-ups.

@@ -429,6 +429,19 @@ pub fn metrics(view: &PoolView<'_>) -> String {
 
 /// The job queues' families (every queue summed; STATS gives one queue's).
 fn queue_metrics(out: &mut String, queue: &forkpool_queue::Overview) {
+    family_block(
+        out,
+        "forkpool_queue_failed",
+        "gauge",
+        "1 once the queue store file was truncated, deleted, replaced or written to under the \
+         server (queue requests answer ERR internal until a restart).",
+        |b| {
+            let _ = writeln!(b, "forkpool_queue_failed {}", u8::from(queue.failed));
+        },
+    );
+    if queue.failed {
+        return;
+    }
     let gauges = [
         ("forkpool_queue_queues", "Job queues created.", queue.queues),
         (
@@ -671,6 +684,13 @@ pub fn status_table(view: &PoolView<'_>) -> String {
                 audit.accounts, audit.total
             );
         }
+    }
+    if view.queue.is_some_and(|queue| queue.failed) {
+        let _ = writeln!(
+            out,
+            "queue store: FAILED; every queue request answers ERR internal until the server is \
+             restarted"
+        );
     }
     if let Some(db) = &view.db {
         let _ = writeln!(

@@ -15,21 +15,33 @@
 //! * [`LogStore`] / [`FileStore`]: the redo log's segments and checkpoint of `--fsync always`
 //!   (`logstore.rs`; no `unsafe`), and under feature `sim` a simulated disk for power-loss
 //!   tests ([`sim`]).
+//! * opening such a file by a hostile path ([`FilePath`], [`open_locked`], `path.rs`),
+//!   keeping a second server off its path ([`PathGuard`], `guard.rs`) and noticing what
+//!   others do to it while it is mapped ([`FileWatch`], `watch.rs`): shared by the ledger and
+//!   the queue store.
 
 mod create;
 mod fault;
 mod futex;
+mod guard;
 mod lock;
 mod logstore;
 mod mapping;
+mod path;
 #[cfg(feature = "sim")]
 pub mod sim;
+mod watch;
 
 pub use create::{create_allocated, temp_prefix, try_lock, CreateError};
 pub use futex::{futex_wait, futex_wake_all};
+pub use guard::{display_name as guard_name, GuardError, PathGuard};
 pub use lock::{
     my_pid, pid_alive, register_atfork, run_wait_hook, set_wait_hook, Acquired, LockWord,
     NotRecoverable, LOCK_WAIT_SLICE, MUTEX_BYTES,
 };
 pub use logstore::{has_checkpoint, FileStore, LogStore};
 pub use mapping::{Mapping, Plain, SharedWord, PAGE};
+pub use path::{
+    lock_exclusive, open_locked, remove_stale_temps, FileId, FilePath, PathError, OPEN_ATTEMPTS,
+};
+pub use watch::{FileChange, FileWatch};

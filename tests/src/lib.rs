@@ -425,6 +425,11 @@ impl Server {
                 self.output()
             ),
         };
+        self.read_ready_line(&line);
+    }
+
+    /// Takes the addresses from a ready line.
+    fn read_ready_line(&mut self, line: &str) {
         for field in line.split_whitespace() {
             if let Some((key, value)) = field.split_once('=') {
                 match key {
@@ -436,6 +441,38 @@ impl Server {
                     _ => {}
                 }
             }
+        }
+    }
+
+    /// Waits for the ready line (true) or for the master to exit without one (false), as a
+    /// start on damaged input may do either.
+    pub fn wait_ready_or_exit(&mut self, timeout: Duration) -> bool {
+        let deadline = Instant::now() + timeout;
+        loop {
+            match self.ready_rx.recv_timeout(Duration::from_millis(20)) {
+                Ok(line) => {
+                    self.read_ready_line(&line);
+                    return true;
+                }
+                Err(mpsc::RecvTimeoutError::Disconnected) => return false,
+                Err(mpsc::RecvTimeoutError::Timeout) => {}
+            }
+            let exited = self
+                .child
+                .as_mut()
+                .is_some_and(|c| matches!(c.try_wait(), Ok(Some(_))));
+            if exited {
+                // A ready line printed just before the exit still counts.
+                return self.ready_rx.try_recv().is_ok_and(|line| {
+                    self.read_ready_line(&line);
+                    true
+                });
+            }
+            assert!(
+                Instant::now() < deadline,
+                "neither ready nor exited within {timeout:?}; output:\n{}",
+                self.output()
+            );
         }
     }
 
@@ -482,6 +519,39 @@ impl Server {
             .lock()
             .map(|lines| lines.clone())
             .unwrap_or_default()
+    }
+
+    /// A binary upgrade (SIGUSR2) that the old master completes: waits for the new master's
+    /// ready line and for the old master to drain and exit successfully.
+    pub fn upgrade_and_retire_old_master(&mut self, timeout: Duration) {
+        self.signal(Signal::SIGUSR2);
+        let ready = self.next_ready_line(timeout);
+        assert!(
+            !ready.ends_with(&format!(" pid={}", self.pid)),
+            "a new master: {ready}"
+        );
+        assert!(
+            self.wait_exit(timeout).success(),
+            "the old master drains and exits"
+        );
+    }
+
+    /// Lines the server logged at ERROR level about `path`.
+    pub fn errors_about(&self, path: &Path) -> Vec<String> {
+        let path = path.display().to_string();
+        self.output_lines()
+            .into_iter()
+            .filter(|line| line.contains(" ERROR ") && line.contains(&path))
+            .collect()
+    }
+
+    /// Waits for the first error line about `path` and returns it.
+    pub fn wait_error_about(&self, path: &Path, timeout: Duration) -> String {
+        wait_until(
+            &format!("an error about {} to be logged", path.display()),
+            timeout,
+            || self.errors_about(path).into_iter().next(),
+        )
     }
 
     pub fn signal(&self, signal: Signal) {
@@ -881,6 +951,52 @@ pub fn one_error_line<'a>(output: &'a str, path: &Path, what: &str) -> &'a str {
         errors[0]
     );
     errors[0]
+}
+
+/// Checks that a server spawned from `builder` is refused at once: exit 1, one error line
+/// naming `shown` and containing `cause`, and no temp file (`.NAME.tmp.PID`) left in `dir`.
+pub fn refused_at_start(builder: ServerBuilder, dir: &Path, shown: &Path, cause: &str) {
+    let mut server = builder.spawn();
+    let output = server.wait_refused(cause);
+    assert_eq!(
+        server.wait_exit(REFUSAL_TIMEOUT).code(),
+        Some(1),
+        "{output}"
+    );
+    let error = one_error_line(&output, shown, cause);
+    assert!(error.contains(cause), "expected {cause:?} in {error}");
+    let leftovers: Vec<String> = std::fs::read_dir(dir)
+        .expect("list the directory")
+        .flatten()
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .filter(|name| name.contains(".tmp."))
+        .collect();
+    assert!(leftovers.is_empty(), "temp files left: {leftovers:?}");
+}
+
+/// Asserts that `reply` is the `ERR internal ... restart ...` of a service whose file failed
+/// under the running server.
+#[track_caller]
+pub fn assert_internal(reply: &str) {
+    assert!(
+        reply.starts_with("ERR internal ") && reply.contains("restart"),
+        "{reply}"
+    );
+}
+
+/// Truncates (or extends) the file at `path` to `len` bytes, as an operator's `truncate -s`.
+pub fn truncate_file(path: &Path, len: u64) {
+    std::fs::OpenOptions::new()
+        .write(true)
+        .open(path)
+        .expect("open the file")
+        .set_len(len)
+        .expect("truncate the file");
+}
+
+/// Splits a queue reply `JOB <id> <payload>`.
+pub fn queue_job(line: &str) -> (u64, String) {
+    queue_model::job_reply(line).unwrap_or_else(|e| panic!("expected a job: {e}"))
 }
 
 /// The value of one series (name and labels, exactly as printed) in a `/metrics` page.

@@ -11,7 +11,8 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use forkpool_testkit::{
-    http_request, is_alive, metric, one_error_line, request_line, tool, wait_until, Server, Signal,
+    assert_internal, http_request, is_alive, metric, one_error_line, refused_at_start,
+    request_line, tool, truncate_file, wait_until, Server, Signal,
 };
 use nix::sys::signal::kill;
 use nix::unistd::Pid;
@@ -24,36 +25,16 @@ fn ledger_of(server: &Server) -> PathBuf {
     server.data_dir().path().join("ledger.bin")
 }
 
-/// Lines the server logged at ERROR level about `path`.
-fn errors_about(server: &Server, path: &Path) -> Vec<String> {
-    let path = path.display().to_string();
-    server
-        .output_lines()
-        .into_iter()
-        .filter(|line| line.contains(" ERROR ") && line.contains(&path))
-        .collect()
-}
-
 /// Waits for the one error line about `path` and returns it.
 fn wait_for_the_error(server: &Server, path: &Path) -> String {
-    wait_until("the ledger failure to be logged", WAIT, || {
-        errors_about(server, path).into_iter().next()
-    })
+    server.wait_error_about(path, WAIT)
 }
 
 /// Checks that the error about `path` was logged exactly once.
 #[track_caller]
 fn logged_once(server: &Server, path: &Path) {
-    let errors = errors_about(server, path);
+    let errors = server.errors_about(path);
     assert_eq!(errors.len(), 1, "{}", server.output());
-}
-
-#[track_caller]
-fn assert_internal(reply: &str) {
-    assert!(
-        reply.starts_with("ERR internal ") && reply.contains("restart"),
-        "{reply}"
-    );
 }
 
 /// The bank answers `ERR internal` to every request that touches the ledger, on an existing
@@ -99,15 +80,6 @@ fn running(args: &[&str], transcript: &[(&str, &str)]) -> (Server, TcpStream, Pa
     (server, bank, ledger)
 }
 
-fn shrink(path: &Path, len: u64) {
-    fs::OpenOptions::new()
-        .write(true)
-        .open(path)
-        .expect("open the ledger file")
-        .set_len(len)
-        .expect("truncate the ledger file");
-}
-
 // ---------------------------------------------------------------------------------------
 // Finding 1: a truncated file
 // ---------------------------------------------------------------------------------------
@@ -116,7 +88,7 @@ fn shrink(path: &Path, len: u64) {
 fn truncating_the_ledger_under_an_idle_server_fails_the_bank_not_a_process() {
     let (server, mut bank, ledger) = running(&[], &[("DEPOSIT alice 100", "OK 100")]);
     let workers = server.wait_workers(2, WAIT);
-    shrink(&ledger, 4096);
+    truncate_file(&ledger, 4096);
     // Idle: the master's periodic inspection finds it.
     let error = wait_for_the_error(&server, &ledger);
     assert!(error.contains("4096 bytes"), "{error}");
@@ -134,7 +106,7 @@ fn truncating_the_ledger_fails_each_bank_request_even_without_the_hung_worker_ch
         &[("DEPOSIT alice 100", "OK 100")],
     );
     let workers = server.wait_workers(2, WAIT);
-    shrink(&ledger, 4096);
+    truncate_file(&ledger, 4096);
     // At once: this request meets the missing pages (or the inspection's finding).
     assert_internal(&request_line(&mut bank, "DEPOSIT alice 5"));
     bank_fails_echo_serves(&server, &mut bank);
@@ -203,16 +175,7 @@ fn replacing_the_ledger_under_a_running_server_refuses_writes_and_a_second_serve
 fn after_an_upgrade_the_new_master_keeps_the_ledger_path_from_a_second_server() {
     let (mut server, mut bank, ledger) = running(&[], &[("DEPOSIT alice 3", "OK 3")]);
     drop(bank);
-    server.signal(Signal::SIGUSR2);
-    let ready = server.next_ready_line(WAIT);
-    assert!(
-        !ready.ends_with(&format!(" pid={}", server.pid)),
-        "a new master: {ready}"
-    );
-    assert!(
-        server.wait_exit(WAIT).success(),
-        "the old master drains and exits"
-    );
+    server.upgrade_and_retire_old_master(WAIT);
     // Only the new master's generation lives now; without the file, only the path guard
     // it inherited can refuse a second server.
     fs::remove_file(&ledger).expect("delete the ledger file");
@@ -407,22 +370,11 @@ fn damaged_undo_records_journal_or_table_refuse_the_start_and_stay_unchanged() {
 /// Starts a server on the ledger path `path` and checks that it exits 1 at once with one
 /// error line naming `shown` and containing `cause`, leaving no temp file in `dir`.
 fn refused_path(dir: &Path, path: &Path, shown: &Path, cause: &str, wrapper: &[String]) {
-    let mut server = Server::builder()
+    let builder = Server::builder()
         .wrapper(wrapper.iter().cloned())
         .args(["--ledger", path.to_str().expect("a UTF-8 path")])
-        .args(["--max-accounts", CAPACITY])
-        .spawn();
-    let output = server.wait_refused(cause);
-    assert_eq!(server.wait_exit(WAIT).code(), Some(1), "{output}");
-    let error = one_error_line(&output, shown, cause);
-    assert!(error.contains(cause), "expected {cause:?} in {error}");
-    let leftovers: Vec<String> = fs::read_dir(dir)
-        .expect("list the directory")
-        .flatten()
-        .map(|e| e.file_name().to_string_lossy().into_owned())
-        .filter(|name| name.contains(".tmp."))
-        .collect();
-    assert!(leftovers.is_empty(), "temp files left: {leftovers:?}");
+        .args(["--max-accounts", CAPACITY]);
+    refused_at_start(builder, dir, shown, cause);
 }
 
 #[test]

@@ -12,21 +12,15 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use forkpool_testkit::queue_model::job_reply;
 use forkpool_testkit::{
-    connect, log_phrase, metric, queue_stat, queue_stats, read_line, request_line, socket_owner,
-    wait_until, Server, Signal,
+    connect, log_phrase, metric, queue_job, queue_stat, queue_stats, read_line, request_line,
+    socket_owner, wait_until, Server, Signal,
 };
 
 const WAIT: Duration = Duration::from_secs(20);
 
 fn queue(server: &Server) -> TcpStream {
     connect(server.queue_addr())
-}
-
-/// Splits `JOB <id> <payload>`.
-fn job(line: &str) -> (u64, String) {
-    job_reply(line).unwrap_or_else(|e| panic!("expected a job: {e}"))
 }
 
 #[test]
@@ -66,7 +60,7 @@ fn producers_and_consumers_across_workers_each_job_once_and_join_at_the_last_don
                     if reply.starts_with("ERR timeout") {
                         return conn;
                     }
-                    let (id, payload) = job(&reply);
+                    let (id, payload) = queue_job(&reply);
                     tx.send((id, payload, c)).expect("the test listens");
                     let done = request_line(&mut conn, &format!("DONE {id}"));
                     assert_eq!(done, "OK");
@@ -103,7 +97,7 @@ fn producers_and_consumers_across_workers_each_job_once_and_join_at_the_last_don
     assert_eq!(request_line(&mut queue(&server), "JOIN seed"), "OK");
     let mut holder = queue(&server);
     assert!(request_line(&mut holder, "PUT seed 0 last").starts_with("OK "));
-    let (last, _) = job(&request_line(&mut holder, "GET seed"));
+    let (last, _) = queue_job(&request_line(&mut holder, "GET seed"));
     let mut joiner = queue(&server);
     joiner.write_all(b"JOIN seed\n").expect("send JOIN");
     wait_until("JOIN to wait", WAIT, || {
@@ -131,7 +125,7 @@ fn parked_getters_on_several_workers_are_served_in_arrival_order() {
         assert!(request_line(&mut producer, &format!("PUT fair 0 p{n}")).starts_with("OK "));
     }
     for (n, conn) in getters.iter_mut().enumerate() {
-        assert_eq!(job(&read_line(conn)).1, format!("p{}", n + 1));
+        assert_eq!(queue_job(&read_line(conn)).1, format!("p{}", n + 1));
     }
 }
 
@@ -161,9 +155,9 @@ fn timeouts_nowait_and_full_and_empty_edges() {
     wait_until("the putter to park", WAIT, || {
         (queue_stat(addr, "e", "putters") == 1).then_some(())
     });
-    assert_eq!(job(&request_line(&mut conn, "GET_NOWAIT e")).1, "one");
+    assert_eq!(queue_job(&request_line(&mut conn, "GET_NOWAIT e")).1, "one");
     assert!(read_line(&mut putter).starts_with("OK "));
-    assert_eq!(job(&request_line(&mut conn, "GET e 1000")).1, "two");
+    assert_eq!(queue_job(&request_line(&mut conn, "GET e 1000")).1, "two");
     assert_eq!(request_line(&mut conn, "QUEUES"), "OK 1 e");
     assert_eq!(request_line(&mut conn, "PING"), "PONG");
     assert_eq!(request_line(&mut conn, "QUIT"), "BYE");
@@ -177,14 +171,14 @@ fn a_job_of_a_closed_connection_is_delivered_again_first() {
         assert!(request_line(&mut producer, &format!("PUT r 0 j{n}")).starts_with("OK "));
     }
     let mut consumer = queue(&server);
-    let (id, payload) = job(&request_line(&mut consumer, "GET r"));
+    let (id, payload) = queue_job(&request_line(&mut consumer, "GET r"));
     assert_eq!(payload, "j1");
     drop(consumer);
     wait_until("the closed connection's job to be released", WAIT, || {
         (queue_stat(server.queue_addr(), "r", "depth") == 2).then_some(())
     });
     let mut again = queue(&server);
-    let (id2, payload2) = job(&request_line(&mut again, "GET r 5000"));
+    let (id2, payload2) = queue_job(&request_line(&mut again, "GET r 5000"));
     assert_eq!(
         (id2, payload2.as_str()),
         (id, "j1"),
@@ -202,11 +196,11 @@ fn jobs_of_a_sigkilled_worker_are_delivered_again() {
     let mut producer = queue(&server);
     assert!(request_line(&mut producer, "PUT k 0 survivor").starts_with("OK "));
     let mut consumer = queue(&server);
-    let (id, _) = job(&request_line(&mut consumer, "GET k"));
+    let (id, _) = queue_job(&request_line(&mut consumer, "GET k"));
     let owner = socket_owner(&consumer, &workers).expect("a worker serves the consumer");
     nix::sys::signal::kill(owner, Signal::SIGKILL).expect("kill the worker");
     let mut again = queue(&server);
-    let (id2, payload) = job(&request_line(&mut again, "GET k 10000"));
+    let (id2, payload) = queue_job(&request_line(&mut again, "GET k 10000"));
     assert_eq!((id2, payload.as_str()), (id, "survivor"));
     assert_eq!(request_line(&mut again, &format!("DONE {id}")), "OK");
 }
@@ -220,7 +214,7 @@ fn jobs_survive_a_restart_and_a_foreign_store_is_refused_untouched() {
     assert!(server.wait_exit(WAIT).success());
     let again = Server::builder().data_dir(dir.clone()).start();
     assert_eq!(
-        job(&request_line(&mut queue(&again), "GET keep 5000")).1,
+        queue_job(&request_line(&mut queue(&again), "GET keep 5000")).1,
         "kept job"
     );
     drop(again);
@@ -317,7 +311,7 @@ fn a_drain_answers_a_waiting_get_and_a_reload_moves_it_to_a_new_worker() {
     // withdrawn, parked again by the successor, and served there.
     let mut moved = queue(&server);
     assert!(request_line(&mut moved, "PUT move 0 held").starts_with("OK "));
-    let (held, _) = job(&request_line(&mut moved, "GET move"));
+    let (held, _) = queue_job(&request_line(&mut moved, "GET move"));
     moved.write_all(b"GET move\n").expect("send GET");
     wait_until("the getter to park", WAIT, || {
         (queue_stat(addr, "move", "getters") == 1).then_some(())
@@ -332,7 +326,7 @@ fn a_drain_answers_a_waiting_get_and_a_reload_moves_it_to_a_new_worker() {
         (queue_stat(addr, "move", "getters") == 1).then_some(())
     });
     assert!(request_line(&mut queue(&server), "PUT move 0 after reload").starts_with("OK "));
-    assert_eq!(job(&read_line(&mut moved)).1, "after reload");
+    assert_eq!(queue_job(&read_line(&mut moved)).1, "after reload");
     // The job fetched before the reload moved with the connection: its DONE is accepted.
     assert_eq!(request_line(&mut moved, &format!("DONE {held}")), "OK");
     // Shutdown: the waiting GET is answered, not dropped.
@@ -394,7 +388,7 @@ fn metrics_show_depth_in_flight_and_parked_requests() {
     for n in 1..=3 {
         assert!(request_line(&mut conn, &format!("PUT m 0 j{n}")).starts_with("OK "));
     }
-    job(&request_line(&mut conn, "GET m"));
+    queue_job(&request_line(&mut conn, "GET m"));
     let mut waiter = queue(&server);
     waiter.write_all(b"GET empty\n").expect("send GET");
     let page = wait_until("a parked GET in the metrics", WAIT, || {

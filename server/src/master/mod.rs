@@ -479,6 +479,7 @@ impl Master {
         }
         self.next_inspection = now + INSPECTION_INTERVAL;
         self.ledger.check_file();
+        self.queue.check_file();
         self.release_queue_shares(None);
         let timeout = self.config.graceful_timeout;
         for pid in self.pool.overdue_retirees(now, timeout) {
@@ -596,6 +597,10 @@ impl Master {
         let mut fds = self.listeners.named_fds();
         fds.extend(self.ledger.upgrade_fds());
         fds.push((std::os::fd::AsRawFd::as_raw_fd(&self.queue), "queue-store"));
+        fds.push((
+            std::os::fd::AsRawFd::as_raw_fd(&self.queue.guard()),
+            "queue-guard",
+        ));
         match Upgrade::start(
             &self.exe,
             &self.args,

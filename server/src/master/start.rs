@@ -113,7 +113,12 @@ impl Master {
         };
         let queue = match inherited.queue.take() {
             // A binary upgrade: the old master's workers use the store right now.
-            Some(fd) => Store::adopt(fd, &config.queue_store, &queue_options)?,
+            Some(fd) => Store::adopt(
+                fd,
+                inherited.queue_guard.take(),
+                &config.queue_store,
+                &queue_options,
+            )?,
             None => Store::open(&config.queue_store, &queue_options)?,
         };
         if let (Some(path), Some(users)) = (&config.users_file, &users) {

@@ -1,12 +1,14 @@
-//! The path guard: at most one live server per ledger path, even after its file is gone.
+//! The path guard: at most one live server per shared file's path (the ledger's, the queue
+//! store's), even after its file is gone.
 //!
 //! The exclusive flock belongs to the file's inode. If someone deletes or replaces the file
 //! under a running server, the flock protects nothing any more: a second server would create
 //! (or open) a new file at the same path and run beside the first, which still serves from
 //! the old inode. The guard is a name that outlives the file: an abstract Unix socket
-//! (`@forkpool-ledger:<canonical path>`, or a hash of a long path) bound by the server that
-//! opens the ledger before it touches the path. Workers inherit the socket across fork, a new
-//! binary receives it with the ledger at an upgrade, and the kernel releases the name when the
+//! (`@forkpool-<kind>:<canonical path>`, e.g. `@forkpool-ledger:/var/lib/forkpool/ledger.bin`,
+//! or a hash of a long path) bound by the server that opens the file before it touches the
+//! path. Workers inherit the socket across fork, a new binary receives it with the file at an
+//! upgrade, and the kernel releases the name when the
 //! last process holding it is gone (no stale lock file to clean up after SIGKILL). `ss -xlp`
 //! shows who holds it.
 //!
@@ -15,15 +17,13 @@
 //! by the guard once it is deleted.
 
 use std::ffi::OsStr;
-use std::os::fd::{AsRawFd, OwnedFd, RawFd};
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd, RawFd};
 use std::os::unix::ffi::OsStrExt;
 use std::path::Path;
 
 use nix::errno::Errno;
 use nix::sys::socket::{bind, socket, AddressFamily, SockFlag, SockType, UnixAddr};
 
-/// The start of every guard name.
-const PREFIX: &[u8] = b"forkpool-ledger:";
 /// Longest abstract socket name (`sun_path` minus the leading NUL).
 const MAX_NAME: usize = 107;
 /// How much of a long path's end its guard name keeps (after a hash of the whole path).
@@ -31,13 +31,13 @@ const TAIL: usize = 64;
 
 /// A held guard (the bound socket).
 #[derive(Debug)]
-pub(crate) struct PathGuard {
+pub struct PathGuard {
     socket: OwnedFd,
 }
 
 /// Why a guard was not acquired.
 #[derive(Debug)]
-pub(crate) enum GuardError {
+pub enum GuardError {
     /// Another live process holds the name: a server runs on this path.
     Held,
     /// The socket could not be made or bound for another reason.
@@ -45,11 +45,12 @@ pub(crate) enum GuardError {
 }
 
 impl PathGuard {
-    /// Binds the guard name of `canonical` (the ledger's path with every symbolic link
-    /// resolved, so that every spelling of one file gets one name).
-    pub(crate) fn acquire(canonical: &Path) -> Result<PathGuard, GuardError> {
+    /// Binds the guard name of `canonical` (the file's path with every symbolic link
+    /// resolved, so that every spelling of one file gets one name) for files of `kind`
+    /// (`ledger`, `queue`: each kind has its own names).
+    pub fn acquire(kind: &str, canonical: &Path) -> Result<PathGuard, GuardError> {
         let os = |e: Errno| GuardError::Os(e.into());
-        let address = UnixAddr::new_abstract(&name_for(canonical)).map_err(os)?;
+        let address = UnixAddr::new_abstract(&name_for(kind, canonical)).map_err(os)?;
         let socket = socket(
             AddressFamily::Unix,
             SockType::Datagram,
@@ -65,7 +66,7 @@ impl PathGuard {
     }
 
     /// A guard inherited from the server this one replaces (binary upgrade).
-    pub(crate) fn inherited(socket: OwnedFd) -> PathGuard {
+    pub fn inherited(socket: OwnedFd) -> PathGuard {
         PathGuard { socket }
     }
 }
@@ -76,12 +77,18 @@ impl AsRawFd for PathGuard {
     }
 }
 
+impl AsFd for PathGuard {
+    fn as_fd(&self) -> BorrowedFd<'_> {
+        self.socket.as_fd()
+    }
+}
+
 /// The abstract socket name guarding `canonical`: the path itself if it fits, else a hash of
 /// it and its end.
-fn name_for(canonical: &Path) -> Vec<u8> {
+fn name_for(kind: &str, canonical: &Path) -> Vec<u8> {
     let path = canonical.as_os_str().as_bytes();
-    let mut name = PREFIX.to_vec();
-    if PREFIX.len() + path.len() <= MAX_NAME {
+    let mut name = format!("forkpool-{kind}:").into_bytes();
+    if name.len() + path.len() <= MAX_NAME {
         name.extend_from_slice(path);
     } else {
         name.extend_from_slice(format!("{:016x}:", fnv1a(path)).as_bytes());
@@ -99,10 +106,10 @@ fn fnv1a(bytes: &[u8]) -> u64 {
 }
 
 /// For messages: the guard name of `canonical`, as `ss -xl` prints it.
-pub(crate) fn display_name(canonical: &Path) -> String {
+pub fn display_name(kind: &str, canonical: &Path) -> String {
     format!(
         "@{}",
-        OsStr::from_bytes(&name_for(canonical)).to_string_lossy()
+        OsStr::from_bytes(&name_for(kind, canonical)).to_string_lossy()
     )
 }
 
@@ -114,21 +121,25 @@ mod tests {
     fn one_path_one_guard_released_when_dropped() {
         let dir = tempfile::tempdir().expect("tempdir");
         let path = dir.path().join("ledger.bin");
-        let guard = PathGuard::acquire(&path).expect("first");
-        assert!(matches!(PathGuard::acquire(&path), Err(GuardError::Held)));
-        let other = PathGuard::acquire(&dir.path().join("other.bin")).expect("another path");
+        let guard = PathGuard::acquire("test", &path).expect("first");
+        assert!(matches!(
+            PathGuard::acquire("test", &path),
+            Err(GuardError::Held)
+        ));
+        let other = PathGuard::acquire("test", &dir.path().join("other.bin")).expect("another");
+        let other_kind = PathGuard::acquire("test2", &path).expect("another kind");
         drop(guard);
-        drop(PathGuard::acquire(&path).expect("free again"));
-        drop(other);
+        drop(PathGuard::acquire("test", &path).expect("free again"));
+        drop((other, other_kind));
     }
 
     #[test]
     fn long_paths_get_a_hashed_name_that_fits() {
         let long = Path::new("/").join("d".repeat(300)).join("ledger.bin");
-        let name = name_for(&long);
+        let name = name_for("ledger", &long);
         assert!(name.len() <= MAX_NAME, "{}", name.len());
         assert!(name.ends_with(b"/ledger.bin"));
         let other = Path::new("/").join("e".repeat(300)).join("ledger.bin");
-        assert_ne!(name, name_for(&other));
+        assert_ne!(name, name_for("ledger", &other));
     }
 }
