@@ -39,11 +39,19 @@ pub(crate) fn small() -> StoreOptions {
 }
 
 /// Opens a store, waiting while a child forked by another test (which inherited this
-/// process's descriptors) still holds the file's flock.
+/// process's descriptors) still holds the file's flock or path guard.
 pub(crate) fn open_when_free(path: &Path, options: &StoreOptions) -> Result<Store, StoreError> {
+    when_free(|| Store::open(path, options))
+}
+
+/// Runs `open` (a store's opening) again while a forked child of another test holds the
+/// file's flock or path guard.
+pub(crate) fn when_free(
+    mut open: impl FnMut() -> Result<Store, StoreError>,
+) -> Result<Store, StoreError> {
     let deadline = Instant::now() + HELD_TIMEOUT;
     loop {
-        match Store::open(path, options) {
+        match open() {
             Err(StoreError::Locked { .. } | StoreError::PathInUse { .. })
                 if Instant::now() < deadline =>
             {
