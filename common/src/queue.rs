@@ -549,14 +549,19 @@ fn parse_number(field: &[u8], kind: QueueErrorKind, what: &str) -> Result<u64, Q
 }
 
 fn parse_timeout(field: &[u8]) -> Result<u64, QueueError> {
-    let ms = parse_number(field, QueueErrorKind::BadTimeout, "timeout")?;
-    if ms > MAX_TIMEOUT_MS {
-        return Err(QueueError::new(
+    let invalid = || {
+        QueueError::new(
             QueueErrorKind::BadTimeout,
-            format!("timeout {ms} ms is above the limit of {MAX_TIMEOUT_MS} ms"),
-        ));
+            format!(
+                "invalid timeout '{}': a whole number of milliseconds from 0 to {MAX_TIMEOUT_MS}",
+                quote(field)
+            ),
+        )
+    };
+    match parse_number(field, QueueErrorKind::BadTimeout, "timeout") {
+        Ok(ms) if ms <= MAX_TIMEOUT_MS => Ok(ms),
+        _ => Err(invalid()),
     }
-    Ok(ms)
 }
 
 fn parse_id(field: &[u8]) -> Result<u64, QueueError> {
@@ -692,6 +697,21 @@ mod tests {
         ];
         for (line, expected) in cases {
             assert_eq!(kind(line), expected, "{:?}", String::from_utf8_lossy(line));
+        }
+    }
+
+    #[test]
+    fn a_bad_timeout_names_the_range_it_must_be_in() {
+        for line in [
+            &b"GET a -1"[..],
+            b"GET a 4294967296",
+            b"PUT a 99999999999999999999 x",
+        ] {
+            let detail = parse_request(line).expect_err("a bad timeout").detail;
+            assert!(
+                detail.ends_with("a whole number of milliseconds from 0 to 4294967295"),
+                "{detail}"
+            );
         }
     }
 

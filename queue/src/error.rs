@@ -161,13 +161,13 @@ pub enum OpError {
     #[error("job {0} is not reserved by this connection")]
     NotReserved(u64),
     /// The payload is longer than the file's `max_payload`.
-    #[error("the payload is {len} bytes, the limit (max_payload) is {max}")]
+    #[error("the payload is {len} bytes, the limit (queue_max_payload) is {max}")]
     PayloadTooLong { len: usize, max: u32 },
     /// No room for another queue (`max_queues`).
     #[error("no room for another queue (max_queues is {0})")]
     TooManyQueues(u32),
     /// No free job record (`max_jobs` jobs are ready, reserved or being put).
-    #[error("no room for another job (max_jobs is {0})")]
+    #[error("no room for another job (queue_max_jobs is {0})")]
     StoreFull(u32),
     /// No free waiter record (`max_waiters` requests are waiting).
     #[error("too many waiting requests (max_waiters is {0})")]
