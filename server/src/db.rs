@@ -13,11 +13,10 @@
 use std::cell::{Cell, RefCell};
 use std::collections::HashMap;
 use std::io;
-use std::sync::Arc;
 
 use forkpool_common::bank::Reply;
 use forkpool_pgledger::{LedgerOp, PgBank, PgSettings, PgStats};
-use mio::{Registry, Token, Waker};
+use mio::Waker;
 
 /// The worker's database pool and the requests in flight on it.
 pub struct DbBank {
@@ -53,10 +52,9 @@ impl Drop for Pending {
 }
 
 impl DbBank {
-    /// Starts the pool (it connects in the background); each completion wakes `registry`'s
-    /// poll with `token`.
-    pub fn start(settings: PgSettings, registry: &Registry, token: Token) -> io::Result<DbBank> {
-        let waker = Arc::new(Waker::new(registry, token)?);
+    /// Starts the pool (it connects in the background); each completion wakes the worker's
+    /// loop through `waker` (the loop's one waker: mio allows one per poll).
+    pub fn start(settings: PgSettings, waker: &'static Waker) -> io::Result<DbBank> {
         let wake = Box::new(move || {
             if let Err(e) = waker.wake() {
                 log::error!("cannot wake the worker for a ledger reply: {e}");

@@ -114,11 +114,7 @@ impl WorkerSettings {
 
 /// The worker's ledger: the file's mapping inherited from the master, or a pool of database
 /// connections of its own (opened now, after the fork, in the background).
-fn open_ledger(
-    store: LedgerStore,
-    config: &Config,
-    registry: &mio::Registry,
-) -> io::Result<Backend> {
+fn open_ledger(store: LedgerStore, config: &Config, waker: &'static Waker) -> io::Result<Backend> {
     Ok(match store {
         LedgerStore::File(ledger) => Backend::File(Box::leak(Box::new(ledger))),
         LedgerStore::Postgres(mut settings) => {
@@ -127,9 +123,7 @@ fn open_ledger(
             settings.connections = config.ledger_connections;
             settings.deadline = config.ledger_timeout;
             settings.label_connections(&format!("worker {}", std::process::id()));
-            Backend::Db(Box::leak(Box::new(DbBank::start(
-                settings, registry, DB_TOKEN,
-            )?)))
+            Backend::Db(Box::leak(Box::new(DbBank::start(settings, waker)?)))
         }
     })
 }
@@ -168,12 +162,12 @@ fn jitter_seed() -> u64 {
 const SIGNAL_TOKEN: Token = Token(usize::MAX - 1);
 /// The link to the master.
 const LINK_TOKEN: Token = Token(usize::MAX - 2);
-/// The syncer: the ledger's log may be durable further (`--fsync always`).
-const SYNCED_TOKEN: Token = Token(usize::MAX - 3);
+/// The worker's own threads have news: a syncer's log may be durable further (`--fsync
+/// always`), or the database pool has replies (a PostgreSQL ledger). One token, one
+/// `mio::Waker` (mio allows one per poll), shared by every such thread.
+const THREADS_TOKEN: Token = Token(usize::MAX - 3);
 /// This worker's queue wake-ups (`wakeup.rs`).
 const WAKEUP_TOKEN: Token = Token(usize::MAX - 4);
-/// The database pool's wake-up: replies are ready (a PostgreSQL ledger).
-const DB_TOKEN: Token = Token(usize::MAX - 5);
 /// Connection tokens start here; lower tokens are listeners (a slot may accept from the
 /// sockets of every slot of a larger pool that shrank).
 const FIRST_CONN_TOKEN: usize = 1 << 16;
@@ -297,22 +291,22 @@ impl Worker {
             listeners.push(listening);
         }
         let settings: &'static WorkerSettings = Box::leak(Box::new(setup.settings));
+        // The database pool and the flusher threads of `--fsync always` (one per log) exist
+        // only in the worker, started after the fork; they share the loop's one waker.
+        let waker: &'static Waker =
+            Box::leak(Box::new(Waker::new(poll.registry(), THREADS_TOKEN)?));
         // The worker keeps its ledger (mapping or database pool) and settings for its whole
         // life; sessions borrow them.
-        let ledger = open_ledger(setup.ledger, &settings.config, poll.registry())?;
-        // The flusher threads of `--fsync always` (one per log) exist only in the worker,
-        // started after the fork; they share the loop's one waker.
-        let synced: &'static Waker =
-            Box::leak(Box::new(Waker::new(poll.registry(), SYNCED_TOKEN)?));
+        let ledger = open_ledger(setup.ledger, &settings.config, waker)?;
         let syncer = match ledger {
             Backend::File(file) if file.fsync_policy() == FsyncPolicy::Always => {
-                Some(Syncer::start(file, synced)?)
+                Some(Syncer::start(file, waker)?)
             }
             _ => None,
         };
         let store: &'static Store = Box::leak(Box::new(setup.queue));
         let queue_syncer = match store.is_logged() {
-            true => Some(Syncer::start(store, synced)?),
+            true => Some(Syncer::start(store, waker)?),
             false => None,
         };
         let queue: &'static QueueHub = Box::leak(Box::new(QueueHub {
@@ -405,9 +399,11 @@ impl Worker {
                         }
                     }
                     LINK_TOKEN => self.on_link(event.is_writable(), now),
-                    SYNCED_TOKEN => self.release_gated(now),
+                    THREADS_TOKEN => {
+                        self.on_db_replies(now);
+                        self.release_gated(now);
+                    }
                     WAKEUP_TOKEN => self.on_queue_wakeup(now),
-                    DB_TOKEN => self.on_db_replies(now),
                     Token(index) if index < FIRST_CONN_TOKEN => self.accept_batch(index, now),
                     Token(token) => {
                         let readiness = Readiness {
