@@ -19,7 +19,7 @@ use std::sync::{Arc, Mutex};
 
 use forkpool_shm::sim::{Rng, SimDisk, SimStore};
 
-use crate::test_support::{name, party, small, when_free};
+use crate::test_support::{name, open_when_free, party, small, when_free};
 use crate::{Attempt, FsyncPolicy, Mode, OpError, Store, StoreError, StoreOptions};
 
 const QUEUES: [&str; 3] = ["a", "b", "c"];
@@ -270,7 +270,7 @@ fn logged_store(path: &Path, n: u64) {
         log_segment_bytes: 1 << 16,
         ..small()
     };
-    let store = Store::open(path, &opts).expect("a logged store");
+    let store = open_when_free(path, &opts).expect("a logged store");
     for k in 0..n {
         let payload = format!("job {k}");
         store
@@ -286,7 +286,7 @@ fn reopen(path: &Path) -> Result<Store, StoreError> {
         log_segment_bytes: 1 << 16,
         ..small()
     };
-    Store::open(path, &opts)
+    open_when_free(path, &opts)
 }
 
 /// The offsets of the records in a segment (a chain from 0).
@@ -359,7 +359,7 @@ fn going_back_to_never_keeps_the_jobs_and_removes_the_log() {
     let dir = tempfile::tempdir().expect("a temporary directory");
     let path = dir.path().join("queue.bin");
     logged_store(&path, 3);
-    let store = Store::open(&path, &small()).expect("open under never");
+    let store = open_when_free(&path, &small()).expect("open under never");
     assert!(!store.is_logged());
     assert_eq!(store.stats(&name("a")).expect("stats").depth, 3);
     assert!(!dir.path().join("queue.bin.ckpt").exists());
