@@ -9,13 +9,17 @@
 #
 #   bench/queue.sh                               # 16 producers + 16 consumers, 10 s, 3 rounds
 #   PRODUCERS=4 CONSUMERS=4 SECONDS_EACH=3 ROUNDS=1 bench/queue.sh
+#   DURABLE=1 bench/queue.sh                     # every server flushes before it answers
 #
-# The servers, all on loopback ports, all without durability to disk:
+# The servers, all on loopback ports, without durability to disk (the default):
 # - forkpool: 2 workers, every other setting at its default (fsync never: the queue survives
 #   any process death, not a power loss), a fresh queue store in a temporary directory;
 # - beanstalkd (Debian's): `-l 127.0.0.1 -p PORT`, no binlog (jobs live in memory only);
 # - redis-server (Debian's): `--save '' --appendonly no` (no persistence), the reliable-queue
 #   pattern (LPUSH, BLMOVE to a processing list, LREM).
+# With DURABLE=1, each one's flush-before-reply mode instead: forkpool `--fsync always` (group
+# commit), beanstalkd `-b DIR -f 0` (binlog, fsync after every write), redis `--appendonly yes
+# --appendfsync always`; all in the same temporary directory's file system.
 # Each run uses a queue (tube, key) of its own. The client bounds the jobs put and not yet
 # done (--backlog, 256) the same way for every server.
 set -euo pipefail
@@ -26,6 +30,7 @@ CONSUMERS=${CONSUMERS:-16}
 SECONDS_EACH=${SECONDS_EACH:-10}
 ROUNDS=${ROUNDS:-3}
 SIZE=${SIZE:-64}
+DURABLE=${DURABLE:-}
 
 # The servers and jq, from Debian, if missing (as .ci/run installs its tools).
 missing=()
@@ -67,9 +72,22 @@ wait_port() {
     exit 1
 }
 
+if [ -n "$DURABLE" ]; then
+    durability="durable (each server flushes before it replies)"
+    forkpool_durable=(--fsync always)
+    beanstalk_durable=(-b "$root/binlog" -f 0)
+    redis_durable=(--appendonly yes --appendfsync always --dir "$root")
+    mkdir -p "$root/binlog"
+else
+    durability="not durable"
+    forkpool_durable=()
+    beanstalk_durable=()
+    redis_durable=(--appendonly no)
+fi
+
 "$server" --workers 2 --echo-addr 127.0.0.1:0 --bank-addr 127.0.0.1:0 \
     --queue-addr 127.0.0.1:0 --ledger "$root/ledger.bin" --queue-store "$root/queue.bin" \
-    >"$root/forkpool.out" 2>"$root/forkpool.err" &
+    "${forkpool_durable[@]}" >"$root/forkpool.out" 2>"$root/forkpool.err" &
 pids+=($!)
 forkpool_pid=$!
 for _ in $(seq 600); do
@@ -80,11 +98,11 @@ forkpool_addr=$(sed -n 's/^forkpool ready .*queue=\([^ ]*\).*/\1/p' "$root/forkp
 [ -n "$forkpool_addr" ] || { cat "$root/forkpool.err" >&2; exit 1; }
 
 beanstalk_port=$(free_port)
-beanstalkd -l 127.0.0.1 -p "$beanstalk_port" &
+beanstalkd -l 127.0.0.1 -p "$beanstalk_port" "${beanstalk_durable[@]}" &
 pids+=($!)
 beanstalk_pid=$!
 redis_port=$(free_port)
-redis-server --bind 127.0.0.1 --port "$redis_port" --save '' --appendonly no \
+redis-server --bind 127.0.0.1 --port "$redis_port" --save '' "${redis_durable[@]}" \
     --daemonize no --loglevel warning >"$root/redis.log" 2>&1 &
 pids+=($!)
 redis_pid=$!
@@ -121,7 +139,7 @@ median() {
 
 results="bench/results/queue-$(date +%Y%m%d-%H%M%S).md"
 {
-    echo "$PRODUCERS producers + $CONSUMERS consumers, $SIZE B payloads, ${SECONDS_EACH} s x $ROUNDS rounds (medians); load after: ${load_after#*load average: }"
+    echo "$PRODUCERS producers + $CONSUMERS consumers, $SIZE B payloads, ${SECONDS_EACH} s x $ROUNDS rounds (medians), $durability; load after: ${load_after#*load average: }"
     echo
     echo "| server | jobs/s | server CPU µs/job | p50 µs | p99 µs | forkpool/server jobs/s | forkpool/server CPU per job |"
     echo "|---|---:|---:|---:|---:|---:|---:|"
