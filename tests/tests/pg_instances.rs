@@ -338,8 +338,7 @@ fn forkpool_bench_bank_given_both_addresses_spreads_its_connections_and_audits_e
         .iter()
         .map(|server| server.pid.to_string())
         .collect();
-    let (report, code) = bench_json(&[
-        "bank",
+    let report = exact_bank_run(&[
         "--addr",
         &addrs[0],
         "--addr",
@@ -348,21 +347,8 @@ fn forkpool_bench_bank_given_both_addresses_spreads_its_connections_and_audits_e
         &pids[0],
         "--server-pid",
         &pids[1],
-        "-c",
-        "8",
-        "-P",
-        "4",
-        "-d",
-        "2",
-        "--accounts",
-        "20",
     ]);
-    assert_eq!(code, 0, "{report}");
     assert_eq!(json_field(&report, "addr"), &addrs.join(","), "{report}");
-    assert_eq!(json_field(&report, "audit_ok"), true, "{report}");
-    assert_eq!(json_field(&report, "difference"), 0, "{report}");
-    assert_eq!(json_field(&report, "unknown_ops"), 0, "{report}");
-    assert!(json_number(&report, "applied") > 100.0, "{report}");
     // Two masters and their two workers each, measured together.
     assert!(json_number(&report, "server_processes") >= 6.0, "{report}");
     assert!(json_number(&report, "server_cpu_us") > 0.0, "{report}");
@@ -402,24 +388,7 @@ fn forkpool_bench_bank_through_haproxy_in_front_of_two_instances_audits_exact() 
     };
     haproxy.wait_all_up("bank", WAIT);
     let addr = haproxy.addr("bank").to_string();
-    let (report, code) = bench_json(&[
-        "bank",
-        "--addr",
-        &addr,
-        "-c",
-        "8",
-        "-P",
-        "4",
-        "-d",
-        "2",
-        "--accounts",
-        "20",
-    ]);
-    assert_eq!(code, 0, "{report}");
-    assert_eq!(json_field(&report, "audit_ok"), true, "{report}");
-    assert_eq!(json_field(&report, "difference"), 0, "{report}");
-    assert_eq!(json_field(&report, "unknown_ops"), 0, "{report}");
-    assert!(json_number(&report, "applied") > 100.0, "{report}");
+    let report = exact_bank_run(&["--addr", &addr]);
     // HAProxy spreads these connections over both instances (round robin): each one
     // audits the one database and finds the total the bench checked.
     let audit = format!(
@@ -435,4 +404,22 @@ fn forkpool_bench_bank_through_haproxy_in_front_of_two_instances_audits_exact() 
         "forkpool-bench bank through HAProxy: {} operations applied, {audit} exact",
         json_number(&report, "applied")
     );
+}
+
+/// A short `forkpool-bench bank` run (8 connections, pipeline 4, 2 s, 20 accounts) with
+/// `targets` (addresses, server pids): it must exit 0 with its audit exact and no operation of
+/// unknown outcome. Returns its JSON report.
+fn exact_bank_run(targets: &[&str]) -> serde_json::Value {
+    let load = ["-c", "8", "-P", "4", "-d", "2", "--accounts", "20"];
+    let args: Vec<&str> = std::iter::once("bank")
+        .chain(targets.iter().copied())
+        .chain(load)
+        .collect();
+    let (report, code) = bench_json(&args);
+    assert_eq!(code, 0, "{report}");
+    assert_eq!(json_field(&report, "audit_ok"), true, "{report}");
+    assert_eq!(json_field(&report, "difference"), 0, "{report}");
+    assert_eq!(json_field(&report, "unknown_ops"), 0, "{report}");
+    assert!(json_number(&report, "applied") > 100.0, "{report}");
+    report
 }
